@@ -1,0 +1,67 @@
+//! The core's metrics, registered into a registry the caller owns (one per node, so several
+//! nodes can live in one test process).
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone)]
+pub struct CoreMetrics {
+    pub instances: Gauge,
+    pub services: Gauge,
+    pub subscribers: Gauge,
+    pub revision: Gauge,
+    pub commit_seconds: Histogram,
+    pub commit_batch_ops: Histogram,
+    pub commit_failures: Counter,
+    pub lease_expiries: Counter,
+    pub events: Family<EventLabels, Counter>,
+    /// Time from a change being published to its delivery to one subscriber.
+    pub push_seconds: Histogram,
+    pub resyncs: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct EventLabels {
+    pub kind: &'static str,
+}
+
+impl Default for CoreMetrics {
+    fn default() -> Self {
+        Self {
+            instances: Gauge::default(),
+            services: Gauge::default(),
+            subscribers: Gauge::default(),
+            revision: Gauge::default(),
+            commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            commit_batch_ops: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
+            commit_failures: Counter::default(),
+            lease_expiries: Counter::default(),
+            events: Family::default(),
+            push_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            resyncs: Counter::default(),
+        }
+    }
+}
+
+impl CoreMetrics {
+    /// Creates the metrics and registers them under `sextant_`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        let r = registry.sub_registry_with_prefix("sextant");
+        r.register("instances", "Instances in the registry", m.instances.clone());
+        r.register("services", "Services with at least one instance", m.services.clone());
+        r.register("subscribers", "Open subscriptions (watch streams)", m.subscribers.clone());
+        r.register("revision", "Latest durable revision", m.revision.clone());
+        r.register("store_commit_seconds", "Durable commit latency of one batch", m.commit_seconds.clone());
+        r.register("store_commit_batch_ops", "Operations per durable commit (group commit)", m.commit_batch_ops.clone());
+        r.register("store_commit_failures", "Commits the store refused; their writes were not acknowledged", m.commit_failures.clone());
+        r.register("lease_expiries", "Ephemeral instances removed because their lease lapsed", m.lease_expiries.clone());
+        r.register("events", "Registry events published, by kind", m.events.clone());
+        r.register("push_seconds", "Time from publication of a change to its hand-off to a subscriber's stream", m.push_seconds.clone());
+        r.register("subscriber_resyncs", "Snapshots sent to subscribers that fell behind the change log", m.resyncs.clone());
+        m
+    }
+}

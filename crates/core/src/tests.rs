@@ -1,0 +1,424 @@
+//! Unit and property tests of the core's invariants, against the in-memory store.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use proptest::prelude::*;
+use sextant_model::*;
+
+use crate::*;
+
+fn svc(name: &str) -> ServiceKey {
+    ServiceKey::new("ns", name).unwrap()
+}
+
+fn spec(id: &str) -> InstanceSpec {
+    InstanceSpec {
+        id: id.into(),
+        host: "10.0.0.1".into(),
+        port: 80,
+        protocol: "http".into(),
+        version: "1".into(),
+        location: Location::default(),
+        cell: String::new(),
+        lane: String::new(),
+        metadata: Default::default(),
+    }
+}
+
+fn reg(service: &str, id: &str, ttl: u32) -> Registration {
+    Registration {
+        service: svc(service),
+        spec: spec(id),
+        status: None,
+        ttl_seconds: ttl,
+    }
+}
+
+async fn open_with(store: Arc<dyn Store>, config: CoreConfig) -> Registry {
+    Registry::open(store, config, CoreMetrics::default())
+        .await
+        .unwrap()
+}
+
+async fn open() -> Registry {
+    open_with(Arc::new(MemStore::new()), CoreConfig::default()).await
+}
+
+fn kinds(d: &Delivery) -> Vec<(&'static str, Revision)> {
+    d.events
+        .iter()
+        .map(|e| (e.event.kind.name(), e.event.revision))
+        .collect()
+}
+
+#[tokio::test]
+async fn revisions_strictly_increase_under_concurrency() {
+    let r = open().await;
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let r = r.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut revs = Vec::new();
+            for i in 0..50 {
+                revs.push(r.register(reg("a", &format!("i-{t}-{i}"), 0)).await.unwrap());
+            }
+            revs
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        let revs = t.await.unwrap();
+        assert!(revs.windows(2).all(|w| w[0] < w[1]), "per-caller order");
+        all.extend(revs);
+    }
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), 400, "every change has its own revision");
+    assert_eq!(r.revision(), 400);
+    assert_eq!(r.get(&svc("a"), false).revision, 400);
+}
+
+#[tokio::test]
+async fn status_change_emits_only_a_status_event() {
+    let r = open().await;
+    let mut sub = r.subscribe(vec![svc("a")], None);
+    assert!(sub.next().await.unwrap().snapshots.len() == 1);
+    r.register(reg("a", "x", 0)).await.unwrap();
+    let patch = StatusPatch {
+        health: Some(Health::Unhealthy),
+        ..Default::default()
+    };
+    r.update_status(svc("a"), "x".into(), patch).await.unwrap();
+    // Same status again: no change, no event, same revision.
+    let again = r.update_status(svc("a"), "x".into(), patch).await.unwrap();
+    assert_eq!(again, 2);
+    // Re-registering the identical spec keeps the status and emits nothing.
+    assert_eq!(r.register(reg("a", "x", 0)).await.unwrap(), 2);
+    // Re-registering with only a new status emits a status event.
+    let mut with_status = reg("a", "x", 0);
+    with_status.status = Some(InstanceStatus {
+        weight: 5,
+        ..Default::default()
+    });
+    r.register(with_status).await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        got.extend(kinds(&sub.next().await.unwrap()));
+    }
+    assert_eq!(got, vec![("upsert", 1), ("status", 2), ("status", 3)]);
+    let view = r.get(&svc("a"), false);
+    assert_eq!(view.instances[0].spec_revision, 1);
+    assert_eq!(view.instances[0].status_revision, 3);
+}
+
+#[tokio::test]
+async fn missing_instances_are_not_found() {
+    let r = open().await;
+    assert!(matches!(
+        r.deregister(svc("a"), "nope".into()).await,
+        Err(CoreError::NotFound(_))
+    ));
+    let patch = StatusPatch {
+        enabled: Some(false),
+        ..Default::default()
+    };
+    assert!(matches!(
+        r.update_status(svc("a"), "nope".into(), patch).await,
+        Err(CoreError::NotFound(_))
+    ));
+    let mut bad = reg("a", "x", 0);
+    bad.spec.port = 0;
+    match r.register(bad).await {
+        Err(CoreError::Invalid(f)) => assert_eq!(f.field, "port"),
+        other => panic!("expected invalid port, got {other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn lease_expiry_removes_and_notifies() {
+    let r = open().await;
+    r.register(reg("a", "eph", 2)).await.unwrap();
+    r.register(reg("a", "kept", 2)).await.unwrap();
+    let mut sub = r.subscribe(vec![svc("a")], None);
+    sub.next().await.unwrap();
+    // Keep one alive with heartbeats, let the other lapse.
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            r.heartbeat(&[(svc("a"), "kept".into())]),
+            vec![HeartbeatResult::Renewed]
+        );
+    }
+    let d = sub.next().await.unwrap();
+    match &d.events[0].event.kind {
+        EventKind::Delete { id, reason } => {
+            assert_eq!(id, "eph");
+            assert_eq!(*reason, DeleteReason::LeaseExpired);
+        }
+        other => panic!("expected delete, got {other:?}"),
+    }
+    let ids: Vec<_> = r
+        .get(&svc("a"), false)
+        .instances
+        .iter()
+        .map(|i| i.spec.id.clone())
+        .collect();
+    assert_eq!(ids, vec!["kept"]);
+    assert_eq!(
+        r.heartbeat(&[(svc("a"), "eph".into())]),
+        vec![HeartbeatResult::Unknown]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn restart_reloads_everything_and_gives_leases_a_fresh_grace() {
+    let store = Arc::new(MemStore::new());
+    let r = open_with(store.clone(), CoreConfig::default()).await;
+    r.register(reg("a", "p", 0)).await.unwrap();
+    r.register(reg("a", "e", 3)).await.unwrap();
+    r.configure(svc("a"), ServiceConfig { protect_threshold: 0.5 })
+        .await
+        .unwrap();
+    r.update_status(
+        svc("a"),
+        "p".into(),
+        StatusPatch {
+            weight: Some(7),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    r.shutdown("test restart").await;
+    assert!(r.register(reg("a", "late", 0)).await.is_err());
+
+    // Long after the old lease would have lapsed.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let r2 = open_with(store, CoreConfig::default()).await;
+    assert_eq!(r2.revision(), 4);
+    let v = r2.get(&svc("a"), false);
+    assert_eq!(v.instances.len(), 2, "ephemeral instance survives restart");
+    assert_eq!(v.config.protect_threshold, 0.5);
+    assert_eq!(v.instances.iter().find(|i| i.spec.id == "p").unwrap().status.weight, 7);
+    assert_eq!(r2.register(reg("a", "next", 0)).await.unwrap(), 5);
+    // Without heartbeats it lapses one TTL after start-up.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(r2.get(&svc("a"), false).instances.len(), 2);
+    assert!(r2.get(&svc("a"), false).instances.iter().all(|i| i.spec.id != "e"));
+}
+
+#[tokio::test]
+async fn failed_commit_is_neither_acknowledged_nor_published() {
+    let store = Arc::new(MemStore::new());
+    let r = open_with(store.clone(), CoreConfig::default()).await;
+    r.register(reg("a", "x", 0)).await.unwrap();
+    store.set_failing(true);
+    assert!(matches!(
+        r.register(reg("a", "y", 0)).await,
+        Err(CoreError::Store(_))
+    ));
+    assert_eq!(r.get(&svc("a"), false).instances.len(), 1);
+    assert_eq!(r.revision(), 1);
+    store.set_failing(false);
+    assert_eq!(r.register(reg("a", "y", 0)).await.unwrap(), 2);
+}
+
+#[tokio::test]
+async fn protection_threshold_keeps_the_full_list() {
+    let r = open().await;
+    for i in 0..4 {
+        r.register(reg("a", &format!("i{i}"), 0)).await.unwrap();
+    }
+    r.configure(svc("a"), ServiceConfig { protect_threshold: 0.6 })
+        .await
+        .unwrap();
+    let down = StatusPatch {
+        health: Some(Health::Unhealthy),
+        ..Default::default()
+    };
+    r.update_status(svc("a"), "i0".into(), down).await.unwrap();
+    let v = r.get(&svc("a"), true);
+    assert!(!v.protected);
+    assert_eq!(v.instances.len(), 3);
+    r.update_status(svc("a"), "i1".into(), down).await.unwrap();
+    let v = r.get(&svc("a"), true);
+    assert!(v.protected, "2 of 4 serving is below 0.6");
+    assert_eq!(v.instances.len(), 4);
+}
+
+#[tokio::test]
+async fn blocking_query_wakes_on_change() {
+    let r = open().await;
+    let rev = r.register(reg("a", "x", 0)).await.unwrap();
+    let r2 = r.clone();
+    let waiter = tokio::spawn(async move {
+        r2.get_when_changed(&svc("a"), rev, Duration::from_secs(10), false)
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let rev2 = r.register(reg("a", "y", 0)).await.unwrap();
+    let v = tokio::time::timeout(Duration::from_secs(2), waiter)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(v.revision, rev2);
+    // Times out when nothing changes.
+    let v = r
+        .get_when_changed(&svc("a"), rev2, Duration::from_millis(20), false)
+        .await;
+    assert_eq!(v.revision, rev2);
+}
+
+#[tokio::test]
+async fn slow_subscriber_is_resynced_not_buffered() {
+    let r = open_with(
+        Arc::new(MemStore::new()),
+        CoreConfig {
+            event_log_per_service: 4,
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut sub = r.subscribe(vec![svc("a")], None);
+    sub.next().await.unwrap();
+    for i in 0..10 {
+        r.register(reg("a", &format!("i{i}"), 0)).await.unwrap();
+    }
+    let d = sub.next().await.unwrap();
+    assert!(d.events.is_empty());
+    assert_eq!(d.snapshots.len(), 1);
+    assert!(d.snapshots[0].resync);
+    assert_eq!(d.snapshots[0].view.instances.len(), 10);
+    assert_eq!(d.revision, 10);
+}
+
+#[tokio::test]
+async fn shutdown_closes_subscriptions_with_a_reason() {
+    let r = open().await;
+    let mut sub = r.subscribe(vec![svc("a")], None);
+    sub.next().await.unwrap();
+    let r2 = r.clone();
+    tokio::spawn(async move { r2.shutdown("server shutting down").await });
+    let err = sub.next().await.unwrap_err();
+    assert_eq!(err.reason, "server shutting down");
+}
+
+#[derive(Debug, Clone)]
+enum TestOp {
+    Register(u8, u8, u8),
+    Status(u8, u8, u8),
+    Deregister(u8, u8),
+}
+
+fn test_op() -> impl Strategy<Value = TestOp> {
+    prop_oneof![
+        (0..3u8, 0..4u8, 0..3u8).prop_map(|(s, i, v)| TestOp::Register(s, i, v)),
+        (0..3u8, 0..4u8, 0..3u8).prop_map(|(s, i, w)| TestOp::Status(s, i, w)),
+        (0..3u8, 0..4u8).prop_map(|(s, i)| TestOp::Deregister(s, i)),
+    ]
+}
+
+async fn run_ops(r: &Registry, ops: &[TestOp]) {
+    for op in ops {
+        let _ = match *op {
+            TestOp::Register(s, i, v) => {
+                let mut rg = reg(&format!("s{s}"), &format!("i{i}"), 0);
+                rg.spec.version = v.to_string();
+                r.register(rg).await
+            }
+            TestOp::Status(s, i, w) => {
+                r.update_status(
+                    svc(&format!("s{s}")),
+                    format!("i{i}"),
+                    StatusPatch {
+                        weight: Some(u32::from(w)),
+                        ..Default::default()
+                    },
+                )
+                .await
+            }
+            TestOp::Deregister(s, i) => r.deregister(svc(&format!("s{s}")), format!("i{i}")).await,
+        };
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// A subscriber that resumes from any retained revision sees exactly the events it missed,
+    /// in order; one that resumes from a compacted revision gets a snapshot of the service.
+    #[test]
+    fn resume_is_exact(ops in proptest::collection::vec(test_op(), 1..60), cap in 2usize..40) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let r = open_with(
+                Arc::new(MemStore::new()),
+                CoreConfig { event_log_per_service: cap, ..Default::default() },
+            ).await;
+            let services = vec![svc("s0"), svc("s1")];
+            // A subscriber from the beginning with a log big enough sees every event.
+            // It reads after every operation, so it never falls behind even a small log.
+            let mut all = r.subscribe(services.clone(), Some(0));
+            let mut history = Vec::new();
+            let mut last = 0;
+            for op in &ops {
+                run_ops(&r, std::slice::from_ref(op)).await;
+                // Wait only for changes of the subscribed services (s2 wakes nobody here).
+                let target = services.iter().map(|k| r.get(k, false).revision).max().unwrap_or(0);
+                while last < target {
+                    let d = all.next().await.unwrap();
+                    last = d.revision;
+                    prop_assert!(d.snapshots.is_empty());
+                    history.extend(d.events.iter().map(|e| e.event.clone()));
+                }
+            }
+            let head = r.revision();
+            prop_assert!(history.windows(2).all(|w| w[0].revision < w[1].revision));
+            for since in 0..=head {
+                let mut sub = r.subscribe(services.clone(), Some(since));
+                let d = sub.next().await.unwrap();
+                prop_assert_eq!(d.revision, head);
+                let got: Vec<Event> = d.events.iter().map(|e| e.event.clone()).collect();
+                let snap: Vec<&ServiceKey> = d.snapshots.iter().map(|s| &s.view.service).collect();
+                let expected: Vec<Event> = history
+                    .iter()
+                    .filter(|e| e.revision > since && !snap.contains(&&e.service))
+                    .cloned()
+                    .collect();
+                prop_assert_eq!(got, expected);
+                for s in &d.snapshots {
+                    // Only a service whose missed events no longer fit the log is resent whole.
+                    let missed = history.iter().filter(|e| e.revision > since && e.service == s.view.service).count();
+                    prop_assert!(missed > 0);
+                    prop_assert_eq!(s.view.instances.len(), r.get(&s.view.service, false).instances.len());
+                }
+            }
+            Ok(())
+        })?;
+    }
+
+    /// Revisions handed to callers strictly increase, whatever the mix of operations.
+    #[test]
+    fn revisions_increase(ops in proptest::collection::vec(test_op(), 1..80)) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let r = open().await;
+            let mut sub = r.subscribe(vec![svc("s0"), svc("s1"), svc("s2")], None);
+            sub.next().await.unwrap();
+            run_ops(&r, &ops).await;
+            let mut last = 0;
+            let head = r.revision();
+            let mut seen = 0;
+            while seen < head && r.get(&svc("s0"), false).revision.max(r.get(&svc("s1"), false).revision).max(r.get(&svc("s2"), false).revision) > seen {
+                let d = sub.next().await.unwrap();
+                for e in &d.events {
+                    prop_assert!(e.event.revision > last);
+                    last = e.event.revision;
+                }
+                seen = d.revision;
+            }
+            Ok(())
+        })?;
+    }
+}

@@ -1,0 +1,367 @@
+//! Sextant's domain model: the words the rest of the system speaks.
+//!
+//! This crate owns names and their validation, the two halves of an instance (its cold
+//! [`InstanceSpec`] and its hot [`InstanceStatus`]), revisions, the [`Event`]s the registry emits
+//! and the rule that decides whether an instance is *serving*. It does no I/O and knows no
+//! protocol: adapters translate their wire formats into these types and back.
+#![forbid(unsafe_code)]
+
+mod validate;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+pub use validate::{
+    validate_host, validate_instance_id, validate_name, validate_registration, MAX_METADATA_BYTES,
+    MAX_METADATA_ENTRIES, MAX_WEIGHT,
+};
+
+/// A position in the registry's single, strictly increasing sequence of changes.
+pub type Revision = u64;
+
+/// Why a value from a user was refused. `field` names what to change.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {field}: {reason}")]
+pub struct InvalidField {
+    pub field: String,
+    pub reason: String,
+}
+
+impl InvalidField {
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A service inside a namespace: the unit that is stored, versioned and subscribed to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ServiceKey {
+    pub namespace: Arc<str>,
+    pub service: Arc<str>,
+}
+
+impl ServiceKey {
+    /// Builds a key after validating both names.
+    pub fn new(namespace: &str, service: &str) -> Result<Self, InvalidField> {
+        validate_name("namespace", namespace)?;
+        validate_name("service", service)?;
+        Ok(Self {
+            namespace: namespace.into(),
+            service: service.into(),
+        })
+    }
+
+    /// Parses `namespace/service`, the form used by watch requests and the CLI.
+    pub fn parse(s: &str) -> Result<Self, InvalidField> {
+        match s.split_once('/') {
+            Some((ns, svc)) => Self::new(ns, svc),
+            None => Err(InvalidField::new(
+                "service",
+                format!("{s:?} is not of the form namespace/service"),
+            )),
+        }
+    }
+}
+
+impl fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.service)
+    }
+}
+
+/// Where an instance runs. All parts are optional (empty).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Location {
+    pub region: String,
+    pub zone: String,
+    pub idc: String,
+}
+
+/// The cold half of an instance: what it is and where to reach it. Rarely changes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceSpec {
+    pub id: String,
+    pub host: String,
+    pub port: u16,
+    pub protocol: String,
+    pub version: String,
+    pub location: Location,
+    /// SET / cell tag used for cell-based routing.
+    pub cell: String,
+    /// Swimlane tag used for lane (e.g. canary, feature) routing.
+    pub lane: String,
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// What a health check (or an operator, or a lease) last said about an instance.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    Healthy,
+    Unhealthy,
+    /// No check has reported yet. Served, as users of every registry expect.
+    #[default]
+    Unknown,
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Healthy => "healthy",
+            Health::Unhealthy => "unhealthy",
+            Health::Unknown => "unknown",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self, InvalidField> {
+        match s {
+            "healthy" => Ok(Health::Healthy),
+            "unhealthy" => Ok(Health::Unhealthy),
+            "unknown" => Ok(Health::Unknown),
+            other => Err(InvalidField::new(
+                "health",
+                format!("{other:?} is not one of healthy, unhealthy, unknown"),
+            )),
+        }
+    }
+}
+
+/// The hot half of an instance: changes often, is stored and pushed on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceStatus {
+    pub health: Health,
+    pub enabled: bool,
+    /// 0..=10000; 0 takes the instance out of rotation.
+    pub weight: u32,
+}
+
+impl Default for InstanceStatus {
+    fn default() -> Self {
+        Self {
+            health: Health::Unknown,
+            enabled: true,
+            weight: 100,
+        }
+    }
+}
+
+impl InstanceStatus {
+    /// Serving = enabled, weight > 0 and not known to be unhealthy.
+    pub fn is_serving(&self) -> bool {
+        self.enabled && self.weight > 0 && self.health != Health::Unhealthy
+    }
+
+    /// Returns the status with the patch applied.
+    pub fn patched(mut self, patch: &StatusPatch) -> Self {
+        if let Some(h) = patch.health {
+            self.health = h;
+        }
+        if let Some(e) = patch.enabled {
+            self.enabled = e;
+        }
+        if let Some(w) = patch.weight {
+            self.weight = w;
+        }
+        self
+    }
+}
+
+/// A partial status update; absent fields are left as they are.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatusPatch {
+    pub health: Option<Health>,
+    pub enabled: Option<bool>,
+    pub weight: Option<u32>,
+}
+
+impl StatusPatch {
+    pub fn validate(&self) -> Result<(), InvalidField> {
+        if let Some(w) = self.weight {
+            validate::validate_weight(w)?;
+        }
+        if self.health.is_none() && self.enabled.is_none() && self.weight.is_none() {
+            return Err(InvalidField::new(
+                "status",
+                "give at least one of health, enabled, weight",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// An instance as the registry holds it: both halves plus their revisions and lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Instance {
+    pub spec: Arc<InstanceSpec>,
+    pub status: InstanceStatus,
+    /// 0 = persistent; otherwise the lease TTL renewed by heartbeats.
+    pub ttl_seconds: u32,
+    /// Revision at which the spec last changed.
+    pub spec_revision: Revision,
+    /// Revision at which the status last changed.
+    pub status_revision: Revision,
+}
+
+impl Instance {
+    pub fn is_ephemeral(&self) -> bool {
+        self.ttl_seconds > 0
+    }
+
+    pub fn is_serving(&self) -> bool {
+        self.status.is_serving()
+    }
+
+    /// The later of the two revisions: when this instance last changed at all.
+    pub fn revision(&self) -> Revision {
+        self.spec_revision.max(self.status_revision)
+    }
+}
+
+/// A request to create or replace an instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registration {
+    pub service: ServiceKey,
+    pub spec: InstanceSpec,
+    /// Initial status; `None` keeps the current status of an existing instance, or the default.
+    pub status: Option<InstanceStatus>,
+    pub ttl_seconds: u32,
+}
+
+/// Per-service settings.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct ServiceConfig {
+    /// 0.0 = off. When fewer than this fraction of instances are serving, discovery returns
+    /// every instance and flags the answer as protected.
+    pub protect_threshold: f32,
+}
+
+impl ServiceConfig {
+    pub fn validate(&self) -> Result<(), InvalidField> {
+        if !(0.0..=1.0).contains(&self.protect_threshold) || self.protect_threshold.is_nan() {
+            return Err(InvalidField::new(
+                "protect_threshold",
+                "must be a fraction between 0.0 and 1.0",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether protection is active for a service with `serving` of `total` instances serving.
+    pub fn protection_active(&self, serving: usize, total: usize) -> bool {
+        self.protect_threshold > 0.0
+            && total > 0
+            && (serving as f64) < (self.protect_threshold as f64) * (total as f64)
+    }
+}
+
+/// Why an instance was removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeleteReason {
+    Deregistered,
+    LeaseExpired,
+}
+
+/// What changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventKind {
+    /// A new instance, or a changed spec; carries the whole instance.
+    Upsert(Instance),
+    /// Only the status changed; carries the small status, never the spec.
+    Status {
+        id: String,
+        status: InstanceStatus,
+    },
+    Delete {
+        id: String,
+        reason: DeleteReason,
+    },
+}
+
+impl EventKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            EventKind::Upsert(_) => "upsert",
+            EventKind::Status { .. } => "status",
+            EventKind::Delete { .. } => "delete",
+        }
+    }
+
+    pub fn instance_id(&self) -> &str {
+        match self {
+            EventKind::Upsert(i) => &i.spec.id,
+            EventKind::Status { id, .. } | EventKind::Delete { id, .. } => id,
+        }
+    }
+}
+
+/// One change to one service, at one revision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub revision: Revision,
+    pub service: ServiceKey,
+    pub kind: EventKind,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serving_rule() {
+        let mut s = InstanceStatus::default();
+        assert!(s.is_serving(), "unknown health is served");
+        s.health = Health::Unhealthy;
+        assert!(!s.is_serving());
+        s.health = Health::Healthy;
+        s.weight = 0;
+        assert!(!s.is_serving());
+        s.weight = 1;
+        s.enabled = false;
+        assert!(!s.is_serving());
+    }
+
+    #[test]
+    fn protection_threshold() {
+        let off = ServiceConfig::default();
+        assert!(!off.protection_active(0, 10));
+        let half = ServiceConfig {
+            protect_threshold: 0.5,
+        };
+        assert!(half.protection_active(4, 10));
+        assert!(!half.protection_active(5, 10));
+        assert!(!half.protection_active(0, 0), "an empty service is not protected");
+        assert!(ServiceConfig {
+            protect_threshold: 1.5
+        }
+        .validate()
+        .is_err());
+    }
+
+    #[test]
+    fn service_key_parse() {
+        let k = ServiceKey::parse("prod/orders").unwrap();
+        assert_eq!(&*k.namespace, "prod");
+        assert_eq!(k.to_string(), "prod/orders");
+        assert!(ServiceKey::parse("noslash").is_err());
+        assert!(ServiceKey::parse("a/b/c").is_err());
+    }
+
+    #[test]
+    fn patch_applies_only_given_fields() {
+        let s = InstanceStatus::default().patched(&StatusPatch {
+            weight: Some(7),
+            ..Default::default()
+        });
+        assert_eq!(s.weight, 7);
+        assert!(s.enabled);
+        assert!(StatusPatch::default().validate().is_err());
+    }
+}

@@ -1,0 +1,416 @@
+//! The native gRPC adapter (`sextant.v1.Registry`): the same operations as HTTP, batch register
+//! and heartbeat, and a server-streaming Watch over many services.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use sextant_core::model::{
+    DeleteReason, Event, EventKind, Health, Instance, InstanceStatus, Location, ServiceConfig,
+    ServiceKey, StatusPatch,
+};
+use sextant_core::{Delivery, HeartbeatResult, ServiceView};
+use sextant_proto::v1 as pb;
+use sextant_proto::v1::registry_server::{Registry as RegistryApi, RegistryServer};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::error::grpc_status;
+use crate::stream::Pump;
+use crate::views::{RegisterBody, StatusBody};
+use crate::Node;
+
+pub(crate) fn service(node: Arc<Node>) -> RegistryServer<GrpcApi> {
+    let limit = node.config.max_body_bytes;
+    RegistryServer::new(GrpcApi { node })
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(usize::MAX)
+}
+
+pub(crate) struct GrpcApi {
+    node: Arc<Node>,
+}
+
+fn key(r: Option<&pb::ServiceRef>) -> Result<ServiceKey, Status> {
+    let r = r.ok_or_else(|| Status::invalid_argument("service is required"))?;
+    ServiceKey::new(&r.namespace, &r.service).map_err(grpc_status)
+}
+
+fn health_from(h: i32) -> Result<Health, Status> {
+    match pb::Health::try_from(h) {
+        Ok(pb::Health::Unknown) => Ok(Health::Unknown),
+        Ok(pb::Health::Healthy) => Ok(Health::Healthy),
+        Ok(pb::Health::Unhealthy) => Ok(Health::Unhealthy),
+        Err(_) => Err(Status::invalid_argument(format!("invalid health {h}"))),
+    }
+}
+
+fn health_to(h: Health) -> i32 {
+    match h {
+        Health::Unknown => pb::Health::Unknown as i32,
+        Health::Healthy => pb::Health::Healthy as i32,
+        Health::Unhealthy => pb::Health::Unhealthy as i32,
+    }
+}
+
+fn status_to(s: InstanceStatus) -> pb::InstanceStatus {
+    pb::InstanceStatus {
+        health: health_to(s.health),
+        enabled: s.enabled,
+        weight: s.weight,
+    }
+}
+
+fn registration(r: pb::RegisterRequest) -> Result<sextant_core::model::Registration, Status> {
+    let service = key(r.service.as_ref())?;
+    let spec = r.spec.ok_or_else(|| Status::invalid_argument("spec is required"))?;
+    let status = match r.status {
+        Some(s) => Some(StatusBody {
+            health: Some(health_from(s.health)?),
+            enabled: Some(s.enabled),
+            weight: Some(s.weight),
+        }),
+        None => None,
+    };
+    let loc = spec.location.unwrap_or_default();
+    let body = RegisterBody {
+        id: (!spec.id.is_empty()).then_some(spec.id),
+        host: spec.host,
+        port: spec.port,
+        protocol: (!spec.protocol.is_empty()).then_some(spec.protocol),
+        version: spec.version,
+        location: Location {
+            region: loc.region,
+            zone: loc.zone,
+            idc: loc.idc,
+        },
+        cell: spec.cell,
+        lane: spec.lane,
+        metadata: spec.metadata.into_iter().collect::<BTreeMap<_, _>>(),
+        status,
+        ttl_seconds: r.ttl_seconds,
+    };
+    body.into_registration(service, None).map_err(grpc_status)
+}
+
+fn service_ref(k: &ServiceKey) -> pb::ServiceRef {
+    pb::ServiceRef {
+        namespace: k.namespace.to_string(),
+        service: k.service.to_string(),
+    }
+}
+
+fn instance_to(i: &Instance) -> pb::Instance {
+    let s = &*i.spec;
+    pb::Instance {
+        spec: Some(pb::InstanceSpec {
+            id: s.id.clone(),
+            host: s.host.clone(),
+            port: u32::from(s.port),
+            protocol: s.protocol.clone(),
+            version: s.version.clone(),
+            location: Some(pb::Location {
+                region: s.location.region.clone(),
+                zone: s.location.zone.clone(),
+                idc: s.location.idc.clone(),
+            }),
+            cell: s.cell.clone(),
+            lane: s.lane.clone(),
+            metadata: s.metadata.clone().into_iter().collect(),
+        }),
+        status: Some(status_to(i.status)),
+        ttl_seconds: i.ttl_seconds,
+        spec_revision: i.spec_revision,
+        status_revision: i.status_revision,
+    }
+}
+
+fn service_to(v: &ServiceView) -> pb::Service {
+    pb::Service {
+        service: Some(service_ref(&v.service)),
+        revision: v.revision,
+        protected: v.protected,
+        protect_threshold: v.config.protect_threshold,
+        instances: v.instances.iter().map(instance_to).collect(),
+    }
+}
+
+fn event_to(e: &Event) -> pb::WatchEvent {
+    use pb::watch_event::Kind;
+    let kind = match &e.kind {
+        EventKind::Upsert(i) => Kind::Upsert(instance_to(i)),
+        EventKind::Status { id, status } => Kind::Status(pb::StatusChange {
+            id: id.clone(),
+            status: Some(status_to(*status)),
+        }),
+        EventKind::Delete { id, reason } => Kind::Delete(pb::Deletion {
+            id: id.clone(),
+            reason: match reason {
+                DeleteReason::Deregistered => "deregistered",
+                DeleteReason::LeaseExpired => "lease_expired",
+            }
+            .into(),
+        }),
+    };
+    pb::WatchEvent {
+        revision: e.revision,
+        service: Some(service_ref(&e.service)),
+        kind: Some(kind),
+        resync: false,
+    }
+}
+
+/// Events first, then snapshots carrying the resume revision (see the SSE adapter).
+fn delivery_to(d: &Delivery) -> Vec<Result<pb::WatchEvent, Status>> {
+    let mut out: Vec<_> = d.events.iter().map(|e| Ok(event_to(&e.event))).collect();
+    out.extend(d.snapshots.iter().map(|s| {
+        Ok(pb::WatchEvent {
+            revision: d.revision,
+            service: Some(service_ref(&s.view.service)),
+            kind: Some(pb::watch_event::Kind::Snapshot(service_to(&s.view))),
+            resync: s.resync,
+        })
+    }));
+    out
+}
+
+impl GrpcApi {
+    fn observe(&self, method: &'static str, started: tokio::time::Instant, ok: bool) {
+        let status = if ok { 200 } else { 400 };
+        self.node.api_metrics.observe(
+            "grpc",
+            "POST",
+            method,
+            status,
+            started.elapsed().as_secs_f64(),
+        );
+    }
+
+    async fn timed<T>(
+        &self,
+        method: &'static str,
+        f: impl std::future::Future<Output = Result<T, Status>>,
+    ) -> Result<Response<T>, Status> {
+        let started = tokio::time::Instant::now();
+        let r = f.await;
+        self.observe(method, started, r.is_ok());
+        r.map(Response::new)
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl RegistryApi for GrpcApi {
+    async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::WriteResponse>, Status> {
+        self.timed("Register", async {
+            let reg = registration(req.into_inner())?;
+            let revision = self.node.registry.register(reg).await.map_err(grpc_status)?;
+            Ok(pb::WriteResponse { revision })
+        })
+        .await
+    }
+
+    async fn batch_register(
+        &self,
+        req: Request<pb::BatchRegisterRequest>,
+    ) -> Result<Response<pb::BatchWriteResponse>, Status> {
+        self.timed("BatchRegister", async {
+            let ops = req
+                .into_inner()
+                .instances
+                .into_iter()
+                .enumerate()
+                .map(|(n, r)| {
+                    registration(r)
+                        .map(sextant_core::Op::Register)
+                        .map_err(|s| Status::new(s.code(), format!("instances[{n}]: {}", s.message())))
+                })
+                .collect::<Result<Vec<_>, Status>>()?;
+            let results = self.node.registry.apply(ops).await.map_err(grpc_status)?;
+            let revisions = results
+                .into_iter()
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(grpc_status)?;
+            Ok(pb::BatchWriteResponse { revisions })
+        })
+        .await
+    }
+
+    async fn deregister(&self, req: Request<pb::DeregisterRequest>) -> Result<Response<pb::WriteResponse>, Status> {
+        self.timed("Deregister", async {
+            let r = req.into_inner();
+            let revision = self.node.registry.deregister(key(r.service.as_ref())?, r.id).await.map_err(grpc_status)?;
+            Ok(pb::WriteResponse { revision })
+        })
+        .await
+    }
+
+    async fn update_status(
+        &self,
+        req: Request<pb::UpdateStatusRequest>,
+    ) -> Result<Response<pb::WriteResponse>, Status> {
+        self.timed("UpdateStatus", async {
+            let r = req.into_inner();
+            let patch = StatusPatch {
+                health: r.health.map(health_from).transpose()?,
+                enabled: r.enabled,
+                weight: r.weight,
+            };
+            let revision = self
+                .node
+                .registry
+                .update_status(key(r.service.as_ref())?, r.id, patch)
+                .await.map_err(grpc_status)?;
+            Ok(pb::WriteResponse { revision })
+        })
+        .await
+    }
+
+    async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        self.timed("Heartbeat", async {
+            let items = req.into_inner().instances;
+            let keys = items
+                .iter()
+                .map(|i| Ok((key(i.service.as_ref())?, i.id.clone())))
+                .collect::<Result<Vec<_>, Status>>()?;
+            let results = self.node.registry.heartbeat(&keys);
+            let mut renewed = 0;
+            let mut unknown = Vec::new();
+            for (item, r) in items.into_iter().zip(results) {
+                match r {
+                    HeartbeatResult::Renewed | HeartbeatResult::Persistent => renewed += 1,
+                    HeartbeatResult::Unknown => unknown.push(item),
+                }
+            }
+            Ok(pb::HeartbeatResponse { renewed, unknown })
+        })
+        .await
+    }
+
+    async fn get_service(&self, req: Request<pb::GetServiceRequest>) -> Result<Response<pb::Service>, Status> {
+        self.timed("GetService", async {
+            let r = req.into_inner();
+            let k = key(r.service.as_ref())?;
+            let view = if r.wait_ms > 0 {
+                let wait = Duration::from_millis(u64::from(r.wait_ms)).min(self.node.config.max_wait());
+                self.node
+                    .registry
+                    .get_when_changed(&k, r.wait_index, wait, r.healthy_only)
+                    .await
+            } else {
+                self.node.registry.get(&k, r.healthy_only)
+            };
+            Ok(service_to(&view))
+        })
+        .await
+    }
+
+    async fn discover(&self, req: Request<pb::DiscoverRequest>) -> Result<Response<pb::DiscoverResponse>, Status> {
+        self.timed("Discover", async {
+            let r = req.into_inner();
+            let keys = r
+                .services
+                .iter()
+                .map(|s| key(Some(s)))
+                .collect::<Result<Vec<_>, _>>()?;
+            let views = self.node.registry.discover(&keys, r.healthy_only);
+            Ok(pb::DiscoverResponse {
+                services: views.iter().map(service_to).collect(),
+            })
+        })
+        .await
+    }
+
+    async fn list_namespaces(
+        &self,
+        _req: Request<pb::ListNamespacesRequest>,
+    ) -> Result<Response<pb::ListNamespacesResponse>, Status> {
+        self.timed("ListNamespaces", async {
+            let namespaces = self
+                .node
+                .registry
+                .namespaces()
+                .into_iter()
+                .map(|n| pb::NamespaceSummary {
+                    namespace: n.namespace.to_string(),
+                    services: n.services as u32,
+                    instances: n.instances as u32,
+                })
+                .collect();
+            Ok(pb::ListNamespacesResponse { namespaces })
+        })
+        .await
+    }
+
+    async fn list_services(
+        &self,
+        req: Request<pb::ListServicesRequest>,
+    ) -> Result<Response<pb::ListServicesResponse>, Status> {
+        self.timed("ListServices", async {
+            let ns = req.into_inner().namespace;
+            sextant_core::model::validate_name("namespace", &ns).map_err(grpc_status)?;
+            let services = self
+                .node
+                .registry
+                .services(&ns)
+                .into_iter()
+                .map(|s| pb::ServiceSummary {
+                    service: s.service.service.to_string(),
+                    revision: s.revision,
+                    instances: s.instances as u32,
+                    serving: s.serving as u32,
+                })
+                .collect();
+            Ok(pb::ListServicesResponse { services })
+        })
+        .await
+    }
+
+    async fn configure_service(
+        &self,
+        req: Request<pb::ConfigureServiceRequest>,
+    ) -> Result<Response<pb::WriteResponse>, Status> {
+        self.timed("ConfigureService", async {
+            let r = req.into_inner();
+            let config = ServiceConfig {
+                protect_threshold: r.protect_threshold,
+            };
+            let revision = self.node.registry.configure(key(r.service.as_ref())?, config).await.map_err(grpc_status)?;
+            Ok(pb::WriteResponse { revision })
+        })
+        .await
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<WatchStream>, Status> {
+        let peer = req
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "grpc".into());
+        let r = req.into_inner();
+        if r.services.is_empty() {
+            return Err(Status::invalid_argument("give at least one service to watch"));
+        }
+        let keys = r
+            .services
+            .iter()
+            .map(|s| key(Some(s)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let sub = self.node.registry.subscribe(keys, r.since);
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let pump = Pump {
+            tx,
+            slow_timeout: self.node.config.slow_subscriber_timeout(),
+            keepalive: None,
+            core: self.node.registry.metrics().clone(),
+            api: self.node.api_metrics.clone(),
+            peer,
+        };
+        tokio::spawn(pump.run(sub, delivery_to, |reason| Err(Status::unavailable(reason.to_string()))));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

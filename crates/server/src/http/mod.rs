@@ -1,0 +1,412 @@
+//! The native HTTP/JSON adapter: routes, strict request parsing, blocking queries, the SSE watch
+//! stream, health endpoints and Prometheus metrics. Every failure is a JSON error with a 4xx or
+//! 503 status; nothing here holds registry state.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Path, RawQuery, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use sextant_core::model::{Revision, ServiceConfig, ServiceKey};
+use sextant_core::{HeartbeatResult, Registry};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::error::ApiError;
+use crate::stream::Pump;
+use crate::{Node, ServerConfig};
+use crate::views::*;
+
+#[derive(Clone)]
+pub(crate) struct AppState {
+    node: Arc<Node>,
+}
+
+impl AppState {
+    fn registry(&self) -> &Registry {
+        &self.node.registry
+    }
+    fn config(&self) -> &ServerConfig {
+        &self.node.config
+    }
+}
+
+/// A JSON body whose parse errors become JSON 4xx errors.
+pub(crate) struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(ApiJson(v)),
+            Err(r) => Err(json_rejection(r)),
+        }
+    }
+}
+
+fn json_rejection(r: JsonRejection) -> ApiError {
+    let code = match r.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        _ => "invalid_argument",
+    };
+    ApiError::new(r.status(), code, r.body_text())
+}
+
+/// Query parameters whose parse errors become JSON 400s.
+pub(crate) struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(q) => Ok(ApiQuery(q.0)),
+            Err(r @ QueryRejection::FailedToDeserializeQueryString(_)) => {
+                Err(ApiError::bad_request(r.body_text()))
+            }
+            Err(r) => Err(ApiError::bad_request(r.body_text())),
+        }
+    }
+}
+
+/// Path segments, with percent-decoding errors as JSON 400s.
+pub(crate) struct ApiPath<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|p| ApiPath(p.0))
+            .map_err(|r| ApiError::bad_request(r.body_text()))
+    }
+}
+
+pub(crate) fn router(node: Arc<Node>) -> Router {
+    let limit = node.config.max_body_bytes;
+    let state = AppState { node };
+    let instance = "/v1/namespaces/{ns}/services/{svc}/instances/{id}";
+    Router::new()
+        .route("/v1/namespaces", get(list_namespaces))
+        .route("/v1/namespaces/{ns}/services", get(list_services))
+        .route(
+            "/v1/namespaces/{ns}/services/{svc}",
+            get(get_service).put(configure_service),
+        )
+        .route(
+            "/v1/namespaces/{ns}/services/{svc}/instances",
+            post(post_instance),
+        )
+        .route(instance, put(put_instance).delete(delete_instance))
+        .route(&format!("{instance}/status"), axum::routing::patch(patch_status))
+        .route("/v1/heartbeats", post(heartbeats))
+        .route("/v1/discover", post(discover))
+        .route("/v1/watch", get(watch))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::not_found("no such endpoint; see the README for the API") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed on this endpoint",
+            )
+        })
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(state.clone(), track))
+        .with_state(state)
+}
+
+async fn track(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    let started = tokio::time::Instant::now();
+    let method = req.method().clone();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".into());
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16();
+    if resp.status().is_server_error() {
+        tracing::warn!(%method, route, status, "request failed");
+    }
+    s.node
+        .api_metrics
+        .observe("http", method.as_str(), &route, status, started.elapsed().as_secs_f64());
+    resp
+}
+
+fn service_key(ns: &str, svc: &str) -> Result<ServiceKey, ApiError> {
+    Ok(ServiceKey::new(ns, svc)?)
+}
+
+async fn put_instance(
+    State(s): State<AppState>,
+    ApiPath((ns, svc, id)): ApiPath<(String, String, String)>,
+    ApiJson(body): ApiJson<RegisterBody>,
+) -> Result<Json<RevisionBody>, ApiError> {
+    let key = service_key(&ns, &svc)?;
+    if body.id.as_ref().is_some_and(|b| *b != id) {
+        return Err(ApiError::bad_request(
+            "invalid id: the body's id differs from the one in the path",
+        ));
+    }
+    let reg = body.into_registration(key, Some(id))?;
+    let revision = s.registry().register(reg).await?;
+    Ok(Json(RevisionBody { revision }))
+}
+
+async fn post_instance(
+    State(s): State<AppState>,
+    ApiPath((ns, svc)): ApiPath<(String, String)>,
+    ApiJson(body): ApiJson<RegisterBody>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let key = service_key(&ns, &svc)?;
+    let reg = body.into_registration(key, None)?;
+    let id = reg.spec.id.clone();
+    let revision = s.registry().register(reg).await?;
+    Ok(Json(serde_json::json!({"revision": revision, "id": id})))
+}
+
+async fn delete_instance(
+    State(s): State<AppState>,
+    ApiPath((ns, svc, id)): ApiPath<(String, String, String)>,
+) -> Result<Json<RevisionBody>, ApiError> {
+    let key = service_key(&ns, &svc)?;
+    let revision = s.registry().deregister(key, id).await?;
+    Ok(Json(RevisionBody { revision }))
+}
+
+async fn patch_status(
+    State(s): State<AppState>,
+    ApiPath((ns, svc, id)): ApiPath<(String, String, String)>,
+    ApiJson(body): ApiJson<StatusBody>,
+) -> Result<Json<RevisionBody>, ApiError> {
+    let key = service_key(&ns, &svc)?;
+    let revision = s.registry().update_status(key, id, body.into()).await?;
+    Ok(Json(RevisionBody { revision }))
+}
+
+async fn configure_service(
+    State(s): State<AppState>,
+    ApiPath((ns, svc)): ApiPath<(String, String)>,
+    ApiJson(body): ApiJson<ServiceSettingsBody>,
+) -> Result<Json<RevisionBody>, ApiError> {
+    let key = service_key(&ns, &svc)?;
+    let config = ServiceConfig {
+        protect_threshold: body.protect_threshold,
+    };
+    let revision = s.registry().configure(key, config).await?;
+    Ok(Json(RevisionBody { revision }))
+}
+
+async fn heartbeats(
+    State(s): State<AppState>,
+    ApiJson(items): ApiJson<Vec<InstanceRefBody>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let keys = items
+        .iter()
+        .map(|i| Ok((service_key(&i.namespace, &i.service)?, i.id.clone())))
+        .collect::<Result<Vec<_>, ApiError>>()?;
+    let results = s.registry().heartbeat(&keys);
+    let mut renewed = 0;
+    let mut persistent = 0;
+    let mut unknown = Vec::new();
+    for (item, r) in items.into_iter().zip(results) {
+        match r {
+            HeartbeatResult::Renewed => renewed += 1,
+            HeartbeatResult::Persistent => persistent += 1,
+            HeartbeatResult::Unknown => unknown.push(item),
+        }
+    }
+    Ok(Json(serde_json::json!({
+        "renewed": renewed,
+        "persistent": persistent,
+        "unknown": unknown,
+    })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GetQuery {
+    #[serde(default)]
+    healthy: bool,
+    index: Option<Revision>,
+    wait: Option<String>,
+}
+
+fn parse_wait(wait: Option<&str>, max: Duration) -> Result<Duration, ApiError> {
+    let Some(w) = wait else {
+        return Ok(Duration::from_secs(30).min(max));
+    };
+    let d = match w.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => humantime::parse_duration(w).map_err(|e| {
+            ApiError::bad_request(format!("invalid wait {w:?}: {e} (use e.g. 30s, 2m)"))
+        })?,
+    };
+    Ok(d.min(max))
+}
+
+async fn get_service(
+    State(s): State<AppState>,
+    ApiPath((ns, svc)): ApiPath<(String, String)>,
+    ApiQuery(q): ApiQuery<GetQuery>,
+) -> Result<Response, ApiError> {
+    let key = service_key(&ns, &svc)?;
+    let view = match q.index {
+        Some(index) => {
+            let wait = parse_wait(q.wait.as_deref(), s.config().max_wait())?;
+            s.registry().get_when_changed(&key, index, wait, q.healthy).await
+        }
+        None => {
+            if q.wait.is_some() {
+                return Err(ApiError::bad_request("wait needs index (the revision to wait past)"));
+            }
+            s.registry().get(&key, q.healthy)
+        }
+    };
+    let mut resp = Json(ServiceJson::from(&view)).into_response();
+    resp.headers_mut()
+        .insert("x-sextant-revision", HeaderValue::from(view.revision));
+    Ok(resp)
+}
+
+async fn discover(
+    State(s): State<AppState>,
+    ApiJson(body): ApiJson<DiscoverBody>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let keys = body
+        .services
+        .iter()
+        .map(|r| service_key(&r.namespace, &r.service))
+        .collect::<Result<Vec<_>, _>>()?;
+    let views = s.registry().discover(&keys, body.healthy_only);
+    let services: Vec<ServiceJson<'_>> = views.iter().map(ServiceJson::from).collect();
+    Ok(Json(serde_json::json!({
+        "revision": s.registry().revision(),
+        "services": services,
+    })))
+}
+
+async fn list_namespaces(State(s): State<AppState>) -> Json<serde_json::Value> {
+    let list: Vec<_> = s
+        .registry()
+        .namespaces()
+        .into_iter()
+        .map(|n| serde_json::json!({"namespace": &*n.namespace, "services": n.services, "instances": n.instances}))
+        .collect();
+    Json(serde_json::json!({ "namespaces": list }))
+}
+
+async fn list_services(
+    State(s): State<AppState>,
+    ApiPath(ns): ApiPath<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    sextant_core::model::validate_name("namespace", &ns)?;
+    let list: Vec<_> = s
+        .registry()
+        .services(&ns)
+        .into_iter()
+        .map(|x| serde_json::json!({"service": &*x.service.service, "revision": x.revision, "instances": x.instances, "serving": x.serving}))
+        .collect();
+    Ok(Json(serde_json::json!({ "namespace": ns, "services": list })))
+}
+
+/// `GET /v1/watch?service=ns/svc&service=...&since=R` as server-sent events. `Last-Event-ID`
+/// (sent by EventSource clients on reconnect) resumes like `since`.
+async fn watch(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let mut services = Vec::new();
+    let mut since = None;
+    for (k, v) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match &*k {
+            "service" => {
+                for one in v.split(',').filter(|x| !x.is_empty()) {
+                    services.push(ServiceKey::parse(one)?);
+                }
+            }
+            "since" => {
+                since = Some(v.parse::<Revision>().map_err(|_| {
+                    ApiError::bad_request(format!("invalid since {v:?}: expected a revision number"))
+                })?)
+            }
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown parameter {other:?}: use service=namespace/service and since=REVISION"
+                )))
+            }
+        }
+    }
+    if services.is_empty() {
+        return Err(ApiError::bad_request(
+            "give at least one service=namespace/service",
+        ));
+    }
+    if since.is_none() {
+        if let Some(v) = headers.get("last-event-id") {
+            since = v.to_str().ok().and_then(|v| v.trim().parse().ok());
+        }
+    }
+    let sub = s.registry().subscribe(services, since);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+    let pump = Pump {
+        tx,
+        slow_timeout: s.config().slow_subscriber_timeout(),
+        keepalive: Some((Duration::from_secs(15), Bytes::from_static(b": keepalive\n\n"))),
+        core: s.registry().metrics().clone(),
+        api: s.node.api_metrics.clone(),
+        peer: "sse".into(),
+    };
+    tokio::spawn(pump.run(sub, sse::delivery, sse::close));
+    let body = Body::from_stream(ReceiverStream::new(rx).map(Ok::<_, Infallible>));
+    Ok(Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .header("x-accel-buffering", "no")
+        .body(body)
+        .unwrap_or_default())
+}
+
+async fn readyz(State(s): State<AppState>) -> Response {
+    if s.registry().is_closing() {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
+    } else {
+        "ready\n".into_response()
+    }
+}
+
+async fn metrics(State(s): State<AppState>) -> Response {
+    let mut out = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &s.node.prometheus) {
+        return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()).into_response();
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        out,
+    )
+        .into_response()
+}

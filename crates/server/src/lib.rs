@@ -1,0 +1,167 @@
+//! A Sextant control node: opens the store, loads the registry, serves the native HTTP/JSON and
+//! gRPC APIs, and shuts down in order (stop accepting, commit what is queued, close streams with
+//! a reason, close the store).
+#![forbid(unsafe_code)]
+
+pub mod config;
+mod error;
+mod grpc;
+mod http;
+mod metrics;
+mod stream;
+mod views;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sextant_core::{CoreConfig, CoreError, CoreMetrics, MemStore, Registry, Store, StoreError};
+use sextant_store_redb::RedbStore;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use config::{ConfigError, ServerConfig, StoreKind};
+pub use error::ApiError;
+pub use metrics::ApiMetrics;
+
+/// Why the node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot open the store: {0}")]
+    Store(#[from] StoreError),
+    #[error("cannot load the registry: {0}")]
+    Core(#[from] CoreError),
+}
+
+/// What the adapters share.
+pub(crate) struct Node {
+    pub registry: Registry,
+    pub config: ServerConfig,
+    pub api_metrics: ApiMetrics,
+    pub prometheus: prometheus_client::registry::Registry,
+}
+
+/// A running node.
+pub struct Server {
+    pub http_addr: SocketAddr,
+    pub grpc_addr: SocketAddr,
+    registry: Registry,
+    stop: watch::Sender<bool>,
+    http: JoinHandle<()>,
+    grpc: JoinHandle<()>,
+    grace: Duration,
+}
+
+impl Server {
+    pub async fn start(config: ServerConfig) -> Result<Server, ServerError> {
+        config.validate()?;
+        let store: Arc<dyn Store> = match config.store {
+            StoreKind::Embedded => Arc::new(RedbStore::open(&config.data_dir)?),
+            StoreKind::Memory => Arc::new(MemStore::new()),
+        };
+        let mut prometheus = prometheus_client::registry::Registry::default();
+        let core_metrics = CoreMetrics::register(&mut prometheus);
+        let api_metrics = ApiMetrics::register(&mut prometheus);
+        let core_config = CoreConfig {
+            event_log_per_service: config.event_log_per_service,
+            max_batch_ops: config.max_batch_ops,
+            ..CoreConfig::default()
+        };
+        let registry = Registry::open(store, core_config, core_metrics).await?;
+
+        let http_listener = TcpListener::bind(config.http_addr)
+            .await
+            .map_err(|source| ServerError::Bind {
+                addr: config.http_addr,
+                source,
+            })?;
+        let grpc_listener = TcpListener::bind(config.grpc_addr)
+            .await
+            .map_err(|source| ServerError::Bind {
+                addr: config.grpc_addr,
+                source,
+            })?;
+        let http_addr = http_listener.local_addr().map_err(|source| ServerError::Bind {
+            addr: config.http_addr,
+            source,
+        })?;
+        let grpc_addr = grpc_listener.local_addr().map_err(|source| ServerError::Bind {
+            addr: config.grpc_addr,
+            source,
+        })?;
+        let grace = Duration::from_secs(config.shutdown_grace_seconds);
+        let node = Arc::new(Node {
+            registry: registry.clone(),
+            config,
+            api_metrics,
+            prometheus,
+        });
+        let (stop, stopped) = watch::channel(false);
+
+        let app = http::router(node.clone());
+        let mut s1 = stopped.clone();
+        let http = tokio::spawn(async move {
+            let r = axum::serve(http_listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = s1.wait_for(|v| *v).await;
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "http server failed");
+            }
+        });
+        let mut s2 = stopped;
+        let grpc_service = grpc::service(node);
+        let grpc = tokio::spawn(async move {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+            let r = tonic::transport::Server::builder()
+                .http2_keepalive_interval(Some(Duration::from_secs(30)))
+                .add_service(grpc_service)
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = s2.wait_for(|v| *v).await;
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "grpc server failed");
+            }
+        });
+        tracing::info!(%http_addr, %grpc_addr, "sextant serving");
+        Ok(Server {
+            http_addr,
+            grpc_addr,
+            registry,
+            stop,
+            http,
+            grpc,
+            grace,
+        })
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Graceful shutdown: stop accepting, commit queued writes and close the store, end every
+    /// watch stream with a reason, then wait (bounded) for connections to drain.
+    pub async fn shutdown(self) {
+        tracing::info!("shutting down");
+        let _ = self.stop.send(true);
+        self.registry.shutdown("server shutting down").await;
+        let drain = async {
+            let _ = self.http.await;
+            let _ = self.grpc.await;
+        };
+        if tokio::time::timeout(self.grace, drain).await.is_err() {
+            tracing::warn!(grace = ?self.grace, "connections still open after the grace period; closing");
+        }
+        tracing::info!("stopped");
+    }
+}

@@ -1,0 +1,75 @@
+//! Moves deliveries from a core [`Subscription`] onto one client's stream, for every streaming
+//! adapter (SSE, gRPC). The channel to the connection is small and bounded: a client that stops
+//! reading blocks only its own pump, the core keeps nothing for it but a cursor, and after the
+//! configured timeout it is disconnected.
+
+use std::time::Duration;
+
+use sextant_core::{CoreMetrics, Delivery, Subscription};
+use tokio::sync::mpsc;
+
+use crate::metrics::ApiMetrics;
+
+pub(crate) struct Pump<T> {
+    pub tx: mpsc::Sender<T>,
+    pub slow_timeout: Duration,
+    pub keepalive: Option<(Duration, T)>,
+    pub core: CoreMetrics,
+    pub api: ApiMetrics,
+    pub peer: String,
+}
+
+impl<T: Clone + Send + 'static> Pump<T> {
+    pub async fn run(
+        self,
+        mut sub: Subscription,
+        render: impl Fn(&Delivery) -> Vec<T> + Send,
+        on_close: impl Fn(&str) -> T + Send,
+    ) {
+        let keep_every = self
+            .keepalive
+            .as_ref()
+            .map(|k| k.0)
+            .unwrap_or(Duration::from_secs(3600));
+        let mut keepalive = tokio::time::interval(keep_every);
+        keepalive.reset();
+        loop {
+            // `Subscription::next` always re-reads before waiting, so abandoning it for a
+            // keepalive loses nothing.
+            let next = tokio::select! {
+                d = sub.next() => d,
+                _ = keepalive.tick(), if self.keepalive.is_some() => {
+                    if let Some((_, k)) = &self.keepalive {
+                        if self.tx.send_timeout(k.clone(), self.slow_timeout).await.is_err() {
+                            return;
+                        }
+                    }
+                    continue;
+                }
+                _ = self.tx.closed() => return,
+            };
+            let d = match next {
+                Ok(d) => d,
+                Err(closed) => {
+                    let _ = self.tx.try_send(on_close(&closed.reason));
+                    return;
+                }
+            };
+            let events: Vec<_> = d.events.iter().map(|e| e.published_at).collect();
+            for item in render(&d) {
+                match self.tx.send_timeout(item, self.slow_timeout).await {
+                    Ok(()) => {}
+                    Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+                        tracing::warn!(peer = %self.peer, timeout = ?self.slow_timeout, "subscriber did not read; disconnected");
+                        self.api.slow_disconnects.inc();
+                        return;
+                    }
+                    Err(mpsc::error::SendTimeoutError::Closed(_)) => return,
+                }
+            }
+            for at in events {
+                self.core.push_seconds.observe(at.elapsed().as_secs_f64());
+            }
+        }
+    }
+}

@@ -1,0 +1,271 @@
+//! JSON shapes of the native HTTP API: request bodies (strict: unknown fields refused) and
+//! response views (borrowing from the registry's state, so a large list is not copied twice).
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use sextant_core::model::{
+    DeleteReason, Event, EventKind, Health, Instance, InstanceSpec, InstanceStatus, InvalidField,
+    Location, Registration, Revision, ServiceKey, StatusPatch,
+};
+use sextant_core::{Delivery, ServiceView};
+
+/// Body of `PUT .../instances/{id}` and `POST .../instances`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterBody {
+    /// Only for `POST .../instances`; defaults to `host:port`.
+    #[serde(default)]
+    pub id: Option<String>,
+    pub host: String,
+    /// Wider than u16 so that an out-of-range port gets a message naming the field.
+    pub port: u32,
+    #[serde(default)]
+    pub protocol: Option<String>,
+    #[serde(default)]
+    pub version: String,
+    #[serde(default)]
+    pub location: Location,
+    #[serde(default)]
+    pub cell: String,
+    #[serde(default)]
+    pub lane: String,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    #[serde(default)]
+    pub status: Option<StatusBody>,
+    #[serde(default)]
+    pub ttl_seconds: u32,
+}
+
+impl RegisterBody {
+    pub fn into_registration(self, service: ServiceKey, id: Option<String>) -> Result<Registration, InvalidField> {
+        let port = u16::try_from(self.port)
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| InvalidField::new("port", format!("must be 1-65535, got {}", self.port)))?;
+        let id = id
+            .or(self.id)
+            .unwrap_or_else(|| format!("{}:{}", self.host, port));
+        let status = self.status.map(|s| InstanceStatus::default().patched(&s.into()));
+        Ok(Registration {
+            service,
+            spec: InstanceSpec {
+                id,
+                host: self.host,
+                port,
+                protocol: self.protocol.unwrap_or_else(|| "http".into()),
+                version: self.version,
+                location: self.location,
+                cell: self.cell,
+                lane: self.lane,
+                metadata: self.metadata,
+            },
+            status,
+            ttl_seconds: self.ttl_seconds,
+        })
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusBody {
+    pub health: Option<Health>,
+    pub enabled: Option<bool>,
+    pub weight: Option<u32>,
+}
+
+impl From<StatusBody> for StatusPatch {
+    fn from(s: StatusBody) -> Self {
+        StatusPatch {
+            health: s.health,
+            enabled: s.enabled,
+            weight: s.weight,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Serialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceRefBody {
+    pub namespace: String,
+    pub service: String,
+    pub id: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceRefBody {
+    pub namespace: String,
+    pub service: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiscoverBody {
+    pub services: Vec<ServiceRefBody>,
+    #[serde(default)]
+    pub healthy_only: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSettingsBody {
+    pub protect_threshold: f32,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RevisionBody {
+    pub revision: Revision,
+}
+
+#[derive(Serialize)]
+pub struct InstanceView<'a> {
+    pub id: &'a str,
+    pub host: &'a str,
+    pub port: u16,
+    pub protocol: &'a str,
+    pub version: &'a str,
+    pub location: &'a Location,
+    pub cell: &'a str,
+    pub lane: &'a str,
+    pub metadata: &'a BTreeMap<String, String>,
+    pub ttl_seconds: u32,
+    pub spec_revision: Revision,
+    pub status_revision: Revision,
+    pub status: InstanceStatus,
+}
+
+impl<'a> From<&'a Instance> for InstanceView<'a> {
+    fn from(i: &'a Instance) -> Self {
+        let s = &*i.spec;
+        InstanceView {
+            id: &s.id,
+            host: &s.host,
+            port: s.port,
+            protocol: &s.protocol,
+            version: &s.version,
+            location: &s.location,
+            cell: &s.cell,
+            lane: &s.lane,
+            metadata: &s.metadata,
+            ttl_seconds: i.ttl_seconds,
+            spec_revision: i.spec_revision,
+            status_revision: i.status_revision,
+            status: i.status,
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct ServiceJson<'a> {
+    pub namespace: &'a str,
+    pub service: &'a str,
+    pub revision: Revision,
+    pub protected: bool,
+    pub protect_threshold: f32,
+    pub instances: Vec<InstanceView<'a>>,
+}
+
+impl<'a> From<&'a ServiceView> for ServiceJson<'a> {
+    fn from(v: &'a ServiceView) -> Self {
+        ServiceJson {
+            namespace: &v.service.namespace,
+            service: &v.service.service,
+            revision: v.revision,
+            protected: v.protected,
+            protect_threshold: v.config.protect_threshold,
+            instances: v.instances.iter().map(InstanceView::from).collect(),
+        }
+    }
+}
+
+/// Server-sent-event frames of the watch stream.
+pub mod sse {
+    use super::*;
+
+    fn frame(event: &str, id: Revision, data: &impl Serialize) -> Bytes {
+        let json = serde_json::to_string(data).unwrap_or_else(|_| "{}".into());
+        Bytes::from(format!("event: {event}\nid: {id}\ndata: {json}\n\n"))
+    }
+
+    #[derive(Serialize)]
+    struct EventData<'a> {
+        revision: Revision,
+        namespace: &'a str,
+        service: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        instance: Option<InstanceView<'a>>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        status: Option<InstanceStatus>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<DeleteReason>,
+    }
+
+    /// `upsert`, `status` or `delete`; the SSE id is the event's revision.
+    pub fn event(e: &Event) -> Bytes {
+        let mut d = EventData {
+            revision: e.revision,
+            namespace: &e.service.namespace,
+            service: &e.service.service,
+            instance: None,
+            id: None,
+            status: None,
+            reason: None,
+        };
+        match &e.kind {
+            EventKind::Upsert(i) => d.instance = Some(i.into()),
+            EventKind::Status { id, status } => {
+                d.id = Some(id);
+                d.status = Some(*status);
+            }
+            EventKind::Delete { id, reason } => {
+                d.id = Some(id);
+                d.reason = Some(*reason);
+            }
+        }
+        frame(e.kind.name(), e.revision, &d)
+    }
+
+    #[derive(Serialize)]
+    struct SnapshotData<'a> {
+        revision: Revision,
+        resync: bool,
+        #[serde(flatten)]
+        service: ServiceJson<'a>,
+    }
+
+    /// A whole service; its SSE id is the delivery's revision, the point to resume from.
+    pub fn snapshot(view: &ServiceView, resync: bool, revision: Revision) -> Bytes {
+        frame(
+            "snapshot",
+            revision,
+            &SnapshotData {
+                revision,
+                resync,
+                service: view.into(),
+            },
+        )
+    }
+
+    /// Frames of one delivery, in the order to send them: events first, then snapshots (of
+    /// other services) carrying the resume revision, so the last id seen is always safe to
+    /// resume from.
+    pub fn delivery(d: &Delivery) -> Vec<Bytes> {
+        let mut out: Vec<Bytes> = d.events.iter().map(|e| e.encoded(event)).collect();
+        out.extend(
+            d.snapshots
+                .iter()
+                .map(|s| snapshot(&s.view, s.resync, d.revision)),
+        );
+        out
+    }
+
+    pub fn close(reason: &str) -> Bytes {
+        let json = serde_json::json!({ "reason": reason });
+        Bytes::from(format!("event: close\ndata: {json}\n\n"))
+    }
+}

@@ -1,0 +1,189 @@
+//! Command-line surface: `serve` and the client commands, with `--help` for each.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use sextant_server::{ServerConfig, StoreKind};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "sextant",
+    version,
+    about = "Sextant: an availability-first naming service (registry and discovery).",
+    long_about = "Sextant: an availability-first naming service (registry and discovery).\n\n\
+        `sextant serve` runs a node with an embedded durable store (data under ./sextant-data).\n\
+        The other commands talk to a running node over its HTTP API."
+)]
+pub struct Cli {
+    /// Base URL of the node's HTTP API, for the client commands.
+    #[arg(long, global = true, env = "SEXTANT_SERVER", default_value = "http://127.0.0.1:8470")]
+    pub server: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a Sextant node (HTTP on 127.0.0.1:8470, gRPC on 127.0.0.1:8471 by default).
+    Serve(ServeArgs),
+    /// Register (create or replace) an instance.
+    Register(RegisterArgs),
+    /// Remove an instance.
+    Deregister {
+        /// namespace/service
+        service: String,
+        /// Instance id.
+        id: String,
+    },
+    /// Change an instance's status (health, enabled, weight).
+    Status(StatusArgs),
+    /// Show a service and its instances.
+    Get {
+        /// namespace/service
+        service: String,
+        /// Only serving instances (all of them when protection is active).
+        #[arg(long)]
+        healthy: bool,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List namespaces, or the services of one namespace.
+    List {
+        /// A namespace; omit to list namespaces.
+        namespace: Option<String>,
+    },
+    /// Print changes to services as they happen (a snapshot first).
+    Watch {
+        /// One or more namespace/service.
+        #[arg(required = true)]
+        services: Vec<String>,
+        /// Resume after this revision instead of starting with a snapshot.
+        #[arg(long)]
+        since: Option<u64>,
+    },
+}
+
+/// Settings of `serve`. Each flag can also come from a `SEXTANT_*` variable or the TOML file
+/// given by `--config`; flags and variables win over the file, the file over the defaults.
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// TOML configuration file (keys as in ServerConfig: http_addr, grpc_addr, data_dir, ...).
+    #[arg(long, env = "SEXTANT_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address of the HTTP/JSON API [default: 127.0.0.1:8470].
+    #[arg(long, env = "SEXTANT_HTTP_ADDR")]
+    pub http_addr: Option<SocketAddr>,
+    /// Address of the gRPC API [default: 127.0.0.1:8471].
+    #[arg(long, env = "SEXTANT_GRPC_ADDR")]
+    pub grpc_addr: Option<SocketAddr>,
+    /// Directory of the embedded store [default: ./sextant-data].
+    #[arg(long, env = "SEXTANT_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// `embedded` (durable, the default) or `memory` (nothing kept on exit).
+    #[arg(long, env = "SEXTANT_STORE")]
+    pub store: Option<StoreKind>,
+    /// Events kept per service for watchers that reconnect [default: 1024].
+    #[arg(long, env = "SEXTANT_EVENT_LOG_PER_SERVICE")]
+    pub event_log_per_service: Option<usize>,
+    /// Most operations in one durable commit [default: 4096].
+    #[arg(long, env = "SEXTANT_MAX_BATCH_OPS")]
+    pub max_batch_ops: Option<usize>,
+    /// Log filter (tracing syntax); SEXTANT_LOG overrides it.
+    #[arg(long, default_value = "info")]
+    pub log: String,
+}
+
+impl ServeArgs {
+    pub fn into_config(self) -> anyhow::Result<ServerConfig> {
+        let mut c = match &self.config {
+            Some(path) => ServerConfig::from_file(path)?,
+            None => ServerConfig::default(),
+        };
+        if let Some(v) = self.http_addr {
+            c.http_addr = v;
+        }
+        if let Some(v) = self.grpc_addr {
+            c.grpc_addr = v;
+        }
+        if let Some(v) = self.data_dir {
+            c.data_dir = v;
+        }
+        if let Some(v) = self.store {
+            c.store = v;
+        }
+        if let Some(v) = self.event_log_per_service {
+            c.event_log_per_service = v;
+        }
+        if let Some(v) = self.max_batch_ops {
+            c.max_batch_ops = v;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct RegisterArgs {
+    /// namespace/service
+    pub service: String,
+    #[arg(long)]
+    pub host: String,
+    #[arg(long)]
+    pub port: u32,
+    /// Instance id [default: host:port].
+    #[arg(long)]
+    pub id: Option<String>,
+    /// http, grpc, thrift, tcp, ... [default: http]
+    #[arg(long)]
+    pub protocol: Option<String>,
+    #[arg(long, default_value = "")]
+    pub version: String,
+    #[arg(long, default_value = "")]
+    pub region: String,
+    #[arg(long, default_value = "")]
+    pub zone: String,
+    #[arg(long, default_value = "")]
+    pub idc: String,
+    /// SET / cell tag.
+    #[arg(long, default_value = "")]
+    pub cell: String,
+    /// Swimlane tag.
+    #[arg(long, default_value = "")]
+    pub lane: String,
+    /// Metadata entry, repeatable: --meta key=value
+    #[arg(long = "meta", value_name = "KEY=VALUE")]
+    pub meta: Vec<String>,
+    /// Lease TTL in seconds; 0 = persistent.
+    #[arg(long, default_value_t = 0)]
+    pub ttl: u32,
+    /// With --ttl: stay in the foreground renewing the lease, deregister on Ctrl-C.
+    #[arg(long, requires = "ttl")]
+    pub keepalive: bool,
+    #[arg(long)]
+    pub weight: Option<u32>,
+    /// healthy, unhealthy or unknown.
+    #[arg(long)]
+    pub health: Option<String>,
+    /// Register disabled (out of discovery until enabled).
+    #[arg(long)]
+    pub disabled: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// namespace/service
+    pub service: String,
+    /// Instance id.
+    pub id: String,
+    /// healthy, unhealthy or unknown.
+    #[arg(long)]
+    pub health: Option<String>,
+    /// true or false.
+    #[arg(long)]
+    pub enabled: Option<bool>,
+    /// 0-10000.
+    #[arg(long)]
+    pub weight: Option<u32>,
+}

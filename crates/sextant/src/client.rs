@@ -1,0 +1,295 @@
+//! The client commands: each one HTTP call to a running node, printed for a human.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+use crate::cli::{Command, RegisterArgs};
+
+struct Client {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Client {
+    fn new(base: &str) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .build()?;
+        Ok(Self {
+            base: base.trim_end_matches('/').to_string(),
+            http,
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> anyhow::Result<Value> {
+        let resp = req
+            .timeout(Duration::from_secs(30))
+            .send()
+            .await
+            .with_context(|| format!("cannot reach sextant at {}", self.base))?;
+        let status = resp.status();
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        if !status.is_success() {
+            let msg = body["error"]["message"].as_str().unwrap_or("no message");
+            bail!("{msg} (HTTP {})", status.as_u16());
+        }
+        Ok(body)
+    }
+}
+
+fn split_service(s: &str) -> anyhow::Result<(&str, &str)> {
+    s.split_once('/')
+        .with_context(|| format!("{s:?} is not of the form namespace/service"))
+}
+
+fn instance_path(service: &str, id: &str) -> anyhow::Result<String> {
+    let (ns, svc) = split_service(service)?;
+    Ok(format!("/v1/namespaces/{ns}/services/{svc}/instances/{id}"))
+}
+
+pub async fn run(server: &str, cmd: Command) -> anyhow::Result<()> {
+    let c = Client::new(server)?;
+    match cmd {
+        Command::Serve(_) => unreachable!("serve is handled by main"),
+        Command::Register(args) => register(&c, args).await,
+        Command::Deregister { service, id } => {
+            let v = c.send(c.http.delete(c.url(&instance_path(&service, &id)?))).await?;
+            println!("deregistered {service}/{id} at revision {}", v["revision"]);
+            Ok(())
+        }
+        Command::Status(a) => {
+            let mut body = serde_json::Map::new();
+            if let Some(h) = a.health {
+                body.insert("health".into(), json!(h));
+            }
+            if let Some(e) = a.enabled {
+                body.insert("enabled".into(), json!(e));
+            }
+            if let Some(w) = a.weight {
+                body.insert("weight".into(), json!(w));
+            }
+            let path = instance_path(&a.service, &a.id)? + "/status";
+            let v = c.send(c.http.patch(c.url(&path)).json(&body)).await?;
+            println!("status of {}/{} set at revision {}", a.service, a.id, v["revision"]);
+            Ok(())
+        }
+        Command::Get {
+            service,
+            healthy,
+            json,
+        } => {
+            let (ns, svc) = split_service(&service)?;
+            let path = format!("/v1/namespaces/{ns}/services/{svc}?healthy={healthy}");
+            let v = c.send(c.http.get(c.url(&path))).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print_service(&v);
+            }
+            Ok(())
+        }
+        Command::List { namespace: None } => {
+            let v = c.send(c.http.get(c.url("/v1/namespaces"))).await?;
+            println!("{:<32} {:>9} {:>10}", "NAMESPACE", "SERVICES", "INSTANCES");
+            for n in v["namespaces"].as_array().into_iter().flatten() {
+                println!(
+                    "{:<32} {:>9} {:>10}",
+                    n["namespace"].as_str().unwrap_or(""),
+                    n["services"].to_string(),
+                    n["instances"].to_string()
+                );
+            }
+            Ok(())
+        }
+        Command::List {
+            namespace: Some(ns),
+        } => {
+            let v = c
+                .send(c.http.get(c.url(&format!("/v1/namespaces/{ns}/services"))))
+                .await?;
+            println!("{:<40} {:>10} {:>8} {:>10}", "SERVICE", "INSTANCES", "SERVING", "REVISION");
+            for s in v["services"].as_array().into_iter().flatten() {
+                println!(
+                    "{:<40} {:>10} {:>8} {:>10}",
+                    s["service"].as_str().unwrap_or(""),
+                    s["instances"].to_string(),
+                    s["serving"].to_string(),
+                    s["revision"].to_string()
+                );
+            }
+            Ok(())
+        }
+        Command::Watch { services, since } => watch(&c, &services, since).await,
+    }
+}
+
+async fn register(c: &Client, a: RegisterArgs) -> anyhow::Result<()> {
+    let (ns, svc) = split_service(&a.service)?;
+    let mut metadata = serde_json::Map::new();
+    for m in &a.meta {
+        let (k, v) = m
+            .split_once('=')
+            .with_context(|| format!("--meta {m:?} is not of the form key=value"))?;
+        metadata.insert(k.into(), json!(v));
+    }
+    let mut status = serde_json::Map::new();
+    if let Some(w) = a.weight {
+        status.insert("weight".into(), json!(w));
+    }
+    if let Some(h) = &a.health {
+        status.insert("health".into(), json!(h));
+    }
+    if a.disabled {
+        status.insert("enabled".into(), json!(false));
+    }
+    let id = a.id.clone().unwrap_or_else(|| format!("{}:{}", a.host, a.port));
+    let mut body = json!({
+        "host": a.host, "port": a.port, "version": a.version,
+        "location": {"region": a.region, "zone": a.zone, "idc": a.idc},
+        "cell": a.cell, "lane": a.lane, "metadata": metadata, "ttl_seconds": a.ttl,
+    });
+    if let Some(p) = &a.protocol {
+        body["protocol"] = json!(p);
+    }
+    if !status.is_empty() {
+        body["status"] = Value::Object(status);
+    }
+    let path = format!("/v1/namespaces/{ns}/services/{svc}/instances/{id}");
+    let v = c.send(c.http.put(c.url(&path)).json(&body)).await?;
+    println!("registered {}/{id} at revision {}", a.service, v["revision"]);
+    if !a.keepalive {
+        return Ok(());
+    }
+    // Renew a third of the TTL at a time; re-register if the server forgot us.
+    let every = Duration::from_millis(u64::from(a.ttl) * 1000 / 3).max(Duration::from_millis(200));
+    let beat = json!([{ "namespace": ns, "service": svc, "id": id }]);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = tokio::signal::ctrl_c() => break,
+        }
+        match c.send(c.http.post(c.url("/v1/heartbeats")).json(&beat)).await {
+            Ok(r) if r["unknown"].as_array().is_some_and(|u| !u.is_empty()) => {
+                eprintln!("server does not know {id}; registering again");
+                c.send(c.http.put(c.url(&path)).json(&body)).await?;
+            }
+            Ok(_) => {}
+            Err(e) => eprintln!("heartbeat failed: {e:#}"),
+        }
+    }
+    c.send(c.http.delete(c.url(&path))).await?;
+    println!("deregistered {}/{id}", a.service);
+    Ok(())
+}
+
+fn print_service(v: &Value) {
+    println!(
+        "{}/{}  revision {}{}",
+        v["namespace"].as_str().unwrap_or(""),
+        v["service"].as_str().unwrap_or(""),
+        v["revision"],
+        if v["protected"].as_bool() == Some(true) {
+            "  PROTECTED (too few serving; all instances shown)"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "{:<28} {:<24} {:<8} {:<10} {:<8} {:>6} {:<10}",
+        "ID", "ADDRESS", "PROTO", "HEALTH", "ENABLED", "WEIGHT", "VERSION"
+    );
+    for i in v["instances"].as_array().into_iter().flatten() {
+        println!(
+            "{:<28} {:<24} {:<8} {:<10} {:<8} {:>6} {:<10}",
+            i["id"].as_str().unwrap_or(""),
+            format!("{}:{}", i["host"].as_str().unwrap_or(""), i["port"]),
+            i["protocol"].as_str().unwrap_or(""),
+            i["status"]["health"].as_str().unwrap_or(""),
+            i["status"]["enabled"].to_string(),
+            i["status"]["weight"].to_string(),
+            i["version"].as_str().unwrap_or(""),
+        );
+    }
+}
+
+/// Reads the SSE stream and prints one line per event, as it arrives.
+async fn watch(c: &Client, services: &[String], since: Option<u64>) -> anyhow::Result<()> {
+    let mut q: Vec<(&str, String)> = services.iter().map(|s| ("service", s.clone())).collect();
+    if let Some(s) = since {
+        q.push(("since", s.to_string()));
+    }
+    let resp = c
+        .http
+        .get(c.url("/v1/watch"))
+        .query(&q)
+        .send()
+        .await
+        .with_context(|| format!("cannot reach sextant at {}", c.base))?;
+    if !resp.status().is_success() {
+        let status = resp.status();
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        bail!(
+            "{} (HTTP {})",
+            body["error"]["message"].as_str().unwrap_or("watch refused"),
+            status.as_u16()
+        );
+    }
+    let mut stream = resp.bytes_stream();
+    let mut buf = String::new();
+    let mut event = String::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk: bytes::Bytes = chunk?;
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(pos) = buf.find('\n') {
+            let line: String = buf.drain(..=pos).collect();
+            let line = line.trim_end();
+            if let Some(e) = line.strip_prefix("event: ") {
+                event = e.to_string();
+            } else if let Some(d) = line.strip_prefix("data: ") {
+                let v: Value = serde_json::from_str(d).unwrap_or(Value::Null);
+                print_event(&event, &v);
+                if event == "close" {
+                    return Ok(());
+                }
+            }
+        }
+    }
+    bail!("the server closed the stream")
+}
+
+fn print_event(event: &str, v: &Value) {
+    let svc = format!(
+        "{}/{}",
+        v["namespace"].as_str().unwrap_or(""),
+        v["service"].as_str().unwrap_or("")
+    );
+    let rev = &v["revision"];
+    match event {
+        "snapshot" => println!(
+            "{rev} snapshot {svc} ({} instances){}",
+            v["instances"].as_array().map_or(0, |a| a.len()),
+            if v["resync"].as_bool() == Some(true) { " resync" } else { "" }
+        ),
+        "upsert" => println!(
+            "{rev} upsert   {svc} {} {}:{}",
+            v["instance"]["id"].as_str().unwrap_or(""),
+            v["instance"]["host"].as_str().unwrap_or(""),
+            v["instance"]["port"]
+        ),
+        "status" => println!("{rev} status   {svc} {} {}", v["id"].as_str().unwrap_or(""), v["status"]),
+        "delete" => println!(
+            "{rev} delete   {svc} {} ({})",
+            v["id"].as_str().unwrap_or(""),
+            v["reason"].as_str().unwrap_or("")
+        ),
+        "close" => println!("stream closed by server: {}", v["reason"].as_str().unwrap_or("")),
+        other => println!("{other} {v}"),
+    }
+}

@@ -2,8 +2,11 @@
 //! protoc.
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
+    // prost-build finds protoc through this variable; a build script's environment is its own.
+    #[allow(clippy::disallowed_methods)]
     std::env::set_var("PROTOC", protoc);
     println!("cargo:rerun-if-changed=../../proto");
-    tonic_prost_build::configure().compile_protos(&["../../proto/sextant/v1/registry.proto"], &["../../proto"])?;
+    tonic_prost_build::configure()
+        .compile_protos(&["../../proto/sextant/v1/registry.proto"], &["../../proto"])?;
     Ok(())
 }

@@ -74,7 +74,11 @@ fn decode<'a, T: Deserialize<'a>>(key: &str, bytes: &'a [u8]) -> Result<T, Store
     }
 }
 
-pub(crate) fn encode_spec(spec: &Arc<InstanceSpec>, ttl_seconds: u32, spec_revision: Revision) -> Vec<u8> {
+pub(crate) fn encode_spec(
+    spec: &Arc<InstanceSpec>,
+    ttl_seconds: u32,
+    spec_revision: Revision,
+) -> Vec<u8> {
     encode(&SpecRecordRef {
         spec,
         ttl_seconds,

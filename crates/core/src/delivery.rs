@@ -163,7 +163,9 @@ impl Subscription {
                     resync: !fresh,
                 });
             } else {
-                let first = inner.log.partition_point(|e| e.event.revision <= c.revision);
+                let first = inner
+                    .log
+                    .partition_point(|e| e.event.revision <= c.revision);
                 events.extend(inner.log.range(first..).cloned());
             }
             c.revision = horizon;

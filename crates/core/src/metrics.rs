@@ -51,17 +51,57 @@ impl CoreMetrics {
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self::default();
         let r = registry.sub_registry_with_prefix("sextant");
-        r.register("instances", "Instances in the registry", m.instances.clone());
-        r.register("services", "Services with at least one instance", m.services.clone());
-        r.register("subscribers", "Open subscriptions (watch streams)", m.subscribers.clone());
+        r.register(
+            "instances",
+            "Instances in the registry",
+            m.instances.clone(),
+        );
+        r.register(
+            "services",
+            "Services with at least one instance",
+            m.services.clone(),
+        );
+        r.register(
+            "subscribers",
+            "Open subscriptions (watch streams)",
+            m.subscribers.clone(),
+        );
         r.register("revision", "Latest durable revision", m.revision.clone());
-        r.register("store_commit_seconds", "Durable commit latency of one batch", m.commit_seconds.clone());
-        r.register("store_commit_batch_ops", "Operations per durable commit (group commit)", m.commit_batch_ops.clone());
-        r.register("store_commit_failures", "Commits the store refused; their writes were not acknowledged", m.commit_failures.clone());
-        r.register("lease_expiries", "Ephemeral instances removed because their lease lapsed", m.lease_expiries.clone());
-        r.register("events", "Registry events published, by kind", m.events.clone());
-        r.register("push_seconds", "Time from publication of a change to its hand-off to a subscriber's stream", m.push_seconds.clone());
-        r.register("subscriber_resyncs", "Snapshots sent to subscribers that fell behind the change log", m.resyncs.clone());
+        r.register(
+            "store_commit_seconds",
+            "Durable commit latency of one batch",
+            m.commit_seconds.clone(),
+        );
+        r.register(
+            "store_commit_batch_ops",
+            "Operations per durable commit (group commit)",
+            m.commit_batch_ops.clone(),
+        );
+        r.register(
+            "store_commit_failures",
+            "Commits the store refused; their writes were not acknowledged",
+            m.commit_failures.clone(),
+        );
+        r.register(
+            "lease_expiries",
+            "Ephemeral instances removed because their lease lapsed",
+            m.lease_expiries.clone(),
+        );
+        r.register(
+            "events",
+            "Registry events published, by kind",
+            m.events.clone(),
+        );
+        r.register(
+            "push_seconds",
+            "Time from publication of a change to its hand-off to a subscriber's stream",
+            m.push_seconds.clone(),
+        );
+        r.register(
+            "subscriber_resyncs",
+            "Snapshots sent to subscribers that fell behind the change log",
+            m.resyncs.clone(),
+        );
         m
     }
 }

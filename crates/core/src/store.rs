@@ -37,6 +37,9 @@ pub struct Batch {
     pub mutations: Vec<Mutation>,
 }
 
+/// The visitor [`Store::load`] calls for each key and value, in key order.
+pub type Visit<'a> = dyn FnMut(&str, &[u8]) -> Result<(), StoreError> + 'a;
+
 /// A durable, ordered key-value store with atomic batches.
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -45,10 +48,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Visits every key in order and returns the revision of the last durable batch (0 when
     /// empty). Blocking: called once at start-up, off the async threads.
-    fn load(
-        &self,
-        visit: &mut dyn FnMut(&str, &[u8]) -> Result<(), StoreError>,
-    ) -> Result<Revision, StoreError>;
+    fn load(&self, visit: &mut Visit<'_>) -> Result<Revision, StoreError>;
 
     /// Flushes and releases the store. Later commits fail.
     async fn close(&self) -> Result<(), StoreError>;
@@ -102,10 +102,7 @@ impl Store for MemStore {
         Ok(())
     }
 
-    fn load(
-        &self,
-        visit: &mut dyn FnMut(&str, &[u8]) -> Result<(), StoreError>,
-    ) -> Result<Revision, StoreError> {
+    fn load(&self, visit: &mut Visit<'_>) -> Result<Revision, StoreError> {
         let guard = self.data.lock();
         for (k, v) in &guard.1 {
             visit(k, v)?;

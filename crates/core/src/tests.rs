@@ -61,7 +61,11 @@ async fn revisions_strictly_increase_under_concurrency() {
         tasks.push(tokio::spawn(async move {
             let mut revs = Vec::new();
             for i in 0..50 {
-                revs.push(r.register(reg("a", &format!("i-{t}-{i}"), 0)).await.unwrap());
+                revs.push(
+                    r.register(reg("a", &format!("i-{t}-{i}"), 0))
+                        .await
+                        .unwrap(),
+                );
             }
             revs
         }));
@@ -177,9 +181,14 @@ async fn restart_reloads_everything_and_gives_leases_a_fresh_grace() {
     let r = open_with(store.clone(), CoreConfig::default()).await;
     r.register(reg("a", "p", 0)).await.unwrap();
     r.register(reg("a", "e", 3)).await.unwrap();
-    r.configure(svc("a"), ServiceConfig { protect_threshold: 0.5 })
-        .await
-        .unwrap();
+    r.configure(
+        svc("a"),
+        ServiceConfig {
+            protect_threshold: 0.5,
+        },
+    )
+    .await
+    .unwrap();
     r.update_status(
         svc("a"),
         "p".into(),
@@ -200,12 +209,24 @@ async fn restart_reloads_everything_and_gives_leases_a_fresh_grace() {
     let v = r2.get(&svc("a"), false);
     assert_eq!(v.instances.len(), 2, "ephemeral instance survives restart");
     assert_eq!(v.config.protect_threshold, 0.5);
-    assert_eq!(v.instances.iter().find(|i| i.spec.id == "p").unwrap().status.weight, 7);
+    assert_eq!(
+        v.instances
+            .iter()
+            .find(|i| i.spec.id == "p")
+            .unwrap()
+            .status
+            .weight,
+        7
+    );
     assert_eq!(r2.register(reg("a", "next", 0)).await.unwrap(), 5);
     // Without heartbeats it lapses one TTL after start-up.
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(r2.get(&svc("a"), false).instances.len(), 2);
-    assert!(r2.get(&svc("a"), false).instances.iter().all(|i| i.spec.id != "e"));
+    assert!(r2
+        .get(&svc("a"), false)
+        .instances
+        .iter()
+        .all(|i| i.spec.id != "e"));
 }
 
 #[tokio::test]
@@ -230,9 +251,14 @@ async fn protection_threshold_keeps_the_full_list() {
     for i in 0..4 {
         r.register(reg("a", &format!("i{i}"), 0)).await.unwrap();
     }
-    r.configure(svc("a"), ServiceConfig { protect_threshold: 0.6 })
-        .await
-        .unwrap();
+    r.configure(
+        svc("a"),
+        ServiceConfig {
+            protect_threshold: 0.6,
+        },
+    )
+    .await
+    .unwrap();
     let down = StatusPatch {
         health: Some(Health::Unhealthy),
         ..Default::default()

@@ -337,7 +337,10 @@ mod tests {
         };
         assert!(half.protection_active(4, 10));
         assert!(!half.protection_active(5, 10));
-        assert!(!half.protection_active(0, 0), "an empty service is not protected");
+        assert!(
+            !half.protection_active(0, 0),
+            "an empty service is not protected"
+        );
         assert!(ServiceConfig {
             protect_threshold: 1.5
         }

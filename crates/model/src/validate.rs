@@ -16,8 +16,9 @@ const MAX_VERSION_LEN: usize = 64;
 const MAX_TTL_SECONDS: u32 = 24 * 3600;
 
 fn name_chars(s: &str, allow_colon: bool) -> bool {
-    s.bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-') || (allow_colon && b == b':'))
+    s.bytes().all(|b| {
+        b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-') || (allow_colon && b == b':')
+    })
 }
 
 fn check_name(field: &str, value: &str, allow_colon: bool) -> Result<(), InvalidField> {
@@ -28,7 +29,11 @@ fn check_name(field: &str, value: &str, allow_colon: bool) -> Result<(), Invalid
         ));
     }
     if !name_chars(value, allow_colon) {
-        let allowed = if allow_colon { "A-Z a-z 0-9 . _ - :" } else { "A-Z a-z 0-9 . _ -" };
+        let allowed = if allow_colon {
+            "A-Z a-z 0-9 . _ - :"
+        } else {
+            "A-Z a-z 0-9 . _ -"
+        };
         return Err(InvalidField::new(
             field,
             format!("{value:?} may only contain {allowed}"),
@@ -65,7 +70,9 @@ pub fn validate_host(value: &str) -> Result<(), InvalidField> {
     for label in name.split('.') {
         let ok = !label.is_empty()
             && label.len() <= 63
-            && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
             && !label.starts_with('-')
             && !label.ends_with('-');
         if !ok {
@@ -101,9 +108,9 @@ fn validate_spec(spec: &InstanceSpec) -> Result<(), InvalidField> {
     let p = &spec.protocol;
     if p.is_empty()
         || p.len() > MAX_PROTOCOL_LEN
-        || !p
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-' | b'.' | b'+'))
+        || !p.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-' | b'.' | b'+')
+        })
     {
         return Err(InvalidField::new(
             "protocol",
@@ -148,7 +155,10 @@ fn validate_spec(spec: &InstanceSpec) -> Result<(), InvalidField> {
         if v.len() > MAX_METADATA_VALUE {
             return Err(InvalidField::new(
                 "metadata",
-                format!("value of {k:?} is {} bytes, at most {MAX_METADATA_VALUE}", v.len()),
+                format!(
+                    "value of {k:?} is {} bytes, at most {MAX_METADATA_VALUE}",
+                    v.len()
+                ),
             ));
         }
         total += k.len() + v.len();
@@ -171,7 +181,10 @@ pub fn validate_registration(r: &Registration) -> Result<(), InvalidField> {
     if r.ttl_seconds > MAX_TTL_SECONDS {
         return Err(InvalidField::new(
             "ttl_seconds",
-            format!("must be 0 (persistent) to {MAX_TTL_SECONDS}, got {}", r.ttl_seconds),
+            format!(
+                "must be 0 (persistent) to {MAX_TTL_SECONDS}, got {}",
+                r.ttl_seconds
+            ),
         ));
     }
     Ok(())
@@ -220,7 +233,14 @@ mod tests {
 
     #[test]
     fn hosts() {
-        for ok in ["10.0.0.1", "::1", "fe80::1", "svc.example.com", "localhost", "a-b.c"] {
+        for ok in [
+            "10.0.0.1",
+            "::1",
+            "fe80::1",
+            "svc.example.com",
+            "localhost",
+            "a-b.c",
+        ] {
             assert!(validate_host(ok).is_ok(), "{ok}");
         }
         for bad in ["", "-a.com", "a..b", "a b", "a/b", "http://x"] {
@@ -236,10 +256,16 @@ mod tests {
         assert_eq!(validate_registration(&reg(s)).unwrap_err().field, "port");
         let mut s = spec();
         s.protocol = "HTTP".into();
-        assert_eq!(validate_registration(&reg(s)).unwrap_err().field, "protocol");
+        assert_eq!(
+            validate_registration(&reg(s)).unwrap_err().field,
+            "protocol"
+        );
         let mut s = spec();
         s.metadata.insert("k".into(), "v".repeat(2000));
-        assert_eq!(validate_registration(&reg(s)).unwrap_err().field, "metadata");
+        assert_eq!(
+            validate_registration(&reg(s)).unwrap_err().field,
+            "metadata"
+        );
         let mut r = reg(spec());
         r.status = Some(crate::InstanceStatus {
             weight: 10_001,

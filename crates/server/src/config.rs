@@ -79,7 +79,10 @@ pub enum ConfigError {
     #[error("invalid config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("invalid setting {field}: {message}")]
-    Invalid { field: &'static str, message: String },
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
 }
 
 impl ServerConfig {
@@ -113,7 +116,10 @@ impl ServerConfig {
         positive("event_log_per_service", self.event_log_per_service as u64)?;
         positive("max_batch_ops", self.max_batch_ops as u64)?;
         positive("max_body_bytes", self.max_body_bytes as u64)?;
-        positive("slow_subscriber_timeout_seconds", self.slow_subscriber_timeout_seconds)?;
+        positive(
+            "slow_subscriber_timeout_seconds",
+            self.slow_subscriber_timeout_seconds,
+        )?;
         Ok(())
     }
 
@@ -132,7 +138,8 @@ mod tests {
 
     #[test]
     fn defaults_and_file_overrides() {
-        let c = ServerConfig::from_toml("http_addr = \"127.0.0.1:9000\"\nstore = \"memory\"").unwrap();
+        let c =
+            ServerConfig::from_toml("http_addr = \"127.0.0.1:9000\"\nstore = \"memory\"").unwrap();
         assert_eq!(c.http_addr.port(), 9000);
         assert_eq!(c.store, StoreKind::Memory);
         assert_eq!(c.grpc_addr.port(), 8471);

@@ -57,7 +57,9 @@ impl From<CoreError> for ApiError {
 impl From<ApiError> for tonic::Status {
     fn from(e: ApiError) -> Self {
         let code = match e.status {
-            StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY => tonic::Code::InvalidArgument,
+            StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY => {
+                tonic::Code::InvalidArgument
+            }
             StatusCode::NOT_FOUND => tonic::Code::NotFound,
             StatusCode::PAYLOAD_TOO_LARGE => tonic::Code::ResourceExhausted,
             StatusCode::SERVICE_UNAVAILABLE => tonic::Code::Unavailable,

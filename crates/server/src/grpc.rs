@@ -65,7 +65,9 @@ fn status_to(s: InstanceStatus) -> pb::InstanceStatus {
 
 fn registration(r: pb::RegisterRequest) -> Result<sextant_core::model::Registration, Status> {
     let service = key(r.service.as_ref())?;
-    let spec = r.spec.ok_or_else(|| Status::invalid_argument("spec is required"))?;
+    let spec = r
+        .spec
+        .ok_or_else(|| Status::invalid_argument("spec is required"))?;
     let status = match r.status {
         Some(s) => Some(StatusBody {
             health: Some(health_from(s.health)?),
@@ -204,10 +206,18 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + S
 
 #[tonic::async_trait]
 impl RegistryApi for GrpcApi {
-    async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::WriteResponse>, Status> {
+    async fn register(
+        &self,
+        req: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::WriteResponse>, Status> {
         self.timed("Register", async {
             let reg = registration(req.into_inner())?;
-            let revision = self.node.registry.register(reg).await.map_err(grpc_status)?;
+            let revision = self
+                .node
+                .registry
+                .register(reg)
+                .await
+                .map_err(grpc_status)?;
             Ok(pb::WriteResponse { revision })
         })
         .await
@@ -226,7 +236,9 @@ impl RegistryApi for GrpcApi {
                 .map(|(n, r)| {
                     registration(r)
                         .map(sextant_core::Op::Register)
-                        .map_err(|s| Status::new(s.code(), format!("instances[{n}]: {}", s.message())))
+                        .map_err(|s| {
+                            Status::new(s.code(), format!("instances[{n}]: {}", s.message()))
+                        })
                 })
                 .collect::<Result<Vec<_>, Status>>()?;
             let results = self.node.registry.apply(ops).await.map_err(grpc_status)?;
@@ -239,10 +251,18 @@ impl RegistryApi for GrpcApi {
         .await
     }
 
-    async fn deregister(&self, req: Request<pb::DeregisterRequest>) -> Result<Response<pb::WriteResponse>, Status> {
+    async fn deregister(
+        &self,
+        req: Request<pb::DeregisterRequest>,
+    ) -> Result<Response<pb::WriteResponse>, Status> {
         self.timed("Deregister", async {
             let r = req.into_inner();
-            let revision = self.node.registry.deregister(key(r.service.as_ref())?, r.id).await.map_err(grpc_status)?;
+            let revision = self
+                .node
+                .registry
+                .deregister(key(r.service.as_ref())?, r.id)
+                .await
+                .map_err(grpc_status)?;
             Ok(pb::WriteResponse { revision })
         })
         .await
@@ -263,13 +283,17 @@ impl RegistryApi for GrpcApi {
                 .node
                 .registry
                 .update_status(key(r.service.as_ref())?, r.id, patch)
-                .await.map_err(grpc_status)?;
+                .await
+                .map_err(grpc_status)?;
             Ok(pb::WriteResponse { revision })
         })
         .await
     }
 
-    async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
+    async fn heartbeat(
+        &self,
+        req: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         self.timed("Heartbeat", async {
             let items = req.into_inner().instances;
             let keys = items
@@ -290,12 +314,16 @@ impl RegistryApi for GrpcApi {
         .await
     }
 
-    async fn get_service(&self, req: Request<pb::GetServiceRequest>) -> Result<Response<pb::Service>, Status> {
+    async fn get_service(
+        &self,
+        req: Request<pb::GetServiceRequest>,
+    ) -> Result<Response<pb::Service>, Status> {
         self.timed("GetService", async {
             let r = req.into_inner();
             let k = key(r.service.as_ref())?;
             let view = if r.wait_ms > 0 {
-                let wait = Duration::from_millis(u64::from(r.wait_ms)).min(self.node.config.max_wait());
+                let wait =
+                    Duration::from_millis(u64::from(r.wait_ms)).min(self.node.config.max_wait());
                 self.node
                     .registry
                     .get_when_changed(&k, r.wait_index, wait, r.healthy_only)
@@ -308,7 +336,10 @@ impl RegistryApi for GrpcApi {
         .await
     }
 
-    async fn discover(&self, req: Request<pb::DiscoverRequest>) -> Result<Response<pb::DiscoverResponse>, Status> {
+    async fn discover(
+        &self,
+        req: Request<pb::DiscoverRequest>,
+    ) -> Result<Response<pb::DiscoverResponse>, Status> {
         self.timed("Discover", async {
             let r = req.into_inner();
             let keys = r
@@ -378,7 +409,12 @@ impl RegistryApi for GrpcApi {
             let config = ServiceConfig {
                 protect_threshold: r.protect_threshold,
             };
-            let revision = self.node.registry.configure(key(r.service.as_ref())?, config).await.map_err(grpc_status)?;
+            let revision = self
+                .node
+                .registry
+                .configure(key(r.service.as_ref())?, config)
+                .await
+                .map_err(grpc_status)?;
             Ok(pb::WriteResponse { revision })
         })
         .await
@@ -393,7 +429,9 @@ impl RegistryApi for GrpcApi {
             .unwrap_or_else(|| "grpc".into());
         let r = req.into_inner();
         if r.services.is_empty() {
-            return Err(Status::invalid_argument("give at least one service to watch"));
+            return Err(Status::invalid_argument(
+                "give at least one service to watch",
+            ));
         }
         let keys = r
             .services
@@ -410,7 +448,9 @@ impl RegistryApi for GrpcApi {
             api: self.node.api_metrics.clone(),
             peer,
         };
-        tokio::spawn(pump.run(sub, delivery_to, |reason| Err(Status::unavailable(reason.to_string()))));
+        tokio::spawn(pump.run(sub, delivery_to, |reason| {
+            Err(Status::unavailable(reason.to_string()))
+        }));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

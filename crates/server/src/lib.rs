@@ -89,14 +89,18 @@ impl Server {
                 addr: config.grpc_addr,
                 source,
             })?;
-        let http_addr = http_listener.local_addr().map_err(|source| ServerError::Bind {
-            addr: config.http_addr,
-            source,
-        })?;
-        let grpc_addr = grpc_listener.local_addr().map_err(|source| ServerError::Bind {
-            addr: config.grpc_addr,
-            source,
-        })?;
+        let http_addr = http_listener
+            .local_addr()
+            .map_err(|source| ServerError::Bind {
+                addr: config.http_addr,
+                source,
+            })?;
+        let grpc_addr = grpc_listener
+            .local_addr()
+            .map_err(|source| ServerError::Bind {
+                addr: config.grpc_addr,
+                source,
+            })?;
         let grace = Duration::from_secs(config.shutdown_grace_seconds);
         let node = Arc::new(Node {
             registry: registry.clone(),

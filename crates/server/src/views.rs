@@ -40,15 +40,23 @@ pub struct RegisterBody {
 }
 
 impl RegisterBody {
-    pub fn into_registration(self, service: ServiceKey, id: Option<String>) -> Result<Registration, InvalidField> {
+    pub fn into_registration(
+        self,
+        service: ServiceKey,
+        id: Option<String>,
+    ) -> Result<Registration, InvalidField> {
         let port = u16::try_from(self.port)
             .ok()
             .filter(|p| *p > 0)
-            .ok_or_else(|| InvalidField::new("port", format!("must be 1-65535, got {}", self.port)))?;
+            .ok_or_else(|| {
+                InvalidField::new("port", format!("must be 1-65535, got {}", self.port))
+            })?;
         let id = id
             .or(self.id)
             .unwrap_or_else(|| format!("{}:{}", self.host, port));
-        let status = self.status.map(|s| InstanceStatus::default().patched(&s.into()));
+        let status = self
+            .status
+            .map(|s| InstanceStatus::default().patched(&s.into()));
         Ok(Registration {
             service,
             spec: InstanceSpec {

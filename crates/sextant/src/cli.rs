@@ -17,7 +17,12 @@ use sextant_server::{ServerConfig, StoreKind};
 )]
 pub struct Cli {
     /// Base URL of the node's HTTP API, for the client commands.
-    #[arg(long, global = true, env = "SEXTANT_SERVER", default_value = "http://127.0.0.1:8470")]
+    #[arg(
+        long,
+        global = true,
+        env = "SEXTANT_SERVER",
+        default_value = "http://127.0.0.1:8470"
+    )]
     pub server: String,
     #[command(subcommand)]
     pub command: Command,

@@ -60,7 +60,9 @@ pub async fn run(server: &str, cmd: Command) -> anyhow::Result<()> {
         Command::Serve(_) => unreachable!("serve is handled by main"),
         Command::Register(args) => register(&c, args).await,
         Command::Deregister { service, id } => {
-            let v = c.send(c.http.delete(c.url(&instance_path(&service, &id)?))).await?;
+            let v = c
+                .send(c.http.delete(c.url(&instance_path(&service, &id)?)))
+                .await?;
             println!("deregistered {service}/{id} at revision {}", v["revision"]);
             Ok(())
         }
@@ -77,7 +79,10 @@ pub async fn run(server: &str, cmd: Command) -> anyhow::Result<()> {
             }
             let path = instance_path(&a.service, &a.id)? + "/status";
             let v = c.send(c.http.patch(c.url(&path)).json(&body)).await?;
-            println!("status of {}/{} set at revision {}", a.service, a.id, v["revision"]);
+            println!(
+                "status of {}/{} set at revision {}",
+                a.service, a.id, v["revision"]
+            );
             Ok(())
         }
         Command::Get {
@@ -114,7 +119,10 @@ pub async fn run(server: &str, cmd: Command) -> anyhow::Result<()> {
             let v = c
                 .send(c.http.get(c.url(&format!("/v1/namespaces/{ns}/services"))))
                 .await?;
-            println!("{:<40} {:>10} {:>8} {:>10}", "SERVICE", "INSTANCES", "SERVING", "REVISION");
+            println!(
+                "{:<40} {:>10} {:>8} {:>10}",
+                "SERVICE", "INSTANCES", "SERVING", "REVISION"
+            );
             for s in v["services"].as_array().into_iter().flatten() {
                 println!(
                     "{:<40} {:>10} {:>8} {:>10}",
@@ -149,7 +157,9 @@ async fn register(c: &Client, a: RegisterArgs) -> anyhow::Result<()> {
     if a.disabled {
         status.insert("enabled".into(), json!(false));
     }
-    let id = a.id.clone().unwrap_or_else(|| format!("{}:{}", a.host, a.port));
+    let id =
+        a.id.clone()
+            .unwrap_or_else(|| format!("{}:{}", a.host, a.port));
     let mut body = json!({
         "host": a.host, "port": a.port, "version": a.version,
         "location": {"region": a.region, "zone": a.zone, "idc": a.idc},
@@ -163,7 +173,10 @@ async fn register(c: &Client, a: RegisterArgs) -> anyhow::Result<()> {
     }
     let path = format!("/v1/namespaces/{ns}/services/{svc}/instances/{id}");
     let v = c.send(c.http.put(c.url(&path)).json(&body)).await?;
-    println!("registered {}/{id} at revision {}", a.service, v["revision"]);
+    println!(
+        "registered {}/{id} at revision {}",
+        a.service, v["revision"]
+    );
     if !a.keepalive {
         return Ok(());
     }
@@ -175,7 +188,10 @@ async fn register(c: &Client, a: RegisterArgs) -> anyhow::Result<()> {
             _ = tokio::time::sleep(every) => {}
             _ = tokio::signal::ctrl_c() => break,
         }
-        match c.send(c.http.post(c.url("/v1/heartbeats")).json(&beat)).await {
+        match c
+            .send(c.http.post(c.url("/v1/heartbeats")).json(&beat))
+            .await
+        {
             Ok(r) if r["unknown"].as_array().is_some_and(|u| !u.is_empty()) => {
                 eprintln!("server does not know {id}; registering again");
                 c.send(c.http.put(c.url(&path)).json(&body)).await?;
@@ -275,7 +291,11 @@ fn print_event(event: &str, v: &Value) {
         "snapshot" => println!(
             "{rev} snapshot {svc} ({} instances){}",
             v["instances"].as_array().map_or(0, |a| a.len()),
-            if v["resync"].as_bool() == Some(true) { " resync" } else { "" }
+            if v["resync"].as_bool() == Some(true) {
+                " resync"
+            } else {
+                ""
+            }
         ),
         "upsert" => println!(
             "{rev} upsert   {svc} {} {}:{}",
@@ -283,13 +303,20 @@ fn print_event(event: &str, v: &Value) {
             v["instance"]["host"].as_str().unwrap_or(""),
             v["instance"]["port"]
         ),
-        "status" => println!("{rev} status   {svc} {} {}", v["id"].as_str().unwrap_or(""), v["status"]),
+        "status" => println!(
+            "{rev} status   {svc} {} {}",
+            v["id"].as_str().unwrap_or(""),
+            v["status"]
+        ),
         "delete" => println!(
             "{rev} delete   {svc} {} ({})",
             v["id"].as_str().unwrap_or(""),
             v["reason"].as_str().unwrap_or("")
         ),
-        "close" => println!("stream closed by server: {}", v["reason"].as_str().unwrap_or("")),
+        "close" => println!(
+            "stream closed by server: {}",
+            v["reason"].as_str().unwrap_or("")
+        ),
         other => println!("{other} {v}"),
     }
 }

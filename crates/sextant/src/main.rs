@@ -43,7 +43,9 @@ async fn run_server(args: cli::ServeArgs) -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let config = args.into_config()?;
-    let server = Server::start(config).await.context("cannot start sextant")?;
+    let server = Server::start(config)
+        .await
+        .context("cannot start sextant")?;
     wait_for_signal().await?;
     server.shutdown().await;
     Ok(())

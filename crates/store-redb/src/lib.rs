@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use sextant_core::store::{Batch, Store, StoreError};
 use sextant_core::model::Revision;
+use sextant_core::store::{Batch, Store, StoreError, Visit};
 
 const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -31,8 +31,9 @@ pub struct RedbStore {
 impl RedbStore {
     /// Opens (creating if needed) `dir/registry.redb`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| StoreError::Io(format!("cannot create data dir {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir).map_err(|e| {
+            StoreError::Io(format!("cannot create data dir {}: {e}", dir.display()))
+        })?;
         let path = dir.join("registry.redb");
         let db = Database::create(&path).map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Unavailable(format!(
@@ -90,10 +91,7 @@ impl Store for RedbStore {
         .map_err(|e| StoreError::Io(format!("commit task failed: {e}")))?
     }
 
-    fn load(
-        &self,
-        visit: &mut dyn FnMut(&str, &[u8]) -> Result<(), StoreError>,
-    ) -> Result<Revision, StoreError> {
+    fn load(&self, visit: &mut Visit<'_>) -> Result<Revision, StoreError> {
         let db = self.db()?;
         let txn = db.begin_read().map_err(io)?;
         let kv = txn.open_table(KV).map_err(io)?;
@@ -102,7 +100,11 @@ impl Store for RedbStore {
             visit(k.value(), v.value())?;
         }
         let meta = txn.open_table(META).map_err(io)?;
-        let rev = meta.get(REVISION).map_err(io)?.map(|g| g.value()).unwrap_or(0);
+        let rev = meta
+            .get(REVISION)
+            .map_err(io)?
+            .map(|g| g.value())
+            .unwrap_or(0);
         Ok(rev)
     }
 

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Path, RawQuery, Request, State};
+use axum::extract::{
+    DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Path, RawQuery, Request, State,
+};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -24,8 +26,8 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::error::ApiError;
 use crate::stream::Pump;
-use crate::{Node, ServerConfig};
 use crate::views::*;
+use crate::{Node, ServerConfig};
 
 #[derive(Clone)]
 pub(crate) struct AppState {
@@ -114,7 +116,10 @@ pub(crate) fn router(node: Arc<Node>) -> Router {
             post(post_instance),
         )
         .route(instance, put(put_instance).delete(delete_instance))
-        .route(&format!("{instance}/status"), axum::routing::patch(patch_status))
+        .route(
+            &format!("{instance}/status"),
+            axum::routing::patch(patch_status),
+        )
         .route("/v1/heartbeats", post(heartbeats))
         .route("/v1/discover", post(discover))
         .route("/v1/watch", get(watch))
@@ -147,9 +152,13 @@ async fn track(State(s): State<AppState>, req: Request, next: Next) -> Response 
     if resp.status().is_server_error() {
         tracing::warn!(%method, route, status, "request failed");
     }
-    s.node
-        .api_metrics
-        .observe("http", method.as_str(), &route, status, started.elapsed().as_secs_f64());
+    s.node.api_metrics.observe(
+        "http",
+        method.as_str(),
+        &route,
+        status,
+        started.elapsed().as_secs_f64(),
+    );
     resp
 }
 
@@ -274,11 +283,15 @@ async fn get_service(
     let view = match q.index {
         Some(index) => {
             let wait = parse_wait(q.wait.as_deref(), s.config().max_wait())?;
-            s.registry().get_when_changed(&key, index, wait, q.healthy).await
+            s.registry()
+                .get_when_changed(&key, index, wait, q.healthy)
+                .await
         }
         None => {
             if q.wait.is_some() {
-                return Err(ApiError::bad_request("wait needs index (the revision to wait past)"));
+                return Err(ApiError::bad_request(
+                    "wait needs index (the revision to wait past)",
+                ));
             }
             s.registry().get(&key, q.healthy)
         }
@@ -327,7 +340,9 @@ async fn list_services(
         .into_iter()
         .map(|x| serde_json::json!({"service": &*x.service.service, "revision": x.revision, "instances": x.instances, "serving": x.serving}))
         .collect();
-    Ok(Json(serde_json::json!({ "namespace": ns, "services": list })))
+    Ok(Json(
+        serde_json::json!({ "namespace": ns, "services": list }),
+    ))
 }
 
 /// `GET /v1/watch?service=ns/svc&service=...&since=R` as server-sent events. `Last-Event-ID`
@@ -348,7 +363,9 @@ async fn watch(
             }
             "since" => {
                 since = Some(v.parse::<Revision>().map_err(|_| {
-                    ApiError::bad_request(format!("invalid since {v:?}: expected a revision number"))
+                    ApiError::bad_request(format!(
+                        "invalid since {v:?}: expected a revision number"
+                    ))
                 })?)
             }
             other => {
@@ -373,7 +390,10 @@ async fn watch(
     let pump = Pump {
         tx,
         slow_timeout: s.config().slow_subscriber_timeout(),
-        keepalive: Some((Duration::from_secs(15), Bytes::from_static(b": keepalive\n\n"))),
+        keepalive: Some((
+            Duration::from_secs(15),
+            Bytes::from_static(b": keepalive\n\n"),
+        )),
         core: s.registry().metrics().clone(),
         api: s.node.api_metrics.clone(),
         peer: "sse".into(),
@@ -399,7 +419,8 @@ async fn readyz(State(s): State<AppState>) -> Response {
 async fn metrics(State(s): State<AppState>) -> Response {
     let mut out = String::new();
     if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &s.node.prometheus) {
-        return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()).into_response();
+        return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+            .into_response();
     }
     (
         [(

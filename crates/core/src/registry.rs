@@ -641,17 +641,25 @@ impl Writer {
             m.commit_seconds.observe(started.elapsed().as_secs_f64());
             m.commit_batch_ops.observe(n_ops as f64);
             self.revision = last;
-            self.publish(p, now);
+            self.publish(&mut p, now);
+        }
+        // Lease changes apply even when nothing was written: an identical re-registration
+        // renews its lease, and an expiry that found no instance drops the stale lease.
+        for a in p.leases {
+            match a {
+                LeaseAction::Grant(k, ttl) => self.shared.leases.grant(k, ttl, now),
+                LeaseAction::Revoke(k) => self.shared.leases.revoke(&k),
+            }
         }
         for (req, r) in requests.into_iter().zip(results) {
             let _ = req.reply.send(Ok(r));
         }
     }
 
-    fn publish(&self, p: Pending, now: Instant) {
+    fn publish(&self, p: &mut Pending, now: Instant) {
         let mut by_service: HashMap<ServiceKey, Vec<Arc<SharedEvent>>> = HashMap::new();
         let m = &self.shared.metrics;
-        for ev in p.events {
+        for ev in std::mem::take(&mut p.events) {
             m.events
                 .get_or_create(&EventLabels {
                     kind: ev.kind.name(),
@@ -662,18 +670,12 @@ impl Writer {
                 .or_default()
                 .push(Arc::new(SharedEvent::new(ev, now)));
         }
-        for a in p.leases {
-            match a {
-                LeaseAction::Grant(k, ttl) => self.shared.leases.grant(k, ttl, now),
-                LeaseAction::Revoke(k) => self.shared.leases.revoke(&k),
-            }
-        }
         let cap = self.shared.config.event_log_per_service.max(1);
         let mut touched = Vec::with_capacity(p.states.len());
         let mut services_delta = 0i64;
         {
             let _gate = self.shared.publish_gate.write();
-            for (key, (entry, state)) in p.states {
+            for (key, (entry, state)) in std::mem::take(&mut p.states) {
                 let mut inner = entry.inner.write();
                 let was_empty = inner.state.instances.is_empty();
                 services_delta += i64::from(was_empty) - i64::from(state.instances.is_empty());

@@ -448,3 +448,21 @@ proptest! {
         })?;
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn identical_reregistration_renews_the_lease() {
+    let r = open().await;
+    r.register(reg("a", "e", 2)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Changes nothing (same revision) but pushes the deadline.
+    assert_eq!(r.register(reg("a", "e", 2)).await.unwrap(), 1);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(r.get(&svc("a"), false).instances.len(), 1);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(r.get(&svc("a"), false).instances.len(), 0);
+    // Re-registering as persistent drops the lease for good.
+    r.register(reg("a", "p", 2)).await.unwrap();
+    r.register(reg("a", "p", 0)).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(r.get(&svc("a"), false).instances.len(), 1);
+}

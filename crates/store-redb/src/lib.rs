@@ -17,6 +17,7 @@ use sextant_core::store::{Batch, Store, StoreError, Visit};
 const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const REVISION: &str = "revision";
+const CACHE_BYTES: usize = 64 * 1024 * 1024;
 
 fn io(e: impl std::fmt::Display) -> StoreError {
     StoreError::Io(e.to_string())
@@ -35,13 +36,18 @@ impl RedbStore {
             StoreError::Io(format!("cannot create data dir {}: {e}", dir.display()))
         })?;
         let path = dir.join("registry.redb");
-        let db = Database::create(&path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Unavailable(format!(
+        // The registry lives in memory; redb's page cache only serves writes (and the one scan
+        // at start-up), so it need not be redb's 1 GiB default, which would count against RSS.
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(&path)
+            .map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Unavailable(format!(
                 "{} is in use by another process (is another sextant running on this data dir?)",
                 path.display()
             )),
-            e => StoreError::Io(format!("cannot open {}: {e}", path.display())),
-        })?;
+                e => StoreError::Io(format!("cannot open {}: {e}", path.display())),
+            })?;
         let txn = db.begin_write().map_err(io)?;
         txn.open_table(KV).map_err(io)?;
         txn.open_table(META).map_err(io)?;

@@ -13,6 +13,9 @@ use sextant_model::{InstanceSpec, InstanceStatus, Revision, ServiceConfig, Servi
 use crate::store::StoreError;
 
 const FORMAT_V1: u8 = 1;
+/// V2 (status and service records): status gained weight override and drain; service settings
+/// gained the health check. V1 records still decode.
+const FORMAT_V2: u8 = 2;
 
 #[derive(Serialize, Deserialize)]
 pub(crate) struct SpecRecord {
@@ -34,9 +37,22 @@ pub(crate) struct StatusRecord {
     pub status_revision: Revision,
 }
 
-#[derive(Serialize, Deserialize)]
-pub(crate) struct ServiceRecord {
-    pub protect_threshold: f32,
+#[derive(Deserialize)]
+struct StatusV1 {
+    health: sextant_model::Health,
+    enabled: bool,
+    weight: u32,
+}
+
+#[derive(Deserialize)]
+struct StatusRecordV1 {
+    status: StatusV1,
+    status_revision: Revision,
+}
+
+#[derive(Deserialize)]
+struct ServiceRecordV1 {
+    protect_threshold: f32,
 }
 
 pub(crate) fn instance_prefix(svc: &ServiceKey, id: &str) -> String {
@@ -55,23 +71,33 @@ pub(crate) fn service_key(svc: &ServiceKey) -> String {
     format!("s/{}/{}", svc.namespace, svc.service)
 }
 
-fn encode<T: Serialize>(v: &T) -> Vec<u8> {
-    let mut out = vec![FORMAT_V1];
+fn encode<T: Serialize>(version: u8, v: &T) -> Vec<u8> {
+    let mut out = vec![version];
     // Serialising plain structs into a Vec cannot fail.
     out.extend(postcard::to_stdvec(v).unwrap_or_default());
     out
 }
 
-fn decode<'a, T: Deserialize<'a>>(key: &str, bytes: &'a [u8]) -> Result<T, StoreError> {
-    let corrupt = |reason: String| StoreError::Corrupt {
+fn corrupt(key: &str, reason: String) -> StoreError {
+    StoreError::Corrupt {
         key: key.to_string(),
         reason,
-    };
-    match bytes.split_first() {
-        Some((&FORMAT_V1, rest)) => postcard::from_bytes(rest).map_err(|e| corrupt(e.to_string())),
-        Some((v, _)) => Err(corrupt(format!("unknown format version {v}"))),
-        None => Err(corrupt("empty value".into())),
     }
+}
+
+fn split<'a>(key: &str, bytes: &'a [u8]) -> Result<(u8, &'a [u8]), StoreError> {
+    match bytes.split_first() {
+        Some((v, rest)) => Ok((*v, rest)),
+        None => Err(corrupt(key, "empty value".into())),
+    }
+}
+
+fn body<'a, T: Deserialize<'a>>(key: &str, rest: &'a [u8]) -> Result<T, StoreError> {
+    postcard::from_bytes(rest).map_err(|e| corrupt(key, e.to_string()))
+}
+
+fn unknown(key: &str, v: u8) -> StoreError {
+    corrupt(key, format!("unknown format version {v}"))
 }
 
 pub(crate) fn encode_spec(
@@ -79,24 +105,28 @@ pub(crate) fn encode_spec(
     ttl_seconds: u32,
     spec_revision: Revision,
 ) -> Vec<u8> {
-    encode(&SpecRecordRef {
-        spec,
-        ttl_seconds,
-        spec_revision,
-    })
+    encode(
+        FORMAT_V1,
+        &SpecRecordRef {
+            spec,
+            ttl_seconds,
+            spec_revision,
+        },
+    )
 }
 
 pub(crate) fn encode_status(status: InstanceStatus, status_revision: Revision) -> Vec<u8> {
-    encode(&StatusRecord {
-        status,
-        status_revision,
-    })
+    encode(
+        FORMAT_V2,
+        &StatusRecord {
+            status,
+            status_revision,
+        },
+    )
 }
 
 pub(crate) fn encode_service(cfg: &ServiceConfig) -> Vec<u8> {
-    encode(&ServiceRecord {
-        protect_threshold: cfg.protect_threshold,
-    })
+    encode(FORMAT_V2, cfg)
 }
 
 /// A decoded key.
@@ -122,15 +152,43 @@ pub(crate) fn parse_key(key: &str) -> Result<Key<'_>, StoreError> {
 }
 
 pub(crate) fn decode_spec(key: &str, bytes: &[u8]) -> Result<SpecRecord, StoreError> {
-    decode(key, bytes)
+    match split(key, bytes)? {
+        (FORMAT_V1, rest) => body(key, rest),
+        (v, _) => Err(unknown(key, v)),
+    }
 }
 
 pub(crate) fn decode_status(key: &str, bytes: &[u8]) -> Result<StatusRecord, StoreError> {
-    decode(key, bytes)
+    match split(key, bytes)? {
+        (FORMAT_V1, rest) => {
+            let old: StatusRecordV1 = body(key, rest)?;
+            Ok(StatusRecord {
+                status: InstanceStatus {
+                    health: old.status.health,
+                    enabled: old.status.enabled,
+                    weight: old.status.weight,
+                    ..Default::default()
+                },
+                status_revision: old.status_revision,
+            })
+        }
+        (FORMAT_V2, rest) => body(key, rest),
+        (v, _) => Err(unknown(key, v)),
+    }
 }
 
-pub(crate) fn decode_service(key: &str, bytes: &[u8]) -> Result<ServiceRecord, StoreError> {
-    decode(key, bytes)
+pub(crate) fn decode_service(key: &str, bytes: &[u8]) -> Result<ServiceConfig, StoreError> {
+    match split(key, bytes)? {
+        (FORMAT_V1, rest) => {
+            let old: ServiceRecordV1 = body(key, rest)?;
+            Ok(ServiceConfig {
+                protect_threshold: old.protect_threshold,
+                ..Default::default()
+            })
+        }
+        (FORMAT_V2, rest) => body(key, rest),
+        (v, _) => Err(unknown(key, v)),
+    }
 }
 
 #[cfg(test)]
@@ -156,5 +214,44 @@ mod tests {
         assert!(decode_status("k", &[FORMAT_V1, 200]).is_err());
         let ok = encode_status(InstanceStatus::default(), 7);
         assert_eq!(decode_status("k", &ok).unwrap().status_revision, 7);
+    }
+
+    #[test]
+    fn v1_records_still_decode() {
+        // Bytes as the first release wrote them: status {unhealthy, enabled, weight 5} at 9.
+        #[derive(Serialize)]
+        struct V1 {
+            health: sextant_model::Health,
+            enabled: bool,
+            weight: u32,
+        }
+        let mut old = vec![FORMAT_V1];
+        old.extend(
+            postcard::to_stdvec(&(
+                V1 {
+                    health: sextant_model::Health::Unhealthy,
+                    enabled: true,
+                    weight: 5,
+                },
+                9u64,
+            ))
+            .unwrap(),
+        );
+        let rec = decode_status("k", &old).unwrap();
+        assert_eq!(rec.status.weight, 5);
+        assert_eq!(rec.status.health, sextant_model::Health::Unhealthy);
+        assert_eq!(rec.status.draining_since_ms, None);
+        assert_eq!(rec.status_revision, 9);
+        let mut old = vec![FORMAT_V1];
+        old.extend(postcard::to_stdvec(&0.25f32).unwrap());
+        assert_eq!(decode_service("k", &old).unwrap().protect_threshold, 0.25);
+        let cfg = ServiceConfig {
+            protect_threshold: 0.5,
+            check: sextant_model::HealthCheck {
+                kind: sextant_model::CheckKind::Http,
+                ..Default::default()
+            },
+        };
+        assert_eq!(decode_service("k", &encode_service(&cfg)).unwrap(), cfg);
     }
 }

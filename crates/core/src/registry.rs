@@ -17,7 +17,7 @@ use std::time::Duration;
 use parking_lot::{Mutex, RwLock};
 use sextant_model::{
     validate_instance_id, validate_registration, DeleteReason, Event, EventKind, Instance,
-    Registration, Revision, ServiceConfig, ServiceKey, StatusPatch,
+    InstanceStatus, Registration, Revision, ServiceConfig, ServiceKey, StatusPatch,
 };
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::time::Instant;
@@ -99,7 +99,7 @@ impl ServiceView {
         Self {
             service,
             revision: state.revision,
-            config: state.config,
+            config: state.config.clone(),
             protected,
             instances,
         }
@@ -443,6 +443,23 @@ impl Registry {
             .collect()
     }
 
+    /// Services with an active health check, with their current revision and check: what
+    /// the health scanner reconciles against.
+    pub fn checked_services(&self) -> Vec<(ServiceKey, Revision, sextant_model::HealthCheck)> {
+        self.shared
+            .services
+            .read()
+            .iter()
+            .filter_map(|(k, e)| {
+                let st = e.state();
+                st.config
+                    .check
+                    .is_active()
+                    .then(|| (k.clone(), st.revision, st.config.check.clone()))
+            })
+            .collect()
+    }
+
     /// The latest published revision.
     pub fn revision(&self) -> Revision {
         self.shared.published.load(Ordering::Acquire)
@@ -456,6 +473,12 @@ impl Registry {
     /// the events after `since` (a snapshot of any service whose history was compacted).
     pub fn subscribe(&self, services: Vec<ServiceKey>, since: Option<Revision>) -> Subscription {
         Subscription::new(self.shared.clone(), services, since)
+    }
+
+    /// Resolves once shutdown has begun; background tasks stop on it.
+    pub async fn closed(&self) {
+        let mut rx = self.shared.closing.subscribe();
+        let _ = rx.wait_for(|c| c.is_some()).await;
     }
 
     /// Whether shutdown has begun.
@@ -528,10 +551,7 @@ fn load(store: &dyn Store) -> Result<(Revision, BTreeMap<ServiceKey, ServiceStat
                 }
             }
             codec::Key::Service(svc) => {
-                let rec = codec::decode_service(key, value)?;
-                states.entry(svc).or_default().config = ServiceConfig {
-                    protect_threshold: rec.protect_threshold,
-                };
+                states.entry(svc).or_default().config = codec::decode_service(key, value)?;
             }
         }
         Ok(())
@@ -732,10 +752,21 @@ impl Writer {
                     LeaseAction::Revoke(lease_key)
                 };
                 let old = st.instances.get(&id).cloned();
-                let status = r
-                    .status
-                    .or(old.as_ref().map(|o| o.status))
-                    .unwrap_or_default();
+                // A registration sets what the instance reports about itself and ends a
+                // drain (the instance came back); the operator's weight override stays.
+                let status = match (&r.status, &old) {
+                    (Some(given), Some(o)) => InstanceStatus {
+                        weight_override: o.status.weight_override,
+                        draining_since_ms: None,
+                        ..*given
+                    },
+                    (Some(given), None) => *given,
+                    (None, Some(o)) => InstanceStatus {
+                        draining_since_ms: None,
+                        ..o.status
+                    },
+                    (None, None) => InstanceStatus::default(),
+                };
                 let (kind, inst) = match old {
                     Some(old) if *old.spec == r.spec && old.ttl_seconds == r.ttl_seconds => {
                         if old.status == status {
@@ -824,7 +855,7 @@ impl Writer {
                 let Some(old) = st.instances.get(id.as_str()).cloned() else {
                     return Err(CoreError::NotFound(format!("instance {service}/{id}")));
                 };
-                let status = old.status.patched(patch);
+                let status = old.status.patched(patch, now_ms());
                 if status == old.status {
                     return Ok(old.revision());
                 }
@@ -855,7 +886,7 @@ impl Writer {
                 if st.config == *config {
                     return Ok(st.revision);
                 }
-                st.config = *config;
+                st.config = config.clone();
                 st.revision = rev;
                 let value =
                     (*config != ServiceConfig::default()).then(|| codec::encode_service(config));
@@ -909,6 +940,14 @@ impl Writer {
             },
         })
     }
+}
+
+/// Wall-clock time for drain stamps (leases use tokio's monotonic clock instead).
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 async fn sweep_leases(registry: Registry) {

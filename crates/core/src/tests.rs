@@ -185,6 +185,7 @@ async fn restart_reloads_everything_and_gives_leases_a_fresh_grace() {
         svc("a"),
         ServiceConfig {
             protect_threshold: 0.5,
+            ..Default::default()
         },
     )
     .await
@@ -255,6 +256,7 @@ async fn protection_threshold_keeps_the_full_list() {
         svc("a"),
         ServiceConfig {
             protect_threshold: 0.6,
+            ..Default::default()
         },
     )
     .await
@@ -465,4 +467,46 @@ async fn identical_reregistration_renews_the_lease() {
     r.register(reg("a", "p", 0)).await.unwrap();
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(r.get(&svc("a"), false).instances.len(), 1);
+}
+
+#[tokio::test]
+async fn drain_leaves_results_and_registration_brings_it_back() {
+    let r = open().await;
+    r.register(reg("a", "x", 0)).await.unwrap();
+    r.register(reg("a", "y", 0)).await.unwrap();
+    let set_override = StatusPatch {
+        weight_override: Some(Some(3)),
+        ..Default::default()
+    };
+    r.update_status(svc("a"), "x".into(), set_override)
+        .await
+        .unwrap();
+    let mut sub = r.subscribe(vec![svc("a")], None);
+    sub.next().await.unwrap();
+    let drain = StatusPatch {
+        draining: Some(true),
+        ..Default::default()
+    };
+    let rev = r.update_status(svc("a"), "x".into(), drain).await.unwrap();
+    let d = sub.next().await.unwrap();
+    assert_eq!(kinds(&d), vec![("status", rev)]);
+    let healthy = r.get(&svc("a"), true);
+    assert_eq!(
+        healthy.instances.len(),
+        1,
+        "draining instance leaves discovery"
+    );
+    let all = r.get(&svc("a"), false);
+    let x = all.instances.iter().find(|i| i.spec.id == "x").unwrap();
+    assert!(x.status.draining_since_ms.is_some());
+    // A new registration (the restarted instance) ends the drain; the override stays.
+    r.register(reg("a", "x", 0)).await.unwrap();
+    let x = r
+        .get(&svc("a"), true)
+        .instances
+        .into_iter()
+        .find(|i| i.spec.id == "x")
+        .unwrap();
+    assert!(!x.status.is_draining());
+    assert_eq!(x.status.effective_weight(), 3);
 }

@@ -6,6 +6,7 @@
 //! protocol: adapters translate their wire formats into these types and back.
 #![forbid(unsafe_code)]
 
+mod check;
 mod validate;
 
 use std::collections::BTreeMap;
@@ -14,6 +15,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+pub use check::{CheckKind, HealthCheck};
 pub use validate::{
     validate_host, validate_instance_id, validate_name, validate_registration, MAX_METADATA_BYTES,
     MAX_METADATA_ENTRIES, MAX_WEIGHT,
@@ -138,8 +140,13 @@ impl Health {
 pub struct InstanceStatus {
     pub health: Health,
     pub enabled: bool,
-    /// 0..=10000; 0 takes the instance out of rotation.
+    /// The weight the instance registered with, 0..=10000; 0 takes it out of rotation.
     pub weight: u32,
+    /// An operator's weight (warm-up, canary) that wins over `weight` until cleared.
+    pub weight_override: Option<u32>,
+    /// When draining began (Unix milliseconds); a draining instance leaves discovery results
+    /// but keeps its lease and health tracked.
+    pub draining_since_ms: Option<u64>,
 }
 
 impl Default for InstanceStatus {
@@ -148,18 +155,32 @@ impl Default for InstanceStatus {
             health: Health::Unknown,
             enabled: true,
             weight: 100,
+            weight_override: None,
+            draining_since_ms: None,
         }
     }
 }
 
 impl InstanceStatus {
-    /// Serving = enabled, weight > 0 and not known to be unhealthy.
-    pub fn is_serving(&self) -> bool {
-        self.enabled && self.weight > 0 && self.health != Health::Unhealthy
+    /// The weight discovery uses: the operator's override if set, else the registered weight.
+    pub fn effective_weight(&self) -> u32 {
+        self.weight_override.unwrap_or(self.weight)
     }
 
-    /// Returns the status with the patch applied.
-    pub fn patched(mut self, patch: &StatusPatch) -> Self {
+    pub fn is_draining(&self) -> bool {
+        self.draining_since_ms.is_some()
+    }
+
+    /// Serving = enabled, not draining, effective weight > 0 and not known to be unhealthy.
+    pub fn is_serving(&self) -> bool {
+        self.enabled
+            && !self.is_draining()
+            && self.effective_weight() > 0
+            && self.health != Health::Unhealthy
+    }
+
+    /// Returns the status with the patch applied; `now_ms` stamps the start of a drain.
+    pub fn patched(mut self, patch: &StatusPatch, now_ms: u64) -> Self {
         if let Some(h) = patch.health {
             self.health = h;
         }
@@ -168,6 +189,14 @@ impl InstanceStatus {
         }
         if let Some(w) = patch.weight {
             self.weight = w;
+        }
+        if let Some(o) = patch.weight_override {
+            self.weight_override = o;
+        }
+        match patch.draining {
+            Some(true) if self.draining_since_ms.is_none() => self.draining_since_ms = Some(now_ms),
+            Some(false) => self.draining_since_ms = None,
+            _ => {}
         }
         self
     }
@@ -179,6 +208,10 @@ pub struct StatusPatch {
     pub health: Option<Health>,
     pub enabled: Option<bool>,
     pub weight: Option<u32>,
+    /// `Some(Some(w))` sets the operator override, `Some(None)` clears it.
+    pub weight_override: Option<Option<u32>>,
+    /// `Some(true)` starts draining (keeps the original start if already draining).
+    pub draining: Option<bool>,
 }
 
 impl StatusPatch {
@@ -186,10 +219,14 @@ impl StatusPatch {
         if let Some(w) = self.weight {
             validate::validate_weight(w)?;
         }
-        if self.health.is_none() && self.enabled.is_none() && self.weight.is_none() {
+        if let Some(Some(w)) = self.weight_override {
+            validate::validate_weight(w)
+                .map_err(|e| InvalidField::new("weight_override", e.reason))?;
+        }
+        if *self == StatusPatch::default() {
             return Err(InvalidField::new(
                 "status",
-                "give at least one of health, enabled, weight",
+                "give at least one of health, enabled, weight, weight_override",
             ));
         }
         Ok(())
@@ -235,11 +272,13 @@ pub struct Registration {
 }
 
 /// Per-service settings.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ServiceConfig {
     /// 0.0 = off. When fewer than this fraction of instances are serving, discovery returns
     /// every instance and flags the answer as protected.
     pub protect_threshold: f32,
+    /// How the health scanner probes this service's instances.
+    pub check: HealthCheck,
 }
 
 impl ServiceConfig {
@@ -250,7 +289,7 @@ impl ServiceConfig {
                 "must be a fraction between 0.0 and 1.0",
             ));
         }
-        Ok(())
+        self.check.validate()
     }
 
     /// Whether protection is active for a service with `serving` of `total` instances serving.
@@ -326,6 +365,29 @@ mod tests {
         s.weight = 1;
         s.enabled = false;
         assert!(!s.is_serving());
+        s.enabled = true;
+        s.weight_override = Some(0);
+        assert!(!s.is_serving(), "an operator's weight 0 wins");
+        s.weight_override = None;
+        assert!(s.is_serving());
+    }
+
+    #[test]
+    fn drain_and_undrain() {
+        let drain = StatusPatch {
+            draining: Some(true),
+            ..Default::default()
+        };
+        let s = InstanceStatus::default().patched(&drain, 1000);
+        assert!(!s.is_serving());
+        assert_eq!(s.draining_since_ms, Some(1000));
+        // Draining again keeps the original start.
+        assert_eq!(s.patched(&drain, 5000).draining_since_ms, Some(1000));
+        let undrain = StatusPatch {
+            draining: Some(false),
+            ..Default::default()
+        };
+        assert!(s.patched(&undrain, 6000).is_serving());
     }
 
     #[test]
@@ -334,6 +396,7 @@ mod tests {
         assert!(!off.protection_active(0, 10));
         let half = ServiceConfig {
             protect_threshold: 0.5,
+            ..Default::default()
         };
         assert!(half.protection_active(4, 10));
         assert!(!half.protection_active(5, 10));
@@ -342,7 +405,8 @@ mod tests {
             "an empty service is not protected"
         );
         assert!(ServiceConfig {
-            protect_threshold: 1.5
+            protect_threshold: 1.5,
+            ..Default::default()
         }
         .validate()
         .is_err());
@@ -359,10 +423,13 @@ mod tests {
 
     #[test]
     fn patch_applies_only_given_fields() {
-        let s = InstanceStatus::default().patched(&StatusPatch {
-            weight: Some(7),
-            ..Default::default()
-        });
+        let s = InstanceStatus::default().patched(
+            &StatusPatch {
+                weight: Some(7),
+                ..Default::default()
+            },
+            0,
+        );
         assert_eq!(s.weight, 7);
         assert!(s.enabled);
         assert!(StatusPatch::default().validate().is_err());

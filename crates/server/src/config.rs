@@ -49,6 +49,13 @@ pub struct ServerConfig {
     pub slow_subscriber_timeout_seconds: u64,
     /// How long shutdown waits for connections to drain, in seconds.
     pub shutdown_grace_seconds: u64,
+    /// Run the central health scanner (probes services that define a check).
+    pub health_scanner: bool,
+    /// Health probes in flight at once.
+    pub health_concurrency: usize,
+    /// Hold back unhealthy flips that would leave more than this fraction of a service
+    /// unhealthy at once.
+    pub health_mass_failure_fraction: f32,
 }
 
 impl Default for ServerConfig {
@@ -64,6 +71,9 @@ impl Default for ServerConfig {
             max_body_bytes: 4 * 1024 * 1024,
             slow_subscriber_timeout_seconds: 30,
             shutdown_grace_seconds: 10,
+            health_scanner: true,
+            health_concurrency: 2048,
+            health_mass_failure_fraction: 0.5,
         }
     }
 }
@@ -120,6 +130,13 @@ impl ServerConfig {
             "slow_subscriber_timeout_seconds",
             self.slow_subscriber_timeout_seconds,
         )?;
+        positive("health_concurrency", self.health_concurrency as u64)?;
+        if !(0.0..=1.0).contains(&self.health_mass_failure_fraction) {
+            return Err(ConfigError::Invalid {
+                field: "health_mass_failure_fraction",
+                message: "must be a fraction between 0.0 and 1.0".into(),
+            });
+        }
         Ok(())
     }
 

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use futures::Stream;
 use sextant_core::model::{
-    DeleteReason, Event, EventKind, Health, Instance, InstanceStatus, Location, ServiceConfig,
-    ServiceKey, StatusPatch,
+    CheckKind, DeleteReason, Event, EventKind, Health, HealthCheck, Instance, InstanceStatus,
+    Location, ServiceKey, StatusPatch,
 };
 use sextant_core::{Delivery, HeartbeatResult, ServiceView};
 use sextant_proto::v1 as pb;
@@ -60,7 +60,76 @@ fn status_to(s: InstanceStatus) -> pb::InstanceStatus {
         health: health_to(s.health),
         enabled: s.enabled,
         weight: s.weight,
+        weight_override: s.weight_override,
+        draining_since_ms: s.draining_since_ms,
     }
+}
+
+fn check_to(c: &HealthCheck) -> pb::HealthCheck {
+    pb::HealthCheck {
+        kind: match c.kind {
+            CheckKind::None => pb::CheckKind::CheckNone,
+            CheckKind::Tcp => pb::CheckKind::CheckTcp,
+            CheckKind::Http => pb::CheckKind::CheckHttp,
+            CheckKind::Grpc => pb::CheckKind::CheckGrpc,
+        } as i32,
+        interval_ms: c.interval_ms,
+        timeout_ms: c.timeout_ms,
+        rise: c.rise,
+        fall: c.fall,
+        jitter_percent: c.jitter_percent,
+        port: u32::from(c.port),
+        http_path: c.http_path.clone(),
+        http_status_min: u32::from(c.http_status_min),
+        http_status_max: u32::from(c.http_status_max),
+        grpc_service: c.grpc_service.clone(),
+    }
+}
+
+/// Zero fields take the defaults, so a client sets only what it cares about.
+fn check_from(c: pb::HealthCheck) -> Result<HealthCheck, Status> {
+    let d = HealthCheck::default();
+    let kind = match pb::CheckKind::try_from(c.kind) {
+        Ok(pb::CheckKind::CheckNone) => CheckKind::None,
+        Ok(pb::CheckKind::CheckTcp) => CheckKind::Tcp,
+        Ok(pb::CheckKind::CheckHttp) => CheckKind::Http,
+        Ok(pb::CheckKind::CheckGrpc) => CheckKind::Grpc,
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "invalid check kind {}",
+                c.kind
+            )))
+        }
+    };
+    let or = |v: u32, d: u32| if v == 0 { d } else { v };
+    let narrow = |field: &str, v: u32| {
+        u16::try_from(v).map_err(|_| {
+            Status::invalid_argument(format!("invalid check.{field}: {v} is too large"))
+        })
+    };
+    Ok(HealthCheck {
+        kind,
+        interval_ms: or(c.interval_ms, d.interval_ms),
+        timeout_ms: or(c.timeout_ms, d.timeout_ms),
+        rise: or(c.rise, d.rise),
+        fall: or(c.fall, d.fall),
+        jitter_percent: c.jitter_percent,
+        port: narrow("port", c.port)?,
+        http_path: if c.http_path.is_empty() {
+            d.http_path
+        } else {
+            c.http_path
+        },
+        http_status_min: narrow(
+            "http_status_min",
+            or(c.http_status_min, u32::from(d.http_status_min)),
+        )?,
+        http_status_max: narrow(
+            "http_status_max",
+            or(c.http_status_max, u32::from(d.http_status_max)),
+        )?,
+        grpc_service: c.grpc_service,
+    })
 }
 
 fn registration(r: pb::RegisterRequest) -> Result<sextant_core::model::Registration, Status> {
@@ -73,6 +142,7 @@ fn registration(r: pb::RegisterRequest) -> Result<sextant_core::model::Registrat
             health: Some(health_from(s.health)?),
             enabled: Some(s.enabled),
             weight: Some(s.weight),
+            weight_override: None,
         }),
         None => None,
     };
@@ -136,6 +206,7 @@ fn service_to(v: &ServiceView) -> pb::Service {
         protected: v.protected,
         protect_threshold: v.config.protect_threshold,
         instances: v.instances.iter().map(instance_to).collect(),
+        check: Some(check_to(&v.config.check)),
     }
 }
 
@@ -278,6 +349,12 @@ impl RegistryApi for GrpcApi {
                 health: r.health.map(health_from).transpose()?,
                 enabled: r.enabled,
                 weight: r.weight,
+                weight_override: if r.clear_weight_override {
+                    Some(None)
+                } else {
+                    r.weight_override.map(Some)
+                },
+                draining: r.draining,
             };
             let revision = self
                 .node
@@ -406,16 +483,54 @@ impl RegistryApi for GrpcApi {
     ) -> Result<Response<pb::WriteResponse>, Status> {
         self.timed("ConfigureService", async {
             let r = req.into_inner();
-            let config = ServiceConfig {
-                protect_threshold: r.protect_threshold,
-            };
+            let k = key(r.service.as_ref())?;
+            let mut config = self.node.registry.get(&k, false).config;
+            if let Some(t) = r.protect_threshold {
+                config.protect_threshold = t;
+            }
+            if let Some(c) = r.check {
+                config.check = check_from(c)?;
+            }
             let revision = self
                 .node
                 .registry
-                .configure(key(r.service.as_ref())?, config)
+                .configure(k, config)
                 .await
                 .map_err(grpc_status)?;
             Ok(pb::WriteResponse { revision })
+        })
+        .await
+    }
+
+    async fn report_suspects(
+        &self,
+        req: Request<pb::SuspectRequest>,
+    ) -> Result<Response<pb::SuspectResponse>, Status> {
+        let peer = req.remote_addr().map(|a| a.ip().to_string());
+        self.timed("ReportSuspects", async {
+            let Some(scanner) = &self.node.scanner else {
+                return Err(Status::unavailable(
+                    "the health scanner is turned off on this node",
+                ));
+            };
+            let r = req.into_inner();
+            let reporter = if r.reporter.is_empty() {
+                peer.unwrap_or_else(|| "unknown".into())
+            } else {
+                r.reporter
+            };
+            let mut outcomes = Vec::with_capacity(r.instances.len());
+            for i in &r.instances {
+                let k = key(i.service.as_ref())?;
+                outcomes.push(
+                    scanner
+                        .suspect(k, &i.id, &reporter)
+                        .await
+                        .as_str()
+                        .to_string(),
+                );
+            }
+            Ok(pb::SuspectResponse { outcomes })
         })
         .await
     }

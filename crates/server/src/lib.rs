@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sextant_core::{CoreConfig, CoreError, CoreMetrics, MemStore, Registry, Store, StoreError};
+use sextant_health::{HealthMetrics, Scanner, ScannerConfig};
 use sextant_store_redb::RedbStore;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -44,6 +45,8 @@ pub enum ServerError {
 /// What the adapters share.
 pub(crate) struct Node {
     pub registry: Registry,
+    /// `None` when the scanner is turned off.
+    pub scanner: Option<Scanner>,
     pub config: ServerConfig,
     pub api_metrics: ApiMetrics,
     pub prometheus: prometheus_client::registry::Registry,
@@ -70,12 +73,21 @@ impl Server {
         let mut prometheus = prometheus_client::registry::Registry::default();
         let core_metrics = CoreMetrics::register(&mut prometheus);
         let api_metrics = ApiMetrics::register(&mut prometheus);
+        let health_metrics = HealthMetrics::register(&mut prometheus);
         let core_config = CoreConfig {
             event_log_per_service: config.event_log_per_service,
             max_batch_ops: config.max_batch_ops,
             ..CoreConfig::default()
         };
         let registry = Registry::open(store, core_config, core_metrics).await?;
+        let scanner = config.health_scanner.then(|| {
+            let cfg = ScannerConfig {
+                concurrency: config.health_concurrency,
+                mass_failure_fraction: config.health_mass_failure_fraction,
+                ..ScannerConfig::default()
+            };
+            Scanner::start(registry.clone(), cfg, health_metrics)
+        });
 
         let http_listener = TcpListener::bind(config.http_addr)
             .await
@@ -104,6 +116,7 @@ impl Server {
         let grace = Duration::from_secs(config.shutdown_grace_seconds);
         let node = Arc::new(Node {
             registry: registry.clone(),
+            scanner,
             config,
             api_metrics,
             prometheus,
@@ -113,6 +126,7 @@ impl Server {
         let app = http::router(node.clone());
         let mut s1 = stopped.clone();
         let http = tokio::spawn(async move {
+            let app = app.into_make_service_with_connect_info::<SocketAddr>();
             let r = axum::serve(http_listener, app)
                 .with_graceful_shutdown(async move {
                     let _ = s1.wait_for(|v| *v).await;

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sextant_core::model::{
-    DeleteReason, Event, EventKind, Health, Instance, InstanceSpec, InstanceStatus, InvalidField,
-    Location, Registration, Revision, ServiceKey, StatusPatch,
+    DeleteReason, Event, EventKind, Health, HealthCheck, Instance, InstanceSpec, InstanceStatus,
+    InvalidField, Location, Registration, Revision, ServiceKey, StatusPatch,
 };
 use sextant_core::{Delivery, ServiceView};
 
@@ -56,7 +56,7 @@ impl RegisterBody {
             .unwrap_or_else(|| format!("{}:{}", self.host, port));
         let status = self
             .status
-            .map(|s| InstanceStatus::default().patched(&s.into()));
+            .map(|s| InstanceStatus::default().patched(&s.into(), 0));
         Ok(Registration {
             service,
             spec: InstanceSpec {
@@ -82,6 +82,14 @@ pub struct StatusBody {
     pub health: Option<Health>,
     pub enabled: Option<bool>,
     pub weight: Option<u32>,
+    /// A number sets the operator's override, `null` clears it, absent leaves it.
+    #[serde(default, deserialize_with = "present")]
+    pub weight_override: Option<Option<u32>>,
+}
+
+/// Tells an explicit `null` (`Some(None)`) from an absent field (`None`).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<u32>>, D::Error> {
+    Option::<u32>::deserialize(d).map(Some)
 }
 
 impl From<StatusBody> for StatusPatch {
@@ -90,6 +98,8 @@ impl From<StatusBody> for StatusPatch {
             health: s.health,
             enabled: s.enabled,
             weight: s.weight,
+            weight_override: s.weight_override,
+            draining: None,
         }
     }
 }
@@ -117,10 +127,47 @@ pub struct DiscoverBody {
     pub healthy_only: bool,
 }
 
+/// `PUT /v1/namespaces/{ns}/services/{svc}`: absent fields stay as they are.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceSettingsBody {
-    pub protect_threshold: f32,
+    pub protect_threshold: Option<f32>,
+    pub check: Option<HealthCheck>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SuspectBody {
+    /// Who reports; rate limits are per reporter. Defaults to the peer address.
+    #[serde(default)]
+    pub reporter: Option<String>,
+    pub instances: Vec<InstanceRefBody>,
+}
+
+/// A status as the API shows it: the stored fields plus what they mean now.
+#[derive(Serialize)]
+pub struct StatusView {
+    #[serde(flatten)]
+    pub status: InstanceStatus,
+    pub effective_weight: u32,
+    pub serving: bool,
+    /// How long the instance has been draining, if it is.
+    pub draining_for_ms: Option<u64>,
+}
+
+impl From<InstanceStatus> for StatusView {
+    fn from(status: InstanceStatus) -> Self {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        StatusView {
+            status,
+            effective_weight: status.effective_weight(),
+            serving: status.is_serving(),
+            draining_for_ms: status.draining_since_ms.map(|t| now.saturating_sub(t)),
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -142,7 +189,7 @@ pub struct InstanceView<'a> {
     pub ttl_seconds: u32,
     pub spec_revision: Revision,
     pub status_revision: Revision,
-    pub status: InstanceStatus,
+    pub status: StatusView,
 }
 
 impl<'a> From<&'a Instance> for InstanceView<'a> {
@@ -161,7 +208,7 @@ impl<'a> From<&'a Instance> for InstanceView<'a> {
             ttl_seconds: i.ttl_seconds,
             spec_revision: i.spec_revision,
             status_revision: i.status_revision,
-            status: i.status,
+            status: i.status.into(),
         }
     }
 }
@@ -173,6 +220,7 @@ pub struct ServiceJson<'a> {
     pub revision: Revision,
     pub protected: bool,
     pub protect_threshold: f32,
+    pub check: &'a HealthCheck,
     pub instances: Vec<InstanceView<'a>>,
 }
 
@@ -184,6 +232,7 @@ impl<'a> From<&'a ServiceView> for ServiceJson<'a> {
             revision: v.revision,
             protected: v.protected,
             protect_threshold: v.config.protect_threshold,
+            check: &v.config.check,
             instances: v.instances.iter().map(InstanceView::from).collect(),
         }
     }
@@ -208,7 +257,7 @@ pub mod sse {
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<&'a str>,
         #[serde(skip_serializing_if = "Option::is_none")]
-        status: Option<InstanceStatus>,
+        status: Option<StatusView>,
         #[serde(skip_serializing_if = "Option::is_none")]
         reason: Option<DeleteReason>,
     }
@@ -228,7 +277,7 @@ pub mod sse {
             EventKind::Upsert(i) => d.instance = Some(i.into()),
             EventKind::Status { id, status } => {
                 d.id = Some(id);
-                d.status = Some(*status);
+                d.status = Some((*status).into());
             }
             EventKind::Delete { id, reason } => {
                 d.id = Some(id);

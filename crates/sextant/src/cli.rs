@@ -43,6 +43,38 @@ pub enum Command {
     },
     /// Change an instance's status (health, enabled, weight).
     Status(StatusArgs),
+    /// Take an instance out of discovery for a release, keeping its lease and health tracked.
+    /// A deploy script runs: drain, sleep, restart, undrain.
+    Drain {
+        /// namespace/service
+        service: String,
+        id: String,
+    },
+    /// Put a drained instance back into discovery.
+    Undrain {
+        /// namespace/service
+        service: String,
+        id: String,
+    },
+    /// Set or clear an operator's weight override (warm-up, canary) without redeploying.
+    Weight {
+        /// namespace/service
+        service: String,
+        id: String,
+        /// 0-10000; omit with --clear.
+        weight: Option<u32>,
+        /// Remove the override: the registered weight applies again.
+        #[arg(long, conflicts_with = "weight")]
+        clear: bool,
+    },
+    /// Define how the health scanner probes a service's instances.
+    Check(CheckArgs),
+    /// Ask the health scanner to re-probe an instance now.
+    Suspect {
+        /// namespace/service
+        service: String,
+        id: String,
+    },
     /// Show a service and its instances.
     Get {
         /// namespace/service
@@ -191,4 +223,37 @@ pub struct StatusArgs {
     /// 0-10000.
     #[arg(long)]
     pub weight: Option<u32>,
+}
+
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    /// namespace/service
+    pub service: String,
+    /// tcp, http, grpc, or none (turns probing off).
+    #[arg(long)]
+    pub kind: String,
+    /// Probe interval, e.g. 5s.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub interval: std::time::Duration,
+    /// Probe timeout, e.g. 1s.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub timeout: std::time::Duration,
+    /// Consecutive successes before healthy.
+    #[arg(long, default_value_t = 2)]
+    pub rise: u32,
+    /// Consecutive failures before unhealthy.
+    #[arg(long, default_value_t = 3)]
+    pub fall: u32,
+    /// Port to probe instead of the instance's.
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// For http: the path to GET.
+    #[arg(long, default_value = "/health")]
+    pub path: String,
+    /// For http: healthy status range, e.g. 200-399.
+    #[arg(long, default_value = "200-399")]
+    pub status: String,
+    /// For grpc: the service name to ask about ("" = the whole server).
+    #[arg(long, default_value = "")]
+    pub grpc_service: String,
 }

@@ -135,6 +135,72 @@ pub async fn run(server: &str, cmd: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Watch { services, since } => watch(&c, &services, since).await,
+        Command::Drain { service, id } => {
+            let path = instance_path(&service, &id)? + "/drain";
+            let v = c.send(c.http.post(c.url(&path))).await?;
+            println!("draining {service}/{id} at revision {}", v["revision"]);
+            Ok(())
+        }
+        Command::Undrain { service, id } => {
+            let path = instance_path(&service, &id)? + "/undrain";
+            let v = c.send(c.http.post(c.url(&path))).await?;
+            println!(
+                "{service}/{id} back in discovery at revision {}",
+                v["revision"]
+            );
+            Ok(())
+        }
+        Command::Weight {
+            service,
+            id,
+            weight,
+            clear,
+        } => {
+            let value = match (weight, clear) {
+                (Some(w), false) => json!(w),
+                (None, true) => Value::Null,
+                _ => bail!("give a weight (0-10000) or --clear"),
+            };
+            let path = instance_path(&service, &id)? + "/status";
+            let body = json!({ "weight_override": value });
+            let v = c.send(c.http.patch(c.url(&path)).json(&body)).await?;
+            println!(
+                "weight override of {service}/{id} set at revision {}",
+                v["revision"]
+            );
+            Ok(())
+        }
+        Command::Check(a) => {
+            let (ns, svc) = split_service(&a.service)?;
+            let (min, max) = a
+                .status
+                .split_once('-')
+                .and_then(|(a, b)| Some((a.parse::<u16>().ok()?, b.parse::<u16>().ok()?)))
+                .with_context(|| format!("--status {:?} is not a range like 200-399", a.status))?;
+            let body = json!({ "check": {
+                "kind": a.kind,
+                "interval_ms": a.interval.as_millis() as u64,
+                "timeout_ms": a.timeout.as_millis() as u64,
+                "rise": a.rise, "fall": a.fall,
+                "port": a.port.unwrap_or(0),
+                "http_path": a.path,
+                "http_status_min": min, "http_status_max": max,
+                "grpc_service": a.grpc_service,
+            }});
+            let path = format!("/v1/namespaces/{ns}/services/{svc}");
+            let v = c.send(c.http.put(c.url(&path)).json(&body)).await?;
+            println!("check of {} set at revision {}", a.service, v["revision"]);
+            Ok(())
+        }
+        Command::Suspect { service, id } => {
+            let (ns, svc) = split_service(&service)?;
+            let body = json!({ "instances": [{ "namespace": ns, "service": svc, "id": id }] });
+            let v = c
+                .send(c.http.post(c.url("/v1/suspects")).json(&body))
+                .await?;
+            println!("{}", v["results"][0]["outcome"].as_str().unwrap_or("?"));
+            Ok(())
+        }
     }
 }
 
@@ -218,19 +284,24 @@ fn print_service(v: &Value) {
         }
     );
     println!(
-        "{:<28} {:<24} {:<8} {:<10} {:<8} {:>6} {:<10}",
-        "ID", "ADDRESS", "PROTO", "HEALTH", "ENABLED", "WEIGHT", "VERSION"
+        "{:<28} {:<24} {:<8} {:<10} {:<8} {:>6} {:<10} {:<10}",
+        "ID", "ADDRESS", "PROTO", "HEALTH", "ENABLED", "WEIGHT", "VERSION", "DRAINING"
     );
     for i in v["instances"].as_array().into_iter().flatten() {
+        let draining = match i["status"]["draining_for_ms"].as_u64() {
+            Some(ms) => format!("{}s", ms / 1000),
+            None => "-".into(),
+        };
         println!(
-            "{:<28} {:<24} {:<8} {:<10} {:<8} {:>6} {:<10}",
+            "{:<28} {:<24} {:<8} {:<10} {:<8} {:>6} {:<10} {:<10}",
             i["id"].as_str().unwrap_or(""),
             format!("{}:{}", i["host"].as_str().unwrap_or(""), i["port"]),
             i["protocol"].as_str().unwrap_or(""),
             i["status"]["health"].as_str().unwrap_or(""),
             i["status"]["enabled"].to_string(),
-            i["status"]["weight"].to_string(),
+            i["status"]["effective_weight"].to_string(),
             i["version"].as_str().unwrap_or(""),
+            draining,
         );
     }
 }

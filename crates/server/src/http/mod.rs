@@ -3,13 +3,15 @@
 //! 503 status; nothing here holds registry state.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{
-    DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Path, RawQuery, Request, State,
+    ConnectInfo, DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Path, RawQuery,
+    Request, State,
 };
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
@@ -20,7 +22,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use sextant_core::model::{Revision, ServiceConfig, ServiceKey};
+use sextant_core::model::{Revision, ServiceKey, StatusPatch};
 use sextant_core::{HeartbeatResult, Registry};
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -120,6 +122,9 @@ pub(crate) fn router(node: Arc<Node>) -> Router {
             &format!("{instance}/status"),
             axum::routing::patch(patch_status),
         )
+        .route(&format!("{instance}/drain"), post(drain))
+        .route(&format!("{instance}/undrain"), post(undrain))
+        .route("/v1/suspects", post(suspects))
         .route("/v1/heartbeats", post(heartbeats))
         .route("/v1/discover", post(discover))
         .route("/v1/watch", get(watch))
@@ -219,11 +224,71 @@ async fn configure_service(
     ApiJson(body): ApiJson<ServiceSettingsBody>,
 ) -> Result<Json<RevisionBody>, ApiError> {
     let key = service_key(&ns, &svc)?;
-    let config = ServiceConfig {
-        protect_threshold: body.protect_threshold,
-    };
+    let mut config = s.registry().get(&key, false).config;
+    if let Some(t) = body.protect_threshold {
+        config.protect_threshold = t;
+    }
+    if let Some(c) = body.check {
+        config.check = c;
+    }
     let revision = s.registry().configure(key, config).await?;
     Ok(Json(RevisionBody { revision }))
+}
+
+async fn set_draining(
+    s: &AppState,
+    ns: &str,
+    svc: &str,
+    id: String,
+    on: bool,
+) -> Result<Json<RevisionBody>, ApiError> {
+    let key = service_key(ns, svc)?;
+    let patch = StatusPatch {
+        draining: Some(on),
+        ..Default::default()
+    };
+    let revision = s.registry().update_status(key, id, patch).await?;
+    Ok(Json(RevisionBody { revision }))
+}
+
+/// Takes an instance out of discovery at once, keeping its lease and health tracked.
+async fn drain(
+    State(s): State<AppState>,
+    ApiPath((ns, svc, id)): ApiPath<(String, String, String)>,
+) -> Result<Json<RevisionBody>, ApiError> {
+    set_draining(&s, &ns, &svc, id, true).await
+}
+
+async fn undrain(
+    State(s): State<AppState>,
+    ApiPath((ns, svc, id)): ApiPath<(String, String, String)>,
+) -> Result<Json<RevisionBody>, ApiError> {
+    set_draining(&s, &ns, &svc, id, false).await
+}
+
+/// `POST /v1/suspects`: asks the scanner to re-probe instances a client saw failing.
+async fn suspects(
+    State(s): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ApiJson(body): ApiJson<SuspectBody>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Some(scanner) = &s.node.scanner else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the health scanner is turned off on this node",
+        ));
+    };
+    let reporter = body.reporter.unwrap_or_else(|| peer.ip().to_string());
+    let mut results = Vec::with_capacity(body.instances.len());
+    for i in &body.instances {
+        let key = service_key(&i.namespace, &i.service)?;
+        let outcome = scanner.suspect(key, &i.id, &reporter).await;
+        results.push(serde_json::json!({
+            "namespace": i.namespace, "service": i.service, "id": i.id, "outcome": outcome.as_str(),
+        }));
+    }
+    Ok(Json(serde_json::json!({ "results": results })))
 }
 
 async fn heartbeats(

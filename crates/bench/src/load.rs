@@ -1,0 +1,245 @@
+//! The closed-loop driver every write phase uses (N concurrent workers taking request numbers
+//! from a shared counter, bounded in count and time), the clients, and the instances the tool
+//! registers.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use sextant_proto::v1 as pb;
+use sextant_proto::v1::registry_client::RegistryClient;
+use tokio::time::Instant;
+use tonic::transport::Channel;
+
+use crate::stats::Latency;
+
+/// The namespace every instance of this tool goes into.
+pub const NAMESPACE: &str = "bench";
+
+/// Stops a phase early once this many requests have failed: the rest would only fail too.
+const MAX_ERRORS: u64 = 1000;
+
+/// What a phase did.
+pub struct Outcome {
+    pub latency: Latency,
+    /// Units of work done by the successful requests (instances, changes, ...).
+    pub ops: u64,
+    pub requests: u64,
+    pub errors: u64,
+    pub first_error: Option<String>,
+    pub elapsed: Duration,
+    /// The phase hit its deadline (or the error limit) before issuing every request.
+    pub cut_short: Option<String>,
+}
+
+impl Outcome {
+    /// Notes for the report: the first error and why the phase stopped early, if it did.
+    pub fn notes(&self, phase: &str) -> Vec<String> {
+        let mut n = Vec::new();
+        if let Some(e) = &self.first_error {
+            n.push(format!(
+                "{phase}: {} failed requests; first: {e}",
+                self.errors
+            ));
+        }
+        if let Some(c) = &self.cut_short {
+            n.push(format!("{phase}: stopped early: {c}"));
+        }
+        n
+    }
+}
+
+/// Runs `requests` requests numbered 0.. on `workers` concurrent workers, each waiting for its
+/// answer before taking the next number, until all are done or `deadline` has passed.
+/// `make(worker, n)` performs request `n` and returns the units of work it did.
+pub async fn drive<F, Fut>(workers: usize, requests: u64, deadline: Duration, make: F) -> Outcome
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = anyhow::Result<u64>> + Send + 'static,
+{
+    let make = Arc::new(make);
+    let next = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let cut_short: Arc<Mutex<Option<String>>> = Arc::default();
+    let started = Instant::now();
+    let handles: Vec<_> = (0..workers.max(1))
+        .map(|w| {
+            let make = make.clone();
+            let next = next.clone();
+            let failed = failed.clone();
+            let cut_short = cut_short.clone();
+            tokio::spawn(async move {
+                let mut latency = Latency::new();
+                let (mut ops, mut done, mut errors) = (0u64, 0u64, 0u64);
+                let mut first_error = None;
+                loop {
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    if n >= requests {
+                        break;
+                    }
+                    let stop = if started.elapsed() > deadline {
+                        Some(format!(
+                            "deadline of {deadline:?} reached after {n} of {requests} requests"
+                        ))
+                    } else if failed.load(Ordering::Relaxed) >= MAX_ERRORS {
+                        Some(format!("{MAX_ERRORS} requests failed"))
+                    } else {
+                        None
+                    };
+                    if let Some(why) = stop {
+                        if let Ok(mut c) = cut_short.lock() {
+                            c.get_or_insert(why);
+                        }
+                        break;
+                    }
+                    let t = Instant::now();
+                    let r = make(w, n).await;
+                    latency.record(t.elapsed());
+                    done += 1;
+                    match r {
+                        Ok(units) => ops += units,
+                        Err(e) => {
+                            errors += 1;
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            first_error.get_or_insert_with(|| format!("{e:#}"));
+                        }
+                    }
+                }
+                (latency, ops, done, errors, first_error)
+            })
+        })
+        .collect();
+    let mut out = Outcome {
+        latency: Latency::new(),
+        ops: 0,
+        requests: 0,
+        errors: 0,
+        first_error: None,
+        elapsed: Duration::ZERO,
+        cut_short: None,
+    };
+    for h in handles {
+        match h.await {
+            Ok((latency, ops, done, errors, first_error)) => {
+                out.latency.merge(&latency);
+                out.ops += ops;
+                out.requests += done;
+                out.errors += errors;
+                if out.first_error.is_none() {
+                    out.first_error = first_error;
+                }
+            }
+            Err(e) => {
+                out.errors += 1;
+                out.first_error
+                    .get_or_insert_with(|| format!("worker panicked: {e}"));
+            }
+        }
+    }
+    out.elapsed = started.elapsed();
+    out.cut_short = cut_short.lock().ok().and_then(|c| c.clone());
+    out
+}
+
+/// An HTTP client for short requests (bounded by `timeout`); connections are pooled.
+pub fn http_client(timeout: Option<Duration>) -> anyhow::Result<reqwest::Client> {
+    let mut b = reqwest::Client::builder()
+        .no_proxy()
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(10));
+    if let Some(t) = timeout {
+        b = b.timeout(t);
+    }
+    b.build().context("cannot build the HTTP client")
+}
+
+/// `n` gRPC clients, each on its own connection (as `n` independent clients would be).
+pub async fn grpc_clients(url: &str, n: usize) -> anyhow::Result<Vec<RegistryClient<Channel>>> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n.max(1) {
+        let ch = Channel::from_shared(url.to_string())
+            .with_context(|| format!("invalid gRPC URL {url}"))?
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(60))
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .with_context(|| format!("cannot connect to gRPC at {url}"))?;
+        out.push(
+            RegistryClient::new(ch)
+                .max_decoding_message_size(64 << 20)
+                .max_encoding_message_size(64 << 20),
+        );
+    }
+    Ok(out)
+}
+
+/// A short id for this run, so that names do not collide with earlier runs on the same server.
+pub fn run_id() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    format!("{secs:x}")
+}
+
+/// The address of instance number `i`: 10.x.y.z, unique for the first 16M.
+pub fn host(i: u64) -> String {
+    format!("10.{}.{}.{}", (i >> 16) & 255, (i >> 8) & 255, i & 255)
+}
+
+/// The registration body of instance `i` for the HTTP API: a typical instance with a version,
+/// a location and two metadata entries.
+pub fn http_body(i: u64) -> serde_json::Value {
+    serde_json::json!({
+        "host": host(i),
+        "port": 8080,
+        "protocol": "grpc",
+        "version": "1.4.2",
+        "location": {"region": "r1", "zone": format!("z{}", i % 3), "idc": "dc1"},
+        "metadata": {"team": "bench", "build": "a1b2c3d"},
+    })
+}
+
+/// The same instance as [`http_body`], as a gRPC register request.
+pub fn grpc_request(service: &str, id: String, i: u64) -> pb::RegisterRequest {
+    pb::RegisterRequest {
+        service: Some(pb::ServiceRef {
+            namespace: NAMESPACE.into(),
+            service: service.into(),
+        }),
+        spec: Some(pb::InstanceSpec {
+            id,
+            host: host(i),
+            port: 8080,
+            protocol: "grpc".into(),
+            version: "1.4.2".into(),
+            location: Some(pb::Location {
+                region: "r1".into(),
+                zone: format!("z{}", i % 3),
+                idc: "dc1".into(),
+            }),
+            cell: String::new(),
+            lane: String::new(),
+            metadata: HashMap::from([
+                ("team".to_string(), "bench".to_string()),
+                ("build".to_string(), "a1b2c3d".to_string()),
+            ]),
+        }),
+        status: None,
+        ttl_seconds: 0,
+    }
+}
+
+/// Reads the JSON answer of a write, failing with the server's message on a non-2xx status.
+pub async fn check_http(resp: reqwest::Response) -> anyhow::Result<serde_json::Value> {
+    let status = resp.status();
+    let body = resp.bytes().await.context("reading the response")?;
+    if !status.is_success() {
+        anyhow::bail!("HTTP {status}: {}", String::from_utf8_lossy(&body));
+    }
+    serde_json::from_slice(&body).context("the response is not JSON")
+}

@@ -1,0 +1,199 @@
+//! `sextant-bench`: the load tool for Sextant. It owns the benchmark scenarios — `register`
+//! (durable registration throughput and latency over HTTP, gRPC and gRPC batches), `push`
+//! (watch push latency and completeness over SSE, every event accounted for) and `scale`
+//! (a million instances: load throughput, memory, restart time) — and their measurement:
+//! latency percentiles, and the CPU seconds the server and this tool each used, read from
+//! `/proc`, because both usually share one small machine.
+//!
+//! It drives a node that is already running (`--http`, `--grpc`, and `--server-pid` for its
+//! CPU and memory), or starts one itself (`--spawn path/to/sextant`) on loopback ports chosen
+//! by the kernel with a temporary data dir, and stops it at the end. Every loop is bounded in
+//! count and in time; only loopback addresses are meant as targets.
+//!
+//! File descriptors: `push` holds one connection per subscriber, so each side needs about
+//! `--watchers` descriptors more than usual. The tool raises its soft `RLIMIT_NOFILE` to the
+//! hard limit when it starts, and a server it spawns inherits that; for a server started by
+//! hand, raise the limit in its shell (`ulimit -n 65536`) first.
+#![forbid(unsafe_code)]
+
+mod load;
+mod push;
+mod register;
+mod scale;
+mod stats;
+mod target;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::target::Target;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "sextant-bench",
+    version,
+    about = "Load tool for Sextant: registration throughput, watch push latency, scale and restart.",
+    long_about = "Load tool for Sextant: registration throughput, watch push latency, scale and restart.\n\n\
+        Drives a running node (--http, --grpc, --server-pid) or starts one itself (--spawn PATH \
+        to the sextant binary, with a temporary data dir and kernel-chosen loopback ports). \
+        Each scenario prints a Markdown table: operations, seconds, throughput, latency \
+        p50/p99/p999/max and the CPU seconds the server and this tool used."
+)]
+struct Cli {
+    /// Start this `sextant` binary (`serve` on 127.0.0.1:0) with a temporary data dir, and stop
+    /// it at the end.
+    #[arg(help_heading = "Server under test", long, global = true, conflicts_with_all = ["http", "grpc", "server_pid"])]
+    spawn: Option<PathBuf>,
+    /// Base URL of a running node's HTTP API.
+    #[arg(
+        help_heading = "Server under test",
+        long,
+        global = true,
+        default_value = "http://127.0.0.1:8470"
+    )]
+    http: String,
+    /// URL of a running node's gRPC API.
+    #[arg(
+        help_heading = "Server under test",
+        long,
+        global = true,
+        default_value = "http://127.0.0.1:8471"
+    )]
+    grpc: String,
+    /// Pid of the running node, for its CPU time and memory (from /proc).
+    #[arg(help_heading = "Server under test", long, global = true)]
+    server_pid: Option<u32>,
+    /// With --spawn: where to create the temporary directory [default: the system's].
+    #[arg(help_heading = "Server under test", long, global = true)]
+    data_parent: Option<PathBuf>,
+    /// With --spawn: keep the data dir and the server's log after the run.
+    #[arg(help_heading = "Server under test", long, global = true)]
+    keep_data: bool,
+    /// With --spawn: one more argument for `sextant serve` (repeatable), e.g.
+    /// --server-arg=--event-log-per-service=4096
+    #[arg(
+        long = "server-arg",
+        global = true,
+        allow_hyphen_values = true,
+        value_name = "ARG"
+    )]
+    server_args: Vec<String>,
+    /// With --spawn: longest wait for the server's `sextant serving` line.
+    #[arg(help_heading = "Server under test", long, global = true, default_value = "300s", value_parser = humantime::parse_duration)]
+    startup_timeout: Duration,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand, Debug)]
+enum Scenario {
+    /// C clients register N durable instances: HTTP PUT, gRPC Register, gRPC BatchRegister.
+    Register(register::RegisterArgs),
+    /// W SSE subscribers watch a service of I instances while its statuses change at R/s;
+    /// push latency (ack -> arrival) and delivered/expected over every (subscriber, event).
+    Push(push::PushArgs),
+    /// Load S services × I instances with BatchRegister; memory; SIGTERM, restart, time to ready.
+    Scale(scale::ScaleArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Raises the soft limit of open files to the hard limit; returns the limit now in force.
+fn raise_fd_limit() -> Option<u64> {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut l = getrlimit(Resource::Nofile);
+    if l.current < l.maximum {
+        l.current = l.maximum;
+        let _ = setrlimit(Resource::Nofile, l);
+    }
+    getrlimit(Resource::Nofile).current
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let fds = raise_fd_limit();
+    if let (Scenario::Push(p), Some(limit)) = (&cli.scenario, fds) {
+        if (p.watchers as u64) + 256 > limit {
+            eprintln!(
+                "warning: {} watchers need more open files than RLIMIT_NOFILE {limit} allows",
+                p.watchers
+            );
+        }
+    }
+    let (mut target, serving) = match &cli.spawn {
+        Some(bin) => {
+            let (t, s) = Target::spawn(
+                bin,
+                cli.data_parent.as_deref(),
+                cli.keep_data,
+                cli.server_args.clone(),
+                cli.startup_timeout,
+            )
+            .await?;
+            (t, Some(s.until_serving))
+        }
+        None => (
+            Target::attach(cli.http.clone(), cli.grpc.clone(), cli.server_pid),
+            None,
+        ),
+    };
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    println!(
+        "# sextant-bench {}: http {} grpc {} server pid {} ({}); {cores} cores, load average {} at start, RLIMIT_NOFILE {}",
+        match cli.scenario {
+            Scenario::Register(_) => "register",
+            Scenario::Push(_) => "push",
+            Scenario::Scale(_) => "scale",
+        },
+        target.http,
+        target.grpc,
+        target.pid.map(|p| p.to_string()).unwrap_or_else(|| "unknown".into()),
+        match serving {
+            Some(d) => format!("spawned, serving after {:.0} ms", d.as_secs_f64() * 1000.0),
+            None => "attached".into(),
+        },
+        load_average(),
+        fds.map(|f| f.to_string()).unwrap_or_else(|| "unlimited".into()),
+    );
+    let result = match &cli.scenario {
+        Scenario::Register(a) => register::run(&target, a).await,
+        Scenario::Push(a) => push::run(&target, a).await,
+        Scenario::Scale(a) => scale::run(&mut target, a).await,
+    };
+    println!("load average at the end: {}", load_average());
+    let log = target.log();
+    let log_path = target.log_path().map(|p| p.display().to_string());
+    target.finish().await;
+    if let Some(summary) = log.and_then(|l| l.summary()) {
+        println!("{summary}");
+        if let (Some(p), true) = (log_path, cli.keep_data) {
+            println!("server log: {p}");
+        }
+    }
+    result
+}

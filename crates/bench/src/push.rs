@@ -1,0 +1,595 @@
+//! Scenario `push`: W SSE subscribers watch one service of I instances while the tool changes
+//! instance statuses at a fixed rate. For every (subscriber, change) pair it measures the time
+//! from the write's acknowledgement to the event's arrival, and it accounts for every pair:
+//! delivered as an event, covered by a resync snapshot, or missing.
+//!
+//! Every subscriber holds one TCP connection, so the tool and the server each need about W file
+//! descriptors more than usual: the tool raises its soft `RLIMIT_NOFILE` to the hard limit at
+//! start (a server it spawns inherits that); for a server started by hand, run `ulimit -n` first.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use futures::StreamExt;
+use serde::Deserialize;
+use sextant_proto::v1 as pb;
+use tokio::sync::{watch, Semaphore};
+use tokio::time::Instant;
+
+use crate::load::{self, NAMESPACE};
+use crate::stats::{print_table, CpuMeter, Latency, Row};
+use crate::target::Target;
+
+#[derive(Args, Debug, Clone)]
+pub struct PushArgs {
+    /// Subscribers: SSE streams (`GET /v1/watch`), one connection each.
+    #[arg(long, short = 'w', default_value_t = 1000)]
+    pub watchers: usize,
+    /// Instances of the watched service, registered first with gRPC BatchRegister.
+    #[arg(long, short = 'i', default_value_t = 1000)]
+    pub instances: u64,
+    /// Status changes per second (PATCH .../status, one at a time).
+    #[arg(long, short = 'r', default_value_t = 50.0)]
+    pub rate: f64,
+    /// Status changes in all.
+    #[arg(long, short = 'k', default_value_t = 200)]
+    pub changes: u64,
+    /// Subscribers connecting at the same time.
+    #[arg(long, default_value_t = 64)]
+    pub connect_concurrency: usize,
+    /// Longest wait for every subscriber's first snapshot.
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    pub ready_timeout: Duration,
+    /// Longest wait, after the last write, for every subscriber to receive it.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+    /// Longest the writes may take (they stop after that).
+    #[arg(long, default_value = "600s", value_parser = humantime::parse_duration)]
+    pub deadline: Duration,
+}
+
+/// State a subscriber shares with the controller while it runs.
+struct Live {
+    ready: AtomicUsize,
+    /// Subscribers whose stream ended before their first snapshot.
+    failed: AtomicUsize,
+    /// Highest revision seen, per subscriber.
+    max_rev: Vec<AtomicU64>,
+    /// The stream ended (error, close or end of body), per subscriber.
+    ended: Vec<AtomicBool>,
+}
+
+/// What one subscriber saw.
+#[derive(Default)]
+struct Seen {
+    /// From the request until the first snapshot was read.
+    connect: Option<Duration>,
+    snapshot_rev: u64,
+    snapshot_instances: usize,
+    /// (revision, arrival) of every event frame, in arrival order.
+    events: Vec<(u64, Instant)>,
+    /// Snapshots after the first (resync: the server replaced missed history).
+    resyncs: u32,
+    /// Every revision up to this one is covered by a resync snapshot.
+    resync_through: u64,
+    /// Why the stream ended before it was stopped, if it did.
+    ended: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct SnapshotData {
+    #[serde(default)]
+    resync: bool,
+    #[serde(default)]
+    instances: Vec<serde::de::IgnoredAny>,
+}
+
+/// One server-sent event.
+#[derive(Debug, Default, PartialEq)]
+struct Frame {
+    event: String,
+    id: Option<u64>,
+    data: String,
+}
+
+/// Incremental parser of a `text/event-stream` body: frames end with a blank line; comment
+/// lines (keepalives) are skipped.
+#[derive(Default)]
+struct SseParser {
+    buf: Vec<u8>,
+    /// Bytes of `buf` already searched for the end of a frame (less one, for a split "\n\n").
+    scanned: usize,
+}
+
+impl SseParser {
+    fn push(&mut self, chunk: &[u8], out: &mut Vec<Frame>) {
+        self.buf.extend_from_slice(chunk);
+        let mut start = 0;
+        let mut from = self.scanned;
+        while let Some(end) = find(&self.buf[from..], b"\n\n").map(|e| from + e) {
+            let raw = &self.buf[start..end];
+            start = end + 2;
+            from = start;
+            let mut f = Frame::default();
+            let mut any = false;
+            for line in String::from_utf8_lossy(raw).lines() {
+                if line.starts_with(':') {
+                    continue;
+                }
+                let (k, v) = line.split_once(':').unwrap_or((line, ""));
+                let v = v.strip_prefix(' ').unwrap_or(v);
+                any = true;
+                match k {
+                    "event" => f.event = v.to_string(),
+                    "id" => f.id = v.parse().ok(),
+                    "data" => {
+                        if !f.data.is_empty() {
+                            f.data.push('\n');
+                        }
+                        f.data.push_str(v);
+                    }
+                    _ => {}
+                }
+            }
+            if any {
+                out.push(f);
+            }
+        }
+        self.buf.drain(..start);
+        self.scanned = self.buf.len().saturating_sub(1);
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn subscriber(
+    n: usize,
+    client: reqwest::Client,
+    url: String,
+    service: String,
+    connect_slots: Arc<Semaphore>,
+    live: Arc<Live>,
+    mut stop: watch::Receiver<bool>,
+) -> Seen {
+    let mut seen = Seen::default();
+    let result: anyhow::Result<()> = async {
+        let permit = connect_slots.acquire().await?;
+        let t0 = Instant::now();
+        let resp = client
+            .get(&url)
+            .query(&[("service", service.as_str())])
+            .send()
+            .await
+            .context("connect")?;
+        anyhow::ensure!(resp.status().is_success(), "HTTP {}", resp.status());
+        let mut body = resp.bytes_stream();
+        let mut parser = SseParser::default();
+        let mut frames = Vec::new();
+        let mut permit = Some(permit);
+        loop {
+            let chunk = tokio::select! {
+                biased;
+                _ = stop.changed() => return Ok(()),
+                c = body.next() => c,
+            };
+            let Some(chunk) = chunk else {
+                anyhow::bail!("the stream ended");
+            };
+            let chunk = chunk.context("reading the stream")?;
+            let now = Instant::now();
+            parser.push(&chunk, &mut frames);
+            for f in frames.drain(..) {
+                let rev = f.id.unwrap_or(0);
+                match f.event.as_str() {
+                    "snapshot" => {
+                        let d: SnapshotData =
+                            serde_json::from_str(&f.data).context("snapshot JSON")?;
+                        if seen.connect.is_none() {
+                            seen.connect = Some(t0.elapsed());
+                            seen.snapshot_rev = rev;
+                            seen.snapshot_instances = d.instances.len();
+                            permit.take();
+                            live.ready.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            seen.resyncs += 1;
+                            if d.resync {
+                                seen.resync_through = seen.resync_through.max(rev);
+                            }
+                        }
+                    }
+                    "close" => anyhow::bail!("closed by the server: {}", f.data),
+                    _ => seen.events.push((rev, now)),
+                }
+                live.max_rev[n].fetch_max(rev, Ordering::Relaxed);
+            }
+        }
+    }
+    .await;
+    if let Err(e) = result {
+        seen.ended = Some(format!("{e:#}"));
+        if seen.connect.is_none() {
+            live.failed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    live.ended[n].store(true, Ordering::Relaxed);
+    seen
+}
+
+pub async fn run(t: &Target, a: &PushArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        a.watchers > 0 && a.instances > 0 && a.changes > 0 && a.rate > 0.0,
+        "sizes must be positive"
+    );
+    let service = format!("push-{}", load::run_id());
+    let mut rows = Vec::new();
+    let mut notes = Vec::new();
+    let params = format!(
+        "W={} I={} R={}/s K={}",
+        a.watchers, a.instances, a.rate, a.changes
+    );
+
+    // 1. The watched service.
+    let meter = CpuMeter::start(t.pid);
+    let grpc = Arc::new(load::grpc_clients(&t.grpc, 2).await?);
+    let (svc, total) = (service.clone(), a.instances);
+    let batch = 500u64;
+    let out = load::drive(2, total.div_ceil(batch), a.deadline, move |w, n| {
+        let mut c = grpc[w].clone();
+        let instances: Vec<_> = (n * batch..((n + 1) * batch).min(total))
+            .map(|i| load::grpc_request(&svc, format!("i{i}"), i))
+            .collect();
+        let len = instances.len() as u64;
+        async move {
+            c.batch_register(pb::BatchRegisterRequest { instances })
+                .await?;
+            Ok(len)
+        }
+    })
+    .await;
+    notes.extend(out.notes("push setup"));
+    rows.push(Row {
+        scenario: "push setup: BatchRegister".into(),
+        params: format!("I={} B={batch}", a.instances),
+        ops: out.ops,
+        errors: out.errors,
+        secs: out.elapsed.as_secs_f64(),
+        unit: "inst/s",
+        latency: out.latency,
+        cpu: Some(meter.stop()),
+    });
+    anyhow::ensure!(out.errors == 0, "could not register the watched service");
+
+    // 2. Subscribers.
+    let meter = CpuMeter::start(t.pid);
+    let client = load::http_client(None)?;
+    let live = Arc::new(Live {
+        ready: AtomicUsize::new(0),
+        failed: AtomicUsize::new(0),
+        max_rev: (0..a.watchers).map(|_| AtomicU64::new(0)).collect(),
+        ended: (0..a.watchers).map(|_| AtomicBool::new(false)).collect(),
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let slots = Arc::new(Semaphore::new(a.connect_concurrency.max(1)));
+    let url = format!("{}/v1/watch", t.http);
+    let key = format!("{NAMESPACE}/{service}");
+    let connect_started = Instant::now();
+    let subs: Vec<_> = (0..a.watchers)
+        .map(|n| {
+            tokio::spawn(subscriber(
+                n,
+                client.clone(),
+                url.clone(),
+                key.clone(),
+                slots.clone(),
+                live.clone(),
+                stop_rx.clone(),
+            ))
+        })
+        .collect();
+    let ready_deadline = connect_started + a.ready_timeout;
+    loop {
+        let ready = live.ready.load(Ordering::Relaxed);
+        let failed = live.failed.load(Ordering::Relaxed);
+        if ready + failed >= a.watchers || Instant::now() > ready_deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let connect_secs = connect_started.elapsed().as_secs_f64();
+    let connect_cpu = meter.stop();
+    let ready = live.ready.load(Ordering::Relaxed);
+    if ready < a.watchers {
+        notes.push(format!(
+            "push connect: only {ready} of {} subscribers had their snapshot after {connect_secs:.1} s",
+            a.watchers
+        ));
+    }
+
+    // 3. Writes at a fixed rate, one at a time, each acknowledged before the next.
+    let meter = CpuMeter::start(t.pid);
+    let writer = load::http_client(Some(Duration::from_secs(30)))?;
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / a.rate));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // (revision, sent, acknowledged) of every acknowledged write.
+    let mut acks: Vec<(u64, Instant, Instant)> = Vec::with_capacity(a.changes as usize);
+    let mut write_latency = Latency::new();
+    let mut write_errors = 0u64;
+    let mut first_write_error = None;
+    let writes_started = Instant::now();
+    for k in 0..a.changes {
+        tick.tick().await;
+        if writes_started.elapsed() > a.deadline {
+            notes.push(format!(
+                "push: writes stopped at the deadline after {k} changes"
+            ));
+            break;
+        }
+        let (j, round) = (k % a.instances, k / a.instances);
+        // Alternating per instance and flipping every round, so every change changes something.
+        let weight = if (j + round) % 2 == 0 { 50 } else { 150 };
+        let url = format!(
+            "{}/v1/namespaces/{NAMESPACE}/services/{service}/instances/i{j}/status",
+            t.http
+        );
+        let sent = Instant::now();
+        let r = async {
+            let resp = writer
+                .patch(url)
+                .json(&serde_json::json!({ "weight": weight }))
+                .send()
+                .await?;
+            let v = load::check_http(resp).await?;
+            v["revision"].as_u64().context("no revision in the answer")
+        }
+        .await;
+        let acked = Instant::now();
+        write_latency.record(acked - sent);
+        match r {
+            Ok(rev) => acks.push((rev, sent, acked)),
+            Err(e) => {
+                write_errors += 1;
+                first_write_error.get_or_insert_with(|| format!("{e:#}"));
+            }
+        }
+    }
+    let writes_secs = writes_started.elapsed().as_secs_f64();
+    let write_cpu = meter.stop();
+
+    // 4. Wait (bounded) until every live subscriber has the last revision.
+    let meter = CpuMeter::start(t.pid);
+    let last = acks.iter().map(|a| a.0).max().unwrap_or(0);
+    let drain_started = Instant::now();
+    loop {
+        let pending = (0..a.watchers)
+            .filter(|&n| {
+                !live.ended[n].load(Ordering::Relaxed)
+                    && live.max_rev[n].load(Ordering::Relaxed) < last
+            })
+            .count();
+        if pending == 0 || drain_started.elapsed() > a.drain_timeout {
+            if pending > 0 {
+                notes.push(format!(
+                    "push: {pending} subscribers still lacked revision {last} {:?} after the last write",
+                    a.drain_timeout
+                ));
+            }
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let drain = drain_started.elapsed();
+    let _ = stop_tx.send(true);
+    let mut seen = Vec::with_capacity(a.watchers);
+    for h in subs {
+        match tokio::time::timeout(Duration::from_secs(30), h).await {
+            Ok(Ok(s)) => seen.push(s),
+            Ok(Err(e)) => seen.push(Seen {
+                ended: Some(format!("task failed: {e}")),
+                ..Seen::default()
+            }),
+            Err(_) => seen.push(Seen {
+                ended: Some("did not stop within 30 s".into()),
+                ..Seen::default()
+            }),
+        }
+    }
+    let drain_cpu = meter.stop();
+
+    // 5. Account for every (subscriber, change) pair.
+    let ack_at: HashMap<u64, Instant> = acks.iter().map(|a| (a.0, a.2)).collect();
+    let mut push = Latency::new();
+    let mut from_send = Latency::new();
+    let mut fanout: HashMap<u64, Instant> = HashMap::new();
+    let mut connect = Latency::new();
+    let (mut delivered, mut resynced, mut missing) = (0u64, 0u64, 0u64);
+    let (mut early, mut duplicates, mut unordered, mut unexpected, mut resyncs) =
+        (0u64, 0u64, 0u64, 0u64, 0u64);
+    let mut incomplete: Vec<String> = Vec::new();
+    let mut ended_early: HashMap<String, usize> = HashMap::new();
+    let mut bad_snapshots = 0usize;
+    for (n, s) in seen.iter().enumerate() {
+        if let Some(c) = s.connect {
+            connect.record(c);
+            if s.snapshot_instances as u64 != a.instances {
+                bad_snapshots += 1;
+            }
+        }
+        resyncs += u64::from(s.resyncs);
+        let mut got: HashMap<u64, Instant> = HashMap::with_capacity(s.events.len());
+        let mut prev = 0;
+        for &(rev, at) in &s.events {
+            if rev <= prev {
+                unordered += 1;
+            }
+            prev = prev.max(rev);
+            if !ack_at.contains_key(&rev) {
+                unexpected += 1;
+            }
+            if got.insert(rev, at).is_some() {
+                duplicates += 1;
+            }
+        }
+        let mut lacking = Vec::new();
+        for &(rev, sent, acked) in &acks {
+            if let Some(&at) = got.get(&rev) {
+                delivered += 1;
+                if at < acked {
+                    early += 1;
+                }
+                push.record(at.saturating_duration_since(acked));
+                from_send.record(at.saturating_duration_since(sent));
+                let last = fanout.entry(rev).or_insert(at);
+                *last = (*last).max(at);
+            } else if rev <= s.resync_through {
+                resynced += 1;
+            } else {
+                missing += 1;
+                lacking.push(rev);
+            }
+        }
+        if let Some(e) = &s.ended {
+            *ended_early.entry(e.clone()).or_default() += 1;
+        }
+        if !lacking.is_empty() && incomplete.len() < 5 {
+            incomplete.push(format!(
+                "subscriber {n}: {} missing (first rev {}, last rev {}), snapshot rev {}, got {} events, ended: {}",
+                lacking.len(),
+                lacking[0],
+                lacking[lacking.len() - 1],
+                s.snapshot_rev,
+                s.events.len(),
+                s.ended.as_deref().unwrap_or("no")
+            ));
+        }
+    }
+    let mut fanout_latency = Latency::new();
+    for (rev, last) in &fanout {
+        fanout_latency.record(last.saturating_duration_since(ack_at[rev]));
+    }
+    let expected = acks.len() as u64 * a.watchers as u64;
+
+    rows.push(Row {
+        scenario: "push connect (to 1st snapshot)".into(),
+        params: format!(
+            "W={} I={} concurrency={}",
+            a.watchers, a.instances, a.connect_concurrency
+        ),
+        ops: ready as u64,
+        errors: (a.watchers - ready) as u64,
+        secs: connect_secs,
+        unit: "subs/s",
+        latency: connect,
+        cpu: Some(connect_cpu),
+    });
+    rows.push(Row {
+        scenario: "push writes: PATCH status".into(),
+        params: params.clone(),
+        ops: acks.len() as u64,
+        errors: write_errors,
+        secs: writes_secs,
+        unit: "writes/s",
+        latency: write_latency,
+        cpu: Some(write_cpu),
+    });
+    rows.push(Row {
+        scenario: "push latency (ack -> event), all pairs".into(),
+        params: params.clone(),
+        ops: delivered,
+        errors: missing,
+        secs: writes_secs + drain.as_secs_f64(),
+        unit: "events/s",
+        latency: push,
+        cpu: Some(crate::stats::CpuUsed {
+            server: write_cpu.server.zip(drain_cpu.server).map(|(a, b)| a + b),
+            bench: write_cpu.bench + drain_cpu.bench,
+            wall: write_cpu.wall + drain_cpu.wall,
+        }),
+    });
+    rows.push(Row {
+        scenario: "push latency (write sent -> event)".into(),
+        params: params.clone(),
+        ops: delivered,
+        errors: missing,
+        secs: writes_secs + drain.as_secs_f64(),
+        unit: "events/s",
+        latency: from_send,
+        cpu: None,
+    });
+    rows.push(Row {
+        scenario: "push fan-out (ack -> last subscriber)".into(),
+        params,
+        ops: fanout_latency.count(),
+        errors: acks.len() as u64 - fanout_latency.count(),
+        secs: writes_secs + drain.as_secs_f64(),
+        unit: "changes/s",
+        latency: fanout_latency,
+        cpu: None,
+    });
+
+    let achieved = acks.len() as f64 / writes_secs.max(1e-9);
+    if achieved < 0.95 * a.rate {
+        notes.push(format!(
+            "target rate {}/s not reached: {achieved:.1} writes/s (writes are sequential, each waits for its ack; mean write {:.1} ms)",
+            a.rate,
+            1000.0 * writes_secs / acks.len().max(1) as f64
+        ));
+    }
+    let pct = |x: u64| 100.0 * x as f64 / (expected.max(1)) as f64;
+    notes.push(format!(
+        "delivered/expected: {delivered}/{expected} ({:.3}%) as events; covered by resync snapshots: {resynced} ({:.3}%); missing: {missing} ({:.3}%)",
+        pct(delivered),
+        pct(resynced),
+        pct(missing)
+    ));
+    notes.push(format!(
+        "writes acknowledged: {} of {} ({write_errors} failed{}); last revision {last}; all delivered {:.1} ms after the last ack",
+        acks.len(),
+        a.changes,
+        first_write_error.map(|e| format!(", first: {e}")).unwrap_or_default(),
+        drain.as_secs_f64() * 1000.0
+    ));
+    notes.push(format!(
+        "events that arrived before their write's ack (latency counted as 0): {early}; duplicates: {duplicates}; out of order: {unordered}; unexpected revisions: {unexpected}; resync snapshots: {resyncs}; snapshots without {} instances: {bad_snapshots}",
+        a.instances
+    ));
+    for (why, count) in &ended_early {
+        notes.push(format!(
+            "{count} subscribers' streams ended before the stop: {why}"
+        ));
+    }
+    notes.extend(incomplete);
+    notes.push("the server publishes a change before it answers the write, so an event can arrive before the ack: the ack row counts those as 0; the `write sent` row measures from just before the PATCH was sent (it includes the write's own commit)".into());
+    notes.push("fan-out row: per change, the time from its ack until the last subscriber had it; the last two rows cover the same period (and CPU) as the ack row".into());
+    print_table("push", &rows, &notes);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_frames_split_across_chunks() {
+        let mut p = SseParser::default();
+        let mut out = Vec::new();
+        p.push(
+            b"event: status\nid: 7\ndata: {\"a\":1}\n\n: keepalive\n\nevent: sta",
+            &mut out,
+        );
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].event, "status");
+        assert_eq!(out[0].id, Some(7));
+        assert_eq!(out[0].data, "{\"a\":1}");
+        p.push(b"tus\nid: 8\ndata: {}\n\n", &mut out);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[1].id, Some(8));
+        assert!(p.buf.is_empty());
+    }
+}

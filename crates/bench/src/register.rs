@@ -1,0 +1,147 @@
+//! Scenario `register`: durable registration throughput and latency, over HTTP `PUT`, gRPC
+//! `Register` and gRPC `BatchRegister`, each phase on new services of its own.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use sextant_proto::v1 as pb;
+
+use crate::load::{self, NAMESPACE};
+use crate::stats::{print_table, CpuMeter, Row};
+use crate::target::Target;
+
+#[derive(Args, Debug, Clone)]
+pub struct RegisterArgs {
+    /// Concurrent clients, each with its own connection and one request in flight.
+    #[arg(long, short = 'c', default_value_t = 32)]
+    pub clients: usize,
+    /// Instances registered in each phase.
+    #[arg(long, short = 'n', default_value_t = 20_000)]
+    pub instances: u64,
+    /// Instances per BatchRegister call.
+    #[arg(long, short = 'b', default_value_t = 100)]
+    pub batch: u64,
+    /// Services the instances of a phase are spread over (round robin).
+    #[arg(long, default_value_t = 100)]
+    pub services: u64,
+    /// Phases to run.
+    #[arg(long, value_delimiter = ',', default_value = "http,grpc,grpc-batch")]
+    pub modes: Vec<Mode>,
+    /// Longest a phase may run; it stops issuing requests after that.
+    #[arg(long, default_value = "300s", value_parser = humantime::parse_duration)]
+    pub deadline: Duration,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `PUT /v1/namespaces/{ns}/services/{svc}/instances/{id}`, one instance per request.
+    Http,
+    /// gRPC `Register`, one instance per call.
+    Grpc,
+    /// gRPC `BatchRegister`, `--batch` instances per call.
+    GrpcBatch,
+}
+
+pub async fn run(t: &Target, a: &RegisterArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        a.clients > 0 && a.instances > 0 && a.batch > 0 && a.services > 0,
+        "sizes must be positive"
+    );
+    let run = load::run_id();
+    let mut rows = Vec::new();
+    let mut notes = Vec::new();
+    for &mode in &a.modes {
+        let params = format!("C={} N={} services={}", a.clients, a.instances, a.services);
+        let meter = CpuMeter::start(t.pid);
+        let (name, params, out) = match mode {
+            Mode::Http => {
+                let client = load::http_client(Some(Duration::from_secs(60)))?;
+                let base = t.http.clone();
+                let services = a.services;
+                let run = run.clone();
+                let out = load::drive(a.clients, a.instances, a.deadline, move |_, i| {
+                    let svc = format!("reg-http-{run}-{:04}", i % services);
+                    let url =
+                        format!("{base}/v1/namespaces/{NAMESPACE}/services/{svc}/instances/i{i}");
+                    let req = client.put(url).json(&load::http_body(i));
+                    async move {
+                        load::check_http(req.send().await?).await?;
+                        Ok(1)
+                    }
+                })
+                .await;
+                ("register http PUT", params, out)
+            }
+            Mode::Grpc => {
+                let clients = Arc::new(load::grpc_clients(&t.grpc, a.clients).await?);
+                let services = a.services;
+                let run = run.clone();
+                let out = load::drive(a.clients, a.instances, a.deadline, move |w, i| {
+                    let mut c = clients[w].clone();
+                    let svc = format!("reg-grpc-{run}-{:04}", i % services);
+                    let req = load::grpc_request(&svc, format!("i{i}"), i);
+                    async move {
+                        c.register(req).await?;
+                        Ok(1)
+                    }
+                })
+                .await;
+                ("register gRPC Register", params, out)
+            }
+            Mode::GrpcBatch => {
+                let clients = Arc::new(load::grpc_clients(&t.grpc, a.clients).await?);
+                let (services, batch, total) = (a.services, a.batch, a.instances);
+                let run = run.clone();
+                let requests = total.div_ceil(batch);
+                let out = load::drive(a.clients, requests, a.deadline, move |w, n| {
+                    let mut c = clients[w].clone();
+                    let instances: Vec<_> = (n * batch..((n + 1) * batch).min(total))
+                        .map(|i| {
+                            let svc = format!("reg-batch-{run}-{:04}", i % services);
+                            load::grpc_request(&svc, format!("i{i}"), i)
+                        })
+                        .collect();
+                    let len = instances.len() as u64;
+                    async move {
+                        let r = c
+                            .batch_register(pb::BatchRegisterRequest { instances })
+                            .await?
+                            .into_inner();
+                        anyhow::ensure!(
+                            r.revisions.len() as u64 == len,
+                            "{} revisions for {len} instances",
+                            r.revisions.len()
+                        );
+                        Ok(len)
+                    }
+                })
+                .await;
+                (
+                    "register gRPC BatchRegister",
+                    format!("{params} B={} (latency per batch)", a.batch),
+                    out,
+                )
+            }
+        };
+        let cpu = meter.stop();
+        notes.extend(out.notes(name));
+        notes.push(format!(
+            "{name}: {} requests, {:.0} requests/s",
+            out.requests,
+            out.requests as f64 / out.elapsed.as_secs_f64().max(1e-9)
+        ));
+        rows.push(Row {
+            scenario: name.into(),
+            params,
+            ops: out.ops,
+            errors: out.errors,
+            secs: out.elapsed.as_secs_f64(),
+            unit: "inst/s",
+            latency: out.latency,
+            cpu: Some(cpu),
+        });
+    }
+    print_table("register", &rows, &notes);
+    Ok(())
+}

@@ -1,0 +1,330 @@
+//! The server under test: one already running (`--http`, `--grpc`, `--server-pid`) or one this
+//! tool starts (`--spawn`) on loopback ports picked by the kernel and a temporary data dir, and
+//! can stop with SIGTERM and start again on the same data.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStderr, Command};
+use tokio::time::Instant;
+
+/// Warnings and errors the spawned server logged, kept for the report.
+#[derive(Default)]
+pub struct ServerLog {
+    pub warnings: AtomicU64,
+    pub errors: AtomicU64,
+    /// The first few WARN/ERROR lines.
+    pub samples: Mutex<Vec<String>>,
+}
+
+impl ServerLog {
+    fn observe(&self, line: &str) {
+        let counter = if line.contains(" ERROR ") {
+            &self.errors
+        } else if line.contains(" WARN ") {
+            &self.warnings
+        } else {
+            return;
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut s) = self.samples.lock() {
+            if s.len() < 5 {
+                s.push(line.to_string());
+            }
+        }
+    }
+
+    /// One note for the report, if anything was logged at WARN or above.
+    pub fn summary(&self) -> Option<String> {
+        let w = self.warnings.load(Ordering::Relaxed);
+        let e = self.errors.load(Ordering::Relaxed);
+        if w == 0 && e == 0 {
+            return None;
+        }
+        let samples = self
+            .samples
+            .lock()
+            .map(|s| s.join(" | "))
+            .unwrap_or_default();
+        Some(format!(
+            "server logged {w} WARN and {e} ERROR lines; first ones: {samples}"
+        ))
+    }
+}
+
+struct Spawned {
+    bin: PathBuf,
+    extra_args: Vec<String>,
+    /// Holds the temporary directory (data and log) until the run ends, unless kept.
+    _dir: Option<tempfile::TempDir>,
+    data_dir: PathBuf,
+    log_path: PathBuf,
+    child: Option<Child>,
+    log: Arc<ServerLog>,
+    startup_timeout: Duration,
+}
+
+/// Where the server is and, when known, its pid.
+pub struct Target {
+    pub http: String,
+    pub grpc: String,
+    pub pid: Option<u32>,
+    spawned: Option<Spawned>,
+}
+
+/// What one start of a spawned server took.
+pub struct Started {
+    /// From spawn until the `sextant serving` log line (store loaded, listeners bound).
+    pub until_serving: Duration,
+    pub spawned_at: Instant,
+}
+
+impl Target {
+    pub fn attach(http: String, grpc: String, pid: Option<u32>) -> Self {
+        Self {
+            http: http.trim_end_matches('/').to_string(),
+            grpc: grpc.trim_end_matches('/').to_string(),
+            pid,
+            spawned: None,
+        }
+    }
+
+    /// Starts `bin serve` on a new temporary data dir (under `parent` when given).
+    pub async fn spawn(
+        bin: &Path,
+        parent: Option<&Path>,
+        keep: bool,
+        extra_args: Vec<String>,
+        startup_timeout: Duration,
+    ) -> anyhow::Result<(Self, Started)> {
+        let dir = match parent {
+            Some(p) => tempfile::Builder::new()
+                .prefix("sextant-bench-")
+                .tempdir_in(p),
+            None => tempfile::Builder::new().prefix("sextant-bench-").tempdir(),
+        }
+        .context("cannot create a temporary directory")?;
+        let data_dir = dir.path().join("data");
+        let log_path = dir.path().join("server.log");
+        let kept = if keep {
+            eprintln!(
+                "keeping the data dir and log under {}",
+                dir.path().display()
+            );
+            let _ = dir.keep();
+            None
+        } else {
+            Some(dir)
+        };
+        let mut t = Self {
+            http: String::new(),
+            grpc: String::new(),
+            pid: None,
+            spawned: Some(Spawned {
+                bin: bin.to_path_buf(),
+                extra_args,
+                _dir: kept,
+                data_dir,
+                log_path,
+                child: None,
+                log: Arc::new(ServerLog::default()),
+                startup_timeout,
+            }),
+        };
+        let started = t.start().await?;
+        Ok((t, started))
+    }
+
+    pub fn is_spawned(&self) -> bool {
+        self.spawned.is_some()
+    }
+
+    pub fn data_dir(&self) -> Option<&Path> {
+        self.spawned.as_ref().map(|s| s.data_dir.as_path())
+    }
+
+    pub fn log(&self) -> Option<Arc<ServerLog>> {
+        self.spawned.as_ref().map(|s| s.log.clone())
+    }
+
+    pub fn log_path(&self) -> Option<&Path> {
+        self.spawned.as_ref().map(|s| s.log_path.as_path())
+    }
+
+    /// Starts the spawned server (again) on its data dir and waits for its serving line.
+    pub async fn start(&mut self) -> anyhow::Result<Started> {
+        let s = self
+            .spawned
+            .as_mut()
+            .context("the server was not spawned by this tool")?;
+        if s.child.is_some() {
+            bail!("the server is already running");
+        }
+        let spawned_at = Instant::now();
+        let mut child = Command::new(&s.bin)
+            .arg("serve")
+            .args(["--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(&s.data_dir)
+            .args(&s.extra_args)
+            .env_remove("SEXTANT_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {}", s.bin.display()))?;
+        let pid = child.id().context("the server exited at once")?;
+        let stderr = child.stderr.take().context("no stderr pipe")?;
+        let log_file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&s.log_path)
+            .await
+            .with_context(|| format!("cannot open {}", s.log_path.display()))?;
+        let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(pump_stderr(stderr, log_file, s.log.clone(), addr_tx));
+        let addrs = tokio::time::timeout(s.startup_timeout, addr_rx).await;
+        let (http, grpc) = match addrs {
+            Ok(Ok(a)) => a,
+            Ok(Err(_)) => {
+                let status = child.wait().await.ok();
+                bail!(
+                    "the server exited before serving ({status:?}); see {}",
+                    s.log_path.display()
+                )
+            }
+            Err(_) => {
+                let _ = child.kill().await;
+                bail!(
+                    "the server did not log `sextant serving` within {:?}; see {}",
+                    s.startup_timeout,
+                    s.log_path.display()
+                )
+            }
+        };
+        let until_serving = spawned_at.elapsed();
+        s.child = Some(child);
+        self.http = format!("http://{http}");
+        self.grpc = format!("http://{grpc}");
+        self.pid = Some(pid);
+        Ok(Started {
+            until_serving,
+            spawned_at,
+        })
+    }
+
+    /// Sends SIGTERM to the spawned server and waits (bounded) for it to exit.
+    pub async fn stop(&mut self, timeout: Duration) -> anyhow::Result<(Duration, String)> {
+        let s = self
+            .spawned
+            .as_mut()
+            .context("the server was not spawned by this tool")?;
+        let mut child = s.child.take().context("the server is not running")?;
+        let pid = child
+            .id()
+            .and_then(|p| rustix::process::Pid::from_raw(p as i32))
+            .context("the server already exited")?;
+        let t0 = Instant::now();
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM)
+            .context("cannot send SIGTERM to the server")?;
+        let status = match tokio::time::timeout(timeout, child.wait()).await {
+            Ok(r) => r.context("cannot wait for the server")?,
+            Err(_) => {
+                let _ = child.kill().await;
+                bail!("the server did not exit within {timeout:?} of SIGTERM; killed it")
+            }
+        };
+        self.pid = None;
+        Ok((t0.elapsed(), status.to_string()))
+    }
+
+    /// Stops a spawned server at the end of a run (SIGTERM, then kill after 30 s).
+    pub async fn finish(mut self) {
+        if self.spawned.as_ref().is_some_and(|s| s.child.is_some()) {
+            if let Err(e) = self.stop(Duration::from_secs(30)).await {
+                eprintln!("warning: stopping the server: {e:#}");
+            }
+        }
+    }
+}
+
+/// Copies the server's stderr to its log file, counts warnings, and reports the addresses of
+/// the `sextant serving http_addr=... grpc_addr=...` line. Runs until the pipe closes, so the
+/// server never blocks on a full pipe.
+async fn pump_stderr(
+    stderr: ChildStderr,
+    mut file: tokio::fs::File,
+    log: Arc<ServerLog>,
+    addr_tx: tokio::sync::oneshot::Sender<(String, String)>,
+) {
+    let mut addr_tx = Some(addr_tx);
+    let mut lines = BufReader::new(stderr).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let _ = file.write_all(line.as_bytes()).await;
+        let _ = file.write_all(b"\n").await;
+        log.observe(&line);
+        if line.contains("sextant serving") {
+            if let (Some(http), Some(grpc)) =
+                (field(&line, "http_addr="), field(&line, "grpc_addr="))
+            {
+                if let Some(tx) = addr_tx.take() {
+                    let _ = tx.send((http, grpc));
+                }
+            }
+        }
+    }
+    let _ = file.flush().await;
+}
+
+fn field(line: &str, key: &str) -> Option<String> {
+    let start = line.find(key)? + key.len();
+    let v: String = line[start..]
+        .chars()
+        .take_while(|c| !c.is_whitespace())
+        .collect();
+    (!v.is_empty()).then_some(v)
+}
+
+/// Total size of the files under `dir`, in bytes.
+pub fn dir_size(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => stack.push(e.path()),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::field;
+
+    #[test]
+    fn parses_the_serving_line() {
+        let line = "2026-01-01T00:00:00.000000Z  INFO sextant_server: sextant serving http_addr=127.0.0.1:41234 grpc_addr=127.0.0.1:40001";
+        assert_eq!(
+            field(line, "http_addr=").as_deref(),
+            Some("127.0.0.1:41234")
+        );
+        assert_eq!(
+            field(line, "grpc_addr=").as_deref(),
+            Some("127.0.0.1:40001")
+        );
+    }
+}

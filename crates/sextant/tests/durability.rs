@@ -1,0 +1,375 @@
+//! Crash safety of the real binary: every write acknowledged before a `kill -9` is there after a
+//! restart on the same data directory, revisions continue above everything acknowledged, and
+//! ephemeral instances get a fresh lease after a restart and then expire normally.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+const WRITERS: usize = 16;
+const SERVICES: usize = 4;
+/// At most this many registrations are attempted per kill cycle (3 cycles: at most 3000).
+const ATTEMPTS_PER_CYCLE: usize = 1000;
+const CYCLES: usize = 3;
+/// Pause of each writer between two registrations.
+const PACE: Duration = Duration::from_millis(30);
+
+/// An acknowledged registration: service, instance id, the revision the server answered.
+type Acked = (String, String, u64);
+
+/// Registers unique instances until the cap, the deadline, or the server disappears; returns
+/// the ones answered with 200 and a revision.
+async fn writer(
+    base: String,
+    cycle: usize,
+    w: usize,
+    attempts: Arc<AtomicUsize>,
+    acks: Arc<AtomicUsize>,
+    deadline: Instant,
+) -> (Vec<Acked>, Vec<String>) {
+    let client = http_client();
+    let mut acked = Vec::new();
+    let mut unexpected = Vec::new();
+    loop {
+        let n = attempts.fetch_add(1, Ordering::Relaxed);
+        if n >= ATTEMPTS_PER_CYCLE || Instant::now() >= deadline {
+            break;
+        }
+        let svc = format!("svc-{}", n % SERVICES);
+        let id = format!("c{cycle}-w{w}-n{n}");
+        let body = json!({
+            "host": "10.0.0.1",
+            "port": 1 + n,
+            "metadata": {"cycle": cycle.to_string(), "writer": w.to_string()},
+        });
+        let url = format!("{base}{}", instance_path("crash", &svc, &id));
+        let resp = client
+            .put(url)
+            .json(&body)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await;
+        match resp {
+            Ok(r) if r.status().as_u16() == 200 => match r.json::<Value>().await {
+                Ok(v) => match v["revision"].as_u64() {
+                    Some(rev) => {
+                        acked.push((svc, id, rev));
+                        acks.fetch_add(1, Ordering::Relaxed);
+                    }
+                    None => unexpected.push(format!("{id}: 200 without a revision: {v}")),
+                },
+                // The connection died mid-answer: not acknowledged.
+                Err(_) => break,
+            },
+            Ok(r) => {
+                let status = r.status();
+                let text = r.text().await.unwrap_or_default();
+                unexpected.push(format!("{id}: HTTP {status}: {text}"));
+                break;
+            }
+            // The server is gone.
+            Err(_) => break,
+        }
+        // Paced (at most ~500 attempts/s over all writers) so that the budget lasts past the
+        // longest delay and the kill lands while registrations are in flight.
+        tokio::time::sleep(PACE).await;
+    }
+    (acked, unexpected)
+}
+
+/// Asserts every acknowledged instance is present with the revision it was acknowledged at.
+/// Returns the highest revision found anywhere in the crash services.
+async fn verify(api: &Api, acked: &[Acked]) -> u64 {
+    let mut present: HashMap<(String, String), u64> = HashMap::new();
+    let mut highest = 0;
+    for s in 0..SERVICES {
+        let svc = format!("svc-{s}");
+        let v = api.service("crash", &svc).await;
+        highest = highest.max(v["revision"].as_u64().unwrap());
+        for i in v["instances"].as_array().unwrap() {
+            let rev = i["spec_revision"].as_u64().unwrap();
+            highest = highest.max(rev);
+            present.insert((svc.clone(), i["id"].as_str().unwrap().to_string()), rev);
+        }
+    }
+    let missing: Vec<_> = acked
+        .iter()
+        .filter(|(s, id, _)| !present.contains_key(&(s.clone(), id.clone())))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} acknowledged registrations lost after kill -9, e.g. {:?}",
+        missing.len(),
+        acked.len(),
+        &missing[..missing.len().min(10)]
+    );
+    for (s, id, rev) in acked {
+        assert_eq!(
+            present[&(s.clone(), id.clone())],
+            *rev,
+            "{s}/{id} is at another revision than acknowledged"
+        );
+    }
+    highest
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn acknowledged_writes_survive_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut jitter = Jitter::from_clock();
+    let mut acked: Vec<Acked> = Vec::new();
+    let mut server = Server::start_in(dir.path());
+    for cycle in 0..CYCLES {
+        let attempts = Arc::new(AtomicUsize::new(0));
+        let acks = Arc::new(AtomicUsize::new(0));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|w| {
+                tokio::spawn(writer(
+                    server.base(),
+                    cycle,
+                    w,
+                    attempts.clone(),
+                    acks.clone(),
+                    deadline,
+                ))
+            })
+            .collect();
+        let delay = jitter.between(Duration::from_millis(300), Duration::from_millis(2000));
+        tokio::time::sleep(delay).await;
+        // On a slow disk nothing may be durable yet: wait (bounded) for a first acknowledgement,
+        // so that every cycle kills a server holding acknowledged writes.
+        let waited = Instant::now();
+        while acks.load(Ordering::Relaxed) == 0 && waited.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let in_flight = attempts.load(Ordering::Relaxed) < ATTEMPTS_PER_CYCLE;
+        let log_before = server.log();
+        server.kill9();
+
+        let mut this_cycle = 0;
+        for h in writers {
+            let (mine, unexpected) = bounded("a writer", Duration::from_secs(20), h)
+                .await
+                .unwrap();
+            assert!(
+                unexpected.is_empty(),
+                "unexpected answers: {unexpected:?}\nserver log:\n{log_before}"
+            );
+            this_cycle += mine.len();
+            acked.extend(mine);
+        }
+        let tried = attempts.load(Ordering::Relaxed).min(ATTEMPTS_PER_CYCLE);
+        eprintln!(
+            "cycle {cycle}: killed after {delay:?} (writers still running: {in_flight}); \
+             {this_cycle} of ~{tried} registrations acknowledged"
+        );
+        assert!(
+            this_cycle > 0,
+            "nothing was acknowledged in {delay:?} + 10 s; server log:\n{log_before}"
+        );
+
+        server = Server::start_in(dir.path());
+        let api = server.api();
+        let highest_present = verify(&api, &acked).await;
+        let max_acked = acked.iter().map(|a| a.2).max().unwrap();
+        assert!(highest_present >= max_acked);
+
+        // Revisions continue above everything acknowledged (and everything stored).
+        let id = format!("after-restart-{cycle}");
+        let r = api
+            .register("crash", "svc-0", &id, &inst("10.0.0.2", 1))
+            .await;
+        assert!(
+            r > max_acked && r > highest_present,
+            "revision {r} after restart is not above the acknowledged {max_acked} / stored {highest_present}"
+        );
+        acked.push(("svc-0".into(), id, r));
+    }
+    // One last restart after a clean registration: everything is still there.
+    server.kill9();
+    let server = Server::start_in(dir.path());
+    verify(&server.api(), &acked).await;
+}
+
+#[tokio::test]
+async fn ephemeral_instance_gets_a_fresh_lease_after_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start_in(dir.path());
+    let api = server.api();
+    let eph = |port: u16| json!({"host": "10.0.0.1", "port": port, "ttl_seconds": 2});
+    api.register("eph", "svc", "lapsing", &eph(1)).await;
+    api.register("eph", "svc", "beating", &eph(2)).await;
+    api.register("eph", "svc", "persistent", &inst("10.0.0.1", 3))
+        .await;
+    let registered = Instant::now();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(
+        ids(&api.service("eph", "svc").await),
+        ["beating", "lapsing", "persistent"]
+    );
+    server.kill9();
+    // Stay down past the original deadlines, so only a fresh lease can keep them.
+    let past_ttl = registered + Duration::from_millis(2600);
+    tokio::time::sleep(past_ttl.saturating_duration_since(Instant::now())).await;
+
+    let server = Server::start_in(dir.path());
+    let restarted = Instant::now();
+    let api = server.api();
+    let svc = api.service("eph", "svc").await;
+    assert_eq!(
+        ids(&svc),
+        ["beating", "lapsing", "persistent"],
+        "ephemeral instances must survive a restart for one TTL"
+    );
+    assert_eq!(find(&svc, "lapsing").unwrap()["ttl_seconds"], 2);
+
+    // Heartbeats renew the restored leases; the instance without them expires about one TTL
+    // after the restart.
+    let beat = json!([{"namespace": "eph", "service": "svc", "id": "beating"}]);
+    let mut gone_after = None;
+    while restarted.elapsed() < Duration::from_secs(6) {
+        let hb = api.post("/v1/heartbeats", &beat).await.ok();
+        assert_eq!(hb["renewed"], 1, "restored lease not renewable: {hb}");
+        let now = ids(&api.service("eph", "svc").await);
+        assert!(now.contains(&"beating".to_string()), "{now:?}");
+        assert!(now.contains(&"persistent".to_string()), "{now:?}");
+        if !now.contains(&"lapsing".to_string()) {
+            gone_after = Some(restarted.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let gone = gone_after.expect("the ephemeral instance never expired after the restart");
+    assert!(
+        gone >= Duration::from_millis(1000),
+        "expired {gone:?} after restart: no fresh grace period"
+    );
+    assert!(
+        gone <= Duration::from_millis(4500),
+        "expired only after {gone:?}"
+    );
+    assert_eq!(
+        ids(&api.service("eph", "svc").await),
+        ["beating", "persistent"]
+    );
+}
+
+#[tokio::test]
+async fn statuses_and_settings_survive_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start_in(dir.path());
+    let api = server.api();
+    let r1 = api.register("keep", "a", "x", &inst("10.0.0.1", 1)).await;
+    let r2 = api
+        .register(
+            "keep",
+            "a",
+            "y",
+            &json!({"host": "10.0.0.2", "port": 2, "version": "v2", "metadata": {"k": "v"}}),
+        )
+        .await;
+    let r3 = api
+        .set_status(
+            "keep",
+            "a",
+            "y",
+            &json!({"health": "unhealthy", "weight": 5}),
+        )
+        .await;
+    // 1 of 2 serving is under 0.6: protected.
+    api.put(
+        &service_path("keep", "a"),
+        &json!({"protect_threshold": 0.6}),
+    )
+    .await
+    .ok();
+    let before = api
+        .get(&format!("{}?healthy=true", service_path("keep", "a")))
+        .await
+        .ok();
+    assert_eq!(before["protected"], true);
+    server.kill9();
+
+    let server = Server::start_in(dir.path());
+    let api = server.api();
+    let after = api
+        .get(&format!("{}?healthy=true", service_path("keep", "a")))
+        .await
+        .ok();
+    assert_eq!(after["protected"], true, "{after}");
+    assert!((after["protect_threshold"].as_f64().unwrap() - 0.6).abs() < 1e-6);
+    assert_eq!(ids(&after), ["x", "y"]);
+    assert_eq!(
+        after["instances"], before["instances"],
+        "instances changed across restart"
+    );
+    let y = find(&after, "y").unwrap();
+    assert_eq!(
+        (y["spec_revision"].as_u64(), y["status_revision"].as_u64()),
+        (Some(r2), Some(r3))
+    );
+    assert_eq!(find(&after, "x").unwrap()["spec_revision"], r1);
+}
+
+/// A blocking query holding a revision from before a restart must still see every change made
+/// after that revision, and a service's revision never goes back.
+#[tokio::test]
+#[ignore = "server bug: after a restart a service's revision is recomputed from its instances \
+            only, so it goes back (a settings change or a deletion is forgotten) and a blocking \
+            query at an index from before that change misses it; see the report"]
+async fn blocking_queries_do_not_miss_changes_made_before_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start_in(dir.path());
+    let api = server.api();
+    let seen_a = api.register("keep", "a", "x", &inst("10.0.0.1", 1)).await;
+    let rc = api
+        .put(
+            &service_path("keep", "a"),
+            &json!({"protect_threshold": 0.5}),
+        )
+        .await
+        .ok()["revision"]
+        .as_u64()
+        .unwrap();
+    let seen_b = api.register("keep", "b", "z", &inst("10.0.0.2", 1)).await;
+    let rd = api.deregister("keep", "b", "z").await;
+    assert_eq!(api.service("keep", "a").await["revision"], rc);
+    assert_eq!(api.service("keep", "b").await["revision"], rd);
+    server.kill9();
+
+    let server = Server::start_in(dir.path());
+    let api = server.api();
+    let mut problems = Vec::new();
+    for (svc, latest, seen) in [("a", rc, seen_a), ("b", rd, seen_b)] {
+        let now = api.service("keep", svc).await["revision"].as_u64().unwrap();
+        if now < latest {
+            problems.push(format!(
+                "keep/{svc}: revision {latest} before the restart, {now} after"
+            ));
+        }
+        // A client that saw revision `seen` must be answered at once: there is a newer state.
+        let started = Instant::now();
+        let resp = api
+            .get(&format!(
+                "{}?index={seen}&wait=2s",
+                service_path("keep", svc)
+            ))
+            .await;
+        let took = started.elapsed();
+        if took >= Duration::from_millis(1500) {
+            problems.push(format!(
+                "keep/{svc}: blocking query at index {seen} waited {took:?} (answered revision {}) \
+                 although the service changed at {latest}",
+                resp.revision_header()
+            ));
+        }
+    }
+    assert!(problems.is_empty(), "{problems:#?}");
+}

@@ -1,0 +1,455 @@
+//! Bad input over HTTP: every refusal is a 4xx JSON error `{"error":{"code","message"}}` whose
+//! message names what was wrong, never a 5xx, and the server keeps working afterwards.
+
+mod common;
+
+use common::*;
+use reqwest::Method;
+use serde_json::json;
+
+const INST: &str = "/v1/namespaces/ns/services/svc/instances/i-1";
+
+/// Asserts the server still answers and has counted no 5xx.
+async fn assert_healthy(api: &Api) {
+    let r = api.get("/healthz").await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let metrics = api.get("/metrics").await;
+    assert_eq!(metrics.status, 200);
+    assert!(
+        metrics.text.contains("status=\"4"),
+        "the 4xx answers are not in the metrics:\n{}",
+        metrics.text
+    );
+    for line in metrics.text.lines().filter(|l| !l.starts_with('#')) {
+        assert!(
+            !line.contains("status=\"5"),
+            "a request was answered with 5xx: {line}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn bad_names_in_paths() {
+    let server = Server::start();
+    let api = server.api();
+    let body = inst("10.0.0.1", 80);
+    let long = "x".repeat(129);
+    let cases: Vec<(String, &str)> = vec![
+        (
+            "/v1/namespaces/bad$ns/services/svc/instances/i".into(),
+            "namespace",
+        ),
+        (
+            "/v1/namespaces/bad%20ns/services/svc/instances/i".into(),
+            "namespace",
+        ),
+        (
+            format!("/v1/namespaces/{long}/services/svc/instances/i"),
+            "namespace",
+        ),
+        (
+            "/v1/namespaces/ns/services/sv:c/instances/i".into(),
+            "service",
+        ),
+        (
+            "/v1/namespaces/ns/services/s%2Fv/instances/i".into(),
+            "service",
+        ),
+        (
+            format!("/v1/namespaces/ns/services/{long}/instances/i"),
+            "service",
+        ),
+        (
+            "/v1/namespaces/ns/services/svc/instances/bad%20id".into(),
+            "id",
+        ),
+        ("/v1/namespaces/ns/services/svc/instances/b*d".into(), "id"),
+        (
+            format!("/v1/namespaces/ns/services/svc/instances/{long}"),
+            "id",
+        ),
+    ];
+    for (path, field) in &cases {
+        api.put(path, &body).await.assert_error(400, &[field]);
+    }
+    // Also on reads, deletes, status patches, listings and POST.
+    api.get("/v1/namespaces/bad$ns/services/svc")
+        .await
+        .assert_error(400, &["namespace"]);
+    api.get("/v1/namespaces/ns/services/bad$svc")
+        .await
+        .assert_error(400, &["service"]);
+    api.get("/v1/namespaces/bad$ns/services")
+        .await
+        .assert_error(400, &["namespace"]);
+    api.delete("/v1/namespaces/ns/services/svc/instances/bad$id")
+        .await
+        .assert_error(400, &["id"]);
+    api.patch(
+        "/v1/namespaces/ns/services/svc/instances/bad$id/status",
+        &json!({"health": "healthy"}),
+    )
+    .await
+    .assert_error(400, &["id"]);
+    api.post("/v1/namespaces/ns/services/bad$svc/instances", &body)
+        .await
+        .assert_error(400, &["service"]);
+    api.post(
+        "/v1/namespaces/ns/services/svc/instances",
+        &json!({"id": "bad id", "host": "10.0.0.1", "port": 80}),
+    )
+    .await
+    .assert_error(400, &["id"]);
+    api.post(
+        "/v1/heartbeats",
+        &json!([{"namespace": "bad$ns", "service": "svc", "id": "i"}]),
+    )
+    .await
+    .assert_error(400, &["namespace"]);
+    api.post(
+        "/v1/discover",
+        &json!({"services": [{"namespace": "ns", "service": "bad$svc"}]}),
+    )
+    .await
+    .assert_error(400, &["service"]);
+    // Nothing was registered by any of it.
+    assert_eq!(
+        api.get("/v1/namespaces").await.ok()["namespaces"],
+        json!([])
+    );
+    assert_healthy(&api).await;
+}
+
+#[tokio::test]
+async fn bad_instance_bodies() {
+    let server = Server::start();
+    let api = server.api();
+    let cases = [
+        (json!({"host": "10.0.0.1", "port": 0}), 400, "port"),
+        (json!({"host": "10.0.0.1", "port": 70000}), 400, "port"),
+        (json!({"host": "10.0.0.1", "port": -1}), 422, "port"),
+        (json!({"host": "10.0.0.1", "port": "80"}), 422, "port"),
+        (json!({"host": "10.0.0.1"}), 422, "port"),
+        (json!({"port": 80}), 422, "host"),
+        (json!({"host": "bad host", "port": 80}), 400, "host"),
+        (json!({"host": "", "port": 80}), 400, "host"),
+        (json!({"host": "-bad.example", "port": 80}), 400, "host"),
+        (json!({"host": "a..b", "port": 80}), 400, "host"),
+        (
+            json!({"host": "10.0.0.1", "port": 80, "colour": "red"}),
+            422,
+            "colour",
+        ),
+        (
+            json!({"host": "10.0.0.1", "port": 80, "location": {"planet": "mars"}}),
+            422,
+            "planet",
+        ),
+        (
+            json!({"host": "10.0.0.1", "port": 80, "status": {"weight": 10001}}),
+            400,
+            "weight",
+        ),
+        (
+            json!({"host": "10.0.0.1", "port": 80, "status": {"health": "sick"}}),
+            422,
+            "health",
+        ),
+        (
+            json!({"host": "10.0.0.1", "port": 80, "protocol": "HTTP"}),
+            400,
+            "protocol",
+        ),
+        (
+            json!({"host": "10.0.0.1", "port": 80, "ttl_seconds": 100000}),
+            400,
+            "ttl_seconds",
+        ),
+        (
+            json!({"host": "10.0.0.1", "port": 80, "metadata": {"bad key": "v"}}),
+            400,
+            "metadata",
+        ),
+        (
+            json!({"host": "10.0.0.1", "port": 80, "lane": "no spaces"}),
+            400,
+            "lane",
+        ),
+        (
+            json!({"host": "10.0.0.1", "port": 80, "id": "other"}),
+            400,
+            "id",
+        ),
+        (json!([1, 2]), 422, ""),
+    ];
+    for (body, status, field) in &cases {
+        let r = api.put(INST, body).await;
+        let msg = r.assert_error(*status, &[field]);
+        if *status == 400 {
+            assert_eq!(r.body["error"]["code"], "invalid_argument", "{msg}");
+        }
+    }
+    // Status patches.
+    let status_path = format!("{INST}/status");
+    api.register("ns", "svc", "i-1", &inst("10.0.0.1", 80))
+        .await;
+    for (body, status, field) in [
+        (json!({"weight": 10001}), 400, "weight"),
+        (json!({"health": "sick"}), 422, "health"),
+        (json!({"health": 1}), 400, "health"),
+        (json!({"enabled": "yes"}), 422, "enabled"),
+        (json!({}), 400, "status"),
+        (json!({"weight": 5, "colour": "red"}), 422, "colour"),
+    ] {
+        api.patch(&status_path, &body)
+            .await
+            .assert_error(status, &[field]);
+    }
+    // Service settings.
+    for (body, status, field) in [
+        (json!({"protect_threshold": 1.5}), 400, "protect_threshold"),
+        (json!({"protect_threshold": -0.1}), 400, "protect_threshold"),
+        (json!({}), 422, "protect_threshold"),
+        (
+            json!({"protect_threshold": "high"}),
+            422,
+            "protect_threshold",
+        ),
+    ] {
+        api.put("/v1/namespaces/ns/services/svc", &body)
+            .await
+            .assert_error(status, &[field]);
+    }
+    // Heartbeat and discovery bodies.
+    api.post(
+        "/v1/heartbeats",
+        &json!([{"namespace": "ns", "service": "svc"}]),
+    )
+    .await
+    .assert_error(422, &["id"]);
+    api.post("/v1/discover", &json!({"services": [], "extra": 1}))
+        .await
+        .assert_error(422, &["extra"]);
+    // Only the valid registration is there, unchanged.
+    let svc = api.service("ns", "svc").await;
+    assert_eq!(ids(&svc), ["i-1"]);
+    assert_eq!(find(&svc, "i-1").unwrap()["status"]["weight"], 100);
+    assert_healthy(&api).await;
+}
+
+#[tokio::test]
+async fn malformed_bodies_content_type_and_size() {
+    let server = Server::start();
+    let api = server.api();
+    let url = api.url(INST);
+
+    // Malformed JSON.
+    let r = Api::read(
+        api.client
+            .put(&url)
+            .header("content-type", "application/json")
+            .body("{\"host\": \"10.0.0.1\", \"port\": 80"),
+        "truncated json",
+    )
+    .await;
+    r.assert_error(400, &[]);
+    let r = Api::read(
+        api.client
+            .put(&url)
+            .header("content-type", "application/json")
+            .body("not json at all"),
+        "garbage",
+    )
+    .await;
+    r.assert_error(400, &[]);
+    // Empty body.
+    let r = Api::read(
+        api.client
+            .put(&url)
+            .header("content-type", "application/json"),
+        "empty",
+    )
+    .await;
+    assert!(r.status >= 400 && r.status < 500, "{}", r.text);
+    r.assert_error(r.status, &[]);
+
+    // Missing or wrong content type.
+    let r = Api::read(
+        api.client
+            .put(&url)
+            .body(r#"{"host":"10.0.0.1","port":80}"#),
+        "no content type",
+    )
+    .await;
+    let msg = r.assert_error(415, &["content-type"]);
+    assert_eq!(r.body["error"]["code"], "unsupported_media_type", "{msg}");
+    let r = Api::read(
+        api.client
+            .put(&url)
+            .header("content-type", "text/plain")
+            .body(r#"{"host":"10.0.0.1","port":80}"#),
+        "text/plain",
+    )
+    .await;
+    r.assert_error(415, &[]);
+
+    // A body over the 4 MiB default limit, with a length header and streamed (chunked). A raw
+    // socket reads the answer while the body is still being written: the server answers
+    // before reading it all and closes, which an ordinary client may report as a broken pipe.
+    let big = format!(
+        r#"{{"host":"10.0.0.1","port":80,"version":"{}"}}"#,
+        "v".repeat(5 * 1024 * 1024)
+    )
+    .into_bytes();
+    let items: Vec<_> = (0..90_000)
+        .map(|i| json!({"namespace": "ns", "service": "svc", "id": format!("instance-{i:08}")}))
+        .collect();
+    let heartbeats = serde_json::to_vec(&items).unwrap();
+    assert!(heartbeats.len() > 4 * 1024 * 1024);
+    let addr = server.http;
+    let answers = tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        for framing in [Framing::ContentLength, Framing::Chunked] {
+            out.push(raw_http(
+                addr,
+                "PUT",
+                INST,
+                "application/json",
+                &big,
+                framing,
+            ));
+            out.push(raw_http(
+                addr,
+                "POST",
+                "/v1/heartbeats",
+                "application/json",
+                &heartbeats,
+                framing,
+            ));
+        }
+        out
+    })
+    .await
+    .unwrap();
+    for r in answers {
+        let msg = r.assert_error(413, &[]);
+        assert_eq!(r.body["error"]["code"], "payload_too_large", "{msg}");
+    }
+    // Just under the limit is fine (and refused only for what it says).
+    let near = format!(
+        r#"{{"host":"10.0.0.1","port":80,"metadata":{{}},"version":"v","cell":"{}"}}"#,
+        "c".repeat(3 * 1024 * 1024)
+    );
+    let r = Api::read(
+        api.client
+            .put(&url)
+            .header("content-type", "application/json")
+            .body(near),
+        "3 MiB body",
+    )
+    .await;
+    r.assert_error(400, &["cell"]);
+
+    assert_eq!(
+        api.get("/v1/namespaces").await.ok()["namespaces"],
+        json!([])
+    );
+    assert_healthy(&api).await;
+}
+
+#[tokio::test]
+async fn unknown_routes_and_wrong_methods() {
+    let server = Server::start();
+    let api = server.api();
+    for path in [
+        "/",
+        "/v2/namespaces",
+        "/v1/namespaces/ns/services/svc/instances/i/extra",
+        "/v1/nothing",
+    ] {
+        let r = api.get(path).await;
+        let msg = r.assert_error(404, &[]);
+        assert_eq!(r.body["error"]["code"], "not_found", "{path}: {msg}");
+    }
+    for (method, path) in [
+        (Method::DELETE, "/v1/namespaces"),
+        (Method::POST, "/v1/namespaces"),
+        (Method::GET, "/v1/heartbeats"),
+        (Method::GET, "/v1/discover"),
+        (Method::POST, "/v1/watch"),
+        (Method::PATCH, "/v1/namespaces/ns/services/svc"),
+        (Method::DELETE, "/v1/namespaces/ns/services/svc"),
+        (Method::GET, INST),
+        (Method::GET, "/v1/namespaces/ns/services/svc/instances"),
+        (Method::POST, INST),
+        (Method::PUT, "/v1/namespaces/ns/services/svc/instances"),
+        (Method::PUT, &format!("{INST}/status")),
+    ] {
+        let r = api.send(method.clone(), path, None).await;
+        let msg = r.assert_error(405, &[]);
+        assert_eq!(
+            r.body["error"]["code"], "method_not_allowed",
+            "{method} {path}: {msg}"
+        );
+    }
+    assert_healthy(&api).await;
+}
+
+#[tokio::test]
+async fn bad_queries_and_missing_things() {
+    let server = Server::start();
+    let api = server.api();
+    let svc = service_path("ns", "svc");
+
+    // Watch.
+    api.get("/v1/watch").await.assert_error(400, &["service"]);
+    api.get("/v1/watch?since=3")
+        .await
+        .assert_error(400, &["service"]);
+    api.get("/v1/watch?service=noslash")
+        .await
+        .assert_error(400, &["service", "namespace/service"]);
+    api.get("/v1/watch?service=ns/bad$svc")
+        .await
+        .assert_error(400, &["service"]);
+    api.get("/v1/watch?service=ns/a&since=abc")
+        .await
+        .assert_error(400, &["since"]);
+    api.get("/v1/watch?service=ns/a&since=-1")
+        .await
+        .assert_error(400, &["since"]);
+    api.get("/v1/watch?service=ns/a&colour=red")
+        .await
+        .assert_error(400, &["colour"]);
+
+    // Blocking query parameters.
+    api.get(&format!("{svc}?wait=5s"))
+        .await
+        .assert_error(400, &["wait", "index"]);
+    api.get(&format!("{svc}?index=1&wait=forever"))
+        .await
+        .assert_error(400, &["wait"]);
+    api.get(&format!("{svc}?index=1&wait=-5s"))
+        .await
+        .assert_error(400, &["wait"]);
+    api.get(&format!("{svc}?index=abc"))
+        .await
+        .assert_error(400, &["index"]);
+    api.get(&format!("{svc}?healthy=maybe"))
+        .await
+        .assert_error(400, &["healthy"]);
+    api.get(&format!("{svc}?colour=red"))
+        .await
+        .assert_error(400, &["colour"]);
+
+    // Missing instances.
+    api.delete(INST).await.assert_error(404, &["i-1"]);
+    api.patch(&format!("{INST}/status"), &json!({"weight": 1}))
+        .await
+        .assert_error(404, &["i-1"]);
+    api.register("ns", "svc", "i-1", &inst("10.0.0.1", 80))
+        .await;
+    api.deregister("ns", "svc", "i-1").await;
+    api.delete(INST).await.assert_error(404, &["i-1"]);
+    assert_healthy(&api).await;
+}

@@ -55,6 +55,15 @@ struct ServiceRecordV1 {
     protect_threshold: f32,
 }
 
+/// A service's own record: its settings and the revision of its last change. Written with
+/// every batch that touches the service, so a restart knows when each service last changed,
+/// even if that change was a delete.
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct ServiceRecord {
+    pub revision: Revision,
+    pub config: ServiceConfig,
+}
+
 pub(crate) fn instance_prefix(svc: &ServiceKey, id: &str) -> String {
     format!("i/{}/{}/{}/", svc.namespace, svc.service, id)
 }
@@ -125,8 +134,8 @@ pub(crate) fn encode_status(status: InstanceStatus, status_revision: Revision) -
     )
 }
 
-pub(crate) fn encode_service(cfg: &ServiceConfig) -> Vec<u8> {
-    encode(FORMAT_V2, cfg)
+pub(crate) fn encode_service(rec: &ServiceRecord) -> Vec<u8> {
+    encode(FORMAT_V2, rec)
 }
 
 /// A decoded key.
@@ -177,13 +186,16 @@ pub(crate) fn decode_status(key: &str, bytes: &[u8]) -> Result<StatusRecord, Sto
     }
 }
 
-pub(crate) fn decode_service(key: &str, bytes: &[u8]) -> Result<ServiceConfig, StoreError> {
+pub(crate) fn decode_service(key: &str, bytes: &[u8]) -> Result<ServiceRecord, StoreError> {
     match split(key, bytes)? {
         (FORMAT_V1, rest) => {
             let old: ServiceRecordV1 = body(key, rest)?;
-            Ok(ServiceConfig {
-                protect_threshold: old.protect_threshold,
-                ..Default::default()
+            Ok(ServiceRecord {
+                revision: 0,
+                config: ServiceConfig {
+                    protect_threshold: old.protect_threshold,
+                    ..Default::default()
+                },
             })
         }
         (FORMAT_V2, rest) => body(key, rest),
@@ -244,7 +256,10 @@ mod tests {
         assert_eq!(rec.status_revision, 9);
         let mut old = vec![FORMAT_V1];
         old.extend(postcard::to_stdvec(&0.25f32).unwrap());
-        assert_eq!(decode_service("k", &old).unwrap().protect_threshold, 0.25);
+        assert_eq!(
+            decode_service("k", &old).unwrap().config.protect_threshold,
+            0.25
+        );
         let cfg = ServiceConfig {
             protect_threshold: 0.5,
             check: sextant_model::HealthCheck {
@@ -252,6 +267,10 @@ mod tests {
                 ..Default::default()
             },
         };
-        assert_eq!(decode_service("k", &encode_service(&cfg)).unwrap(), cfg);
+        let rec = ServiceRecord {
+            revision: 12,
+            config: cfg,
+        };
+        assert_eq!(decode_service("k", &encode_service(&rec)).unwrap(), rec);
     }
 }

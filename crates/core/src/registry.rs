@@ -394,10 +394,17 @@ impl Registry {
         ServiceView::build(service.clone(), &entry.state(), healthy_only)
     }
 
-    /// Several services in one consistent cut.
-    pub fn discover(&self, services: &[ServiceKey], healthy_only: bool) -> Vec<ServiceView> {
+    /// Several services in one consistent cut, with the revision of that cut (everything up to
+    /// it is reflected, so it is a safe index for a following blocking query).
+    pub fn discover(
+        &self,
+        services: &[ServiceKey],
+        healthy_only: bool,
+    ) -> (Revision, Vec<ServiceView>) {
         let _cut = self.shared.publish_gate.read();
-        services.iter().map(|s| self.get(s, healthy_only)).collect()
+        let revision = self.shared.published.load(Ordering::Acquire);
+        let views = services.iter().map(|s| self.get(s, healthy_only)).collect();
+        (revision, views)
     }
 
     pub fn namespaces(&self) -> Vec<NamespaceSummary> {
@@ -551,7 +558,10 @@ fn load(store: &dyn Store) -> Result<(Revision, BTreeMap<ServiceKey, ServiceStat
                 }
             }
             codec::Key::Service(svc) => {
-                states.entry(svc).or_default().config = codec::decode_service(key, value)?;
+                let rec = codec::decode_service(key, value)?;
+                let st = states.entry(svc).or_default();
+                st.config = rec.config;
+                st.revision = st.revision.max(rec.revision);
             }
         }
         Ok(())
@@ -639,6 +649,19 @@ impl Writer {
         }
         let last = next - 1;
         let n_ops: usize = requests.iter().map(|r| r.ops.len()).sum();
+        // Every service that changed gets its record rewritten with its new revision.
+        for (key, (entry, st)) in &p.states {
+            if st.revision > entry.state().revision {
+                let rec = codec::ServiceRecord {
+                    revision: st.revision,
+                    config: st.config.clone(),
+                };
+                p.mutations.push(Mutation {
+                    key: codec::service_key(key),
+                    value: Some(codec::encode_service(&rec)),
+                });
+            }
+        }
 
         if !p.mutations.is_empty() {
             let started = std::time::Instant::now();
@@ -888,14 +911,8 @@ impl Writer {
                 }
                 st.config = config.clone();
                 st.revision = rev;
-                let value =
-                    (*config != ServiceConfig::default()).then(|| codec::encode_service(config));
-                p.mutations.push(Mutation {
-                    key: codec::service_key(service),
-                    value,
-                });
-                // Settings change discovery answers (protection) but no instance: no event, yet
-                // the revision moves so blocking queries wake.
+                // Settings change discovery answers (protection, checks) but no instance: no
+                // event, yet the revision moves so blocking queries wake.
                 *next += 1;
                 return Ok(rev);
             }

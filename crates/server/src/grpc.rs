@@ -424,9 +424,10 @@ impl RegistryApi for GrpcApi {
                 .iter()
                 .map(|s| key(Some(s)))
                 .collect::<Result<Vec<_>, _>>()?;
-            let views = self.node.registry.discover(&keys, r.healthy_only);
+            let (revision, views) = self.node.registry.discover(&keys, r.healthy_only);
             Ok(pb::DiscoverResponse {
                 services: views.iter().map(service_to).collect(),
+                revision,
             })
         })
         .await

@@ -51,7 +51,9 @@ impl<T: Clone + Send + 'static> Pump<T> {
             let d = match next {
                 Ok(d) => d,
                 Err(closed) => {
-                    let _ = self.tx.try_send(on_close(&closed.reason));
+                    // Bounded: a client that does not read does not hold up shutdown.
+                    let close = self.tx.send(on_close(&closed.reason));
+                    let _ = tokio::time::timeout(Duration::from_secs(1), close).await;
                     return;
                 }
             };

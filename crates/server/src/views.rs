@@ -289,7 +289,9 @@ pub mod sse {
 
     #[derive(Serialize)]
     struct SnapshotData<'a> {
-        revision: Revision,
+        /// The point to resume from (also the SSE id); the service's own last change is in
+        /// the flattened `revision`.
+        resume_revision: Revision,
         resync: bool,
         #[serde(flatten)]
         service: ServiceJson<'a>,
@@ -301,7 +303,7 @@ pub mod sse {
             "snapshot",
             revision,
             &SnapshotData {
-                revision,
+                resume_revision: revision,
                 resync,
                 service: view.into(),
             },

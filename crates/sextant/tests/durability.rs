@@ -321,9 +321,6 @@ async fn statuses_and_settings_survive_kill_9() {
 /// A blocking query holding a revision from before a restart must still see every change made
 /// after that revision, and a service's revision never goes back.
 #[tokio::test]
-#[ignore = "server bug: after a restart a service's revision is recomputed from its instances \
-            only, so it goes back (a settings change or a deletion is forgotten) and a blocking \
-            query at an index from before that change misses it; see the report"]
 async fn blocking_queries_do_not_miss_changes_made_before_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let mut server = Server::start_in(dir.path());

@@ -63,7 +63,8 @@ async fn register_get_update_status_deregister() {
         Some(pb::InstanceStatus {
             health: pb::Health::Unknown as i32,
             enabled: true,
-            weight: 100
+            weight: 100,
+            ..Default::default()
         })
     );
     assert_eq!((i.spec_revision, i.status_revision), (r1, r1));
@@ -80,6 +81,7 @@ async fn register_get_update_status_deregister() {
             health: Some(pb::Health::Unhealthy as i32),
             enabled: None,
             weight: Some(3),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -102,7 +104,8 @@ async fn register_get_update_status_deregister() {
         Some(pb::InstanceStatus {
             health: pb::Health::Unhealthy as i32,
             enabled: true,
-            weight: 3
+            weight: 3,
+            ..Default::default()
         })
     );
     let healthy = c
@@ -256,6 +259,7 @@ async fn discover_and_listings() {
         health: pb::Health::Unhealthy as i32,
         enabled: true,
         weight: 100,
+        ..Default::default()
     });
     let rb = c.register(sick).await.unwrap().into_inner().revision;
     c.register(grpc_reg("beta", "c", "1", "10.0.0.4", 1))
@@ -351,7 +355,8 @@ async fn discover_and_listings() {
     let rc = c
         .configure_service(pb::ConfigureServiceRequest {
             service: Some(svc_ref("alpha", "b")),
-            protect_threshold: 0.5,
+            protect_threshold: Some(0.5),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -435,6 +440,7 @@ async fn invalid_arguments_and_not_found() {
         health: 0,
         enabled: true,
         weight: 10001,
+        ..Default::default()
     });
     check(c.register(heavy).await, Code::InvalidArgument, "weight");
     let mut odd_health = grpc_reg("ns", "svc", "i", "10.0.0.1", 1);
@@ -442,6 +448,7 @@ async fn invalid_arguments_and_not_found() {
         health: 42,
         enabled: true,
         weight: 1,
+        ..Default::default()
     });
     check(
         c.register(odd_health).await,
@@ -505,7 +512,8 @@ async fn invalid_arguments_and_not_found() {
     check(
         c.configure_service(pb::ConfigureServiceRequest {
             service: Some(svc_ref("ns", "svc")),
-            protect_threshold: 2.0,
+            protect_threshold: Some(2.0),
+            ..Default::default()
         })
         .await,
         Code::InvalidArgument,

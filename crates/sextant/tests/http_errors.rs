@@ -209,7 +209,13 @@ async fn bad_instance_bodies() {
     for (body, status, field) in [
         (json!({"protect_threshold": 1.5}), 400, "protect_threshold"),
         (json!({"protect_threshold": -0.1}), 400, "protect_threshold"),
-        (json!({}), 422, "protect_threshold"),
+        (json!({}), 400, "protect_threshold"),
+        (
+            json!({"check": {"kind": "tcp", "timeout_ms": 9000}}),
+            400,
+            "check.timeout_ms",
+        ),
+        (json!({"check": {"kind": "udp"}}), 422, "kind"),
         (
             json!({"protect_threshold": "high"}),
             422,

@@ -224,6 +224,11 @@ async fn configure_service(
     ApiJson(body): ApiJson<ServiceSettingsBody>,
 ) -> Result<Json<RevisionBody>, ApiError> {
     let key = service_key(&ns, &svc)?;
+    if body.protect_threshold.is_none() && body.check.is_none() {
+        return Err(ApiError::bad_request(
+            "invalid settings: give at least one of protect_threshold, check",
+        ));
+    }
     let mut config = s.registry().get(&key, false).config;
     if let Some(t) = body.protect_threshold {
         config.protect_threshold = t;
@@ -376,10 +381,10 @@ async fn discover(
         .iter()
         .map(|r| service_key(&r.namespace, &r.service))
         .collect::<Result<Vec<_>, _>>()?;
-    let views = s.registry().discover(&keys, body.healthy_only);
+    let (revision, views) = s.registry().discover(&keys, body.healthy_only);
     let services: Vec<ServiceJson<'_>> = views.iter().map(ServiceJson::from).collect();
     Ok(Json(serde_json::json!({
-        "revision": s.registry().revision(),
+        "revision": revision,
         "services": services,
     })))
 }

@@ -1,7 +1,8 @@
 //! `sextant-bench`: the load tool for Sextant. It owns the benchmark scenarios — `register`
 //! (durable registration throughput and latency over HTTP, gRPC and gRPC batches), `push`
 //! (watch push latency and completeness over SSE, every event accounted for) and `scale`
-//! (a million instances: load throughput, memory, restart time) — and their measurement:
+//! (a million instances: load throughput, memory, restart time), `health` (the scanner probing
+//! many endpoints: probes/s, cycle lag) — and their measurement:
 //! latency percentiles, and the CPU seconds the server and this tool each used, read from
 //! `/proc`, because both usually share one small machine.
 //!
@@ -16,6 +17,7 @@
 //! hand, raise the limit in its shell (`ulimit -n 65536`) first.
 #![forbid(unsafe_code)]
 
+mod health;
 mod load;
 mod push;
 mod register;
@@ -96,6 +98,8 @@ enum Scenario {
     Push(push::PushArgs),
     /// Load S services × I instances with BatchRegister; memory; SIGTERM, restart, time to ready.
     Scale(scale::ScaleArgs),
+    /// The health scanner probing many endpoints: probes/s against a full cycle, cycle lag, CPU.
+    Health(health::HealthArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -169,6 +173,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Scenario::Register(_) => "register",
             Scenario::Push(_) => "push",
             Scenario::Scale(_) => "scale",
+            Scenario::Health(_) => "health",
         },
         target.http,
         target.grpc,
@@ -184,6 +189,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Scenario::Register(a) => register::run(&target, a).await,
         Scenario::Push(a) => push::run(&target, a).await,
         Scenario::Scale(a) => scale::run(&mut target, a).await,
+        Scenario::Health(a) => health::run(&mut target, a).await,
     };
     println!("load average at the end: {}", load_average());
     let log = target.log();

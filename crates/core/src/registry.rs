@@ -807,7 +807,7 @@ impl Writer {
                             value: Some(codec::encode_status(status, rev)),
                         });
                         let kind = EventKind::Status {
-                            id: r.spec.id.clone(),
+                            id: r.spec.id.to_string(),
                             status,
                         };
                         (kind, inst)

@@ -20,8 +20,8 @@ fn spec(id: &str) -> InstanceSpec {
         protocol: "http".into(),
         version: "1".into(),
         location: Location::default(),
-        cell: String::new(),
-        lane: String::new(),
+        cell: Default::default(),
+        lane: Default::default(),
         metadata: Default::default(),
     }
 }
@@ -352,7 +352,7 @@ async fn run_ops(r: &Registry, ops: &[TestOp]) {
         let _ = match *op {
             TestOp::Register(s, i, v) => {
                 let mut rg = reg(&format!("s{s}"), &format!("i{i}"), 0);
-                rg.spec.version = v.to_string();
+                rg.spec.version = v.to_string().into();
                 r.register(rg).await
             }
             TestOp::Status(s, i, w) => {

@@ -7,15 +7,16 @@
 #![forbid(unsafe_code)]
 
 mod check;
+mod text;
 mod validate;
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 pub use check::{CheckKind, HealthCheck};
+pub use text::{Metadata, Text};
 pub use validate::{
     validate_host, validate_instance_id, validate_name, validate_registration, MAX_METADATA_BYTES,
     MAX_METADATA_ENTRIES, MAX_WEIGHT,
@@ -81,25 +82,25 @@ impl fmt::Display for ServiceKey {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Location {
-    pub region: String,
-    pub zone: String,
-    pub idc: String,
+    pub region: Text,
+    pub zone: Text,
+    pub idc: Text,
 }
 
 /// The cold half of an instance: what it is and where to reach it. Rarely changes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstanceSpec {
-    pub id: String,
-    pub host: String,
+    pub id: Text,
+    pub host: Text,
     pub port: u16,
-    pub protocol: String,
-    pub version: String,
+    pub protocol: Text,
+    pub version: Text,
     pub location: Location,
     /// SET / cell tag used for cell-based routing.
-    pub cell: String,
+    pub cell: Text,
     /// Swimlane tag used for lane (e.g. canary, feature) routing.
-    pub lane: String,
-    pub metadata: BTreeMap<String, String>,
+    pub lane: Text,
+    pub metadata: Metadata,
 }
 
 /// What a health check (or an operator, or a lease) last said about an instance.

@@ -140,7 +140,7 @@ fn validate_spec(spec: &InstanceSpec) -> Result<(), InvalidField> {
         ));
     }
     let mut total = 0;
-    for (k, v) in &spec.metadata {
+    for (k, v) in spec.metadata.iter() {
         if k.is_empty()
             || k.len() > MAX_METADATA_KEY
             || !k
@@ -204,8 +204,8 @@ mod tests {
             protocol: "http".into(),
             version: "1.2.3".into(),
             location: Location::default(),
-            cell: String::new(),
-            lane: String::new(),
+            cell: Default::default(),
+            lane: Default::default(),
             metadata: Default::default(),
         }
     }
@@ -261,7 +261,7 @@ mod tests {
             "protocol"
         );
         let mut s = spec();
-        s.metadata.insert("k".into(), "v".repeat(2000));
+        s.metadata.insert("k", "v".repeat(2000));
         assert_eq!(
             validate_registration(&reg(s)).unwrap_err().field,
             "metadata"

@@ -1,7 +1,6 @@
 //! The native gRPC adapter (`sextant.v1.Registry`): the same operations as HTTP, batch register
 //! and heartbeat, and a server-streaming Watch over many services.
 
-use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +8,7 @@ use std::time::Duration;
 use futures::Stream;
 use sextant_core::model::{
     CheckKind, DeleteReason, Event, EventKind, Health, HealthCheck, Instance, InstanceStatus,
-    Location, ServiceKey, StatusPatch,
+    Location, Metadata, ServiceKey, StatusPatch,
 };
 use sextant_core::{Delivery, HeartbeatResult, ServiceView};
 use sextant_proto::v1 as pb;
@@ -148,19 +147,19 @@ fn registration(r: pb::RegisterRequest) -> Result<sextant_core::model::Registrat
     };
     let loc = spec.location.unwrap_or_default();
     let body = RegisterBody {
-        id: (!spec.id.is_empty()).then_some(spec.id),
-        host: spec.host,
+        id: (!spec.id.is_empty()).then(|| spec.id.into()),
+        host: spec.host.into(),
         port: spec.port,
-        protocol: (!spec.protocol.is_empty()).then_some(spec.protocol),
-        version: spec.version,
+        protocol: (!spec.protocol.is_empty()).then(|| spec.protocol.into()),
+        version: spec.version.into(),
         location: Location {
-            region: loc.region,
-            zone: loc.zone,
-            idc: loc.idc,
+            region: loc.region.into(),
+            zone: loc.zone.into(),
+            idc: loc.idc.into(),
         },
-        cell: spec.cell,
-        lane: spec.lane,
-        metadata: spec.metadata.into_iter().collect::<BTreeMap<_, _>>(),
+        cell: spec.cell.into(),
+        lane: spec.lane.into(),
+        metadata: spec.metadata.into_iter().collect::<Metadata>(),
         status,
         ttl_seconds: r.ttl_seconds,
     };
@@ -178,19 +177,23 @@ fn instance_to(i: &Instance) -> pb::Instance {
     let s = &*i.spec;
     pb::Instance {
         spec: Some(pb::InstanceSpec {
-            id: s.id.clone(),
-            host: s.host.clone(),
+            id: s.id.to_string(),
+            host: s.host.to_string(),
             port: u32::from(s.port),
-            protocol: s.protocol.clone(),
-            version: s.version.clone(),
+            protocol: s.protocol.to_string(),
+            version: s.version.to_string(),
             location: Some(pb::Location {
-                region: s.location.region.clone(),
-                zone: s.location.zone.clone(),
-                idc: s.location.idc.clone(),
+                region: s.location.region.to_string(),
+                zone: s.location.zone.to_string(),
+                idc: s.location.idc.to_string(),
             }),
-            cell: s.cell.clone(),
-            lane: s.lane.clone(),
-            metadata: s.metadata.clone().into_iter().collect(),
+            cell: s.cell.to_string(),
+            lane: s.lane.to_string(),
+            metadata: s
+                .metadata
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         }),
         status: Some(status_to(i.status)),
         ttl_seconds: i.ttl_seconds,

@@ -1,13 +1,11 @@
 //! JSON shapes of the native HTTP API: request bodies (strict: unknown fields refused) and
 //! response views (borrowing from the registry's state, so a large list is not copied twice).
 
-use std::collections::BTreeMap;
-
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sextant_core::model::{
     DeleteReason, Event, EventKind, Health, HealthCheck, Instance, InstanceSpec, InstanceStatus,
-    InvalidField, Location, Registration, Revision, ServiceKey, StatusPatch,
+    InvalidField, Location, Metadata, Registration, Revision, ServiceKey, StatusPatch, Text,
 };
 use sextant_core::{Delivery, ServiceView};
 
@@ -17,22 +15,22 @@ use sextant_core::{Delivery, ServiceView};
 pub struct RegisterBody {
     /// Only for `POST .../instances`; defaults to `host:port`.
     #[serde(default)]
-    pub id: Option<String>,
-    pub host: String,
+    pub id: Option<Text>,
+    pub host: Text,
     /// Wider than u16 so that an out-of-range port gets a message naming the field.
     pub port: u32,
     #[serde(default)]
-    pub protocol: Option<String>,
+    pub protocol: Option<Text>,
     #[serde(default)]
-    pub version: String,
+    pub version: Text,
     #[serde(default)]
     pub location: Location,
     #[serde(default)]
-    pub cell: String,
+    pub cell: Text,
     #[serde(default)]
-    pub lane: String,
+    pub lane: Text,
     #[serde(default)]
-    pub metadata: BTreeMap<String, String>,
+    pub metadata: Metadata,
     #[serde(default)]
     pub status: Option<StatusBody>,
     #[serde(default)]
@@ -52,8 +50,9 @@ impl RegisterBody {
                 InvalidField::new("port", format!("must be 1-65535, got {}", self.port))
             })?;
         let id = id
+            .map(Text::from)
             .or(self.id)
-            .unwrap_or_else(|| format!("{}:{}", self.host, port));
+            .unwrap_or_else(|| compact_str::format_compact!("{}:{}", self.host, port));
         let status = self
             .status
             .map(|s| InstanceStatus::default().patched(&s.into(), 0));
@@ -185,7 +184,7 @@ pub struct InstanceView<'a> {
     pub location: &'a Location,
     pub cell: &'a str,
     pub lane: &'a str,
-    pub metadata: &'a BTreeMap<String, String>,
+    pub metadata: &'a Metadata,
     pub ttl_seconds: u32,
     pub spec_revision: Revision,
     pub status_revision: Revision,
@@ -196,14 +195,14 @@ impl<'a> From<&'a Instance> for InstanceView<'a> {
     fn from(i: &'a Instance) -> Self {
         let s = &*i.spec;
         InstanceView {
-            id: &s.id,
-            host: &s.host,
+            id: s.id.as_str(),
+            host: s.host.as_str(),
             port: s.port,
-            protocol: &s.protocol,
-            version: &s.version,
+            protocol: s.protocol.as_str(),
+            version: s.version.as_str(),
             location: &s.location,
-            cell: &s.cell,
-            lane: &s.lane,
+            cell: s.cell.as_str(),
+            lane: s.lane.as_str(),
             metadata: &s.metadata,
             ttl_seconds: i.ttl_seconds,
             spec_revision: i.spec_revision,

@@ -5,7 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use sextant_core::model::{
     CheckKind, DeleteReason, Event, EventKind, Health, HealthCheck, Instance, InstanceStatus,
     Location, Metadata, ServiceKey, StatusPatch,
@@ -238,16 +238,25 @@ fn event_to(e: &Event) -> pb::WatchEvent {
     }
 }
 
+/// One item of a watch stream's queue. Boxed: a `WatchEvent` is several hundred bytes and the
+/// queue allocates slots in blocks of 32, which per stream adds up at tens of thousands of
+/// streams.
+type WatchItem = Box<Result<pb::WatchEvent, Status>>;
+
 /// Events first, then snapshots carrying the resume revision (see the SSE adapter).
-fn delivery_to(d: &Delivery) -> Vec<Result<pb::WatchEvent, Status>> {
-    let mut out: Vec<_> = d.events.iter().map(|e| Ok(event_to(&e.event))).collect();
+fn delivery_to(d: &Delivery) -> Vec<WatchItem> {
+    let mut out: Vec<WatchItem> = d
+        .events
+        .iter()
+        .map(|e| Box::new(Ok(event_to(&e.event))))
+        .collect();
     out.extend(d.snapshots.iter().map(|s| {
-        Ok(pb::WatchEvent {
+        Box::new(Ok(pb::WatchEvent {
             revision: d.revision,
             service: Some(service_ref(&s.view.service)),
             kind: Some(pb::watch_event::Kind::Snapshot(service_to(&s.view))),
             resync: s.resync,
-        })
+        }))
     }));
     out
 }
@@ -568,8 +577,8 @@ impl RegistryApi for GrpcApi {
             peer,
         };
         tokio::spawn(pump.run(sub, delivery_to, |reason| {
-            Err(Status::unavailable(reason.to_string()))
+            Box::new(Err(Status::unavailable(reason.to_string())))
         }));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(|b| *b))))
     }
 }

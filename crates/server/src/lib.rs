@@ -26,6 +26,9 @@ pub use config::{ConfigError, ServerConfig, StoreKind};
 pub use error::ApiError;
 pub use metrics::ApiMetrics;
 
+/// Concurrent HTTP/2 streams one gRPC connection may hold.
+const MAX_STREAMS_PER_CONNECTION: u32 = 10_000;
+
 /// Why the node could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -142,6 +145,9 @@ impl Server {
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
             let r = tonic::transport::Server::builder()
                 .http2_keepalive_interval(Some(Duration::from_secs(30)))
+                // Many watch streams share one connection (an SDK holds one per client, an
+                // agent multiplexes its host's); bounded so one peer cannot open millions.
+                .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
                 .add_service(grpc_service)
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = s2.wait_for(|v| *v).await;

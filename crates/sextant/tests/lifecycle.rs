@@ -220,3 +220,143 @@ async fn scanner_can_be_turned_off() {
     .await
     .assert_error(503, &["scanner"]);
 }
+
+#[tokio::test]
+async fn lifecycle_over_grpc() {
+    use sextant_proto::v1 as pb;
+    let server = Server::start();
+    let mut c = server.grpc_client().await;
+    let svc = || {
+        Some(pb::ServiceRef {
+            namespace: "g".into(),
+            service: "web".into(),
+        })
+    };
+    let up = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = up.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = up.accept().await {
+            drop(s);
+        }
+    });
+    c.register(pb::RegisterRequest {
+        service: svc(),
+        spec: Some(pb::InstanceSpec {
+            host: "127.0.0.1".into(),
+            port: u32::from(port),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let id = format!("127.0.0.1:{port}");
+    // A check with only the kind and interval set: the rest take defaults.
+    c.configure_service(pb::ConfigureServiceRequest {
+        service: svc(),
+        protect_threshold: None,
+        check: Some(pb::HealthCheck {
+            kind: pb::CheckKind::CheckTcp as i32,
+            interval_ms: 200,
+            timeout_ms: 100,
+            rise: 1,
+            ..Default::default()
+        }),
+    })
+    .await
+    .unwrap();
+    let get = |c: &mut sextant_proto::v1::registry_client::RegistryClient<_>| {
+        let mut c = c.clone();
+        async move {
+            c.get_service(pb::GetServiceRequest {
+                service: svc(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+        }
+    };
+    let s = get(&mut c).await;
+    let check = s.check.unwrap();
+    assert_eq!(check.kind, pb::CheckKind::CheckTcp as i32);
+    assert_eq!((check.fall, check.http_path.as_str()), (3, "/health"));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let s = get(&mut c).await;
+        if s.instances[0].status.unwrap().health == pb::Health::Healthy as i32 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never probed healthy");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Drain and a weight override through UpdateStatus.
+    c.update_status(pb::UpdateStatusRequest {
+        service: svc(),
+        id: id.clone(),
+        draining: Some(true),
+        weight_override: Some(7),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let st = get(&mut c).await.instances[0].status.unwrap();
+    assert!(st.draining_since_ms.is_some());
+    assert_eq!(st.weight_override, Some(7));
+    let healthy = c
+        .get_service(pb::GetServiceRequest {
+            service: svc(),
+            healthy_only: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(healthy.instances.is_empty());
+    c.update_status(pb::UpdateStatusRequest {
+        service: svc(),
+        id: id.clone(),
+        draining: Some(false),
+        clear_weight_override: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let st = get(&mut c).await.instances[0].status.unwrap();
+    assert_eq!((st.draining_since_ms, st.weight_override), (None, None));
+    // Suspects.
+    let r = c
+        .report_suspects(pb::SuspectRequest {
+            reporter: "agent".into(),
+            instances: vec![
+                pb::InstanceRef {
+                    service: svc(),
+                    id: id.clone(),
+                },
+                pb::InstanceRef {
+                    service: svc(),
+                    id: "nope".into(),
+                },
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.outcomes.len(), 2);
+    assert_eq!(r.outcomes[1], "not_probed");
+    // Bad check settings are InvalidArgument naming the field.
+    let err = c
+        .configure_service(pb::ConfigureServiceRequest {
+            service: svc(),
+            protect_threshold: None,
+            check: Some(pb::HealthCheck {
+                kind: pb::CheckKind::CheckHttp as i32,
+                http_path: "no-slash".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("check.http_path"), "{}", err.message());
+}

@@ -1,23 +1,22 @@
 //! The native gRPC adapter (`sextant.v1.Registry`): the same operations as HTTP, batch register
 //! and heartbeat, and a server-streaming Watch over many services.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use sextant_core::model::{
     CheckKind, DeleteReason, Event, EventKind, Health, HealthCheck, Instance, InstanceStatus,
     Location, Metadata, ServiceKey, StatusPatch,
 };
-use sextant_core::{Delivery, HeartbeatResult, ServiceView};
+use sextant_core::{CoreMetrics, Delivery, HeartbeatResult, ServiceView, Subscription};
 use sextant_proto::v1 as pb;
 use sextant_proto::v1::registry_server::{Registry as RegistryApi, RegistryServer};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::error::grpc_status;
-use crate::stream::Pump;
 use crate::views::{RegisterBody, StatusBody};
 use crate::Node;
 
@@ -238,27 +237,68 @@ fn event_to(e: &Event) -> pb::WatchEvent {
     }
 }
 
-/// One item of a watch stream's queue. Boxed: a `WatchEvent` is several hundred bytes and the
-/// queue allocates slots in blocks of 32, which per stream adds up at tens of thousands of
-/// streams.
-type WatchItem = Box<Result<pb::WatchEvent, Status>>;
-
 /// Events first, then snapshots carrying the resume revision (see the SSE adapter).
-fn delivery_to(d: &Delivery) -> Vec<WatchItem> {
-    let mut out: Vec<WatchItem> = d
-        .events
-        .iter()
-        .map(|e| Box::new(Ok(event_to(&e.event))))
-        .collect();
+fn delivery_to(d: &Delivery) -> Vec<Result<pb::WatchEvent, Status>> {
+    let mut out: Vec<_> = d.events.iter().map(|e| Ok(event_to(&e.event))).collect();
     out.extend(d.snapshots.iter().map(|s| {
-        Box::new(Ok(pb::WatchEvent {
+        Ok(pb::WatchEvent {
             revision: d.revision,
             service: Some(service_ref(&s.view.service)),
             kind: Some(pb::watch_event::Kind::Snapshot(service_to(&s.view))),
             resync: s.resync,
-        }))
+        })
     }));
     out
+}
+
+/// A watch stream polled by the connection itself: no task and no queue hop per stream, which
+/// is most of the per-delivery cost at tens of thousands of streams. A client that stops
+/// reading simply stops being polled: the core keeps only its cursor, HTTP/2 flow control
+/// bounds what is buffered, and when it reads again it gets everything it missed coalesced
+/// (or a snapshot).
+fn watch_stream(
+    sub: Subscription,
+    metrics: CoreMetrics,
+) -> impl Stream<Item = Result<pb::WatchEvent, Status>> + Send {
+    struct State {
+        sub: Subscription,
+        queue: VecDeque<Result<pb::WatchEvent, Status>>,
+        metrics: CoreMetrics,
+        done: bool,
+    }
+    let state = State {
+        sub,
+        queue: VecDeque::new(),
+        metrics,
+        done: false,
+    };
+    futures::stream::unfold(state, |mut st| async move {
+        loop {
+            if let Some(item) = st.queue.pop_front() {
+                return Some((item, st));
+            }
+            if st.done {
+                return None;
+            }
+            match st.sub.next().await {
+                Ok(d) => {
+                    for e in &d.events {
+                        st.metrics
+                            .push_seconds
+                            .observe(e.published_at.elapsed().as_secs_f64());
+                    }
+                    st.queue.extend(delivery_to(&d));
+                    // Items already handed over are dropped as the client reads; do not
+                    // keep the capacity of a large catch-up.
+                    st.queue.shrink_to(16);
+                }
+                Err(closed) => {
+                    st.done = true;
+                    st.queue.push_back(Err(Status::unavailable(closed.reason)));
+                }
+            }
+        }
+    })
 }
 
 impl GrpcApi {
@@ -551,10 +591,6 @@ impl RegistryApi for GrpcApi {
     type WatchStream = WatchStream;
 
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<WatchStream>, Status> {
-        let peer = req
-            .remote_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_else(|| "grpc".into());
         let r = req.into_inner();
         if r.services.is_empty() {
             return Err(Status::invalid_argument(
@@ -567,18 +603,7 @@ impl RegistryApi for GrpcApi {
             .map(|s| key(Some(s)))
             .collect::<Result<Vec<_>, _>>()?;
         let sub = self.node.registry.subscribe(keys, r.since);
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
-        let pump = Pump {
-            tx,
-            slow_timeout: self.node.config.slow_subscriber_timeout(),
-            keepalive: None,
-            core: self.node.registry.metrics().clone(),
-            api: self.node.api_metrics.clone(),
-            peer,
-        };
-        tokio::spawn(pump.run(sub, delivery_to, |reason| {
-            Box::new(Err(Status::unavailable(reason.to_string())))
-        }));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(|b| *b))))
+        let stream = watch_stream(sub, self.node.registry.metrics().clone());
+        Ok(Response::new(Box::pin(stream)))
     }
 }

@@ -1,0 +1,381 @@
+//! Connections to the configured servers: one HTTP/2 channel at a time to the current server,
+//! failover to the next address when a call finds it unreachable (connection failure,
+//! `Unavailable`, timeout), a timeout on every call, and the jittered exponential backoff the
+//! background loops use between reconnect attempts.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use sextant_proto::v1::registry_client::RegistryClient;
+use tokio::time::Instant;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use crate::error::Error;
+use crate::stats::Counters;
+
+/// Largest message the client accepts (a snapshot of a very large service).
+const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// How long after a round in which no server could be reached the cache-file fallback answers
+/// without trying the network again.
+const UNREACHABLE_MEMORY: Duration = Duration::from_secs(3);
+
+/// A channel to one server, and which one (an index into the configured addresses).
+#[derive(Clone)]
+pub(crate) struct Conn {
+    pub index: usize,
+    pub channel: Channel,
+}
+
+impl Conn {
+    pub fn client(&self) -> RegistryClient<Channel> {
+        RegistryClient::new(self.channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+}
+
+struct Current {
+    index: usize,
+    channel: Option<Channel>,
+    /// When the last round over every address failed to connect.
+    unreachable_at: Option<Instant>,
+    /// The server of the last successful connection.
+    last_connected: Option<usize>,
+}
+
+pub(crate) struct Transport {
+    endpoints: Vec<(String, Endpoint)>,
+    connect_timeout: Duration,
+    pub call_timeout: Duration,
+    current: Mutex<Current>,
+    /// One connect round at a time; others wait for its result.
+    connecting: tokio::sync::Mutex<()>,
+    stats: Arc<Counters>,
+}
+
+/// Whether a failed call says "this server cannot serve you now; try another" rather than
+/// "your request is wrong". Every SDK call is idempotent, so retrying elsewhere is safe.
+pub(crate) fn is_failover(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unavailable
+            | Code::Unknown
+            | Code::Internal
+            | Code::Cancelled
+            | Code::DeadlineExceeded
+    )
+}
+
+impl Transport {
+    pub fn new(
+        addresses: &[String],
+        connect_timeout: Duration,
+        call_timeout: Duration,
+        stats: Arc<Counters>,
+    ) -> Result<Self, Error> {
+        if addresses.is_empty() {
+            return Err(Error::NoServers);
+        }
+        let endpoints = addresses
+            .iter()
+            .map(|a| {
+                let ep = Endpoint::from_shared(a.clone())
+                    .map_err(|e| Error::InvalidAddress {
+                        address: a.clone(),
+                        reason: e.to_string(),
+                    })?
+                    .connect_timeout(connect_timeout)
+                    .tcp_nodelay(true)
+                    // A server that vanished without closing the connection (a partition, a
+                    // frozen host) is noticed within interval + timeout.
+                    .http2_keep_alive_interval(Duration::from_secs(10))
+                    .keep_alive_timeout(Duration::from_secs(5))
+                    .keep_alive_while_idle(true);
+                Ok((a.clone(), ep))
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        Ok(Self {
+            endpoints,
+            connect_timeout,
+            call_timeout,
+            current: Mutex::new(Current {
+                index: 0,
+                channel: None,
+                unreachable_at: None,
+                last_connected: None,
+            }),
+            connecting: tokio::sync::Mutex::new(()),
+            stats,
+        })
+    }
+
+    pub fn address(&self, index: usize) -> &str {
+        self.endpoints
+            .get(index)
+            .map(|e| e.0.as_str())
+            .unwrap_or("?")
+    }
+
+    fn cached(&self) -> Option<Conn> {
+        let c = self.current.lock();
+        c.channel.clone().map(|channel| Conn {
+            index: c.index,
+            channel,
+        })
+    }
+
+    /// Whether the last attempt to reach any server failed, recently.
+    pub fn recently_unreachable(&self) -> bool {
+        self.current
+            .lock()
+            .unreachable_at
+            .is_some_and(|t| t.elapsed() < UNREACHABLE_MEMORY)
+    }
+
+    /// The channel to the current server, connecting first if needed: the current address,
+    /// then each other one in order, each bounded by the connect timeout.
+    pub async fn connect(&self) -> Result<Conn, Error> {
+        if let Some(c) = self.cached() {
+            return Ok(c);
+        }
+        let _one = self.connecting.lock().await;
+        if let Some(c) = self.cached() {
+            return Ok(c);
+        }
+        let start = self.current.lock().index;
+        let n = self.endpoints.len();
+        let mut last_error = String::new();
+        for k in 0..n {
+            let index = (start + k) % n;
+            let (address, ep) = &self.endpoints[index];
+            // `connect_timeout` bounds the TCP connect; this bounds the HTTP/2 handshake too.
+            let bound = self.connect_timeout + Duration::from_millis(500);
+            match tokio::time::timeout(bound, ep.connect()).await {
+                Ok(Ok(channel)) => {
+                    let mut c = self.current.lock();
+                    if c.last_connected.is_some_and(|l| l != index)
+                        || (c.last_connected.is_none() && index != 0)
+                    {
+                        self.stats.failovers.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(server = %address, "failed over to another server");
+                    }
+                    c.last_connected = Some(index);
+                    c.index = index;
+                    c.channel = Some(channel.clone());
+                    c.unreachable_at = None;
+                    return Ok(Conn { index, channel });
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(server = %address, error = %e, "cannot connect");
+                    last_error = format!("{address}: {e}");
+                }
+                Err(_) => {
+                    tracing::debug!(server = %address, "connect timed out");
+                    last_error = format!("{address}: connect timed out after {bound:?}");
+                }
+            }
+        }
+        self.current.lock().unreachable_at = Some(Instant::now());
+        Err(Error::Unavailable {
+            operation: "connect",
+            last_error,
+        })
+    }
+
+    /// Drops the channel to server `index` after a failure, so the next call tries the next
+    /// address. A no-op if another caller already moved on.
+    pub fn failed(&self, index: usize) {
+        let mut c = self.current.lock();
+        if c.index == index {
+            c.channel = None;
+            c.index = (index + 1) % self.endpoints.len();
+        }
+    }
+
+    /// A unary call with failover: on the current server, and on each other one in turn while
+    /// they fail as unreachable. Each attempt is bounded by the call timeout.
+    pub async fn call<T, F, Fut>(&self, operation: &'static str, f: F) -> Result<T, Error>
+    where
+        F: FnMut(RegistryClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        self.call_indexed(operation, f).await.map(|(_, t)| t)
+    }
+
+    /// [`Transport::call`], also telling which server answered.
+    pub async fn call_indexed<T, F, Fut>(
+        &self,
+        operation: &'static str,
+        mut f: F,
+    ) -> Result<(usize, T), Error>
+    where
+        F: FnMut(RegistryClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let mut last_error = String::new();
+        for _ in 0..self.endpoints.len() {
+            let conn = match self.connect().await {
+                Ok(c) => c,
+                Err(Error::Unavailable { last_error, .. }) => {
+                    return Err(Error::Unavailable {
+                        operation,
+                        last_error,
+                    })
+                }
+                Err(e) => return Err(e),
+            };
+            match tokio::time::timeout(self.call_timeout, f(conn.client())).await {
+                Ok(Ok(resp)) => return Ok((conn.index, resp.into_inner())),
+                Ok(Err(status)) if is_failover(&status) => {
+                    tracing::debug!(server = %self.address(conn.index), operation, %status, "call failed; trying the next server");
+                    last_error = format!("{}: {status}", self.address(conn.index));
+                    self.failed(conn.index);
+                }
+                Ok(Err(status)) => {
+                    return Err(Error::Rejected {
+                        operation,
+                        code: status.code(),
+                        message: status.message().to_string(),
+                    })
+                }
+                Err(_) => {
+                    tracing::debug!(server = %self.address(conn.index), operation, "call timed out; trying the next server");
+                    last_error = format!(
+                        "{}: timed out after {:?}",
+                        self.address(conn.index),
+                        self.call_timeout
+                    );
+                    self.failed(conn.index);
+                }
+            }
+        }
+        Err(Error::Unavailable {
+            operation,
+            last_error,
+        })
+    }
+
+    /// A request carrying the call timeout as its gRPC deadline, so the server gives up too.
+    pub fn request<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        r.set_timeout(self.call_timeout);
+        r
+    }
+}
+
+/// Exponential backoff with jitter: each delay is drawn from [cap/2, cap), cap doubling from
+/// `min` up to `max`, so many clients that lost the same server do not return in lock-step.
+pub(crate) struct Backoff {
+    min: Duration,
+    max: Duration,
+    cap: Duration,
+    rng: Rng,
+}
+
+impl Backoff {
+    pub fn new(min: Duration, max: Duration) -> Self {
+        let min = min.max(Duration::from_millis(1));
+        Self {
+            min,
+            max: max.max(min),
+            cap: min,
+            rng: Rng::new(),
+        }
+    }
+
+    pub fn next_delay(&mut self) -> Duration {
+        let cap = self.cap;
+        self.cap = (self.cap * 2).min(self.max);
+        let half = cap / 2;
+        half + self.rng.below(cap - half)
+    }
+
+    pub fn reset(&mut self) {
+        self.cap = self.min;
+    }
+}
+
+/// A small xorshift generator for jitter (not for anything secret).
+pub(crate) struct Rng(u64);
+
+impl Rng {
+    pub fn new() -> Self {
+        static SALT: AtomicU64 = AtomicU64::new(0x9E37_79B9_7F4A_7C15);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        let salt = SALT.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
+        Rng((nanos ^ salt ^ u64::from(std::process::id())) | 1)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Uniform-ish in [0, d).
+    pub fn below(&mut self, d: Duration) -> Duration {
+        let nanos = d.as_nanos().min(u128::from(u64::MAX)) as u64;
+        if nanos == 0 {
+            return Duration::ZERO;
+        }
+        Duration::from_nanos(self.next_u64() % nanos)
+    }
+
+    /// `d` scaled by a random factor in [1 - frac, 1 + frac).
+    pub fn jitter(&mut self, d: Duration, frac: f64) -> Duration {
+        let spread = d.mul_f64(frac * 2.0);
+        d.mul_f64(1.0 - frac) + self.below(spread)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_the_cap_with_jitter_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(800));
+        let d: Vec<_> = (0..6).map(|_| b.next_delay()).collect();
+        assert!(d[0] >= Duration::from_millis(50) && d[0] < Duration::from_millis(100));
+        assert!(d[1] >= Duration::from_millis(100) && d[1] < Duration::from_millis(200));
+        for x in &d[3..] {
+            assert!(*x >= Duration::from_millis(400) && *x < Duration::from_millis(800));
+        }
+        b.reset();
+        assert!(b.next_delay() < Duration::from_millis(100));
+    }
+
+    #[test]
+    fn jitter_stays_in_range() {
+        let mut r = Rng::new();
+        for _ in 0..1000 {
+            let j = r.jitter(Duration::from_secs(1), 0.1);
+            assert!(j >= Duration::from_millis(900) && j < Duration::from_millis(1100));
+        }
+    }
+
+    #[test]
+    fn no_servers_and_bad_addresses_are_refused() {
+        let stats = Arc::new(Counters::default());
+        let t = Duration::from_secs(1);
+        assert!(matches!(
+            Transport::new(&[], t, t, stats.clone()),
+            Err(Error::NoServers)
+        ));
+        assert!(matches!(
+            Transport::new(&["not a uri\n".into()], t, t, stats),
+            Err(Error::InvalidAddress { .. })
+        ));
+    }
+}

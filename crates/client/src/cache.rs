@@ -220,12 +220,30 @@ impl Cache {
         }
     }
 
+    /// Records a delivery boundary from a bookmark frame.
+    fn advance_resume(&self, ctx: &StreamCtx, bookmark: u64) {
+        let mut st = self.state.lock();
+        let resume = match st.resume {
+            Some((i, r)) if i == ctx.index && !ctx.foreign => r.max(bookmark),
+            _ => bookmark,
+        };
+        st.resume = Some((ctx.index, resume));
+        self.stats.last_revision.store(resume, Ordering::Relaxed);
+    }
+
     /// Applies one watch frame. Frames of one stream arrive in revision order; a frame at or
     /// below a service's applied revision is skipped. Returns `true` when the frame showed the
     /// cached state of its service to be off, so the stream should re-open and re-read it.
     pub fn apply_frame(&self, ctx: &mut StreamCtx, ev: pb::WatchEvent) -> Result<bool, Error> {
         use pb::watch_event::Kind;
         let rev = ev.revision;
+        // Only the last frame of a delivery carries the point to resume from; a frame with
+        // nothing else is a bookmark (the stream is caught up to it).
+        let bookmark = ev.resume_revision;
+        if ev.kind.is_none() && bookmark > 0 {
+            self.advance_resume(ctx, bookmark);
+            return Ok(false);
+        }
         let name = service_name(ev.service.as_ref())?;
         let kind = ev
             .kind
@@ -301,17 +319,19 @@ impl Cache {
                 }
             }
         };
-        let resume = match st.resume {
-            Some((i, r)) if i == ctx.index && !ctx.foreign => r.max(rev),
-            _ => rev,
-        };
+        if bookmark > 0 {
+            let resume = match st.resume {
+                Some((i, r)) if i == ctx.index && !ctx.foreign => r.max(bookmark),
+                _ => bookmark,
+            };
+            st.resume = Some((ctx.index, resume));
+            self.stats.last_revision.store(resume, Ordering::Relaxed);
+        }
         if ctx.foreign {
             // From now on this stream's revisions are the only history.
             ctx.foreign = false;
             ctx.since = None;
         }
-        st.resume = Some((ctx.index, resume));
-        self.stats.last_revision.store(resume, Ordering::Relaxed);
         drop(st);
         if let Some((change, service)) = published {
             self.publish(rev, change, &service);
@@ -421,6 +441,7 @@ mod tests {
                 ..Default::default()
             })),
             resync: false,
+            resume_revision: rev,
         }
     }
 
@@ -430,6 +451,7 @@ mod tests {
             service: sref(s),
             kind: Some(pb::watch_event::Kind::Upsert(inst(id))),
             resync: false,
+            resume_revision: rev,
         }
     }
 
@@ -442,6 +464,7 @@ mod tests {
                 reason: "deregistered".into(),
             })),
             resync: false,
+            resume_revision: rev,
         }
     }
 
@@ -555,6 +578,7 @@ mod tests {
                 status: Some(pb::InstanceStatus::default()),
             })),
             resync: false,
+            resume_revision: 2,
         };
         assert!(c.apply_frame(&mut ctx, status).unwrap());
         let wanted: BTreeSet<_> = [name("a")].into();
@@ -573,7 +597,16 @@ mod tests {
         };
         let mut ev = upsert("a", 1, "x");
         ev.kind = None;
+        ev.resume_revision = 0;
         assert!(c.apply_frame(&mut ctx, ev).is_err());
+        // Without a kind but with a resume revision it is a bookmark: the resume point moves.
+        let bookmark = pb::WatchEvent {
+            revision: 9,
+            resume_revision: 9,
+            ..Default::default()
+        };
+        assert!(!c.apply_frame(&mut ctx, bookmark).unwrap());
+        assert_eq!(c.state.lock().resume, Some((0, 9)));
         let mut ev = upsert("a", 1, "x");
         ev.service = None;
         assert!(c.apply_frame(&mut ctx, ev).is_err());

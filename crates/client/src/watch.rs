@@ -90,14 +90,9 @@ impl Watcher {
             }
         };
         let resume = self.cache.state.lock().resume;
-        // A revision is only meaningful to the server whose history it came from.
-        //
-        // Known gap (server protocol): the resume point is the revision of the last frame, as
-        // the proto defines it, but the server writes one delivery as several frames (events,
-        // then resync snapshots at the delivery's revision) with no end-of-delivery marker. A
-        // connection cut between the frames of a delivery that carries resync snapshots makes
-        // the next `since` skip the history of the services whose snapshots were not yet
-        // received. Nothing on the wire lets a client pick a safer point.
+        // A revision is only meaningful to the server whose history it came from. It is
+        // always a delivery boundary (the server marks the last frame of each delivery with
+        // `resume_revision`), so a stream cut mid-delivery resumes without losing anything.
         let since = resume.filter(|(i, _)| *i == conn.index).map(|(_, r)| r);
         let req = pb::WatchRequest {
             services: set.iter().map(service_ref).collect(),

@@ -58,7 +58,9 @@ pub struct Delivery {
     /// Everything up to this revision has been delivered for every subscribed service: the
     /// revision to resume from.
     pub revision: Revision,
-    /// Services whose state is sent whole (start or resync). Come before `events`.
+    /// Services whose state is sent whole (start or resync); never a service that also has
+    /// events in this delivery. Adapters send them after the events and mark the end of the
+    /// delivery with `revision`, the only safe resume point.
     pub snapshots: Vec<ServiceSnapshot>,
     /// Events in strictly increasing revision order.
     pub events: Vec<Arc<SharedEvent>>,

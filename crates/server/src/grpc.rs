@@ -234,21 +234,31 @@ fn event_to(e: &Event) -> pb::WatchEvent {
         service: Some(service_ref(&e.service)),
         kind: Some(kind),
         resync: false,
+        resume_revision: 0,
     }
 }
 
-/// Events first, then snapshots carrying the resume revision (see the SSE adapter).
+/// Events, then snapshots; the last frame carries the delivery's resume revision (a bookmark
+/// frame when there is nothing else), so a client cut off mid-delivery resumes from the
+/// previous delivery's end and loses nothing.
 fn delivery_to(d: &Delivery) -> Vec<Result<pb::WatchEvent, Status>> {
-    let mut out: Vec<_> = d.events.iter().map(|e| Ok(event_to(&e.event))).collect();
-    out.extend(d.snapshots.iter().map(|s| {
-        Ok(pb::WatchEvent {
-            revision: d.revision,
-            service: Some(service_ref(&s.view.service)),
-            kind: Some(pb::watch_event::Kind::Snapshot(service_to(&s.view))),
-            resync: s.resync,
-        })
+    let mut out: Vec<pb::WatchEvent> = d.events.iter().map(|e| event_to(&e.event)).collect();
+    out.extend(d.snapshots.iter().map(|s| pb::WatchEvent {
+        revision: d.revision,
+        service: Some(service_ref(&s.view.service)),
+        kind: Some(pb::watch_event::Kind::Snapshot(service_to(&s.view))),
+        resync: s.resync,
+        resume_revision: 0,
     }));
-    out
+    match out.last_mut() {
+        Some(last) => last.resume_revision = d.revision,
+        None => out.push(pb::WatchEvent {
+            revision: d.revision,
+            resume_revision: d.revision,
+            ..Default::default()
+        }),
+    }
+    out.into_iter().map(Ok).collect()
 }
 
 /// A watch stream polled by the connection itself: no task and no queue hop per stream, which

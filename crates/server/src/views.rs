@@ -241,9 +241,11 @@ impl<'a> From<&'a ServiceView> for ServiceJson<'a> {
 pub mod sse {
     use super::*;
 
-    fn frame(event: &str, id: Revision, data: &impl Serialize) -> Bytes {
+    /// A frame without its terminating blank line: the delivery adds it, with the `id` line
+    /// on the delivery's last frame only.
+    fn frame(event: &str, data: &impl Serialize) -> Bytes {
         let json = serde_json::to_string(data).unwrap_or_else(|_| "{}".into());
-        Bytes::from(format!("event: {event}\nid: {id}\ndata: {json}\n\n"))
+        Bytes::from(format!("event: {event}\ndata: {json}\n"))
     }
 
     #[derive(Serialize)]
@@ -261,7 +263,7 @@ pub mod sse {
         reason: Option<DeleteReason>,
     }
 
-    /// `upsert`, `status` or `delete`; the SSE id is the event's revision.
+    /// `upsert`, `status` or `delete`; `revision` in the data is the event's.
     pub fn event(e: &Event) -> Bytes {
         let mut d = EventData {
             revision: e.revision,
@@ -283,7 +285,7 @@ pub mod sse {
                 d.reason = Some(*reason);
             }
         }
-        frame(e.kind.name(), e.revision, &d)
+        frame(e.kind.name(), &d)
     }
 
     #[derive(Serialize)]
@@ -296,11 +298,10 @@ pub mod sse {
         service: ServiceJson<'a>,
     }
 
-    /// A whole service; its SSE id is the delivery's revision, the point to resume from.
+    /// A whole service, complete to the delivery's revision.
     pub fn snapshot(view: &ServiceView, resync: bool, revision: Revision) -> Bytes {
         frame(
             "snapshot",
-            revision,
             &SnapshotData {
                 resume_revision: revision,
                 resync,
@@ -309,16 +310,32 @@ pub mod sse {
         )
     }
 
-    /// Frames of one delivery, in the order to send them: events first, then snapshots (of
-    /// other services) carrying the resume revision, so the last id seen is always safe to
-    /// resume from.
+    /// Chunks of one delivery, in the order to send them: events, then snapshots (of other
+    /// services). Only the last frame carries an SSE `id` — the delivery's revision — so the
+    /// `Last-Event-ID` a client reconnects with is always a delivery boundary, never a point
+    /// in the middle of one. A delivery with nothing to send becomes a `sync` frame with that
+    /// id (a resume that missed nothing says so).
     pub fn delivery(d: &Delivery) -> Vec<Bytes> {
-        let mut out: Vec<Bytes> = d.events.iter().map(|e| e.encoded(event)).collect();
-        out.extend(
+        let mut frames: Vec<Bytes> = d.events.iter().map(|e| e.encoded(event)).collect();
+        frames.extend(
             d.snapshots
                 .iter()
                 .map(|s| snapshot(&s.view, s.resync, d.revision)),
         );
+        if frames.is_empty() {
+            let data = serde_json::json!({ "resume_revision": d.revision });
+            frames.push(frame("sync", &data));
+        }
+        let last = frames.len() - 1;
+        let mut out = Vec::with_capacity(frames.len() * 2);
+        for (i, f) in frames.into_iter().enumerate() {
+            out.push(f);
+            out.push(if i == last {
+                Bytes::from(format!("id: {}\n\n", d.revision))
+            } else {
+                Bytes::from_static(b"\n")
+            });
+        }
         out
     }
 

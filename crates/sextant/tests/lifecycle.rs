@@ -87,7 +87,7 @@ async fn checks_drain_weight_override_and_suspects() {
         .unwrap();
     let f = loop {
         let f = sse.expect(FRAME).await;
-        if f.id == Some(r) {
+        if f.data["revision"].as_u64() == Some(r) {
             break f;
         }
     };
@@ -287,7 +287,10 @@ async fn lifecycle_over_grpc() {
         if s.instances[0].status.unwrap().health == pb::Health::Healthy as i32 {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "never probed healthy");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never probed healthy"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Drain and a weight override through UpdateStatus.
@@ -358,5 +361,9 @@ async fn lifecycle_over_grpc() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    assert!(err.message().contains("check.http_path"), "{}", err.message());
+    assert!(
+        err.message().contains("check.http_path"),
+        "{}",
+        err.message()
+    );
 }

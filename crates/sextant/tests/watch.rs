@@ -35,8 +35,16 @@ fn seen(kind: &str, service: &str, id: &str, revision: u64) -> Seen {
 
 /// A change frame of the SSE stream, checked for internal consistency.
 fn sse_seen(f: &Frame) -> Seen {
-    let id = f.id.expect("change events carry an id");
-    assert_eq!(f.data["revision"], id, "data.revision != id in {f:?}");
+    let id = f.data["revision"]
+        .as_u64()
+        .expect("change events carry their revision");
+    // Only a delivery's last frame carries an SSE id, and it is a delivery boundary.
+    if let Some(boundary) = f.id {
+        assert!(
+            boundary >= id,
+            "id {boundary} before the event's revision in {f:?}"
+        );
+    }
     assert_eq!(f.data["namespace"], "w", "{f:?}");
     let instance = match f.event.as_str() {
         "upsert" => f.data["instance"]["id"].as_str(),
@@ -86,8 +94,11 @@ async fn http_changes(api: &Api) -> Vec<Seen> {
 
 async fn read_sse(sse: &mut Sse, n: usize) -> Vec<Seen> {
     let mut got = Vec::new();
-    for _ in 0..n {
-        got.push(sse_seen(&sse.expect(FRAME).await));
+    while got.len() < n {
+        let f = sse.expect(FRAME).await;
+        if f.event != "sync" {
+            got.push(sse_seen(&f));
+        }
     }
     got
 }
@@ -109,9 +120,12 @@ async fn sse_snapshot_then_every_change_in_order_then_resume() {
     // A snapshot of each service, complete to the current revision.
     let s1 = sse.expect(FRAME).await;
     let s2 = sse.expect(FRAME).await;
+    // Only the delivery's last frame carries the SSE id (the resume point).
+    assert_eq!(s1.id, None, "{s1:?}");
+    assert_eq!(s2.id, Some(r0), "{s2:?}");
     for s in [&s1, &s2] {
         assert_eq!(s.event, "snapshot", "{s:?}");
-        assert_eq!(s.id, Some(r0), "{s:?}");
+        assert_eq!(s.data["resume_revision"], r0, "{s:?}");
         assert_eq!(s.data["resync"], false, "{s:?}");
         assert_eq!(s.data["namespace"], "w");
     }
@@ -194,9 +208,11 @@ async fn sse_snapshot_then_every_change_in_order_then_resume() {
     assert_eq!(got, want[6..]);
     sse.expect_quiet(QUIET).await;
 
-    // Resuming at the head: nothing, then the next change.
+    // Resuming at the head: only a bookmark saying so, then the next change.
     let head = api.service("w", "b").await["revision"].as_u64().unwrap();
     let mut sse = Sse::open(&api, &format!("service=w/a&service=w/b&since={head}"), None).await;
+    let f = sse.expect(FRAME).await;
+    assert_eq!((f.event.as_str(), f.id), ("sync", Some(head)), "{f:?}");
     sse.expect_quiet(QUIET).await;
     let r = api.register("w", "a", "late", &inst("10.0.0.6", 1)).await;
     assert_eq!(
@@ -271,19 +287,26 @@ fn grpc_seen(e: &pb::WatchEvent) -> Seen {
 
 async fn grpc_read(stream: &mut tonic::Streaming<pb::WatchEvent>, n: usize) -> Vec<Seen> {
     let mut got = Vec::new();
-    for _ in 0..n {
+    while got.len() < n {
         let e = bounded("a gRPC watch event", FRAME, stream.message())
             .await
             .expect("watch stream failed")
             .expect("watch stream ended");
-        got.push(grpc_seen(&e));
+        if e.kind.is_some() {
+            got.push(grpc_seen(&e));
+        }
     }
     got
 }
 
+/// Nothing but bookmarks (frames that only say the stream is caught up) within QUIET.
 async fn grpc_quiet(stream: &mut tonic::Streaming<pb::WatchEvent>) {
-    if let Ok(m) = tokio::time::timeout(QUIET, stream.message()).await {
-        panic!("expected nothing on the watch, got {m:?}");
+    let deadline = tokio::time::Instant::now() + QUIET;
+    while let Ok(m) = tokio::time::timeout_at(deadline, stream.message()).await {
+        match m {
+            Ok(Some(e)) if e.kind.is_none() && e.resume_revision > 0 => continue,
+            m => panic!("expected nothing on the watch, got {m:?}"),
+        }
     }
 }
 

@@ -243,3 +243,11 @@ pub async fn check_http(resp: reqwest::Response) -> anyhow::Result<serde_json::V
     }
     serde_json::from_slice(&body).context("the response is not JSON")
 }
+
+/// The record a peer (ZooKeeper, etcd) stores for instance `i`: the same instance as
+/// [`http_body`], as JSON bytes, with the `weight` its status changes alter.
+pub fn peer_record(i: u64, weight: u32) -> Vec<u8> {
+    let mut v = http_body(i);
+    v["weight"] = serde_json::json!(weight);
+    serde_json::to_vec(&v).unwrap_or_default()
+}

@@ -2,7 +2,8 @@
 //! (durable registration throughput and latency over HTTP, gRPC and gRPC batches), `push`
 //! (watch push latency and completeness over SSE, every event accounted for) and `scale`
 //! (a million instances: load throughput, memory, restart time), `health` (the scanner probing
-//! many endpoints: probes/s, cycle lag) — and their measurement:
+//! many endpoints: probes/s, cycle lag), `compare` (register and push side by side against
+//! ZooKeeper and etcd, which it starts itself) — and their measurement:
 //! latency percentiles, and the CPU seconds the server and this tool each used, read from
 //! `/proc`, because both usually share one small machine.
 //!
@@ -17,13 +18,18 @@
 //! hand, raise the limit in its shell (`ulimit -n 65536`) first.
 #![forbid(unsafe_code)]
 
+mod compare;
+mod connections;
+mod etcd;
 mod health;
 mod load;
+mod peers;
 mod push;
 mod register;
 mod scale;
 mod stats;
 mod target;
+mod zk;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -100,6 +106,11 @@ enum Scenario {
     Scale(scale::ScaleArgs),
     /// The health scanner probing many endpoints: probes/s against a full cycle, cycle lag, CPU.
     Health(health::HealthArgs),
+    /// C concurrent gRPC watch streams on one node: server RSS per stream, push latency at that count.
+    Connections(connections::ConnectionsArgs),
+    /// Sextant, ZooKeeper and etcd one after another in this run, same work, native protocols:
+    /// register throughput and push latency side by side, with ratios. Starts the peers itself.
+    Compare(Box<compare::CompareArgs>),
 }
 
 fn main() -> std::process::ExitCode {
@@ -139,11 +150,15 @@ fn load_average() -> String {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let fds = raise_fd_limit();
-    if let (Scenario::Push(p), Some(limit)) = (&cli.scenario, fds) {
-        if (p.watchers as u64) + 256 > limit {
+    let watchers = match &cli.scenario {
+        Scenario::Push(p) => Some(p.watchers),
+        Scenario::Compare(c) => Some(c.watchers.max(c.peer_watchers.unwrap_or(0))),
+        _ => None,
+    };
+    if let (Some(watchers), Some(limit)) = (watchers, fds) {
+        if (watchers as u64) + 256 > limit {
             eprintln!(
-                "warning: {} watchers need more open files than RLIMIT_NOFILE {limit} allows",
-                p.watchers
+                "warning: {watchers} watchers need more open files than RLIMIT_NOFILE {limit} allows"
             );
         }
     }
@@ -174,6 +189,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Scenario::Push(_) => "push",
             Scenario::Scale(_) => "scale",
             Scenario::Health(_) => "health",
+            Scenario::Connections(_) => "connections",
+            Scenario::Compare(_) => "compare",
         },
         target.http,
         target.grpc,
@@ -190,6 +207,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Scenario::Push(a) => push::run(&target, a).await,
         Scenario::Scale(a) => scale::run(&mut target, a).await,
         Scenario::Health(a) => health::run(&mut target, a).await,
+        Scenario::Connections(a) => connections::run(&target, a).await,
+        Scenario::Compare(a) => compare::run(&target, a).await,
     };
     println!("load average at the end: {}", load_average());
     let log = target.log();

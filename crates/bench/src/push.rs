@@ -8,6 +8,7 @@
 //! start (a server it spawns inherits that); for a server started by hand, run `ulimit -n` first.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,10 +19,11 @@ use futures::StreamExt;
 use serde::Deserialize;
 use sextant_proto::v1 as pb;
 use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::load::{self, NAMESPACE};
-use crate::stats::{print_table, CpuMeter, Latency, Row};
+use crate::stats::{print_table, CpuMeter, CpuUsed, Latency, Row};
 use crate::target::Target;
 
 #[derive(Args, Debug, Clone)]
@@ -52,32 +54,57 @@ pub struct PushArgs {
     pub deadline: Duration,
 }
 
-/// State a subscriber shares with the controller while it runs.
-struct Live {
-    ready: AtomicUsize,
+/// State a subscriber shares with the controller while it runs (for every system compared:
+/// a "revision" is whatever key identifies one acknowledged change there).
+pub(crate) struct Live {
+    pub(crate) ready: AtomicUsize,
     /// Subscribers whose stream ended before their first snapshot.
-    failed: AtomicUsize,
+    pub(crate) failed: AtomicUsize,
     /// Highest revision seen, per subscriber.
-    max_rev: Vec<AtomicU64>,
+    pub(crate) max_rev: Vec<AtomicU64>,
     /// The stream ended (error, close or end of body), per subscriber.
-    ended: Vec<AtomicBool>,
+    pub(crate) ended: Vec<AtomicBool>,
+}
+
+impl Live {
+    pub(crate) fn new(watchers: usize) -> Arc<Self> {
+        Arc::new(Self {
+            ready: AtomicUsize::new(0),
+            failed: AtomicUsize::new(0),
+            max_rev: (0..watchers).map(|_| AtomicU64::new(0)).collect(),
+            ended: (0..watchers).map(|_| AtomicBool::new(false)).collect(),
+        })
+    }
+
+    /// Waits until every subscriber has its first snapshot or has failed, or until `deadline`.
+    async fn wait_ready(&self, deadline: Instant) {
+        let watchers = self.max_rev.len();
+        loop {
+            let ready = self.ready.load(Ordering::Relaxed);
+            let failed = self.failed.load(Ordering::Relaxed);
+            if ready + failed >= watchers || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
 }
 
 /// What one subscriber saw.
 #[derive(Default)]
-struct Seen {
+pub(crate) struct Seen {
     /// From the request until the first snapshot was read.
-    connect: Option<Duration>,
-    snapshot_rev: u64,
-    snapshot_instances: usize,
+    pub(crate) connect: Option<Duration>,
+    pub(crate) snapshot_rev: u64,
+    pub(crate) snapshot_instances: usize,
     /// (revision, arrival) of every event frame, in arrival order.
-    events: Vec<(u64, Instant)>,
+    pub(crate) events: Vec<(u64, Instant)>,
     /// Snapshots after the first (resync: the server replaced missed history).
-    resyncs: u32,
+    pub(crate) resyncs: u32,
     /// Every revision up to this one is covered by a resync snapshot.
-    resync_through: u64,
+    pub(crate) resync_through: u64,
     /// Why the stream ended before it was stopped, if it did.
-    ended: Option<String>,
+    pub(crate) ended: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -86,6 +113,15 @@ struct SnapshotData {
     resync: bool,
     #[serde(default)]
     instances: Vec<serde::de::IgnoredAny>,
+}
+
+/// The revision fields of a frame's data (the rest is skipped, not parsed).
+#[derive(Deserialize)]
+struct FrameRevision {
+    #[serde(default)]
+    revision: Option<u64>,
+    #[serde(default)]
+    resume_revision: Option<u64>,
 }
 
 /// One server-sent event.
@@ -186,8 +222,13 @@ async fn subscriber(
             let now = Instant::now();
             parser.push(&chunk, &mut frames);
             for f in frames.drain(..) {
-                let rev = f.id.unwrap_or(0);
+                // Only a delivery's last frame has an SSE id; every frame's data has its
+                // revision (`resume_revision` for snapshots and sync bookmarks).
+                let rev = serde_json::from_str::<FrameRevision>(&f.data)
+                    .map(|r| r.resume_revision.or(r.revision).unwrap_or(0))
+                    .unwrap_or_else(|_| f.id.unwrap_or(0));
                 match f.event.as_str() {
+                    "sync" => {}
                     "snapshot" => {
                         let d: SnapshotData =
                             serde_json::from_str(&f.data).context("snapshot JSON")?;
@@ -222,148 +263,157 @@ async fn subscriber(
     seen
 }
 
-pub async fn run(t: &Target, a: &PushArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        a.watchers > 0 && a.instances > 0 && a.changes > 0 && a.rate > 0.0,
-        "sizes must be positive"
-    );
-    let service = format!("push-{}", load::run_id());
-    let mut rows = Vec::new();
-    let mut notes = Vec::new();
-    let params = format!(
-        "W={} I={} R={}/s K={}",
-        a.watchers, a.instances, a.rate, a.changes
-    );
+/// The subscribers' connect phase: how many had their first snapshot, and when.
+pub(crate) struct Connected {
+    pub(crate) ready: usize,
+    pub(crate) secs: f64,
+    pub(crate) cpu: CpuUsed,
+}
 
-    // 1. The watched service.
-    let meter = CpuMeter::start(t.pid);
-    let grpc = Arc::new(load::grpc_clients(&t.grpc, 2).await?);
-    let (svc, total) = (service.clone(), a.instances);
-    let batch = 500u64;
-    let out = load::drive(2, total.div_ceil(batch), a.deadline, move |w, n| {
-        let mut c = grpc[w].clone();
-        let instances: Vec<_> = (n * batch..((n + 1) * batch).min(total))
-            .map(|i| load::grpc_request(&svc, format!("i{i}"), i))
-            .collect();
-        let len = instances.len() as u64;
-        async move {
-            c.batch_register(pb::BatchRegisterRequest { instances })
-                .await?;
-            Ok(len)
-        }
-    })
-    .await;
-    notes.extend(out.notes("push setup"));
-    rows.push(Row {
-        scenario: "push setup: BatchRegister".into(),
-        params: format!("I={} B={batch}", a.instances),
-        ops: out.ops,
-        errors: out.errors,
-        secs: out.elapsed.as_secs_f64(),
-        unit: "inst/s",
-        latency: out.latency,
-        cpu: Some(meter.stop()),
-    });
-    anyhow::ensure!(out.errors == 0, "could not register the watched service");
-
-    // 2. Subscribers.
-    let meter = CpuMeter::start(t.pid);
-    let client = load::http_client(None)?;
-    let live = Arc::new(Live {
-        ready: AtomicUsize::new(0),
-        failed: AtomicUsize::new(0),
-        max_rev: (0..a.watchers).map(|_| AtomicU64::new(0)).collect(),
-        ended: (0..a.watchers).map(|_| AtomicBool::new(false)).collect(),
-    });
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let slots = Arc::new(Semaphore::new(a.connect_concurrency.max(1)));
-    let url = format!("{}/v1/watch", t.http);
-    let key = format!("{NAMESPACE}/{service}");
-    let connect_started = Instant::now();
-    let subs: Vec<_> = (0..a.watchers)
-        .map(|n| {
-            tokio::spawn(subscriber(
-                n,
-                client.clone(),
-                url.clone(),
-                key.clone(),
-                slots.clone(),
-                live.clone(),
-                stop_rx.clone(),
-            ))
-        })
-        .collect();
-    let ready_deadline = connect_started + a.ready_timeout;
-    loop {
-        let ready = live.ready.load(Ordering::Relaxed);
-        let failed = live.failed.load(Ordering::Relaxed);
-        if ready + failed >= a.watchers || Instant::now() > ready_deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let connect_secs = connect_started.elapsed().as_secs_f64();
-    let connect_cpu = meter.stop();
+/// Starts the subscribers (`spawn(n)` returns subscriber `n`'s task) and waits, bounded by
+/// `--ready-timeout`, until each has its first snapshot or has failed.
+pub(crate) async fn connect_all<F>(
+    a: &PushArgs,
+    server_pid: Option<u32>,
+    live: &Live,
+    notes: &mut Vec<String>,
+    mut spawn: F,
+) -> (Vec<JoinHandle<Seen>>, Connected)
+where
+    F: FnMut(usize) -> JoinHandle<Seen>,
+{
+    let meter = CpuMeter::start(server_pid);
+    let started = Instant::now();
+    let subs: Vec<_> = (0..a.watchers).map(&mut spawn).collect();
+    live.wait_ready(started + a.ready_timeout).await;
+    let secs = started.elapsed().as_secs_f64();
+    let cpu = meter.stop();
     let ready = live.ready.load(Ordering::Relaxed);
     if ready < a.watchers {
         notes.push(format!(
-            "push connect: only {ready} of {} subscribers had their snapshot after {connect_secs:.1} s",
+            "push connect: only {ready} of {} subscribers had their snapshot after {secs:.1} s",
             a.watchers
         ));
     }
+    (subs, Connected { ready, secs, cpu })
+}
 
-    // 3. Writes at a fixed rate, one at a time, each acknowledged before the next.
-    let meter = CpuMeter::start(t.pid);
-    let writer = load::http_client(Some(Duration::from_secs(30)))?;
+/// The writes of one run: K changes at R/s, one at a time, each acknowledged before the next.
+pub(crate) struct Writes {
+    /// (revision, sent, acknowledged) of every acknowledged write.
+    pub(crate) acks: Vec<(u64, Instant, Instant)>,
+    pub(crate) latency: Latency,
+    pub(crate) errors: u64,
+    pub(crate) first_error: Option<String>,
+    pub(crate) secs: f64,
+    pub(crate) cpu: CpuUsed,
+}
+
+/// Makes the `--changes` writes at `--rate`: `write(k)` performs change `k` and returns the
+/// revision (or other key) the subscribers' events will carry for it.
+pub(crate) async fn write_at_rate<F, Fut>(
+    a: &PushArgs,
+    server_pid: Option<u32>,
+    notes: &mut Vec<String>,
+    mut write: F,
+) -> Writes
+where
+    F: FnMut(u64) -> Fut,
+    Fut: Future<Output = anyhow::Result<u64>>,
+{
+    let meter = CpuMeter::start(server_pid);
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / a.rate));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // (revision, sent, acknowledged) of every acknowledged write.
-    let mut acks: Vec<(u64, Instant, Instant)> = Vec::with_capacity(a.changes as usize);
-    let mut write_latency = Latency::new();
-    let mut write_errors = 0u64;
-    let mut first_write_error = None;
-    let writes_started = Instant::now();
+    let mut w = Writes {
+        acks: Vec::with_capacity(a.changes as usize),
+        latency: Latency::new(),
+        errors: 0,
+        first_error: None,
+        secs: 0.0,
+        cpu: CpuUsed {
+            server: None,
+            bench: 0.0,
+            wall: Duration::ZERO,
+        },
+    };
+    let started = Instant::now();
     for k in 0..a.changes {
         tick.tick().await;
-        if writes_started.elapsed() > a.deadline {
+        if started.elapsed() > a.deadline {
             notes.push(format!(
                 "push: writes stopped at the deadline after {k} changes"
             ));
             break;
         }
-        let (j, round) = (k % a.instances, k / a.instances);
-        // Alternating per instance and flipping every round, so every change changes something.
-        let weight = if (j + round) % 2 == 0 { 50 } else { 150 };
-        let url = format!(
-            "{}/v1/namespaces/{NAMESPACE}/services/{service}/instances/i{j}/status",
-            t.http
-        );
+        let fut = write(k);
         let sent = Instant::now();
-        let r = async {
-            let resp = writer
-                .patch(url)
-                .json(&serde_json::json!({ "weight": weight }))
-                .send()
-                .await?;
-            let v = load::check_http(resp).await?;
-            v["revision"].as_u64().context("no revision in the answer")
-        }
-        .await;
+        let r = fut.await;
         let acked = Instant::now();
-        write_latency.record(acked - sent);
+        w.latency.record(acked - sent);
         match r {
-            Ok(rev) => acks.push((rev, sent, acked)),
+            Ok(rev) => w.acks.push((rev, sent, acked)),
             Err(e) => {
-                write_errors += 1;
-                first_write_error.get_or_insert_with(|| format!("{e:#}"));
+                w.errors += 1;
+                w.first_error.get_or_insert_with(|| format!("{e:#}"));
             }
         }
     }
-    let writes_secs = writes_started.elapsed().as_secs_f64();
-    let write_cpu = meter.stop();
+    w.secs = started.elapsed().as_secs_f64();
+    w.cpu = meter.stop();
+    w
+}
 
-    // 4. Wait (bounded) until every live subscriber has the last revision.
-    let meter = CpuMeter::start(t.pid);
+/// How one system's push rows are named, and what only it needs said.
+pub(crate) struct Labels {
+    /// Put before every row name ("" when only Sextant runs).
+    pub(crate) prefix: String,
+    /// How a subscriber subscribes, e.g. "SSE GET /v1/watch".
+    pub(crate) subscribe: String,
+    /// How a change is written, e.g. "PATCH status".
+    pub(crate) write: String,
+    /// Notes of this system only, appended after the common ones.
+    pub(crate) notes: Vec<String>,
+}
+
+/// One system's push results: its full table and the figures compared side by side.
+pub(crate) struct PushResult {
+    pub(crate) rows: Vec<Row>,
+    pub(crate) notes: Vec<String>,
+    /// Write acknowledged -> event, over all delivered (subscriber, change) pairs.
+    pub(crate) ack: Latency,
+    /// Write sent -> event.
+    pub(crate) sent: Latency,
+    /// Per change, acknowledged -> the last subscriber had it.
+    pub(crate) fanout: Latency,
+    pub(crate) delivered: u64,
+    pub(crate) expected: u64,
+    pub(crate) resynced: u64,
+    pub(crate) missing: u64,
+    pub(crate) watchers: usize,
+    pub(crate) writes: usize,
+    /// CPU over the writes and the drain.
+    pub(crate) cpu: CpuUsed,
+    pub(crate) secs: f64,
+}
+
+/// Waits (bounded) until every live subscriber has the last acknowledged revision, stops them,
+/// and accounts for every (subscriber, change) pair.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn finish(
+    a: &PushArgs,
+    server_pid: Option<u32>,
+    live: &Live,
+    stop_tx: watch::Sender<bool>,
+    subs: Vec<JoinHandle<Seen>>,
+    setup: Row,
+    connected: Connected,
+    writes: Writes,
+    labels: Labels,
+    mut notes: Vec<String>,
+) -> PushResult {
+    // Wait (bounded) until every live subscriber has the last revision.
+    let meter = CpuMeter::start(server_pid);
+    let acks = &writes.acks;
     let last = acks.iter().map(|a| a.0).max().unwrap_or(0);
     let drain_started = Instant::now();
     loop {
@@ -402,7 +452,7 @@ pub async fn run(t: &Target, a: &PushArgs) -> anyhow::Result<()> {
     }
     let drain_cpu = meter.stop();
 
-    // 5. Account for every (subscriber, change) pair.
+    // Account for every (subscriber, change) pair.
     let ack_at: HashMap<u64, Instant> = acks.iter().map(|a| (a.0, a.2)).collect();
     let mut push = Latency::new();
     let mut from_send = Latency::new();
@@ -437,7 +487,7 @@ pub async fn run(t: &Target, a: &PushArgs) -> anyhow::Result<()> {
             }
         }
         let mut lacking = Vec::new();
-        for &(rev, sent, acked) in &acks {
+        for &(rev, sent, acked) in acks {
             if let Some(&at) = got.get(&rev) {
                 delivered += 1;
                 if at < acked {
@@ -475,100 +525,228 @@ pub async fn run(t: &Target, a: &PushArgs) -> anyhow::Result<()> {
     }
     let expected = acks.len() as u64 * a.watchers as u64;
 
+    let params = format!(
+        "W={} I={} R={}/s K={}",
+        a.watchers, a.instances, a.rate, a.changes
+    );
+    let p = &labels.prefix;
+    let watch_secs = writes.secs + drain.as_secs_f64();
+    let watch_cpu = CpuUsed {
+        server: writes.cpu.server.zip(drain_cpu.server).map(|(a, b)| a + b),
+        bench: writes.cpu.bench + drain_cpu.bench,
+        wall: writes.cpu.wall + drain_cpu.wall,
+    };
+    let mut rows = vec![setup];
     rows.push(Row {
-        scenario: "push connect (to 1st snapshot)".into(),
+        scenario: format!("{p}push connect (to 1st snapshot)"),
         params: format!(
             "W={} I={} concurrency={}",
             a.watchers, a.instances, a.connect_concurrency
         ),
-        ops: ready as u64,
-        errors: (a.watchers - ready) as u64,
-        secs: connect_secs,
+        ops: connected.ready as u64,
+        errors: (a.watchers - connected.ready) as u64,
+        secs: connected.secs,
         unit: "subs/s",
         latency: connect,
-        cpu: Some(connect_cpu),
+        cpu: Some(connected.cpu),
     });
     rows.push(Row {
-        scenario: "push writes: PATCH status".into(),
+        scenario: format!("{p}push writes: {}", labels.write),
         params: params.clone(),
         ops: acks.len() as u64,
-        errors: write_errors,
-        secs: writes_secs,
+        errors: writes.errors,
+        secs: writes.secs,
         unit: "writes/s",
-        latency: write_latency,
-        cpu: Some(write_cpu),
+        latency: writes.latency.clone(),
+        cpu: Some(writes.cpu),
     });
     rows.push(Row {
-        scenario: "push latency (ack -> event), all pairs".into(),
+        scenario: format!("{p}push latency (ack -> event), all pairs"),
         params: params.clone(),
         ops: delivered,
         errors: missing,
-        secs: writes_secs + drain.as_secs_f64(),
+        secs: watch_secs,
         unit: "events/s",
-        latency: push,
-        cpu: Some(crate::stats::CpuUsed {
-            server: write_cpu.server.zip(drain_cpu.server).map(|(a, b)| a + b),
-            bench: write_cpu.bench + drain_cpu.bench,
-            wall: write_cpu.wall + drain_cpu.wall,
-        }),
+        latency: push.clone(),
+        cpu: Some(watch_cpu),
     });
     rows.push(Row {
-        scenario: "push latency (write sent -> event)".into(),
+        scenario: format!("{p}push latency (write sent -> event)"),
         params: params.clone(),
         ops: delivered,
         errors: missing,
-        secs: writes_secs + drain.as_secs_f64(),
+        secs: watch_secs,
         unit: "events/s",
-        latency: from_send,
+        latency: from_send.clone(),
         cpu: None,
     });
     rows.push(Row {
-        scenario: "push fan-out (ack -> last subscriber)".into(),
+        scenario: format!("{p}push fan-out (ack -> last subscriber)"),
         params,
         ops: fanout_latency.count(),
         errors: acks.len() as u64 - fanout_latency.count(),
-        secs: writes_secs + drain.as_secs_f64(),
+        secs: watch_secs,
         unit: "changes/s",
-        latency: fanout_latency,
+        latency: fanout_latency.clone(),
         cpu: None,
     });
 
-    let achieved = acks.len() as f64 / writes_secs.max(1e-9);
+    let achieved = acks.len() as f64 / writes.secs.max(1e-9);
     if achieved < 0.95 * a.rate {
         notes.push(format!(
             "target rate {}/s not reached: {achieved:.1} writes/s (writes are sequential, each waits for its ack; mean write {:.1} ms)",
             a.rate,
-            1000.0 * writes_secs / acks.len().max(1) as f64
+            1000.0 * writes.secs / acks.len().max(1) as f64
         ));
     }
     let pct = |x: u64| 100.0 * x as f64 / (expected.max(1)) as f64;
     notes.push(format!(
-        "delivered/expected: {delivered}/{expected} ({:.3}%) as events; covered by resync snapshots: {resynced} ({:.3}%); missing: {missing} ({:.3}%)",
+        "{p}delivered/expected: {delivered}/{expected} ({:.3}%) as events; covered by resync snapshots: {resynced} ({:.3}%); missing: {missing} ({:.3}%)",
         pct(delivered),
         pct(resynced),
         pct(missing)
     ));
     notes.push(format!(
-        "writes acknowledged: {} of {} ({write_errors} failed{}); last revision {last}; all delivered {:.1} ms after the last ack",
+        "{p}subscribers: {} via {}; writes acknowledged: {} of {} ({} failed{}); last revision {last}; all delivered {:.1} ms after the last ack",
+        a.watchers,
+        labels.subscribe,
         acks.len(),
         a.changes,
-        first_write_error.map(|e| format!(", first: {e}")).unwrap_or_default(),
+        writes.errors,
+        writes
+            .first_error
+            .as_ref()
+            .map(|e| format!(", first: {e}"))
+            .unwrap_or_default(),
         drain.as_secs_f64() * 1000.0
     ));
     notes.push(format!(
-        "events that arrived before their write's ack (latency counted as 0): {early}; duplicates: {duplicates}; out of order: {unordered}; unexpected revisions: {unexpected}; resync snapshots: {resyncs}; snapshots without {} instances: {bad_snapshots}",
+        "{p}events that arrived before their write's ack (latency counted as 0): {early}; duplicates: {duplicates}; out of order: {unordered}; unexpected revisions: {unexpected}; resync snapshots: {resyncs}; snapshots without {} instances: {bad_snapshots}",
         a.instances
     ));
     for (why, count) in &ended_early {
         notes.push(format!(
-            "{count} subscribers' streams ended before the stop: {why}"
+            "{p}{count} subscribers' streams ended before the stop: {why}"
         ));
     }
     notes.extend(incomplete);
-    notes.push("the server publishes a change before it answers the write, so an event can arrive before the ack: the ack row counts those as 0; the `write sent` row measures from just before the PATCH was sent (it includes the write's own commit)".into());
+    notes.extend(labels.notes);
     notes.push("fan-out row: per change, the time from its ack until the last subscriber had it; the last two rows cover the same period (and CPU) as the ack row".into());
-    print_table("push", &rows, &notes);
+    PushResult {
+        rows,
+        notes,
+        ack: push,
+        sent: from_send,
+        fanout: fanout_latency,
+        delivered,
+        expected,
+        resynced,
+        missing,
+        watchers: a.watchers,
+        writes: acks.len(),
+        cpu: watch_cpu,
+        secs: watch_secs,
+    }
+}
+
+pub async fn run(t: &Target, a: &PushArgs) -> anyhow::Result<()> {
+    let r = measure(t, a, "").await?;
+    print_table("push", &r.rows, &r.notes);
     Ok(())
+}
+
+/// The push scenario against Sextant: SSE subscribers, PATCH status writes.
+pub(crate) async fn measure(t: &Target, a: &PushArgs, prefix: &str) -> anyhow::Result<PushResult> {
+    anyhow::ensure!(
+        a.watchers > 0 && a.instances > 0 && a.changes > 0 && a.rate > 0.0,
+        "sizes must be positive"
+    );
+    let service = format!("push-{}", load::run_id());
+    let mut notes = Vec::new();
+
+    // 1. The watched service.
+    let meter = CpuMeter::start(t.pid);
+    let grpc = Arc::new(load::grpc_clients(&t.grpc, 2).await?);
+    let (svc, total) = (service.clone(), a.instances);
+    let batch = 500u64;
+    let out = load::drive(2, total.div_ceil(batch), a.deadline, move |w, n| {
+        let mut c = grpc[w].clone();
+        let instances: Vec<_> = (n * batch..((n + 1) * batch).min(total))
+            .map(|i| load::grpc_request(&svc, format!("i{i}"), i))
+            .collect();
+        let len = instances.len() as u64;
+        async move {
+            c.batch_register(pb::BatchRegisterRequest { instances })
+                .await?;
+            Ok(len)
+        }
+    })
+    .await;
+    notes.extend(out.notes("push setup"));
+    let setup = Row {
+        scenario: format!("{prefix}push setup: BatchRegister"),
+        params: format!("I={} B={batch}", a.instances),
+        ops: out.ops,
+        errors: out.errors,
+        secs: out.elapsed.as_secs_f64(),
+        unit: "inst/s",
+        latency: out.latency,
+        cpu: Some(meter.stop()),
+    };
+    anyhow::ensure!(out.errors == 0, "could not register the watched service");
+
+    // 2. Subscribers.
+    let client = load::http_client(None)?;
+    let live = Live::new(a.watchers);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let slots = Arc::new(Semaphore::new(a.connect_concurrency.max(1)));
+    let url = format!("{}/v1/watch", t.http);
+    let key = format!("{NAMESPACE}/{service}");
+    let (subs, connected) = connect_all(a, t.pid, &live, &mut notes, |n| {
+        tokio::spawn(subscriber(
+            n,
+            client.clone(),
+            url.clone(),
+            key.clone(),
+            slots.clone(),
+            live.clone(),
+            stop_rx.clone(),
+        ))
+    })
+    .await;
+
+    // 3. Writes at a fixed rate, one at a time, each acknowledged before the next.
+    let writer = load::http_client(Some(Duration::from_secs(30)))?;
+    let instances = a.instances;
+    let writes = write_at_rate(a, t.pid, &mut notes, |k| {
+        let (j, round) = (k % instances, k / instances);
+        // Alternating per instance and flipping every round, so every change changes something.
+        let weight = if (j + round) % 2 == 0 { 50 } else { 150 };
+        let url = format!(
+            "{}/v1/namespaces/{NAMESPACE}/services/{service}/instances/i{j}/status",
+            t.http
+        );
+        let req = writer
+            .patch(url)
+            .json(&serde_json::json!({ "weight": weight }));
+        async move {
+            let v = load::check_http(req.send().await?).await?;
+            v["revision"].as_u64().context("no revision in the answer")
+        }
+    })
+    .await;
+
+    // 4. Drain, stop, account.
+    let labels = Labels {
+        prefix: prefix.to_string(),
+        subscribe: "SSE GET /v1/watch (one HTTP/1.1 connection each)".into(),
+        write: "PATCH status".into(),
+        notes: vec!["the server publishes a change before it answers the write, so an event can arrive before the ack: the ack row counts those as 0; the `write sent` row measures from just before the PATCH was sent (it includes the write's own commit)".into()],
+    };
+    Ok(finish(
+        a, t.pid, &live, stop_tx, subs, setup, connected, writes, labels, notes,
+    )
+    .await)
 }
 
 #[cfg(test)]

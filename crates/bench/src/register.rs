@@ -44,11 +44,25 @@ pub enum Mode {
 }
 
 pub async fn run(t: &Target, a: &RegisterArgs) -> anyhow::Result<()> {
+    let (rows, notes) = measure(t, a, "", &load::run_id()).await?;
+    let rows: Vec<Row> = rows.into_iter().map(|(_, r)| r).collect();
+    print_table("register", &rows, &notes);
+    Ok(())
+}
+
+/// Runs every phase of `a.modes` against Sextant; one row per phase (names after `prefix`).
+/// `run` goes into the service names, so that runs on one server do not collide.
+pub(crate) async fn measure(
+    t: &Target,
+    a: &RegisterArgs,
+    prefix: &str,
+    run: &str,
+) -> anyhow::Result<(Vec<(Mode, Row)>, Vec<String>)> {
     anyhow::ensure!(
         a.clients > 0 && a.instances > 0 && a.batch > 0 && a.services > 0,
         "sizes must be positive"
     );
-    let run = load::run_id();
+    let run = run.to_string();
     let mut rows = Vec::new();
     let mut notes = Vec::new();
     for &mode in &a.modes {
@@ -131,17 +145,19 @@ pub async fn run(t: &Target, a: &RegisterArgs) -> anyhow::Result<()> {
             out.requests,
             out.requests as f64 / out.elapsed.as_secs_f64().max(1e-9)
         ));
-        rows.push(Row {
-            scenario: name.into(),
-            params,
-            ops: out.ops,
-            errors: out.errors,
-            secs: out.elapsed.as_secs_f64(),
-            unit: "inst/s",
-            latency: out.latency,
-            cpu: Some(cpu),
-        });
+        rows.push((
+            mode,
+            Row {
+                scenario: format!("{prefix}{name}"),
+                params,
+                ops: out.ops,
+                errors: out.errors,
+                secs: out.elapsed.as_secs_f64(),
+                unit: "inst/s",
+                latency: out.latency,
+                cpu: Some(cpu),
+            },
+        ));
     }
-    print_table("register", &rows, &notes);
-    Ok(())
+    Ok((rows, notes))
 }

@@ -37,6 +37,11 @@ impl Latency {
         self.0.len()
     }
 
+    /// The value at quantile `q` in microseconds; `None` when nothing was recorded.
+    pub fn quantile_us(&self, q: f64) -> Option<u64> {
+        (!self.0.is_empty()).then(|| self.0.value_at_quantile(q))
+    }
+
     fn ms_at(&self, q: f64) -> String {
         if self.0.is_empty() {
             return "-".into();
@@ -136,6 +141,7 @@ impl CpuMeter {
 }
 
 /// One line of a result table.
+#[derive(Clone)]
 pub struct Row {
     pub scenario: String,
     pub params: String,

@@ -139,9 +139,65 @@ pub(crate) fn router(node: Arc<Node>) -> Router {
                 "method not allowed on this endpoint",
             )
         })
-        .layer(DefaultBodyLimit::max(limit))
+        // The limit is enforced by `read_body` (which answers 413 cleanly); the extractors'
+        // own limit is lifted so they see only bodies it let through.
+        .layer(DefaultBodyLimit::disable())
+        .layer(middleware::from_fn_with_state(limit, read_body))
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .with_state(state)
+}
+
+/// Most of an oversized body read (and thrown away) before answering 413, and for how long:
+/// a server that answers while the client is still sending, then closes, makes the client's
+/// kernel see a reset instead of the 413.
+const DRAIN_BYTES: usize = 64 * 1024 * 1024;
+const DRAIN_TIME: Duration = Duration::from_secs(5);
+
+/// Reads the request body up to `limit`; a larger body is drained (bounded) and refused with a
+/// JSON 413 the client can actually read.
+async fn read_body(State(limit): State<usize>, req: Request, next: Next) -> Response {
+    use http_body_util::BodyExt;
+    let (parts, mut body) = req.into_parts();
+    let mut buf = bytes::BytesMut::new();
+    let mut seen = 0usize;
+    let deadline = tokio::time::Instant::now() + DRAIN_TIME;
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(Ok(f))) => f,
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                return ApiError::bad_request(format!("cannot read the request body: {e}"))
+                    .into_response()
+            }
+            Err(_) if seen > limit => break,
+            Err(_) => {
+                return ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "timeout",
+                    "the request body did not arrive in time",
+                )
+                .into_response()
+            }
+        };
+        if let Ok(data) = frame.into_data() {
+            seen += data.len();
+            if seen <= limit {
+                buf.extend_from_slice(&data);
+            } else if seen > DRAIN_BYTES {
+                break;
+            }
+        }
+    }
+    if seen > limit {
+        return ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("request body is larger than the limit of {limit} bytes (max_body_bytes)"),
+        )
+        .into_response();
+    }
+    next.run(Request::from_parts(parts, Body::from(buf.freeze())))
+        .await
 }
 
 async fn track(State(s): State<AppState>, req: Request, next: Next) -> Response {

@@ -4,13 +4,12 @@
 //! a direct gRPC client for the test's own writes and reads, and bounded waiting.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use sextant_proto::v1 as pb;
 use sextant_proto::v1::registry_client::RegistryClient;
@@ -86,61 +85,22 @@ impl Server {
     /// On `dir` (kept by the caller), gRPC on `grpc_port` (or an ephemeral one).
     pub fn start_in(dir: &Path, grpc_port: Option<u16>) -> Server {
         let grpc = format!("127.0.0.1:{}", grpc_port.unwrap_or(0));
-        let mut cmd = Command::new(sextant_bin());
-        cmd.arg("serve")
-            .args(["--http-addr", "127.0.0.1:0", "--grpc-addr", &grpc])
-            .arg("--data-dir")
-            .arg(dir)
-            .args(["--log", "info"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for var in [
-            "SEXTANT_LOG",
-            "SEXTANT_CONFIG",
-            "SEXTANT_STORE",
-            "SEXTANT_HTTP_ADDR",
-            "SEXTANT_GRPC_ADDR",
-            "SEXTANT_DATA_DIR",
-            "SEXTANT_EVENT_LOG_PER_SERVICE",
-            "SEXTANT_MAX_BATCH_OPS",
-        ] {
-            cmd.env_remove(var);
-        }
-        let mut child = cmd.spawn().expect("spawn sextant");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel::<String>();
-        {
-            let log = log.clone();
-            // Drains stderr for the life of the process so it never blocks on a full pipe.
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines() {
-                    let Ok(line) = line else { break };
-                    log.lock().unwrap().push(line.clone());
-                    let _ = tx.send(line);
-                }
-            });
-        }
-        let deadline = Instant::now() + STARTUP_TIMEOUT;
-        let (http, grpc) = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(a) = parse_serving_line(&line) {
-                        break a;
-                    }
-                }
-                Err(e) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!(
-                        "sextant did not report its addresses ({e:?}); stderr:\n{}",
-                        log.lock().unwrap().join("\n")
-                    );
-                }
-            }
-        };
+        let args: Vec<std::ffi::OsString> = vec![
+            "--http-addr".into(),
+            "127.0.0.1:0".into(),
+            "--grpc-addr".into(),
+            grpc.into(),
+            "--data-dir".into(),
+            dir.as_os_str().to_owned(),
+            "--log".into(),
+            "info".into(),
+        ];
+        let sextant_testkit::Spawned {
+            child,
+            http,
+            grpc,
+            log,
+        } = sextant_testkit::spawn_serve(sextant_bin().as_os_str(), args, STARTUP_TIMEOUT);
         Server {
             child,
             http,
@@ -190,23 +150,6 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// Parses `... sextant serving http_addr=127.0.0.1:P grpc_addr=127.0.0.1:Q`.
-pub fn parse_serving_line(line: &str) -> Option<(SocketAddr, SocketAddr)> {
-    if !line.contains("sextant serving") {
-        return None;
-    }
-    let field = |name: &str| -> Option<SocketAddr> {
-        let start = line.find(name)? + name.len();
-        let rest = &line[start..];
-        let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
-        rest[..end].trim_matches('"').parse().ok()
-    };
-    let http = field("http_addr=")?;
-    let grpc = field("grpc_addr=")?;
-    assert!(http.ip().is_loopback() && grpc.ip().is_loopback(), "{line}");
-    Some((http, grpc))
 }
 
 /// A TCP forwarder on loopback that can cut every connection through it and refuse new ones

@@ -3,12 +3,11 @@
 //! client, a server-sent-events reader and a gRPC client constructor. Every wait is bounded.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
+use std::process::{Child, Command, ExitStatus};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -51,65 +50,27 @@ impl Server {
 
     /// Starts a server on `dir` with extra `serve` flags.
     pub fn start_with(dir: &Path, extra: &[&str]) -> Server {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sextant"));
-        cmd.arg("serve")
-            .arg("--http-addr")
-            .arg("127.0.0.1:0")
-            .arg("--grpc-addr")
-            .arg("127.0.0.1:0")
-            .arg("--data-dir")
-            .arg(dir)
-            .arg("--log")
-            .arg("info")
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for var in [
-            "SEXTANT_LOG",
-            "SEXTANT_CONFIG",
-            "SEXTANT_STORE",
-            "SEXTANT_HTTP_ADDR",
-            "SEXTANT_GRPC_ADDR",
-            "SEXTANT_DATA_DIR",
-            "SEXTANT_EVENT_LOG_PER_SERVICE",
-            "SEXTANT_MAX_BATCH_OPS",
-        ] {
-            cmd.env_remove(var);
-        }
-        let mut child = cmd.spawn().expect("spawn the sextant binary");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel::<String>();
-        {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                // Keeps draining stderr for the whole life of the process, so it never blocks
-                // on a full pipe; lines are kept for diagnostics.
-                for line in BufReader::new(stderr).lines() {
-                    let Ok(line) = line else { break };
-                    log.lock().unwrap().push(line.clone());
-                    let _ = tx.send(line);
-                }
-            });
-        }
-        let deadline = Instant::now() + STARTUP_TIMEOUT;
-        let (http, grpc) = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(addrs) = parse_serving_line(&line) {
-                        break addrs;
-                    }
-                }
-                Err(e) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    let lines = log.lock().unwrap().join("\n");
-                    panic!("sextant did not report its addresses ({e:?}); stderr:\n{lines}");
-                }
-            }
-        };
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "--http-addr".into(),
+            "127.0.0.1:0".into(),
+            "--grpc-addr".into(),
+            "127.0.0.1:0".into(),
+            "--data-dir".into(),
+            dir.as_os_str().to_owned(),
+            "--log".into(),
+            "info".into(),
+        ];
+        args.extend(extra.iter().map(std::ffi::OsString::from));
+        let sextant_testkit::Spawned {
+            child,
+            http,
+            grpc,
+            log,
+        } = sextant_testkit::spawn_serve(
+            std::ffi::OsStr::new(env!("CARGO_BIN_EXE_sextant")),
+            args,
+            STARTUP_TIMEOUT,
+        );
         Server {
             child,
             http,
@@ -178,23 +139,6 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// Parses `... sextant serving http_addr=127.0.0.1:P grpc_addr=127.0.0.1:Q`.
-pub fn parse_serving_line(line: &str) -> Option<(SocketAddr, SocketAddr)> {
-    if !line.contains("sextant serving") {
-        return None;
-    }
-    let field = |name: &str| -> Option<SocketAddr> {
-        let start = line.find(name)? + name.len();
-        let rest = &line[start..];
-        let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
-        rest[..end].trim_matches('"').parse().ok()
-    };
-    let http = field("http_addr=")?;
-    let grpc = field("grpc_addr=")?;
-    assert!(http.ip().is_loopback() && grpc.ip().is_loopback(), "{line}");
-    Some((http, grpc))
 }
 
 /// A small pseudo-random generator seeded from the clock (xorshift64*), for jitter only.

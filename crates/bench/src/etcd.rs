@@ -241,14 +241,7 @@ async fn subscriber(
         }
     }
     .await;
-    if let Err(e) = result {
-        seen.ended = Some(format!("{e:#}"));
-        if seen.connect.is_none() {
-            live.failed
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-    }
-    live.ended[n].store(true, std::sync::atomic::Ordering::Relaxed);
+    live.subscriber_ended(n, &mut seen, result);
     seen
 }
 
@@ -261,10 +254,7 @@ pub async fn push(
     prefix: &str,
     pid: Option<u32>,
 ) -> anyhow::Result<PushResult> {
-    anyhow::ensure!(
-        a.watchers > 0 && a.instances > 0 && a.changes > 0 && a.rate > 0.0,
-        "sizes must be positive"
-    );
+    a.validate()?;
     let dir = format!("/services/push-etcd-{}/", load::run_id());
     let mut notes = Vec::new();
 
@@ -320,8 +310,7 @@ pub async fn push(
     // 3. Writes: a changed record of one key at a time.
     let instances = a.instances;
     let writes = push::write_at_rate(a, pid, &mut notes, |k| {
-        let (j, round) = (k % instances, k / instances);
-        let weight = if (j + round) % 2 == 0 { 50 } else { 150 };
+        let (j, _, weight) = push::peer_write(k, instances);
         let mut c = writer.clone();
         let req = pb::PutRequest {
             key: format!("{dir}i{j}").into_bytes(),

@@ -54,6 +54,28 @@ pub struct PushArgs {
     pub deadline: Duration,
 }
 
+impl PushArgs {
+    pub(crate) fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.watchers > 0 && self.instances > 0 && self.changes > 0 && self.rate > 0.0,
+            "sizes must be positive"
+        );
+        Ok(())
+    }
+}
+
+/// The peers' k-th write: which instance it changes, in which round over the instances, and
+/// the weight it writes (alternating per round, so every write changes the record).
+pub(crate) fn peer_write(k: u64, instances: u64) -> (u64, u64, u32) {
+    let (j, round) = (k % instances, k / instances);
+    let weight = if (j + round).is_multiple_of(2) {
+        50
+    } else {
+        150
+    };
+    (j, round, weight)
+}
+
 /// State a subscriber shares with the controller while it runs (for every system compared:
 /// a "revision" is whatever key identifies one acknowledged change there).
 pub(crate) struct Live {
@@ -67,6 +89,18 @@ pub(crate) struct Live {
 }
 
 impl Live {
+    /// Records that subscriber `n` stopped, and why if it failed (every system's subscriber
+    /// ends through here, so they are all accounted the same way).
+    pub(crate) fn subscriber_ended(&self, n: usize, seen: &mut Seen, result: anyhow::Result<()>) {
+        if let Err(e) = result {
+            seen.ended = Some(format!("{e:#}"));
+            if seen.connect.is_none() {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.ended[n].store(true, Ordering::Relaxed);
+    }
+
     pub(crate) fn new(watchers: usize) -> Arc<Self> {
         Arc::new(Self {
             ready: AtomicUsize::new(0),
@@ -253,13 +287,7 @@ async fn subscriber(
         }
     }
     .await;
-    if let Err(e) = result {
-        seen.ended = Some(format!("{e:#}"));
-        if seen.connect.is_none() {
-            live.failed.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-    live.ended[n].store(true, Ordering::Relaxed);
+    live.subscriber_ended(n, &mut seen, result);
     seen
 }
 
@@ -657,10 +685,7 @@ pub async fn run(t: &Target, a: &PushArgs) -> anyhow::Result<()> {
 
 /// The push scenario against Sextant: SSE subscribers, PATCH status writes.
 pub(crate) async fn measure(t: &Target, a: &PushArgs, prefix: &str) -> anyhow::Result<PushResult> {
-    anyhow::ensure!(
-        a.watchers > 0 && a.instances > 0 && a.changes > 0 && a.rate > 0.0,
-        "sizes must be positive"
-    );
+    a.validate()?;
     let service = format!("push-{}", load::run_id());
     let mut notes = Vec::new();
 

@@ -10,33 +10,21 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use sextant_model::{Health, InstanceStatus};
+
 use crate::error::Error;
 
-/// Longest namespace, service or instance id the server accepts.
-const MAX_NAME_LEN: usize = 128;
-
+/// The server's own name rules (`sextant-model`), reported as this crate's error.
 fn check_name(field: &'static str, value: &str, allow_colon: bool) -> Result<(), Error> {
-    if value.is_empty() || value.len() > MAX_NAME_LEN {
-        return Err(Error::InvalidArgument {
-            field,
-            reason: format!("must be 1-{MAX_NAME_LEN} characters, got {}", value.len()),
-        });
-    }
-    let ok = value.chars().all(|c| {
-        c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') || (allow_colon && c == ':')
-    });
-    if !ok {
-        let allowed = if allow_colon {
-            "A-Z a-z 0-9 . _ - :"
-        } else {
-            "A-Z a-z 0-9 . _ -"
-        };
-        return Err(Error::InvalidArgument {
-            field,
-            reason: format!("{value:?} may only contain {allowed}"),
-        });
-    }
-    Ok(())
+    let checked = if allow_colon {
+        sextant_model::validate_instance_id(value)
+    } else {
+        sextant_model::validate_name(field, value)
+    };
+    checked.map_err(|e| Error::InvalidArgument {
+        field,
+        reason: e.reason,
+    })
 }
 
 /// A service's full name: namespace and service, written `namespace/service`.
@@ -109,19 +97,6 @@ impl fmt::Display for InstanceKey {
     }
 }
 
-/// An instance's health as the central health scanner (or the instance itself) reports it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Health {
-    /// Not checked yet (served).
-    #[default]
-    Unknown,
-    /// Passed its checks.
-    Healthy,
-    /// Failed its checks (not served).
-    Unhealthy,
-}
-
 /// Where an instance runs.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Location {
@@ -131,53 +106,6 @@ pub struct Location {
     pub zone: String,
     /// Data centre.
     pub idc: String,
-}
-
-/// The hot, frequently changing half of an instance.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct InstanceStatus {
-    /// Health as last checked.
-    pub health: Health,
-    /// The operator's on/off switch.
-    pub enabled: bool,
-    /// The weight the instance registered with (0-10000).
-    pub weight: u32,
-    /// An operator's weight that wins over `weight` until cleared.
-    pub weight_override: Option<u32>,
-    /// When draining began (Unix ms); draining instances are not served.
-    pub draining_since_ms: Option<u64>,
-}
-
-impl Default for InstanceStatus {
-    fn default() -> Self {
-        Self {
-            health: Health::Unknown,
-            enabled: true,
-            weight: 100,
-            weight_override: None,
-            draining_since_ms: None,
-        }
-    }
-}
-
-impl InstanceStatus {
-    /// The weight in force: the operator's override if set, else the registered weight.
-    pub fn effective_weight(&self) -> u32 {
-        self.weight_override.unwrap_or(self.weight)
-    }
-
-    /// Whether the instance is draining.
-    pub fn is_draining(&self) -> bool {
-        self.draining_since_ms.is_some()
-    }
-
-    /// The server's serving rule: enabled, not draining, effective weight > 0, not unhealthy.
-    pub fn is_serving(&self) -> bool {
-        self.enabled
-            && !self.is_draining()
-            && self.effective_weight() > 0
-            && self.health != Health::Unhealthy
-    }
 }
 
 /// One instance as discovery returns it.
@@ -267,11 +195,8 @@ impl Service {
     /// instances are serving, so [`Service::serving`] returns every instance rather than
     /// collapsing to a few (the server's rule for `healthy_only` queries).
     pub fn is_protected(&self) -> bool {
-        let total = self.instances.len();
         let serving = self.instances.iter().filter(|i| i.is_serving()).count();
-        self.protect_threshold > 0.0
-            && total > 0
-            && (serving as f64) < f64::from(self.protect_threshold) * (total as f64)
+        sextant_model::protection_active(self.protect_threshold, serving, self.instances.len())
     }
 
     /// The instances to send traffic to: the serving ones, or all of them when protection is
@@ -505,10 +430,10 @@ impl Registration {
         }
         check_name("id", &self.effective_id(), true)?;
         if let Some(s) = &self.status {
-            if s.weight > 10_000 {
+            if s.weight > sextant_model::MAX_WEIGHT {
                 return Err(Error::InvalidArgument {
                     field: "weight",
-                    reason: format!("must be 0-10000, got {}", s.weight),
+                    reason: format!("must be 0-{}, got {}", sextant_model::MAX_WEIGHT, s.weight),
                 });
             }
         }

@@ -295,10 +295,14 @@ impl ServiceConfig {
 
     /// Whether protection is active for a service with `serving` of `total` instances serving.
     pub fn protection_active(&self, serving: usize, total: usize) -> bool {
-        self.protect_threshold > 0.0
-            && total > 0
-            && (serving as f64) < (self.protect_threshold as f64) * (total as f64)
+        protection_active(self.protect_threshold, serving, total)
     }
+}
+
+/// The protection rule: with a threshold above 0, fewer than `threshold × total` serving
+/// instances means discovery returns them all (flagged) instead of collapsing to a few.
+pub fn protection_active(threshold: f32, serving: usize, total: usize) -> bool {
+    threshold > 0.0 && total > 0 && (serving as f64) < f64::from(threshold) * (total as f64)
 }
 
 /// Why an instance was removed.

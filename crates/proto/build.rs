@@ -1,4 +1,4 @@
-//! Compiles the sextant.v1 protos with a vendored protoc, so a fresh machine needs no system
+//! Compiles the sextant.v1 protos and Nacos 2.x's gRPC envelope with a vendored protoc, so a fresh machine needs no system
 //! protoc.
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
@@ -6,7 +6,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     #[allow(clippy::disallowed_methods)]
     std::env::set_var("PROTOC", protoc);
     println!("cargo:rerun-if-changed=../../proto");
-    tonic_prost_build::configure()
-        .compile_protos(&["../../proto/sextant/v1/registry.proto"], &["../../proto"])?;
+    tonic_prost_build::configure().compile_protos(
+        &[
+            "../../proto/sextant/v1/registry.proto",
+            "../../proto/nacos/nacos_grpc_service.proto",
+        ],
+        &["../../proto"],
+    )?;
     Ok(())
 }

@@ -15,11 +15,11 @@ pub use sextant_model::{Health, InstanceStatus};
 use crate::error::Error;
 
 /// The server's own name rules (`sextant-model`), reported as this crate's error.
-fn check_name(field: &'static str, value: &str, allow_colon: bool) -> Result<(), Error> {
-    let checked = if allow_colon {
-        sextant_model::validate_instance_id(value)
-    } else {
-        sextant_model::validate_name(field, value)
+fn check_name(field: &'static str, value: &str) -> Result<(), Error> {
+    let checked = match field {
+        "id" => sextant_model::validate_instance_id(value),
+        "service" => sextant_model::validate_service_name(value),
+        _ => sextant_model::validate_name(field, value),
     };
     checked.map_err(|e| Error::InvalidArgument {
         field,
@@ -35,11 +35,12 @@ pub struct ServiceName {
 }
 
 impl ServiceName {
-    /// A validated name: each part 1-128 characters of `A-Z a-z 0-9 . _ -` (the server's rule).
+    /// A validated name: each part 1-128 characters of `A-Z a-z 0-9 . _ -` (services may also
+    /// hold `:` and `@`; the server's rule).
     pub fn new(namespace: impl Into<String>, service: impl Into<String>) -> Result<Self, Error> {
         let (namespace, service) = (namespace.into(), service.into());
-        check_name("namespace", &namespace, false)?;
-        check_name("service", &service, false)?;
+        check_name("namespace", &namespace)?;
+        check_name("service", &service)?;
         Ok(Self { namespace, service })
     }
 
@@ -55,8 +56,8 @@ impl ServiceName {
 
     /// Whether both parts pass validation (names read from a cache file are checked with it).
     pub(crate) fn is_valid(&self) -> bool {
-        check_name("namespace", &self.namespace, false).is_ok()
-            && check_name("service", &self.service, false).is_ok()
+        check_name("namespace", &self.namespace).is_ok()
+            && check_name("service", &self.service).is_ok()
     }
 }
 
@@ -428,7 +429,7 @@ impl Registration {
                 reason: "must be 1-65535".into(),
             });
         }
-        check_name("id", &self.effective_id(), true)?;
+        check_name("id", &self.effective_id())?;
         if let Some(s) = &self.status {
             if s.weight > sextant_model::MAX_WEIGHT {
                 return Err(Error::InvalidArgument {

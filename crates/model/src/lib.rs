@@ -18,8 +18,8 @@ use serde::{Deserialize, Serialize};
 pub use check::{CheckKind, HealthCheck};
 pub use text::{Metadata, Text};
 pub use validate::{
-    validate_host, validate_instance_id, validate_name, validate_registration, MAX_METADATA_BYTES,
-    MAX_METADATA_ENTRIES, MAX_WEIGHT,
+    validate_host, validate_instance_id, validate_name, validate_registration,
+    validate_service_name, MAX_METADATA_BYTES, MAX_METADATA_ENTRIES, MAX_WEIGHT,
 };
 
 /// A position in the registry's single, strictly increasing sequence of changes.
@@ -53,7 +53,7 @@ impl ServiceKey {
     /// Builds a key after validating both names.
     pub fn new(namespace: &str, service: &str) -> Result<Self, InvalidField> {
         validate_name("namespace", namespace)?;
-        validate_name("service", service)?;
+        validate_service_name(service)?;
         Ok(Self {
             namespace: namespace.into(),
             service: service.into(),

@@ -15,25 +15,22 @@ const MAX_PROTOCOL_LEN: usize = 32;
 const MAX_VERSION_LEN: usize = 64;
 const MAX_TTL_SECONDS: u32 = 24 * 3600;
 
-fn name_chars(s: &str, allow_colon: bool) -> bool {
-    s.bytes().all(|b| {
-        b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-') || (allow_colon && b == b':')
-    })
-}
-
-fn check_name(field: &str, value: &str, allow_colon: bool) -> Result<(), InvalidField> {
+fn check_name(field: &str, value: &str, extra: &[u8]) -> Result<(), InvalidField> {
     if value.is_empty() || value.len() > MAX_NAME_LEN {
         return Err(InvalidField::new(
             field,
             format!("must be 1-{MAX_NAME_LEN} characters, got {}", value.len()),
         ));
     }
-    if !name_chars(value, allow_colon) {
-        let allowed = if allow_colon {
-            "A-Z a-z 0-9 . _ - :"
-        } else {
-            "A-Z a-z 0-9 . _ -"
-        };
+    let ok = value.bytes().all(|b| {
+        b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-') || extra.contains(&b)
+    });
+    if !ok {
+        let mut allowed = String::from("A-Z a-z 0-9 . _ -");
+        for b in extra {
+            allowed.push(' ');
+            allowed.push(char::from(*b));
+        }
         return Err(InvalidField::new(
             field,
             format!("{value:?} may only contain {allowed}"),
@@ -42,14 +39,20 @@ fn check_name(field: &str, value: &str, allow_colon: bool) -> Result<(), Invalid
     Ok(())
 }
 
-/// Namespaces and services: 1-128 characters of `[A-Za-z0-9._-]`.
+/// Namespaces: 1-128 characters of `[A-Za-z0-9._-]`.
 pub fn validate_name(field: &str, value: &str) -> Result<(), InvalidField> {
-    check_name(field, value, false)
+    check_name(field, value, &[])
+}
+
+/// Services: like namespaces, and `:` and `@` are allowed too, so names other registries use
+/// (`GROUP@@service` of Nacos, `providers:com.example.Api::` of Dubbo) map one to one.
+pub fn validate_service_name(value: &str) -> Result<(), InvalidField> {
+    check_name("service", value, b":@")
 }
 
 /// Instance ids: like names, and `:` is allowed too (the default id is `host:port`).
 pub fn validate_instance_id(value: &str) -> Result<(), InvalidField> {
-    check_name("id", value, true)
+    check_name("id", value, b":")
 }
 
 /// A host is an IP address or a DNS name (RFC 1123 labels).
@@ -96,7 +99,7 @@ fn validate_tag(field: &str, value: &str) -> Result<(), InvalidField> {
     if value.is_empty() {
         return Ok(());
     }
-    check_name(field, value, false)
+    check_name(field, value, &[])
 }
 
 fn validate_spec(spec: &InstanceSpec) -> Result<(), InvalidField> {

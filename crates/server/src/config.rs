@@ -56,6 +56,15 @@ pub struct ServerConfig {
     /// Hold back unhealthy flips that would leave more than this fraction of a service
     /// unhealthy at once.
     pub health_mass_failure_fraction: f32,
+    /// Serve the Nacos adapter (1.x HTTP Open API and 2.x gRPC).
+    pub nacos: bool,
+    /// Nacos 1.x HTTP Open API (Nacos' default port is 8848).
+    pub nacos_http_addr: SocketAddr,
+    /// Nacos 2.x gRPC; unset means the HTTP address with port + 1000, where Nacos clients
+    /// look for it.
+    pub nacos_grpc_addr: Option<SocketAddr>,
+    /// How long a Nacos 2.x client's ephemeral instances outlive its connection, in seconds.
+    pub nacos_connection_grace_seconds: u64,
 }
 
 impl Default for ServerConfig {
@@ -74,6 +83,10 @@ impl Default for ServerConfig {
             health_scanner: true,
             health_concurrency: 2048,
             health_mass_failure_fraction: 0.5,
+            nacos: true,
+            nacos_http_addr: SocketAddr::from(([127, 0, 0, 1], 8848)),
+            nacos_grpc_addr: None,
+            nacos_connection_grace_seconds: 5,
         }
     }
 }
@@ -131,6 +144,18 @@ impl ServerConfig {
             self.slow_subscriber_timeout_seconds,
         )?;
         positive("health_concurrency", self.health_concurrency as u64)?;
+        positive(
+            "nacos_connection_grace_seconds",
+            self.nacos_connection_grace_seconds,
+        )?;
+        if self.nacos && self.nacos_grpc_addr.is_none() && self.nacos_http_addr.port() > 64535 {
+            return Err(ConfigError::Invalid {
+                field: "nacos_http_addr",
+                message:
+                    "its port + 1000 (the Nacos gRPC port) is above 65535; set nacos_grpc_addr"
+                        .into(),
+            });
+        }
         if !(0.0..=1.0).contains(&self.health_mass_failure_fraction) {
             return Err(ConfigError::Invalid {
                 field: "health_mass_failure_fraction",
@@ -138,6 +163,17 @@ impl ServerConfig {
             });
         }
         Ok(())
+    }
+
+    /// Where Nacos 2.x gRPC listens: as set, or the HTTP port + 1000 (port 0 stays 0).
+    pub fn nacos_grpc_addr(&self) -> SocketAddr {
+        self.nacos_grpc_addr.unwrap_or_else(|| {
+            let mut a = self.nacos_http_addr;
+            if a.port() != 0 {
+                a.set_port(a.port().saturating_add(1000));
+            }
+            a
+        })
     }
 
     pub fn max_wait(&self) -> Duration {

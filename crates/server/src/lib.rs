@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use sextant_core::{CoreConfig, CoreError, CoreMetrics, MemStore, Registry, Store, StoreError};
 use sextant_health::{HealthMetrics, Scanner, ScannerConfig};
+use sextant_nacos::{NacosConfig, NacosMetrics, NacosServer};
 use sextant_store_redb::RedbStore;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -63,6 +64,7 @@ pub struct Server {
     stop: watch::Sender<bool>,
     http: JoinHandle<()>,
     grpc: JoinHandle<()>,
+    nacos: Option<NacosServer>,
     grace: Duration,
 }
 
@@ -77,6 +79,7 @@ impl Server {
         let core_metrics = CoreMetrics::register(&mut prometheus);
         let api_metrics = ApiMetrics::register(&mut prometheus);
         let health_metrics = HealthMetrics::register(&mut prometheus);
+        let nacos_metrics = NacosMetrics::register(&mut prometheus);
         let core_config = CoreConfig {
             event_log_per_service: config.event_log_per_service,
             max_batch_ops: config.max_batch_ops,
@@ -92,30 +95,20 @@ impl Server {
             Scanner::start(registry.clone(), cfg, health_metrics)
         });
 
-        let http_listener = TcpListener::bind(config.http_addr)
-            .await
-            .map_err(|source| ServerError::Bind {
-                addr: config.http_addr,
-                source,
-            })?;
-        let grpc_listener = TcpListener::bind(config.grpc_addr)
-            .await
-            .map_err(|source| ServerError::Bind {
-                addr: config.grpc_addr,
-                source,
-            })?;
-        let http_addr = http_listener
-            .local_addr()
-            .map_err(|source| ServerError::Bind {
-                addr: config.http_addr,
-                source,
-            })?;
-        let grpc_addr = grpc_listener
-            .local_addr()
-            .map_err(|source| ServerError::Bind {
-                addr: config.grpc_addr,
-                source,
-            })?;
+        let (http_listener, http_addr) = bind(config.http_addr).await?;
+        let (grpc_listener, grpc_addr) = bind(config.grpc_addr).await?;
+        let nacos_listeners = if config.nacos {
+            let h = bind(config.nacos_http_addr).await?;
+            let g = bind(config.nacos_grpc_addr()).await?;
+            Some((h, g))
+        } else {
+            None
+        };
+        let nacos_config = NacosConfig {
+            connection_grace: Duration::from_secs(config.nacos_connection_grace_seconds),
+            max_body_bytes: config.max_body_bytes,
+            ..NacosConfig::default()
+        };
         let grace = Duration::from_secs(config.shutdown_grace_seconds);
         let node = Arc::new(Node {
             registry: registry.clone(),
@@ -157,7 +150,21 @@ impl Server {
                 tracing::error!(error = %e, "grpc server failed");
             }
         });
-        tracing::info!(%http_addr, %grpc_addr, "sextant serving");
+        let mut nacos = None;
+        if let Some(((h, nacos_http_addr), (g, nacos_grpc_addr))) = nacos_listeners {
+            tracing::info!(%http_addr, %grpc_addr, %nacos_http_addr, %nacos_grpc_addr, "sextant serving");
+            nacos = Some(NacosServer::start(
+                registry.clone(),
+                nacos_config,
+                nacos_metrics,
+                h,
+                g,
+                stop.subscribe(),
+            ));
+        }
+        if nacos.is_none() {
+            tracing::info!(%http_addr, %grpc_addr, nacos = "off", "sextant serving");
+        }
         Ok(Server {
             http_addr,
             grpc_addr,
@@ -165,6 +172,7 @@ impl Server {
             stop,
             http,
             grpc,
+            nacos,
             grace,
         })
     }
@@ -182,10 +190,24 @@ impl Server {
         let drain = async {
             let _ = self.http.await;
             let _ = self.grpc.await;
+            if let Some(n) = self.nacos {
+                n.stopped().await;
+            }
         };
         if tokio::time::timeout(self.grace, drain).await.is_err() {
             tracing::warn!(grace = ?self.grace, "connections still open after the grace period; closing");
         }
         tracing::info!("stopped");
     }
+}
+
+/// Binds a listener and reports the address it got (port 0 picks one).
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServerError> {
+    let l = TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind { addr, source })?;
+    let local = l
+        .local_addr()
+        .map_err(|source| ServerError::Bind { addr, source })?;
+    Ok((l, local))
 }

@@ -127,6 +127,20 @@ pub struct ServeArgs {
     /// Most operations in one durable commit [default: 4096].
     #[arg(long, env = "SEXTANT_MAX_BATCH_OPS")]
     pub max_batch_ops: Option<usize>,
+    /// Address of the Nacos 1.x HTTP Open API, for unchanged Nacos clients
+    /// [default: 127.0.0.1:8848].
+    #[arg(long, env = "SEXTANT_NACOS_HTTP_ADDR")]
+    pub nacos_http_addr: Option<SocketAddr>,
+    /// Address of the Nacos 2.x gRPC protocol [default: the Nacos HTTP port + 1000, where
+    /// Nacos clients look for it].
+    #[arg(long, env = "SEXTANT_NACOS_GRPC_ADDR")]
+    pub nacos_grpc_addr: Option<SocketAddr>,
+    /// Do not serve the Nacos adapter.
+    #[arg(long, env = "SEXTANT_NO_NACOS")]
+    pub no_nacos: bool,
+    /// Seconds a Nacos 2.x client's ephemeral instances outlive its connection [default: 5].
+    #[arg(long, env = "SEXTANT_NACOS_CONNECTION_GRACE_SECONDS")]
+    pub nacos_connection_grace_seconds: Option<u64>,
     /// Log filter (tracing syntax); SEXTANT_LOG overrides it.
     #[arg(long, default_value = "info")]
     pub log: String,
@@ -155,6 +169,18 @@ impl ServeArgs {
         }
         if let Some(v) = self.max_batch_ops {
             c.max_batch_ops = v;
+        }
+        if let Some(v) = self.nacos_http_addr {
+            c.nacos_http_addr = v;
+        }
+        if let Some(v) = self.nacos_grpc_addr {
+            c.nacos_grpc_addr = Some(v);
+        }
+        if self.no_nacos {
+            c.nacos = false;
+        }
+        if let Some(v) = self.nacos_connection_grace_seconds {
+            c.nacos_connection_grace_seconds = v;
         }
         c.validate()?;
         Ok(c)

@@ -21,6 +21,10 @@ const SEXTANT_VARS: &[&str] = &[
     "SEXTANT_DATA_DIR",
     "SEXTANT_EVENT_LOG_PER_SERVICE",
     "SEXTANT_MAX_BATCH_OPS",
+    "SEXTANT_NACOS_HTTP_ADDR",
+    "SEXTANT_NACOS_GRPC_ADDR",
+    "SEXTANT_NO_NACOS",
+    "SEXTANT_NACOS_CONNECTION_GRACE_SECONDS",
 ];
 
 /// A started server process and its addresses. The caller owns killing it.
@@ -28,21 +32,31 @@ pub struct Spawned {
     pub child: Child,
     pub http: SocketAddr,
     pub grpc: SocketAddr,
+    /// The Nacos adapter's HTTP and gRPC addresses, unless it is off.
+    pub nacos: Option<(SocketAddr, SocketAddr)>,
     /// Every stderr line so far, for diagnostics.
     pub log: Arc<Mutex<Vec<String>>>,
 }
 
 /// Runs `bin serve <args>` and waits up to `startup` for its `sextant serving` line; panics
-/// with the server's stderr if it does not come.
+/// with the server's stderr if it does not come. Unless `args` mention `--nacos`, the Nacos
+/// adapter listens on ports of its own choosing (so parallel tests do not fight over 8848);
+/// its addresses are in `nacos`.
 pub fn spawn_serve<I, S>(bin: &OsStr, args: I, startup: Duration) -> Spawned
 where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
+    let args: Vec<std::ffi::OsString> = args
+        .into_iter()
+        .map(|a| a.as_ref().to_os_string())
+        .collect();
     let mut cmd = Command::new(bin);
-    cmd.arg("serve")
-        .args(args)
-        .stdin(Stdio::null())
+    cmd.arg("serve").args(&args);
+    if !args.iter().any(|a| a.to_string_lossy().contains("nacos")) {
+        cmd.args(["--nacos-http-addr", "127.0.0.1:0"]);
+    }
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     for var in SEXTANT_VARS {
@@ -63,12 +77,12 @@ where
         });
     }
     let deadline = Instant::now() + startup;
-    let (http, grpc) = loop {
+    let (http, grpc, nacos) = loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
             Ok(line) => {
-                if let Some(addrs) = parse_serving_line(&line) {
-                    break addrs;
+                if let Some((http, grpc)) = parse_serving_line(&line) {
+                    break (http, grpc, parse_nacos_addrs(&line));
                 }
             }
             Err(e) => {
@@ -83,8 +97,55 @@ where
         child,
         http,
         grpc,
+        nacos,
         log,
     }
+}
+
+fn field(line: &str, name: &str) -> Option<SocketAddr> {
+    // `name` must start the field, not end another one (`http_addr=` in `nacos_http_addr=`).
+    let start = line
+        .match_indices(name)
+        .find(|(i, _)| {
+            line[..*i]
+                .chars()
+                .last()
+                .is_none_or(|c| c.is_whitespace() || c == '"')
+        })?
+        .0
+        + name.len();
+    let rest = &line[start..];
+    let end = rest
+        .find(|c: char| c.is_whitespace() || c == '"')
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+/// The Nacos adapter's HTTP and gRPC addresses from the serving line, if it is on.
+pub fn parse_nacos_addrs(line: &str) -> Option<(SocketAddr, SocketAddr)> {
+    Some((
+        field(line, "nacos_http_addr=")?,
+        field(line, "nacos_grpc_addr=")?,
+    ))
+}
+
+/// A port P for the Nacos adapter with P + 1000 free as well (Nacos clients find the gRPC
+/// port at P + 1000). Free when asked; another process could take it before the server does.
+pub fn free_nacos_port() -> u16 {
+    for _ in 0..200 {
+        let Ok(l) = std::net::TcpListener::bind("127.0.0.1:0") else {
+            continue;
+        };
+        let Ok(addr) = l.local_addr() else { continue };
+        let p = addr.port();
+        if p > 64535 {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", p + 1000)).is_ok() {
+            return p;
+        }
+    }
+    panic!("no free port pair P, P+1000 on 127.0.0.1 after 200 tries");
 }
 
 /// The HTTP and gRPC addresses from a `sextant serving http_addr=... grpc_addr=...` line.
@@ -92,14 +153,8 @@ pub fn parse_serving_line(line: &str) -> Option<(SocketAddr, SocketAddr)> {
     if !line.contains("sextant serving") {
         return None;
     }
-    let field = |name: &str| -> Option<SocketAddr> {
-        let start = line.find(name)? + name.len();
-        let rest = &line[start..];
-        let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
-        rest[..end].trim_matches('"').parse().ok()
-    };
-    let http = field("http_addr=")?;
-    let grpc = field("grpc_addr=")?;
+    let http = field(line, "http_addr=")?;
+    let grpc = field(line, "grpc_addr=")?;
     assert!(http.ip().is_loopback() && grpc.ip().is_loopback(), "{line}");
     Some((http, grpc))
 }
@@ -114,5 +169,11 @@ mod tests {
         let (h, g) = parse_serving_line(line).unwrap();
         assert_eq!((h.port(), g.port()), (8470, 8471));
         assert!(parse_serving_line("registry loaded").is_none());
+        let with_nacos = "INFO sextant serving http_addr=127.0.0.1:1 grpc_addr=127.0.0.1:2 nacos_http_addr=127.0.0.1:3 nacos_grpc_addr=127.0.0.1:4";
+        let (h, g) = parse_serving_line(with_nacos).unwrap();
+        assert_eq!((h.port(), g.port()), (1, 2));
+        let (nh, ng) = parse_nacos_addrs(with_nacos).unwrap();
+        assert_eq!((nh.port(), ng.port()), (3, 4));
+        assert!(parse_nacos_addrs(line).is_none());
     }
 }

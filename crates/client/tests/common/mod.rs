@@ -100,6 +100,7 @@ impl Server {
             http,
             grpc,
             log,
+            ..
         } = sextant_testkit::spawn_serve(sextant_bin().as_os_str(), args, STARTUP_TIMEOUT);
         Server {
             child,

@@ -28,6 +28,8 @@ pub struct Server {
     child: Child,
     pub http: SocketAddr,
     pub grpc: SocketAddr,
+    /// The Nacos adapter's HTTP and gRPC addresses, unless started with `--no-nacos`.
+    pub nacos: Option<(SocketAddr, SocketAddr)>,
     pub data_dir: PathBuf,
     log: Arc<Mutex<Vec<String>>>,
     /// Keeps a private data directory alive for as long as the server runs.
@@ -65,6 +67,7 @@ impl Server {
             child,
             http,
             grpc,
+            nacos,
             log,
         } = sextant_testkit::spawn_serve(
             std::ffi::OsStr::new(env!("CARGO_BIN_EXE_sextant")),
@@ -75,6 +78,7 @@ impl Server {
             child,
             http,
             grpc,
+            nacos,
             data_dir: dir.to_owned(),
             log,
             _tmp: None,

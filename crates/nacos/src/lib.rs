@@ -1,0 +1,155 @@
+//! Sextant's Nacos adapter: existing Nacos clients register, discover and subscribe against
+//! Sextant with only an address change.
+//!
+//! It speaks the Nacos 1.x HTTP Open API for naming ([`http`]) and the Nacos 2.x gRPC protocol
+//! ([`grpc`]: `Request` / `BiRequestStream` with JSON bodies in a `Payload` envelope) and
+//! translates both to the registry core ([`mapping`] holds every rule). It owns no registry
+//! state of its own, only what is bound to a live gRPC connection: which ephemeral instances the
+//! connection registered (their leases are renewed while it lives, so they lapse a short grace
+//! after it drops) and which services it subscribed to (pushed through the core's own fan-out).
+#![forbid(unsafe_code)]
+
+pub mod grpc;
+pub mod http;
+pub mod mapping;
+mod metrics;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sextant_core::{CoreError, Registry};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use metrics::NacosMetrics;
+
+/// Settings of the adapter.
+#[derive(Debug, Clone)]
+pub struct NacosConfig {
+    /// How long a gRPC client's ephemeral instances outlive its connection; also their lease.
+    pub connection_grace: Duration,
+    /// Lease of ephemeral instances registered over HTTP, renewed by beats (Nacos' 15 s
+    /// heart-beat timeout).
+    pub http_beat_timeout: Duration,
+    /// Largest HTTP request body.
+    pub max_body_bytes: usize,
+}
+
+impl Default for NacosConfig {
+    fn default() -> Self {
+        Self {
+            connection_grace: Duration::from_secs(5),
+            http_beat_timeout: Duration::from_secs(15),
+            max_body_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+/// A Nacos request that cannot be served. Each maps to one HTTP status (1.x) and one error
+/// code in a gRPC response (2.x).
+#[derive(Debug, thiserror::Error)]
+pub enum NacosError {
+    #[error("Param '{0}' is required")]
+    Missing(&'static str),
+    #[error("Param '{field}' is invalid: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error(transparent)]
+    Core(#[from] CoreError),
+}
+
+impl NacosError {
+    pub fn missing(field: &'static str) -> Self {
+        NacosError::Missing(field)
+    }
+
+    pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        NacosError::Invalid {
+            field,
+            reason: reason.into(),
+        }
+    }
+
+    /// The HTTP status of the 1.x API; also the `errorCode` of a 2.x response.
+    pub fn status(&self) -> u16 {
+        match self {
+            NacosError::Missing(_) | NacosError::Invalid { .. } | NacosError::Conflict(_) => 400,
+            NacosError::NotFound(_) => 404,
+            NacosError::Unsupported(_) => 501,
+            NacosError::Core(e) => match e {
+                CoreError::Invalid(_) => 400,
+                CoreError::NotFound(_) => 404,
+                CoreError::Store(_) | CoreError::ShuttingDown => 503,
+            },
+        }
+    }
+
+    /// Outcome label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self.status() {
+            400 => "invalid",
+            404 => "not_found",
+            501 => "unsupported",
+            _ => "unavailable",
+        }
+    }
+}
+
+/// The listening adapter.
+pub struct NacosServer {
+    http: JoinHandle<()>,
+    grpc: JoinHandle<()>,
+}
+
+impl NacosServer {
+    /// Serves the 1.x HTTP API on `http` and the 2.x gRPC protocol on `grpc` until `stop`
+    /// turns true.
+    pub fn start(
+        registry: Registry,
+        config: NacosConfig,
+        metrics: NacosMetrics,
+        http: TcpListener,
+        grpc: TcpListener,
+        stop: watch::Receiver<bool>,
+    ) -> Self {
+        let shared = Arc::new(Shared {
+            registry,
+            config,
+            metrics,
+        });
+        let http = tokio::spawn(http::serve(shared.clone(), http, stop.clone()));
+        let grpc = tokio::spawn(grpc::serve(shared, grpc, stop));
+        Self { http, grpc }
+    }
+
+    /// Waits for both listeners to finish after `stop`.
+    pub async fn stopped(self) {
+        let _ = self.http.await;
+        let _ = self.grpc.await;
+    }
+}
+
+/// What both protocol halves share.
+pub(crate) struct Shared {
+    pub registry: Registry,
+    pub config: NacosConfig,
+    pub metrics: NacosMetrics,
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Seconds of a lease, at least one.
+pub(crate) fn lease_seconds(d: Duration) -> u32 {
+    u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX)
+}

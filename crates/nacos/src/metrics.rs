@@ -1,0 +1,84 @@
+//! Metrics of the Nacos adapter, in the node's registry under `sextant_nacos_*`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// `http` (1.x) or `grpc` (2.x).
+    pub protocol: &'static str,
+    /// The endpoint or request type.
+    pub request: String,
+    /// `ok` or the error's class.
+    pub outcome: &'static str,
+}
+
+#[derive(Clone)]
+pub struct NacosMetrics {
+    pub requests: Family<RequestLabels, Counter>,
+    pub connections: Gauge,
+    pub subscriptions: Gauge,
+    pub pushes: Counter,
+    pub push_acks: Counter,
+    /// From the core publishing a change to its push being handed to the connection.
+    pub push_latency: Histogram,
+}
+
+impl NacosMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            requests: Family::default(),
+            connections: Gauge::default(),
+            subscriptions: Gauge::default(),
+            pushes: Counter::default(),
+            push_acks: Counter::default(),
+            push_latency: Histogram::new(exponential_buckets(0.00005, 2.0, 18)),
+        };
+        let r = registry.sub_registry_with_prefix("sextant_nacos");
+        r.register(
+            "requests",
+            "Nacos requests by protocol, request and outcome",
+            m.requests.clone(),
+        );
+        r.register(
+            "connections",
+            "Open Nacos 2.x gRPC connections",
+            m.connections.clone(),
+        );
+        r.register(
+            "subscriptions",
+            "Services subscribed to over Nacos 2.x connections",
+            m.subscriptions.clone(),
+        );
+        r.register(
+            "pushes",
+            "NotifySubscriberRequest pushes sent",
+            m.pushes.clone(),
+        );
+        r.register(
+            "push_acks",
+            "NotifySubscriberResponse acks received",
+            m.push_acks.clone(),
+        );
+        r.register(
+            "push_seconds",
+            "From a change being published to its push being queued on the connection",
+            m.push_latency.clone(),
+        );
+        m
+    }
+
+    pub fn request(&self, protocol: &'static str, request: &str, outcome: &'static str) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                protocol,
+                request: request.to_string(),
+                outcome,
+            })
+            .inc();
+    }
+}

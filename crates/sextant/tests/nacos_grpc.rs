@@ -1,0 +1,334 @@
+//! The Nacos 2.x gRPC protocol of the real binary at the wire level (`Payload` with JSON
+//! bodies), for what real clients do not show on their own: error answers to bad input,
+//! push on a native change, and ephemeral instances lapsing a grace after their connection
+//! drops while another connection's subscription sees them go. The real clients are tested in
+//! `nacos_python.rs` and `nacos_rust_sdk.rs`.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+use sextant_proto::nacos::bi_request_stream_client::BiRequestStreamClient;
+use sextant_proto::nacos::request_client::RequestClient;
+use sextant_proto::nacos::{Metadata, Payload};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+fn payload(kind: &str, body: Value) -> Payload {
+    Payload {
+        metadata: Some(Metadata {
+            r#type: kind.into(),
+            client_ip: "127.0.0.1".into(),
+            headers: HashMap::new(),
+        }),
+        body: Some(prost_types::Any {
+            type_url: String::new(),
+            value: serde_json::to_vec(&body).unwrap(),
+        }),
+    }
+}
+
+fn parse(p: &Payload) -> (String, Value) {
+    let kind = p.metadata.as_ref().unwrap().r#type.clone();
+    let body = serde_json::from_slice(&p.body.as_ref().unwrap().value).unwrap();
+    (kind, body)
+}
+
+/// One Nacos client connection: the unary stub and the bi-stream on one channel.
+struct NacosConn {
+    unary: RequestClient<Channel>,
+    to_server: mpsc::Sender<Payload>,
+    pushes: mpsc::Receiver<Value>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl NacosConn {
+    async fn open(addr: std::net::SocketAddr) -> NacosConn {
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .expect("connect to the Nacos gRPC port");
+        let mut unary = RequestClient::new(channel.clone());
+        let (kind, check) = parse(
+            &unary
+                .request(payload("ServerCheckRequest", json!({"requestId": "1"})))
+                .await
+                .unwrap()
+                .into_inner(),
+        );
+        assert_eq!(kind, "ServerCheckResponse");
+        assert_eq!(check["resultCode"], 200);
+        assert!(!check["connectionId"].as_str().unwrap().is_empty());
+
+        let (to_server, rx) = mpsc::channel(16);
+        to_server
+            .send(payload(
+                "ConnectionSetupRequest",
+                json!({"clientVersion": "wire-test", "tenant": "", "labels": {}}),
+            ))
+            .await
+            .unwrap();
+        let mut inbound = BiRequestStreamClient::new(channel)
+            .request_bi_stream(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let (push_tx, pushes) = mpsc::channel(64);
+        let ack = to_server.clone();
+        let reader = tokio::spawn(async move {
+            while let Ok(Some(p)) = inbound.message().await {
+                let (kind, body) = parse(&p);
+                if kind == "NotifySubscriberRequest" {
+                    let id = body["requestId"].clone();
+                    let _ = ack
+                        .send(payload(
+                            "NotifySubscriberResponse",
+                            json!({"requestId": id, "resultCode": 200}),
+                        ))
+                        .await;
+                    let _ = push_tx.send(body).await;
+                }
+            }
+        });
+        // The stream is registered by the server asynchronously.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        NacosConn {
+            unary,
+            to_server,
+            pushes,
+            reader,
+        }
+    }
+
+    /// Closes the connection abruptly, as a killed process would: no deregistration.
+    async fn kill(self) {
+        self.reader.abort();
+        let _ = self.reader.await;
+        drop(self.to_server);
+        drop(self.unary);
+    }
+
+    async fn call(&mut self, kind: &str, body: Value) -> (String, Value) {
+        parse(
+            &self
+                .unary
+                .request(payload(kind, body))
+                .await
+                .unwrap()
+                .into_inner(),
+        )
+    }
+
+    /// Waits (bounded) for a push whose host list satisfies `want`.
+    async fn push_where(&mut self, what: &str, want: impl Fn(&[Value]) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.pushes.recv()).await {
+                Ok(Some(push)) => {
+                    let hosts = push["serviceInfo"]["hosts"].as_array().unwrap().clone();
+                    if want(&hosts) {
+                        return push;
+                    }
+                }
+                _ => panic!("no push where {what} within 15 s"),
+            }
+        }
+    }
+}
+
+fn instance(ip: &str, port: u16) -> Value {
+    json!({"ip": ip, "port": port, "weight": 2.0, "healthy": true, "enabled": true,
+           "ephemeral": true, "clusterName": "DEFAULT", "metadata": {"v": "1"}})
+}
+
+fn ports(hosts: &[Value]) -> Vec<u64> {
+    let mut p: Vec<u64> = hosts.iter().map(|h| h["port"].as_u64().unwrap()).collect();
+    p.sort();
+    p
+}
+
+#[tokio::test]
+async fn bad_requests_get_error_responses_not_failures() {
+    let server = Server::start();
+    let (_, grpc) = server.nacos.expect("nacos on");
+    let mut c = NacosConn::open(grpc).await;
+
+    let (kind, body) = c.call("NoSuchRequest", json!({"requestId": "7"})).await;
+    assert_eq!(kind, "ErrorResponse");
+    assert_eq!(body["errorCode"], 302);
+    assert_eq!(body["requestId"], "7");
+
+    let (kind, body) = c.call("ConfigQueryRequest", json!({})).await;
+    assert_eq!(kind, "ErrorResponse");
+    assert!(
+        body["message"].as_str().unwrap().contains("config center"),
+        "{body}"
+    );
+
+    let bad_port = json!({"requestId": "8", "serviceName": "orders", "type": "registerInstance",
+                          "instance": instance("10.0.0.1", 1)});
+    let mut bad_port_body = bad_port.clone();
+    bad_port_body["instance"]["port"] = json!(70000);
+    let (kind, body) = c.call("InstanceRequest", bad_port_body).await;
+    assert_eq!(kind, "ErrorResponse");
+    assert_eq!(body["errorCode"], 400);
+    assert!(body["message"].as_str().unwrap().contains("port"), "{body}");
+
+    let mut bad_weight = bad_port.clone();
+    bad_weight["instance"]["weight"] = json!(1000.0);
+    let (_, body) = c.call("InstanceRequest", bad_weight).await;
+    assert_eq!(body["errorCode"], 400);
+    assert!(
+        body["message"].as_str().unwrap().contains("weight"),
+        "{body}"
+    );
+
+    let (_, body) = c
+        .call(
+            "InstanceRequest",
+            json!({"type": "registerInstance", "instance": instance("10.0.0.1", 1)}),
+        )
+        .await;
+    assert!(
+        body["message"].as_str().unwrap().contains("serviceName"),
+        "{body}"
+    );
+
+    let (kind, body) = parse(
+        &c.unary
+            .request(Payload {
+                metadata: Some(Metadata {
+                    r#type: "InstanceRequest".into(),
+                    ..Default::default()
+                }),
+                body: Some(prost_types::Any {
+                    type_url: String::new(),
+                    value: b"{not json".to_vec(),
+                }),
+            })
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert_eq!(kind, "ErrorResponse");
+    assert_eq!(body["errorCode"], 400);
+
+    // None of it was a server error.
+    let metrics = server.api().get("/metrics").await.text;
+    assert!(!metrics.contains("outcome=\"unavailable\""), "{metrics}");
+}
+
+#[tokio::test]
+async fn subscribers_see_native_changes_and_instances_of_a_dropped_connection_lapse() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start_with(tmp.path(), &["--nacos-connection-grace-seconds", "1"]);
+    let (_, grpc) = server.nacos.expect("nacos on");
+    let mut watcher = NacosConn::open(grpc).await;
+    let mut owner = NacosConn::open(grpc).await;
+
+    let (kind, body) = owner
+        .call(
+            "InstanceRequest",
+            json!({"requestId": "1", "namespace": "public", "serviceName": "orders",
+                   "groupName": "G1", "type": "registerInstance",
+                   "instance": instance("10.0.0.1", 8080)}),
+        )
+        .await;
+    assert_eq!(
+        (kind.as_str(), &body["resultCode"]),
+        ("InstanceResponse", &json!(200)),
+        "{body}"
+    );
+
+    let (kind, body) = watcher
+        .call(
+            "SubscribeServiceRequest",
+            json!({"requestId": "2", "namespace": "", "serviceName": "orders",
+                   "groupName": "G1", "clusters": "", "subscribe": true}),
+        )
+        .await;
+    assert_eq!(kind, "SubscribeServiceResponse");
+    let info = &body["serviceInfo"];
+    assert_eq!(
+        (info["name"].as_str(), info["groupName"].as_str()),
+        (Some("orders"), Some("G1"))
+    );
+    assert_eq!(ports(info["hosts"].as_array().unwrap()), vec![8080]);
+    assert_eq!(info["hosts"][0]["weight"], 2.0);
+    assert_eq!(info["hosts"][0]["metadata"]["v"], "1");
+
+    // A native registration into the same service reaches the Nacos subscriber.
+    server
+        .api()
+        .register(
+            "public",
+            "G1@@orders",
+            "native-1",
+            &json!({"host": "10.0.0.2", "port": 9090, "protocol": "http"}),
+        )
+        .await;
+    watcher
+        .push_where("the native instance is added", |h| {
+            ports(h) == vec![8080, 9090]
+        })
+        .await;
+
+    // The owner's connection drops without deregistering: its instance lapses a grace later.
+    let dropped = Instant::now();
+    owner.kill().await;
+    watcher
+        .push_where("the dropped connection's instance is gone", |h| {
+            ports(h) == vec![9090]
+        })
+        .await;
+    let took = dropped.elapsed();
+    assert!(
+        took >= Duration::from_millis(900),
+        "removed before the grace: {took:?}"
+    );
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+
+    // A live connection's instances outlive many grace periods.
+    let (_, body) = watcher
+        .call(
+            "InstanceRequest",
+            json!({"requestId": "3", "serviceName": "orders", "groupName": "G1",
+                   "type": "registerInstance", "instance": instance("10.0.0.3", 7000)}),
+        )
+        .await;
+    assert_eq!(body["resultCode"], 200, "{body}");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (_, body) = watcher
+        .call(
+            "ServiceQueryRequest",
+            json!({"requestId": "4", "serviceName": "orders", "groupName": "G1",
+                   "cluster": "", "healthyOnly": false}),
+        )
+        .await;
+    assert_eq!(
+        ports(body["serviceInfo"]["hosts"].as_array().unwrap()),
+        vec![7000, 9090]
+    );
+
+    let (_, body) = watcher
+        .call(
+            "ServiceListRequest",
+            json!({"requestId": "5", "namespace": "public", "groupName": "G1",
+                   "pageNo": 1, "pageSize": 10}),
+        )
+        .await;
+    assert_eq!(body["serviceNames"], json!(["orders"]), "{body}");
+    let metrics = server.api().get("/metrics").await.text;
+    assert!(
+        metrics.contains("sextant_nacos_push_acks_total"),
+        "{metrics}"
+    );
+}

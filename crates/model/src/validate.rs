@@ -230,6 +230,11 @@ mod tests {
         assert!(validate_name("service", "a/b").is_err());
         assert!(validate_name("service", "a:b").is_err());
         assert!(validate_instance_id("a:b").is_ok());
+        assert!(validate_service_name("GROUP@@orders").is_ok());
+        assert!(validate_service_name("providers:com.example.Api::").is_ok());
+        assert!(validate_service_name("a/b").is_err());
+        assert!(validate_name("namespace", "a@b").is_err());
+        assert!(validate_instance_id("a@b").is_err());
         let e = validate_name("namespace", "bad name").unwrap_err();
         assert_eq!(e.field, "namespace");
     }

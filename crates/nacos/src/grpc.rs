@@ -416,7 +416,9 @@ impl Api {
                         ttl_seconds,
                     })
                     .await?;
-                if !persistent {
+                if persistent {
+                    crate::ensure_checked(registry, &key).await?;
+                } else {
                     conn.state.lock().instances.insert((key, id));
                 }
             }

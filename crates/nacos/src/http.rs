@@ -234,12 +234,15 @@ async fn register_instance(
     };
     s.registry
         .register(Registration {
-            service: key,
+            service: key.clone(),
             spec,
             status: Some(status),
             ttl_seconds,
         })
         .await?;
+    if !ephemeral {
+        crate::ensure_checked(&s.registry, &key).await?;
+    }
     Ok(())
 }
 

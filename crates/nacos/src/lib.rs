@@ -142,6 +142,27 @@ pub(crate) struct Shared {
     pub metrics: NacosMetrics,
 }
 
+/// Nacos health-checks persistent instances on the server (TCP by default). When a Nacos client
+/// registers one into a service that has no check yet, Sextant's scanner gets a TCP check for
+/// the service; a check set natively or by an operator is left alone.
+pub(crate) async fn ensure_checked(
+    registry: &Registry,
+    key: &sextant_core::model::ServiceKey,
+) -> Result<(), NacosError> {
+    use sextant_core::model::{CheckKind, HealthCheck};
+    let mut config = registry.get(key, false).config;
+    if config.check.kind != CheckKind::None {
+        return Ok(());
+    }
+    config.check = HealthCheck {
+        kind: CheckKind::Tcp,
+        ..HealthCheck::default()
+    };
+    registry.configure(key.clone(), config).await?;
+    tracing::info!(service = %key, "persistent Nacos instance registered: service gets a TCP health check");
+    Ok(())
+}
+
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

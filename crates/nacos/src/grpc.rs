@@ -49,6 +49,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, stop: watc
         map: Mutex::new(HashMap::new()),
         next_push: AtomicU64::new(1),
         stop: stop.clone(),
+        encoded: Mutex::new(HashMap::new()),
     });
     tokio::spawn(renew_leases(conns.clone()));
     let api = Api { conns };
@@ -110,6 +111,9 @@ struct Connections {
     map: Mutex<HashMap<SocketAddr, Arc<Conn>>>,
     next_push: AtomicU64,
     stop: watch::Receiver<bool>,
+    /// The pushed `serviceInfo` JSON of each (service, clusters) at its latest revision, so a
+    /// change is encoded once however many connections subscribe to it (as Nacos does).
+    encoded: Mutex<HashMap<(ServiceKey, String), (Revision, Arc<Vec<u8>>)>>,
 }
 
 impl Connections {
@@ -153,6 +157,14 @@ async fn renew_leases(conns: Arc<Connections>) {
             _ = stop.wait_for(|v| *v) => return,
         }
         let all: Vec<Arc<Conn>> = conns.map.lock().values().cloned().collect();
+        {
+            // Entries of services nobody subscribes to any more: rebuilt on demand.
+            let subscribed = usize::try_from(conns.shared.metrics.subscriptions.get()).unwrap_or(0);
+            let mut enc = conns.encoded.lock();
+            if enc.len() > 2 * subscribed + 64 {
+                enc.clear();
+            }
+        }
         for conn in all {
             let (live, items) = {
                 let st = conn.state.lock();
@@ -268,6 +280,10 @@ impl NamingRequest {
 }
 
 fn payload(kind: &str, body: &Value) -> Payload {
+    raw_payload(kind, serde_json::to_vec(body).unwrap_or_default())
+}
+
+fn raw_payload(kind: &str, body: Vec<u8>) -> Payload {
     Payload {
         metadata: Some(Metadata {
             r#type: kind.to_string(),
@@ -276,7 +292,7 @@ fn payload(kind: &str, body: &Value) -> Payload {
         }),
         body: Some(prost_types::Any {
             type_url: String::new(),
-            value: serde_json::to_vec(body).unwrap_or_default(),
+            value: body,
         }),
     }
 }
@@ -607,6 +623,21 @@ async fn push_changes(
     let mut sub = shared.registry.subscribe(vec![key.clone()], Some(since));
     let mut outbound = conn.outbound.subscribe();
     let svc = NacosService::from_sextant(&key.service);
+    let cache_key = (key.clone(), opts.clusters.join(","));
+    // Everything of the push body but `serviceInfo`, which is spliced in as encoded bytes.
+    let head = |id: &str| {
+        let mut v = serde_json::to_vec(&json!({
+            "requestId": id,
+            "module": "naming",
+            "headers": {},
+            "namespace": &*key.namespace,
+            "serviceName": svc.name,
+            "groupName": svc.group,
+        }))
+        .unwrap_or_default();
+        v.pop(); // the closing brace
+        v
+    };
     loop {
         let Ok(delivery) = sub.next().await else {
             return;
@@ -621,19 +652,33 @@ async fn push_changes(
         };
         let Some(tx) = tx else { return };
         let view = shared.registry.get(&key, false);
-        opts.now_ms = now_ms();
+        let cached = conns
+            .encoded
+            .lock()
+            .get(&cache_key)
+            .filter(|(rev, _)| *rev == view.revision)
+            .map(|(_, bytes)| bytes.clone());
+        let info = match cached {
+            Some(bytes) => bytes,
+            None => {
+                opts.now_ms = now_ms();
+                let bytes = Arc::new(
+                    serde_json::to_vec(&mapping::service_info(&view, &opts)).unwrap_or_default(),
+                );
+                conns
+                    .encoded
+                    .lock()
+                    .insert(cache_key.clone(), (view.revision, bytes.clone()));
+                bytes
+            }
+        };
         let id = conns.next_push.fetch_add(1, Ordering::Relaxed).to_string();
-        let body = json!({
-            "requestId": id,
-            "module": "naming",
-            "headers": {},
-            "namespace": &*key.namespace,
-            "serviceName": svc.name,
-            "groupName": svc.group,
-            "serviceInfo": mapping::service_info(&view, &opts),
-        });
+        let mut body = head(&id);
+        body.extend_from_slice(b",\"serviceInfo\":");
+        body.extend_from_slice(&info);
+        body.push(b'}');
         if tx
-            .send(Ok(payload("NotifySubscriberRequest", &body)))
+            .send(Ok(raw_payload("NotifySubscriberRequest", body)))
             .await
             .is_err()
         {

@@ -84,7 +84,7 @@ struct ConnState {
     /// Ephemeral instances registered over this connection.
     instances: HashSet<(ServiceKey, String)>,
     /// (service, clusters) → its push task.
-    subscriptions: HashMap<(ServiceKey, String), JoinHandle<()>>,
+    subscriptions: HashMap<SubscriptionKey, JoinHandle<()>>,
     attached: bool,
     closed: bool,
     client: String,
@@ -113,8 +113,11 @@ struct Connections {
     stop: watch::Receiver<bool>,
     /// The pushed `serviceInfo` JSON of each (service, clusters) at its latest revision, so a
     /// change is encoded once however many connections subscribe to it (as Nacos does).
-    encoded: Mutex<HashMap<(ServiceKey, String), (Revision, Arc<Vec<u8>>)>>,
+    encoded: Mutex<HashMap<SubscriptionKey, (Revision, Arc<Vec<u8>>)>>,
 }
+
+/// A subscribed service and its cluster filter (`a,b`; empty for all).
+type SubscriptionKey = (ServiceKey, String);
 
 impl Connections {
     fn get(&self, addr: SocketAddr) -> Arc<Conn> {

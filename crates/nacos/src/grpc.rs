@@ -113,8 +113,11 @@ struct Connections {
     stop: watch::Receiver<bool>,
     /// The pushed `serviceInfo` JSON of each (service, clusters) at its latest revision, so a
     /// change is encoded once however many connections subscribe to it (as Nacos does).
-    encoded: Mutex<HashMap<SubscriptionKey, (Revision, Arc<Vec<u8>>)>>,
+    encoded: Mutex<HashMap<SubscriptionKey, Encoded>>,
 }
+
+/// A `serviceInfo` encoding and the revision it shows.
+type Encoded = (Revision, Arc<Vec<u8>>);
 
 /// A subscribed service and its cluster filter (`a,b`; empty for all).
 type SubscriptionKey = (ServiceKey, String);

@@ -376,6 +376,33 @@ impl Registry {
         }
     }
 
+    /// A service's settings (the defaults for an unknown service), without copying its instances.
+    pub fn service_config(&self, service: &ServiceKey) -> ServiceConfig {
+        self.shared
+            .entry(service)
+            .map(|e| e.state().config.clone())
+            .unwrap_or_default()
+    }
+
+    /// One instance by id, without copying the service.
+    pub fn instance(&self, service: &ServiceKey, id: &str) -> Option<Instance> {
+        self.shared
+            .entry(service)
+            .and_then(|e| e.state().instances.get(id).cloned())
+    }
+
+    /// The first instance of a service (in id order) that `pred` accepts, without copying the
+    /// service.
+    pub fn find_instance(
+        &self,
+        service: &ServiceKey,
+        pred: impl Fn(&Instance) -> bool,
+    ) -> Option<Instance> {
+        self.shared
+            .entry(service)
+            .and_then(|e| e.state().instances.values().find(|i| pred(i)).cloned())
+    }
+
     /// Waits until the service's revision exceeds `index` or `wait` passes, then returns it.
     pub async fn get_when_changed(
         &self,

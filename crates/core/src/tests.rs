@@ -510,3 +510,24 @@ async fn drain_leaves_results_and_registration_brings_it_back() {
     assert!(!x.status.is_draining());
     assert_eq!(x.status.effective_weight(), 3);
 }
+
+#[tokio::test]
+async fn point_lookups_read_the_published_state() {
+    let r = open().await;
+    assert!(r.instance(&svc("a"), "i1").is_none());
+    assert_eq!(r.service_config(&svc("a")), ServiceConfig::default());
+    r.register(reg("a", "i1", 0)).await.unwrap();
+    r.register(reg("a", "i2", 0)).await.unwrap();
+    assert_eq!(r.instance(&svc("a"), "i2").unwrap().spec.id, "i2");
+    let found = r
+        .find_instance(&svc("a"), |i| i.spec.id.ends_with('2'))
+        .unwrap();
+    assert_eq!(found.spec.id, "i2");
+    assert!(r.find_instance(&svc("a"), |_| false).is_none());
+    let config = ServiceConfig {
+        protect_threshold: 0.5,
+        ..ServiceConfig::default()
+    };
+    r.configure(svc("a"), config.clone()).await.unwrap();
+    assert_eq!(r.service_config(&svc("a")), config);
+}

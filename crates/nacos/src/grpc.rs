@@ -418,8 +418,7 @@ impl Api {
             .ok_or(NacosError::missing("instance"))?;
         let reg = inst.registration()?;
         let registry = &self.conns.shared.registry;
-        let view = registry.get(&key, false);
-        let existing = mapping::find_instance(&view.instances, &reg.ip, reg.port, &reg.cluster)
+        let existing = mapping::find_instance(registry, &key, &reg.ip, reg.port, &reg.cluster)
             .map(|i| i.spec.id.to_string());
         match kind {
             "registerInstance" => {
@@ -480,12 +479,11 @@ impl Api {
             .map(WireInstance::registration)
             .collect::<Result<Vec<_>, _>>()?;
         let registry = &self.conns.shared.registry;
-        let view = registry.get(&key, false);
         let ttl_seconds = lease_seconds(self.conns.shared.config.connection_grace);
         let mut ops = Vec::new();
         let mut ids = HashSet::new();
         for reg in &regs {
-            let existing = mapping::find_instance(&view.instances, &reg.ip, reg.port, &reg.cluster)
+            let existing = mapping::find_instance(registry, &key, &reg.ip, reg.port, &reg.cluster)
                 .map(|i| i.spec.id.to_string());
             match kind {
                 "batchRegisterInstance" => {

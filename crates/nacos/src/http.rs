@@ -223,8 +223,7 @@ async fn register_instance(
     reg: &NacosRegistration,
     ephemeral: bool,
 ) -> Result<(), NacosError> {
-    let view = s.registry.get(&key, false);
-    let existing = mapping::find_instance(&view.instances, &reg.ip, reg.port, &reg.cluster)
+    let existing = mapping::find_instance(&s.registry, &key, &reg.ip, reg.port, &reg.cluster)
         .map(|i| i.spec.id.to_string());
     let (spec, status) = reg.to_sextant(existing.as_deref())?;
     let ttl_seconds = if ephemeral {
@@ -256,9 +255,8 @@ async fn do_deregister(s: &Shared, p: &Params) -> Result<(), NacosError> {
     let (_, key) = p.service()?;
     let ip = p.required("ip")?;
     let port = p.port()?;
-    let view = s.registry.get(&key, false);
     // Deregistering what is not there is not an error in Nacos.
-    if let Some(i) = mapping::find_instance(&view.instances, ip, port, p.cluster()) {
+    if let Some(i) = mapping::find_instance(&s.registry, &key, ip, port, p.cluster()) {
         match s.registry.deregister(key, i.spec.id.to_string()).await {
             Ok(_) | Err(sextant_core::CoreError::NotFound(_)) => {}
             Err(e) => return Err(e.into()),
@@ -278,8 +276,7 @@ async fn do_update(s: &Shared, p: &Params) -> Result<(), NacosError> {
     let (_, key) = p.service()?;
     let ip = p.required("ip")?;
     let port = p.port()?;
-    let view = s.registry.get(&key, false);
-    let Some(i) = mapping::find_instance(&view.instances, ip, port, p.cluster()) else {
+    let Some(i) = mapping::find_instance(&s.registry, &key, ip, port, p.cluster()) else {
         return Err(NacosError::NotFound(format!(
             "instance {ip}:{port} (cluster {}) not found in service {key}",
             p.cluster()
@@ -323,8 +320,7 @@ async fn set_health(State(s): AppState, p: Params) -> Result<Response, NacosErro
         let healthy = p
             .parse::<bool>("healthy")?
             .ok_or(NacosError::missing("healthy"))?;
-        let view = s.registry.get(&key, false);
-        let i = mapping::find_instance(&view.instances, ip, port, p.cluster())
+        let i = mapping::find_instance(&s.registry, &key, ip, port, p.cluster())
             .ok_or_else(|| NacosError::NotFound(format!("instance {ip}:{port} not found")))?;
         let patch = sextant_core::model::StatusPatch {
             health: Some(if healthy {
@@ -349,10 +345,9 @@ async fn get_instance(State(s): AppState, p: Params) -> Result<Response, NacosEr
         let (svc, key) = p.service()?;
         let ip = p.required("ip")?;
         let port = p.port()?;
-        let view = s.registry.get(&key, false);
-        let i = mapping::find_instance(&view.instances, ip, port, p.cluster())
+        let i = mapping::find_instance(&s.registry, &key, ip, port, p.cluster())
             .ok_or_else(|| NacosError::NotFound("no matched ip found!".into()))?;
-        let n = NacosInstance::from_sextant(i, &svc, false);
+        let n = NacosInstance::from_sextant(&i, &svc, false);
         Ok(Json(json!({
             "service": n.service_name,
             "ip": n.ip,
@@ -440,8 +435,7 @@ async fn do_beat(s: &Shared, p: &Params) -> Result<u32, NacosError> {
         Some(c) if !c.trim().is_empty() => c.trim().to_string(),
         _ => mapping::cluster(from_beat("cluster").and_then(|v| v.as_str())).to_string(),
     };
-    let view = s.registry.get(&key, false);
-    if let Some(i) = mapping::find_instance(&view.instances, &ip, port, &cluster) {
+    if let Some(i) = mapping::find_instance(&s.registry, &key, &ip, port, &cluster) {
         let r = s
             .registry
             .heartbeat(&[(key.clone(), i.spec.id.to_string())]);

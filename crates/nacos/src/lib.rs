@@ -150,7 +150,7 @@ pub(crate) async fn ensure_checked(
     key: &sextant_core::model::ServiceKey,
 ) -> Result<(), NacosError> {
     use sextant_core::model::{CheckKind, HealthCheck};
-    let mut config = registry.get(key, false).config;
+    let mut config = registry.service_config(key);
     if config.check.kind != CheckKind::None {
         return Ok(());
     }

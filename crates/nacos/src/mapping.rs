@@ -14,7 +14,7 @@ use serde::Serialize;
 use sextant_core::model::{
     Health, Instance, InstanceSpec, InstanceStatus, Location, Metadata, ServiceKey, Text,
 };
-use sextant_core::ServiceView;
+use sextant_core::{Registry, ServiceView};
 
 use crate::NacosError;
 
@@ -174,18 +174,20 @@ pub fn instance_id(ip: &str, port: u16, cluster: &str) -> String {
 
 /// Finds the instance a Nacos client means by ip, port and cluster: Nacos identifies
 /// instances by address, natively registered ones may carry any id.
-pub fn find_instance<'a>(
-    instances: &'a [Instance],
+pub fn find_instance(
+    registry: &Registry,
+    key: &ServiceKey,
     ip: &str,
     port: u16,
     cluster: &str,
-) -> Option<&'a Instance> {
-    let id = instance_id(ip, port, cluster);
-    instances.iter().find(|i| i.spec.id == id).or_else(|| {
-        instances
-            .iter()
-            .find(|i| i.spec.host == ip && i.spec.port == port && cluster_of(&i.spec) == cluster)
-    })
+) -> Option<Instance> {
+    registry
+        .instance(key, &instance_id(ip, port, cluster))
+        .or_else(|| {
+            registry.find_instance(key, |i| {
+                i.spec.host == ip && i.spec.port == port && cluster_of(&i.spec) == cluster
+            })
+        })
 }
 
 /// What a Nacos client registers.

@@ -20,7 +20,7 @@ use parking_lot::Mutex;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use sextant_core::model::{Registration, Revision, ServiceKey};
-use sextant_core::{CoreError, HeartbeatResult, Op};
+use sextant_core::{HeartbeatResult, Op};
 use sextant_proto::nacos::bi_request_stream_server::{BiRequestStream, BiRequestStreamServer};
 use sextant_proto::nacos::request_server::{Request as RequestApi, RequestServer};
 use sextant_proto::nacos::{Metadata, Payload};
@@ -429,18 +429,38 @@ impl Api {
                 } else {
                     lease_seconds(self.conns.shared.config.connection_grace)
                 };
-                registry
-                    .register(Registration {
-                        service: key.clone(),
-                        spec,
-                        status: Some(status),
-                        ttl_seconds,
-                    })
-                    .await?;
+                // A Nacos 2.x connection holds one instance per service: registering another
+                // replaces the one it registered before (clients rely on it to move ports).
+                let replaced: Vec<String> = if persistent {
+                    Vec::new()
+                } else {
+                    conn.state
+                        .lock()
+                        .instances
+                        .iter()
+                        .filter(|(k, old)| *k == key && *old != id)
+                        .map(|(_, old)| old.clone())
+                        .collect()
+                };
+                let mut ops = vec![Op::Register(Registration {
+                    service: key.clone(),
+                    spec,
+                    status: Some(status),
+                    ttl_seconds,
+                })];
+                ops.extend(replaced.iter().map(|old| Op::Deregister {
+                    service: key.clone(),
+                    id: old.clone(),
+                }));
+                crate::apply(registry, ops).await?;
                 if persistent {
                     crate::ensure_checked(registry, &key).await?;
                 } else {
-                    conn.state.lock().instances.insert((key, id));
+                    let mut st = conn.state.lock();
+                    for old in replaced {
+                        st.instances.remove(&(key.clone(), old));
+                    }
+                    st.instances.insert((key, id));
                 }
             }
             "deregisterInstance" | "deRegisterInstance" => {
@@ -449,10 +469,7 @@ impl Api {
                         .lock()
                         .instances
                         .remove(&(key.clone(), id.clone()));
-                    match registry.deregister(key, id).await {
-                        Ok(_) | Err(CoreError::NotFound(_)) => {}
-                        Err(e) => return Err(e.into()),
-                    }
+                    crate::apply(registry, vec![Op::Deregister { service: key, id }]).await?;
                 }
             }
             other => {
@@ -532,12 +549,7 @@ impl Api {
                 id: id.clone(),
             });
         }
-        for r in registry.apply(ops).await? {
-            match r {
-                Ok(_) | Err(CoreError::NotFound(_)) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
+        crate::apply(registry, ops).await?;
         let mut st = conn.state.lock();
         for id in dropped {
             st.instances.remove(&(key.clone(), id));

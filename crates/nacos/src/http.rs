@@ -257,10 +257,12 @@ async fn do_deregister(s: &Shared, p: &Params) -> Result<(), NacosError> {
     let port = p.port()?;
     // Deregistering what is not there is not an error in Nacos.
     if let Some(i) = mapping::find_instance(&s.registry, &key, ip, port, p.cluster()) {
-        match s.registry.deregister(key, i.spec.id.to_string()).await {
-            Ok(_) | Err(sextant_core::CoreError::NotFound(_)) => {}
-            Err(e) => return Err(e.into()),
-        }
+        let id = i.spec.id.to_string();
+        crate::apply(
+            &s.registry,
+            vec![sextant_core::Op::Deregister { service: key, id }],
+        )
+        .await?;
     }
     Ok(())
 }

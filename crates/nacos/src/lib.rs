@@ -163,6 +163,20 @@ pub(crate) async fn ensure_checked(
     Ok(())
 }
 
+/// Applies `ops` in one commit; removing what is already gone is not an error in Nacos.
+pub(crate) async fn apply(
+    registry: &Registry,
+    ops: Vec<sextant_core::Op>,
+) -> Result<(), NacosError> {
+    for r in registry.apply(ops).await? {
+        match r {
+            Ok(_) | Err(CoreError::NotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -318,6 +318,21 @@ async fn subscribers_see_native_changes_and_instances_of_a_dropped_connection_la
         vec![7000, 9090]
     );
 
+    // One connection holds one instance per service: a second registration replaces it.
+    let (_, body) = watcher
+        .call(
+            "InstanceRequest",
+            json!({"requestId": "6", "serviceName": "orders", "groupName": "G1",
+                   "type": "registerInstance", "instance": instance("10.0.0.3", 7001)}),
+        )
+        .await;
+    assert_eq!(body["resultCode"], 200, "{body}");
+    watcher
+        .push_where("the connection's instance moved to port 7001", |h| {
+            ports(h) == vec![7001, 9090]
+        })
+        .await;
+
     let (_, body) = watcher
         .call(
             "ServiceListRequest",

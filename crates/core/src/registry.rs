@@ -384,6 +384,14 @@ impl Registry {
             .unwrap_or_default()
     }
 
+    /// The revision of a service's last change (0 for an unknown service).
+    pub fn service_revision(&self, service: &ServiceKey) -> Revision {
+        self.shared
+            .entry(service)
+            .map(|e| e.state().revision)
+            .unwrap_or(0)
+    }
+
     /// One instance by id, without copying the service.
     pub fn instance(&self, service: &ServiceKey, id: &str) -> Option<Instance> {
         self.shared

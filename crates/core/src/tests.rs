@@ -516,8 +516,10 @@ async fn point_lookups_read_the_published_state() {
     let r = open().await;
     assert!(r.instance(&svc("a"), "i1").is_none());
     assert_eq!(r.service_config(&svc("a")), ServiceConfig::default());
+    assert_eq!(r.service_revision(&svc("a")), 0);
     r.register(reg("a", "i1", 0)).await.unwrap();
-    r.register(reg("a", "i2", 0)).await.unwrap();
+    let rev = r.register(reg("a", "i2", 0)).await.unwrap();
+    assert_eq!(r.service_revision(&svc("a")), rev);
     assert_eq!(r.instance(&svc("a"), "i2").unwrap().spec.id, "i2");
     let found = r
         .find_instance(&svc("a"), |i| i.spec.id.ends_with('2'))

@@ -49,7 +49,6 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, stop: watc
         map: Mutex::new(HashMap::new()),
         next_push: AtomicU64::new(1),
         stop: stop.clone(),
-        encoded: Mutex::new(HashMap::new()),
     });
     tokio::spawn(renew_leases(conns.clone()));
     let api = Api { conns };
@@ -111,13 +110,7 @@ struct Connections {
     map: Mutex<HashMap<SocketAddr, Arc<Conn>>>,
     next_push: AtomicU64,
     stop: watch::Receiver<bool>,
-    /// The pushed `serviceInfo` JSON of each (service, clusters) at its latest revision, so a
-    /// change is encoded once however many connections subscribe to it (as Nacos does).
-    encoded: Mutex<HashMap<SubscriptionKey, Encoded>>,
 }
-
-/// A `serviceInfo` encoding and the revision it shows.
-type Encoded = (Revision, Arc<Vec<u8>>);
 
 /// A subscribed service and its cluster filter (`a,b`; empty for all).
 type SubscriptionKey = (ServiceKey, String);
@@ -163,14 +156,6 @@ async fn renew_leases(conns: Arc<Connections>) {
             _ = stop.wait_for(|v| *v) => return,
         }
         let all: Vec<Arc<Conn>> = conns.map.lock().values().cloned().collect();
-        {
-            // Entries of services nobody subscribes to any more: rebuilt on demand.
-            let subscribed = usize::try_from(conns.shared.metrics.subscriptions.get()).unwrap_or(0);
-            let mut enc = conns.encoded.lock();
-            if enc.len() > 2 * subscribed + 64 {
-                enc.clear();
-            }
-        }
         for conn in all {
             let (live, items) = {
                 let st = conn.state.lock();
@@ -632,14 +617,13 @@ async fn push_changes(
     conns: Arc<Connections>,
     conn: Arc<Conn>,
     key: ServiceKey,
-    mut opts: InfoOptions,
+    opts: InfoOptions,
     since: Revision,
 ) {
     let shared = &conns.shared;
     let mut sub = shared.registry.subscribe(vec![key.clone()], Some(since));
     let mut outbound = conn.outbound.subscribe();
     let svc = NacosService::from_sextant(&key.service);
-    let cache_key = (key.clone(), opts.clusters.join(","));
     // Everything of the push body but `serviceInfo`, which is spliced in as encoded bytes.
     let head = |id: &str| {
         let mut v = serde_json::to_vec(&json!({
@@ -667,27 +651,7 @@ async fn push_changes(
             Err(_) => return,
         };
         let Some(tx) = tx else { return };
-        let view = shared.registry.get(&key, false);
-        let cached = conns
-            .encoded
-            .lock()
-            .get(&cache_key)
-            .filter(|(rev, _)| *rev == view.revision)
-            .map(|(_, bytes)| bytes.clone());
-        let info = match cached {
-            Some(bytes) => bytes,
-            None => {
-                opts.now_ms = now_ms();
-                let bytes = Arc::new(
-                    serde_json::to_vec(&mapping::service_info(&view, &opts)).unwrap_or_default(),
-                );
-                conns
-                    .encoded
-                    .lock()
-                    .insert(cache_key.clone(), (view.revision, bytes.clone()));
-                bytes
-            }
-        };
+        let info = shared.infos.get(&shared.registry, &key, &opts);
         let id = conns.next_push.fetch_add(1, Ordering::Relaxed).to_string();
         let mut body = head(&id);
         body.extend_from_slice(b",\"serviceInfo\":");

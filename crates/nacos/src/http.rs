@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::mapping::{self, InfoOptions, NacosInstance, NacosRegistration, NacosService};
-use crate::{lease_seconds, now_ms, NacosError, Shared};
+use crate::{lease_seconds, NacosError, Shared};
 
 /// How long 1.x clients may cache a list answer, in ms (Nacos 1.x' default).
 const LIST_CACHE_MILLIS: u64 = 3000;
@@ -371,15 +371,15 @@ async fn get_instance(State(s): AppState, p: Params) -> Result<Response, NacosEr
 async fn list(State(s): AppState, p: Params) -> Result<Response, NacosError> {
     let r = (|| {
         let (_, key) = p.service()?;
-        let view = s.registry.get(&key, false);
         let opts = InfoOptions {
             grouped_name: true,
             clusters: mapping::cluster_filter(p.get("clusters")),
             healthy_only: p.parse::<bool>("healthyOnly")?.unwrap_or(false),
             cache_millis: LIST_CACHE_MILLIS,
-            now_ms: now_ms(),
+            now_ms: 0,
         };
-        Ok(Json(mapping::service_info(&view, &opts)).into_response())
+        let body = s.infos.get(&s.registry, &key, &opts);
+        Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
     })();
     track(&s, "instance.list", &r);
     r

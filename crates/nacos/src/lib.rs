@@ -14,8 +14,13 @@ pub mod http;
 pub mod mapping;
 mod metrics;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use sextant_core::model::{Revision, ServiceKey};
 
 use sextant_core::{CoreError, Registry};
 use tokio::net::TcpListener;
@@ -122,6 +127,7 @@ impl NacosServer {
             registry,
             config,
             metrics,
+            infos: InfoCache::default(),
         });
         let http = tokio::spawn(http::serve(shared.clone(), http, stop.clone()));
         let grpc = tokio::spawn(grpc::serve(shared, grpc, stop));
@@ -140,6 +146,45 @@ pub(crate) struct Shared {
     pub registry: Registry,
     pub config: NacosConfig,
     pub metrics: NacosMetrics,
+    pub infos: InfoCache,
+}
+
+/// Most encodings kept; past it the cache starts over (entries are rebuilt on demand).
+const INFO_CACHE_ENTRIES: usize = 16_384;
+
+/// Encoded `ServiceInfo` answers, per service and way of building them, at the revision they
+/// show: a list query or a push is encoded once per change, however many clients ask (Nacos
+/// caches its push data the same way). `lastRefTime` is the time of encoding.
+#[derive(Default)]
+pub(crate) struct InfoCache {
+    map: Mutex<HashMap<(ServiceKey, mapping::InfoVariant), (Revision, Bytes)>>,
+}
+
+impl InfoCache {
+    pub fn get(&self, registry: &Registry, key: &ServiceKey, opts: &mapping::InfoOptions) -> Bytes {
+        let variant = opts.variant();
+        let rev = registry.service_revision(key);
+        let cache_key = (key.clone(), variant);
+        if let Some((r, bytes)) = self.map.lock().get(&cache_key) {
+            if *r == rev {
+                return bytes.clone();
+            }
+        }
+        let view = registry.get(key, false);
+        let opts = mapping::InfoOptions {
+            now_ms: now_ms(),
+            ..opts.clone()
+        };
+        let bytes = Bytes::from(
+            serde_json::to_vec(&mapping::service_info(&view, &opts)).unwrap_or_default(),
+        );
+        let mut map = self.map.lock();
+        if map.len() >= INFO_CACHE_ENTRIES {
+            map.clear();
+        }
+        map.insert(cache_key, (view.revision, bytes.clone()));
+        bytes
+    }
 }
 
 /// Nacos health-checks persistent instances on the server (TCP by default). When a Nacos client

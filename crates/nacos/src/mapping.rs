@@ -328,6 +328,26 @@ pub struct InfoOptions {
     pub now_ms: u64,
 }
 
+/// The parts of [`InfoOptions`] that change the encoding (all but the time).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct InfoVariant {
+    grouped_name: bool,
+    clusters: Vec<String>,
+    healthy_only: bool,
+    cache_millis: u64,
+}
+
+impl InfoOptions {
+    pub fn variant(&self) -> InfoVariant {
+        InfoVariant {
+            grouped_name: self.grouped_name,
+            clusters: self.clusters.clone(),
+            healthy_only: self.healthy_only,
+            cache_millis: self.cache_millis,
+        }
+    }
+}
+
 /// Builds what a Nacos client expects from a service's current state. With the protection
 /// threshold tripped every instance is returned and marked healthy, as Nacos does.
 pub fn service_info(view: &ServiceView, opts: &InfoOptions) -> ServiceInfo {

@@ -233,3 +233,61 @@ pub(crate) fn now_ms() -> u64 {
 pub(crate) fn lease_seconds(d: Duration) -> u32 {
     u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sextant_core::model::{InstanceSpec, Location, Registration};
+    use sextant_core::{CoreConfig, CoreMetrics, MemStore};
+
+    fn reg(key: &ServiceKey, port: u16) -> Registration {
+        Registration {
+            service: key.clone(),
+            spec: InstanceSpec {
+                id: format!("10.0.0.1:{port}").into(),
+                host: "10.0.0.1".into(),
+                port,
+                protocol: "tcp".into(),
+                version: Default::default(),
+                location: Location::default(),
+                cell: Default::default(),
+                lane: Default::default(),
+                metadata: Default::default(),
+            },
+            status: None,
+            ttl_seconds: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn info_cache_reencodes_only_after_a_change() {
+        let registry = Registry::open(
+            Arc::new(MemStore::new()),
+            CoreConfig::default(),
+            CoreMetrics::default(),
+        )
+        .await
+        .unwrap();
+        let key = ServiceKey::new("public", "orders").unwrap();
+        let cache = InfoCache::default();
+        let opts = mapping::InfoOptions {
+            grouped_name: true,
+            ..Default::default()
+        };
+        registry.register(reg(&key, 80)).await.unwrap();
+        let a = cache.get(&registry, &key, &opts);
+        let b = cache.get(&registry, &key, &opts);
+        // Same allocation: the second answer was not encoded again.
+        assert_eq!(a.as_ptr(), b.as_ptr());
+        let other = mapping::InfoOptions {
+            healthy_only: true,
+            ..opts.clone()
+        };
+        assert_ne!(cache.get(&registry, &key, &other).as_ptr(), a.as_ptr());
+        registry.register(reg(&key, 81)).await.unwrap();
+        let c = cache.get(&registry, &key, &opts);
+        let v: serde_json::Value = serde_json::from_slice(&c).unwrap();
+        assert_eq!(v["hosts"].as_array().unwrap().len(), 2);
+        assert_eq!(v["name"], "DEFAULT_GROUP@@orders");
+    }
+}

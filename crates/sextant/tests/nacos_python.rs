@@ -93,15 +93,30 @@ fn workspace_root() -> PathBuf {
         .expect("the workspace root")
 }
 
-/// The Python of `.venv/<venv>`; panics, saying how to build it, if it is not there.
-fn venv_python(venv: &str) -> PathBuf {
-    let python = workspace_root().join(".venv").join(venv).join("bin/python");
+/// The Python of `.venv/<venv>`, built by `scripts/test.sh` from
+/// `tests/nacos/requirements-<suffix>.txt`; panics, saying how to build it, if it is missing or
+/// was built from other requirements.
+fn venv_python(venv: &str, requirements: &str) -> PathBuf {
+    let root = workspace_root();
+    let dir = root.join(".venv").join(venv);
+    let python = dir.join("bin/python");
+    let wanted = root.join("tests/nacos").join(requirements);
     assert!(
         python.exists(),
         "{} is missing: the Nacos Python SDK tests need the venvs that scripts/test.sh builds \
-         (run scripts/test.sh from the workspace root once; it installs them, pinned by \
-         tests/nacos/requirements-*.txt)",
-        python.display()
+         (run scripts/test.sh from the workspace root; it installs them, pinned by {})",
+        python.display(),
+        wanted.display()
+    );
+    // scripts/test.sh stamps each venv with a copy of the requirements it was built from.
+    let stamp = std::fs::read(dir.join("sextant-requirements.txt")).unwrap_or_default();
+    let wanted_text =
+        std::fs::read(&wanted).unwrap_or_else(|e| panic!("read {}: {e}", wanted.display()));
+    assert!(
+        stamp == wanted_text,
+        "{} was not built from the current {}: run scripts/test.sh to rebuild it",
+        dir.display(),
+        wanted.display()
     );
     python
 }
@@ -204,8 +219,8 @@ fn run_script(python: &Path, script: &str, args: &[String], bound: Duration) -> 
 }
 
 /// Runs one flow against a fresh server and asserts it passed.
-fn flow(venv: &str, script: &str, bound: Duration) {
-    let python = venv_python(venv);
+fn flow(venv: &str, requirements: &str, script: &str, bound: Duration) {
+    let python = venv_python(venv, requirements);
     let server = Sextant::start();
     let args = vec![
         "--nacos".to_string(),
@@ -237,19 +252,29 @@ fn flow(venv: &str, script: &str, bound: Duration) {
 
 #[test]
 fn nacos_python_sdk_v2_grpc_flow() {
-    flow("nacos-v2", "v2_grpc_flow.py", V2_FLOW);
+    flow(
+        "nacos-v2",
+        "requirements-v2.txt",
+        "v2_grpc_flow.py",
+        V2_FLOW,
+    );
 }
 
 #[test]
 fn nacos_python_sdk_v1_http_flow() {
-    flow("nacos-v1", "v1_http_flow.py", V1_FLOW);
+    flow(
+        "nacos-v1",
+        "requirements-v1.txt",
+        "v1_http_flow.py",
+        V1_FLOW,
+    );
 }
 
 /// The flows report a failure as a failure: against a port nobody listens on, the HTTP flow
 /// exits non-zero at once with a `FAIL:` line naming the call.
 #[test]
 fn a_flow_fails_loudly_without_a_server() {
-    let python = venv_python("nacos-v1");
+    let python = venv_python("nacos-v1", "requirements-v1.txt");
     let closed = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()

@@ -152,6 +152,20 @@ impl Params {
         }
     }
 
+    /// Booleans as Java's `Boolean.parseBoolean` reads them, case-insensitively (the old
+    /// Python client sends `True`); anything but true/false is refused.
+    fn flag(&self, k: &'static str) -> Result<Option<bool>, NacosError> {
+        match self.get(k).map(str::trim) {
+            None | Some("") => Ok(None),
+            Some(v) if v.eq_ignore_ascii_case("true") => Ok(Some(true)),
+            Some(v) if v.eq_ignore_ascii_case("false") => Ok(Some(false)),
+            Some(v) => Err(NacosError::invalid(
+                k,
+                format!("{v:?} is not true or false"),
+            )),
+        }
+    }
+
     fn port(&self) -> Result<u16, NacosError> {
         self.parse::<u16>("port")?
             .ok_or(NacosError::missing("port"))
@@ -204,14 +218,11 @@ async fn do_register(s: &Shared, p: &Params) -> Result<(), NacosError> {
         port: p.port()?,
         cluster: p.cluster().to_string(),
         weight: p.parse::<f64>("weight")?.unwrap_or(1.0),
-        healthy: p.parse::<bool>("healthy")?.unwrap_or(true),
-        enabled: p
-            .parse::<bool>("enabled")?
-            .or(p.parse::<bool>("enable")?)
-            .unwrap_or(true),
+        healthy: p.flag("healthy")?.unwrap_or(true),
+        enabled: p.flag("enabled")?.or(p.flag("enable")?).unwrap_or(true),
         metadata: p.metadata()?.unwrap_or_default(),
     };
-    let ephemeral = p.parse::<bool>("ephemeral")?.unwrap_or(true);
+    let ephemeral = p.flag("ephemeral")?.unwrap_or(true);
     register_instance(s, key, &reg, ephemeral).await
 }
 
@@ -292,10 +303,10 @@ async fn do_update(s: &Shared, p: &Params) -> Result<(), NacosError> {
     if let Some(w) = p.parse::<f64>("weight")? {
         status.weight = mapping::weight_to_sextant(w)?;
     }
-    if let Some(e) = p.parse::<bool>("enabled")?.or(p.parse::<bool>("enable")?) {
+    if let Some(e) = p.flag("enabled")?.or(p.flag("enable")?) {
         status.enabled = e;
     }
-    if let Some(h) = p.parse::<bool>("healthy")? {
+    if let Some(h) = p.flag("healthy")? {
         status.health = if h {
             sextant_core::model::Health::Healthy
         } else {
@@ -319,9 +330,7 @@ async fn set_health(State(s): AppState, p: Params) -> Result<Response, NacosErro
         let (_, key) = p.service()?;
         let ip = p.required("ip")?;
         let port = p.port()?;
-        let healthy = p
-            .parse::<bool>("healthy")?
-            .ok_or(NacosError::missing("healthy"))?;
+        let healthy = p.flag("healthy")?.ok_or(NacosError::missing("healthy"))?;
         let i = mapping::find_instance(&s.registry, &key, ip, port, p.cluster())
             .ok_or_else(|| NacosError::NotFound(format!("instance {ip}:{port} not found")))?;
         let patch = sextant_core::model::StatusPatch {
@@ -374,7 +383,7 @@ async fn list(State(s): AppState, p: Params) -> Result<Response, NacosError> {
         let opts = InfoOptions {
             grouped_name: true,
             clusters: mapping::cluster_filter(p.get("clusters")),
-            healthy_only: p.parse::<bool>("healthyOnly")?.unwrap_or(false),
+            healthy_only: p.flag("healthyOnly")?.unwrap_or(false),
             cache_millis: LIST_CACHE_MILLIS,
             now_ms: 0,
         };
@@ -599,7 +608,8 @@ async fn get_service(State(s): AppState, p: Params) -> Result<Response, NacosErr
             "namespaceId": &*key.namespace,
             "groupName": svc.group,
             "name": svc.name,
-            "protectThreshold": view.config.protect_threshold,
+            // Through its shortest decimal form, so 0.8 stays 0.8 and not 0.800000011920929.
+            "protectThreshold": view.config.protect_threshold.to_string().parse::<f64>().unwrap_or(0.0),
             "metadata": {},
             "selector": {"type": "none"},
             "clusters": clusters,

@@ -348,13 +348,16 @@ impl InfoOptions {
     }
 }
 
-/// Builds what a Nacos client expects from a service's current state. With the protection
-/// threshold tripped every instance is returned and marked healthy, as Nacos does.
+/// Builds what a Nacos client expects from a service's current state: its enabled instances
+/// (in the asked clusters). With the protection threshold tripped every one is returned and
+/// marked healthy, as Nacos does.
 pub fn service_info(view: &ServiceView, opts: &InfoOptions) -> ServiceInfo {
     let svc = NacosService::from_sextant(&view.service.service);
+    // Nacos answers and pushes enabled instances only; a drained instance counts as disabled.
     let in_clusters: Vec<&Instance> = view
         .instances
         .iter()
+        .filter(|i| i.status.enabled && !i.status.is_draining())
         .filter(|i| {
             opts.clusters.is_empty() || opts.clusters.iter().any(|c| c == cluster_of(&i.spec))
         })

@@ -908,10 +908,9 @@ async fn native_and_nacos_registrations_see_each_other() {
     let mark = sdk_log_mark();
     api.set_status("public", svc, "native-2", &json!({"enabled": false}))
         .await;
+    // Nacos answers and pushes enabled instances only: a disabled one leaves the push.
     server
-        .event_where(&mut events, "native-2 is disabled", |h| {
-            h.iter().any(|i| i.port == 9202 && !i.enabled)
-        })
+        .event_where(&mut events, "native-2 is disabled", |h| ports(h) == [9201])
         .await;
     server
         .push_where(
@@ -919,7 +918,7 @@ async fn native_and_nacos_registrations_see_each_other() {
             svc,
             "DEFAULT_GROUP",
             "push of the status change",
-            |l| l.contains("enabled: false"),
+            |l| l.contains("port: 9201,") && !l.contains("port: 9202,"),
         )
         .await;
     let serving = server
@@ -933,6 +932,13 @@ async fn native_and_nacos_registrations_see_each_other() {
         [9201],
         "a disabled instance is not selected"
     );
+    api.set_status("public", svc, "native-2", &json!({"enabled": true}))
+        .await;
+    server
+        .event_where(&mut events, "native-2 is enabled again", |h| {
+            ports(h) == [9201, 9202]
+        })
+        .await;
 
     let mark = sdk_log_mark();
     api.deregister("public", svc, "native-1").await;

@@ -221,6 +221,28 @@ async fn bad_requests_get_error_responses_not_failures() {
     assert_eq!(kind, "ErrorResponse");
     assert_eq!(body["errorCode"], 400);
 
+    // A persistent instance is registered without a lease, and its service gets the TCP
+    // check Nacos would run on it (unless it has one).
+    let (kind, body) = c
+        .call(
+            "PersistentInstanceRequest",
+            json!({"requestId": "9", "serviceName": "db", "type": "registerInstance",
+                   "instance": instance("127.0.0.1", 5432)}),
+        )
+        .await;
+    assert_eq!(
+        (kind.as_str(), &body["resultCode"]),
+        ("InstanceResponse", &json!(200)),
+        "{body}"
+    );
+    let native = server
+        .api()
+        .get("/v1/namespaces/public/services/db")
+        .await
+        .ok();
+    assert_eq!(native["check"]["kind"], "tcp", "{native}");
+    assert_eq!(native["instances"][0]["ttl_seconds"], 0, "{native}");
+
     // None of it was a server error.
     let metrics = server.api().get("/metrics").await.text;
     assert!(!metrics.contains("outcome=\"unavailable\""), "{metrics}");

@@ -142,7 +142,11 @@ struct Sextant {
 
 impl Sextant {
     fn start() -> Sextant {
-        let port = sextant_testkit::free_nacos_port();
+        Sextant::start_on(sextant_testkit::free_nacos_port())
+    }
+
+    /// A server whose Nacos adapter listens on `port` (and `port` + 1000).
+    fn start_on(port: u16) -> Sextant {
         let nacos = format!("127.0.0.1:{port}");
         let args = [
             "--store",
@@ -1188,4 +1192,58 @@ fn sdk_child_process() {
         println!("registered {svc} {port}");
         tokio::time::sleep(Duration::from_secs(60)).await;
     });
+}
+
+/// kill -9 of the server and a restart on the same address with an empty registry: the SDK
+/// reconnects by itself and registers its instance and its subscription again (Nacos' redo),
+/// and the subscriber is pushed the instance again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdk_registers_again_after_a_server_restart() {
+    init_sdk_log();
+    let mut server = Sextant::start();
+    let port = server.nacos_http.port();
+    let cache = tempfile::tempdir().unwrap();
+    let svc = "sdk-restart";
+    let client = server.client("", cache.path()).await;
+    server
+        .sdk(
+            "register",
+            client.register_instance(s(svc), None, instance(9301, "", 1.0, &[])),
+        )
+        .await;
+    let (listener, mut events) = recorder();
+    server
+        .sdk(
+            "subscribe",
+            client.subscribe(s(svc), None, vec![], listener),
+        )
+        .await;
+    server
+        .native_where("public", svc, Duration::from_secs(10), "registered", |i| {
+            i.len() == 1
+        })
+        .await;
+
+    let _ = server.child.kill();
+    let _ = server.child.wait();
+    drop(server);
+    let server = Sextant::start_on(port);
+    assert!(
+        server.native("public", svc).await.is_empty(),
+        "memory store starts empty"
+    );
+    server
+        .native_where(
+            "public",
+            svc,
+            Duration::from_secs(40),
+            "the SDK registered again after the restart",
+            |i| native_ids(i) == ["127.0.0.1:9301"],
+        )
+        .await;
+    server
+        .event_where(&mut events, "the instance is pushed again", |h| {
+            ports(h) == [9301]
+        })
+        .await;
 }

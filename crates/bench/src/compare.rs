@@ -139,7 +139,7 @@ enum Kind {
     EtcdPlain,
 }
 
-fn load_average() -> String {
+pub(crate) fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_else(|_| "?".into())
@@ -180,7 +180,7 @@ pub async fn run(t: &Target, a: &CompareArgs) -> anyhow::Result<()> {
 }
 
 /// Flushes dirty pages (`sync`) and waits `pause`.
-async fn settle(pause: Duration) {
+pub(crate) async fn settle(pause: Duration) {
     match tokio::process::Command::new("sync").status().await {
         Ok(s) if s.success() => {}
         other => eprintln!("warning: sync failed: {other:?}"),
@@ -315,7 +315,7 @@ fn rate(row: &Row) -> f64 {
 }
 
 /// `x / y` as "3.21x", or "-" when either side is missing.
-fn ratio(x: Option<f64>, y: Option<f64>) -> String {
+pub(crate) fn ratio(x: Option<f64>, y: Option<f64>) -> String {
     match (x, y) {
         (Some(x), Some(y)) if y > 0.0 => format!("{:.2}x", x / y),
         _ => "-".into(),
@@ -323,7 +323,12 @@ fn ratio(x: Option<f64>, y: Option<f64>) -> String {
 }
 
 /// A throughput ratio against a target, e.g. "sextant HTTP / zookeeper = 3.4x (target >= 3x: met)".
-fn target_line(what: &str, x: Option<f64>, y: Option<f64>, target: Option<f64>) -> String {
+pub(crate) fn target_line(
+    what: &str,
+    x: Option<f64>,
+    y: Option<f64>,
+    target: Option<f64>,
+) -> String {
     let mut s = format!("{what} = {}", ratio(x, y));
     if let (Some(x), Some(y), Some(t)) = (x, y, target) {
         if y > 0.0 {
@@ -337,7 +342,7 @@ fn target_line(what: &str, x: Option<f64>, y: Option<f64>, target: Option<f64>) 
     s
 }
 
-fn quantile_ms(l: &Latency, q: f64) -> Option<f64> {
+pub(crate) fn quantile_ms(l: &Latency, q: f64) -> Option<f64> {
     l.quantile_us(q).map(|us| us as f64 / 1000.0)
 }
 

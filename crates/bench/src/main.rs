@@ -23,6 +23,9 @@ mod connections;
 mod etcd;
 mod health;
 mod load;
+mod nacos;
+mod nacos_compare;
+mod nacos_grpc;
 mod peers;
 mod push;
 mod register;
@@ -111,6 +114,13 @@ enum Scenario {
     /// Sextant, ZooKeeper and etcd one after another in this run, same work, native protocols:
     /// register throughput and push latency side by side, with ratios. Starts the peers itself.
     Compare(Box<compare::CompareArgs>),
+    /// Any Nacos server through the Nacos API (--nacos-addr, gRPC at its port + 1000; or a
+    /// Sextant started with --spawn): HTTP registration and instance-list throughput, and push
+    /// latency to W Nacos 2.x gRPC subscribers while one instance changes at R/s.
+    Nacos(Box<nacos::NacosArgs>),
+    /// The `nacos` phases on Sextant's Nacos adapter and on rnacos, one after the other, each
+    /// started by the tool on fresh data, with ratios Sextant/rnacos.
+    NacosCompare(Box<nacos_compare::NacosCompareArgs>),
 }
 
 fn main() -> std::process::ExitCode {
@@ -153,6 +163,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let watchers = match &cli.scenario {
         Scenario::Push(p) => Some(p.watchers),
         Scenario::Compare(c) => Some(c.watchers.max(c.peer_watchers.unwrap_or(0))),
+        Scenario::Nacos(n) => Some(n.work.watchers),
+        Scenario::NacosCompare(n) => Some(n.work.watchers),
         _ => None,
     };
     if let (Some(watchers), Some(limit)) = (watchers, fds) {
@@ -161,6 +173,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "warning: {watchers} watchers need more open files than RLIMIT_NOFILE {limit} allows"
             );
         }
+    }
+    // The Nacos scenarios drive Nacos ports and start their servers themselves.
+    let launch = nacos_compare::Launch {
+        data_parent: cli.data_parent.clone(),
+        keep_data: cli.keep_data,
+        sextant_args: cli.server_args.clone(),
+        startup_timeout: cli.startup_timeout,
+    };
+    match &cli.scenario {
+        Scenario::Nacos(a) => {
+            let r = nacos_compare::run_one(a, cli.spawn.as_deref(), cli.server_pid, &launch).await;
+            println!("load average at the end: {}", load_average());
+            return r;
+        }
+        Scenario::NacosCompare(a) => {
+            let r = nacos_compare::run_compare(a, cli.spawn.as_deref(), &launch).await;
+            println!("load average at the end: {}", load_average());
+            return r;
+        }
+        _ => {}
     }
     let (mut target, serving) = match &cli.spawn {
         Some(bin) => {
@@ -191,6 +223,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Scenario::Health(_) => "health",
             Scenario::Connections(_) => "connections",
             Scenario::Compare(_) => "compare",
+            Scenario::Nacos(_) | Scenario::NacosCompare(_) => unreachable!("handled above"),
         },
         target.http,
         target.grpc,
@@ -209,6 +242,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Scenario::Health(a) => health::run(&mut target, a).await,
         Scenario::Connections(a) => connections::run(&target, a).await,
         Scenario::Compare(a) => compare::run(&target, a).await,
+        Scenario::Nacos(_) | Scenario::NacosCompare(_) => unreachable!("handled above"),
     };
     println!("load average at the end: {}", load_average());
     let log = target.log();

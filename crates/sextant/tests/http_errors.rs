@@ -48,7 +48,7 @@ async fn bad_names_in_paths() {
             "namespace",
         ),
         (
-            "/v1/namespaces/ns/services/sv:c/instances/i".into(),
+            "/v1/namespaces/ns/services/sv$c/instances/i".into(),
             "service",
         ),
         (

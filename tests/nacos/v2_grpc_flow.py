@@ -227,7 +227,7 @@ async def expect_push(what, sub, calls, mark, service, group, pred, timeout=PUSH
     except Failure:
         seen = [(CLIENT_TAGS.get(id(c)), f"{i.groupName}@@{i.name}",
                  [(h.ip, h.port, "enabled" if h.enabled else "disabled",
-                   "healthy" if h.healthy else "unhealthy", h.weight) for h in i.hosts])
+                   "healthy" if h.healthy else "unhealthy", h.weight, h.metadata) for h in i.hosts])
                 for c, i in PUSHES[pmark:]]
         raise Failure(f"{what}: no NotifySubscriberRequest to client {sub.tag} for {group}@@{service} "
                       f"matching within {timeout}s; pushes since (client, service, hosts): {seen}")

@@ -41,29 +41,12 @@ struct Sextant {
 
 impl Sextant {
     fn start() -> Sextant {
-        let port = sextant_testkit::free_nacos_port();
-        let nacos = format!("127.0.0.1:{port}");
-        let args = [
-            "--store",
-            "memory",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--nacos-http-addr",
-            nacos.as_str(),
-            "--log",
-            "info",
-        ];
-        let s = sextant_testkit::spawn_serve(env!("CARGO_BIN_EXE_sextant").as_ref(), args, STARTUP);
-        let (nacos_http, nacos_grpc) = s.nacos.expect("the Nacos adapter is on");
-        assert_eq!(nacos_http.port(), port);
-        assert_eq!(
-            nacos_grpc.port(),
-            port + 1000,
-            "Nacos clients look for gRPC at P + 1000"
+        let (s, nacos_http) = sextant_testkit::spawn_with_nacos(
+            env!("CARGO_BIN_EXE_sextant").as_ref(),
+            sextant_testkit::free_nacos_port(),
+            &[],
+            STARTUP,
         );
-        assert!(nacos_http.ip().is_loopback() && nacos_grpc.ip().is_loopback());
         Sextant {
             child: s.child,
             http: s.http,

@@ -148,6 +148,41 @@ pub fn free_nacos_port() -> u16 {
     panic!("no free port pair P, P+1000 on 127.0.0.1 after 200 tries");
 }
 
+/// Runs `bin serve` on an in-memory store with the Nacos adapter at `127.0.0.1:port` (and its
+/// gRPC at `port` + 1000, where Nacos clients look), plus `extra` flags; checks both Nacos
+/// addresses and returns the server and the Nacos HTTP address.
+pub fn spawn_with_nacos(
+    bin: &OsStr,
+    port: u16,
+    extra: &[&str],
+    startup: Duration,
+) -> (Spawned, SocketAddr) {
+    let nacos = format!("127.0.0.1:{port}");
+    let mut args = vec![
+        "--store",
+        "memory",
+        "--http-addr",
+        "127.0.0.1:0",
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--nacos-http-addr",
+        nacos.as_str(),
+        "--log",
+        "info",
+    ];
+    args.extend_from_slice(extra);
+    let s = spawn_serve(bin, args, startup);
+    let (http, grpc) = s.nacos.expect("the Nacos adapter is on");
+    assert_eq!(http.port(), port);
+    assert_eq!(
+        grpc.port(),
+        port + 1000,
+        "Nacos clients look for gRPC at P + 1000"
+    );
+    assert!(http.ip().is_loopback() && grpc.ip().is_loopback());
+    (s, http)
+}
+
 /// The HTTP and gRPC addresses from a `sextant serving http_addr=... grpc_addr=...` line.
 pub fn parse_serving_line(line: &str) -> Option<(SocketAddr, SocketAddr)> {
     if !line.contains("sextant serving") {

@@ -21,6 +21,7 @@
 mod compare;
 mod connections;
 mod etcd;
+mod h1;
 mod health;
 mod load;
 mod nacos;

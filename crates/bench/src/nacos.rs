@@ -25,11 +25,12 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use futures::StreamExt;
-use serde::Deserialize;
+use hyper::Method;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::h1::{self, H1};
 use crate::load;
 use crate::nacos_grpc::{self, PushStats, Subscription, SEQ_KEY};
 use crate::push::{self, Labels, Live, PushArgs, PushResult};
@@ -227,19 +228,13 @@ struct Inst {
     port: u16,
 }
 
-/// The 1.x HTTP Open API of one server.
+/// The 1.x HTTP Open API of one server, over `conns` keep-alive connections (callers pick one
+/// by index: a load worker its own).
 #[derive(Clone)]
 struct Api {
-    client: reqwest::Client,
-    base: String,
+    h1: Arc<H1>,
     namespace: String,
     group: String,
-}
-
-#[derive(Deserialize)]
-struct ListAnswer {
-    #[serde(default)]
-    hosts: Vec<serde::de::IgnoredAny>,
 }
 
 /// The metadata of the instances: a typical instance's two entries, and the change sequence.
@@ -250,60 +245,54 @@ fn metadata(seq: Option<u64>) -> String {
     }
 }
 
+const INSTANCE: &str = "/nacos/v1/ns/instance";
+
 impl Api {
-    fn new(base: &str, w: &NacosWork) -> anyhow::Result<Self> {
+    fn new(base: &str, w: &NacosWork, conns: usize) -> anyhow::Result<Self> {
         Ok(Self {
-            client: load::http_client(Some(Duration::from_secs(30)))?,
-            base: base.to_string(),
+            h1: Arc::new(H1::new(base, conns, Duration::from_secs(30))?),
             namespace: w.namespace.clone(),
             group: w.group.clone(),
         })
     }
 
-    fn params<'a>(&'a self, i: &'a Inst, port: &'a str) -> Vec<(&'static str, &'a str)> {
-        vec![
+    /// `path?namespaceId=..&groupName=..&serviceName=..&ip=..&port=..&ephemeral=true&extra..`
+    fn instance_path(&self, path: &str, i: &Inst, extra: &[(&str, &str)]) -> String {
+        let port = i.port.to_string();
+        let mut q = vec![
             ("namespaceId", self.namespace.as_str()),
             ("groupName", self.group.as_str()),
             ("serviceName", i.service.as_str()),
             ("ip", i.ip.as_str()),
-            ("port", port),
+            ("port", port.as_str()),
             ("ephemeral", "true"),
-        ]
+        ];
+        q.extend_from_slice(extra);
+        h1::path_query(path, &q)
     }
 
     /// A write of the 1.x API, which answers `ok`.
     async fn write(
         &self,
-        method: reqwest::Method,
+        slot: usize,
+        method: Method,
         i: &Inst,
         extra: &[(&str, &str)],
     ) -> anyhow::Result<()> {
-        let port = i.port.to_string();
-        let mut q = self.params(i, &port);
-        q.extend_from_slice(extra);
-        let url = format!("{}/nacos/v1/ns/instance", self.base);
-        let resp = self
-            .client
-            .request(method.clone(), url)
-            .query(&q)
-            .send()
-            .await?;
-        let status = resp.status();
-        let body = resp.text().await.context("reading the answer")?;
+        let pq = self.instance_path(INSTANCE, i, extra);
+        let (status, body) = self.h1.call(slot, method.clone(), &pq).await?;
         anyhow::ensure!(
-            status.is_success() && body.trim() == "ok",
-            "{method} /nacos/v1/ns/instance {}:{} of {}: HTTP {status}: {}",
-            i.ip,
-            i.port,
-            i.service,
-            body.chars().take(300).collect::<String>()
+            status.is_success() && body.trim_ascii() == b"ok",
+            "{method} {pq}: HTTP {status}: {}",
+            String::from_utf8_lossy(&body[..body.len().min(300)])
         );
         Ok(())
     }
 
-    async fn register(&self, i: &Inst, meta: &str) -> anyhow::Result<()> {
+    async fn register(&self, slot: usize, i: &Inst, meta: &str) -> anyhow::Result<()> {
         self.write(
-            reqwest::Method::POST,
+            slot,
+            Method::POST,
             i,
             &[
                 ("weight", "1.0"),
@@ -315,74 +304,66 @@ impl Api {
         .await
     }
 
-    async fn update(&self, how: ChangeMethod, i: &Inst, meta: &str) -> anyhow::Result<()> {
+    async fn update(
+        &self,
+        slot: usize,
+        how: ChangeMethod,
+        i: &Inst,
+        meta: &str,
+    ) -> anyhow::Result<()> {
         match how {
             ChangeMethod::Put => {
-                self.write(reqwest::Method::PUT, i, &[("metadata", meta)])
+                self.write(slot, Method::PUT, i, &[("metadata", meta)])
                     .await
             }
-            ChangeMethod::Post => self.register(i, meta).await,
+            ChangeMethod::Post => self.register(slot, i, meta).await,
         }
     }
 
-    async fn deregister(&self, i: &Inst) -> anyhow::Result<()> {
-        self.write(reqwest::Method::DELETE, i, &[]).await
+    async fn deregister(&self, slot: usize, i: &Inst) -> anyhow::Result<()> {
+        self.write(slot, Method::DELETE, i, &[]).await
     }
 
-    /// A light beat (`PUT /nacos/v1/ns/instance/beat` without a beat body, as 2.x-era 1.x
-    /// clients send once the server allows light beats).
-    async fn beat(&self, i: &Inst) -> anyhow::Result<()> {
-        let port = i.port.to_string();
-        let url = format!("{}/nacos/v1/ns/instance/beat", self.base);
-        let resp = self
-            .client
-            .put(url)
-            .query(&self.params(i, &port))
-            .send()
-            .await?;
-        let status = resp.status();
-        let body = resp.text().await.context("reading the answer")?;
+    /// A light beat (`PUT /nacos/v1/ns/instance/beat` without a beat body, as 1.x clients send
+    /// once the server allows light beats).
+    async fn beat(&self, slot: usize, i: &Inst) -> anyhow::Result<()> {
+        let pq = self.instance_path("/nacos/v1/ns/instance/beat", i, &[]);
+        let (status, body) = self.h1.call(slot, Method::PUT, &pq).await?;
+        let text = String::from_utf8_lossy(&body[..body.len().min(300)]);
         anyhow::ensure!(
-            status.is_success() && !body.contains("20404"),
-            "beat {}:{} of {}: HTTP {status}: {}",
-            i.ip,
-            i.port,
-            i.service,
-            body.chars().take(300).collect::<String>()
+            status.is_success() && !text.contains("20404"),
+            "PUT {pq}: HTTP {status}: {text}"
         );
         Ok(())
     }
 
-    /// `GET /nacos/v1/ns/instance/list`; the number of instances listed.
-    async fn list(&self, service: &str) -> anyhow::Result<usize> {
-        let url = format!("{}/nacos/v1/ns/instance/list", self.base);
-        let resp = self
-            .client
-            .get(url)
-            .query(&[
+    /// The path and query of `GET /nacos/v1/ns/instance/list` for `service` (built once per
+    /// service, not per query).
+    fn list_path(&self, service: &str) -> String {
+        h1::path_query(
+            "/nacos/v1/ns/instance/list",
+            &[
                 ("namespaceId", self.namespace.as_str()),
                 ("groupName", self.group.as_str()),
                 ("serviceName", service),
                 ("healthyOnly", "false"),
-            ])
-            .send()
-            .await?;
-        let status = resp.status();
-        let body = resp.bytes().await.context("reading the answer")?;
-        anyhow::ensure!(
-            status.is_success(),
-            "list {service}: HTTP {status}: {}",
-            String::from_utf8_lossy(&body[..body.len().min(300)])
-        );
-        let a: ListAnswer = serde_json::from_slice(&body).with_context(|| {
-            format!(
-                "list {service}: not the expected JSON: {}",
-                String::from_utf8_lossy(&body[..body.len().min(300)])
-            )
-        })?;
-        Ok(a.hosts.len())
+            ],
+        )
+    }
+
+    /// `GET` of a list path; the number of instances listed, counted by scanning the answer
+    /// (see [`nacos_grpc::count_hosts`]) so the tool spends little CPU per query.
+    async fn list(&self, slot: usize, pq: &str) -> anyhow::Result<usize> {
+        let (status, body) = self.h1.call(slot, Method::GET, pq).await?;
+        let text = || String::from_utf8_lossy(&body[..body.len().min(300)]).to_string();
+        anyhow::ensure!(status.is_success(), "GET {pq}: HTTP {status}: {}", text());
+        nacos_grpc::count_hosts(&body)
+            .with_context(|| format!("GET {pq}: not a service's instance list: {}", text()))
     }
 }
+
+/// Beats in flight at once (each on its own connection).
+const BEAT_CONNS: usize = 8;
 
 /// Beats for a set of instances every interval until stopped (bounded: at most one round per
 /// interval, each round bounded by the instance count, and never past `limit`).
@@ -411,9 +392,9 @@ impl Beats {
                 let mut results = futures::stream::iter(0..instances.len())
                     .map(|n| {
                         let (api, i) = (api.clone(), instances[n].clone());
-                        async move { api.beat(&i).await }
+                        async move { api.beat(n, &i).await }
                     })
-                    .buffer_unordered(8);
+                    .buffer_unordered(BEAT_CONNS);
                 while let Some(r) = results.next().await {
                     sent += 1;
                     if let Err(e) = r {
@@ -461,10 +442,10 @@ async fn register_all(
     meta: String,
 ) -> load::Outcome {
     let api = api.clone();
-    load::drive(clients, count, deadline, move |_, n| {
+    load::drive(clients, count, deadline, move |w, n| {
         let (api, i, meta) = (api.clone(), inst(n), meta.clone());
         async move {
-            api.register(&i, &meta).await?;
+            api.register(w, &i, &meta).await?;
             Ok(1)
         }
     })
@@ -479,10 +460,10 @@ async fn deregister_all(
     inst: impl Fn(u64) -> Inst + Send + Sync + 'static,
 ) -> load::Outcome {
     let api = api.clone();
-    load::drive(clients, count, deadline, move |_, n| {
+    load::drive(clients, count, deadline, move |w, n| {
         let (api, i) = (api.clone(), inst(n));
         async move {
-            api.deregister(&i).await?;
+            api.deregister(w, &i).await?;
             Ok(1)
         }
     })
@@ -533,7 +514,7 @@ async fn register_phase(
     run: &str,
     r: &mut NacosResult,
 ) -> anyhow::Result<()> {
-    let api = Api::new(&t.http, w)?;
+    let api = Api::new(&t.http, w, w.clients)?;
     let p = format!("{}: ", t.name);
     let services = w.services;
     let name = |kind: &'static str, run: String| {
@@ -621,7 +602,7 @@ async fn query_phase(
     run: &str,
     r: &mut NacosResult,
 ) -> anyhow::Result<()> {
-    let api = Api::new(&t.http, w)?;
+    let api = Api::new(&t.http, w, w.query_clients)?;
     let p = format!("{}: ", t.name);
     let (services, per) = (w.query_services, w.query_instances);
     let total = services * per;
@@ -652,26 +633,31 @@ async fn query_phase(
     anyhow::ensure!(out.errors == 0, "could not register the queried registry");
     let all: Arc<Vec<Inst>> = Arc::new((0..total).map(&inst).collect());
     let beats = Beats::start(
-        api.clone(),
+        Api::new(&t.http, w, BEAT_CONNS)?,
         all,
         w.beat_interval,
         w.query_duration + Duration::from_secs(600),
     );
 
+    let paths: Arc<Vec<String>> = Arc::new(
+        (0..services)
+            .map(|n| api.list_path(&inst(n).service))
+            .collect(),
+    );
     let meter = CpuMeter::start(t.pid);
     let q = api.clone();
-    let svc_name = inst.clone();
     let out = load::drive(
         w.query_clients,
         w.max_queries,
         w.query_duration,
-        move |_, n| {
-            let (q, svc) = (q.clone(), svc_name(n % services).service);
+        move |w, n| {
+            let (q, paths) = (q.clone(), paths.clone());
             async move {
-                let got = q.list(&svc).await?;
+                let pq = &paths[(n % services) as usize];
+                let got = q.list(w, pq).await?;
                 anyhow::ensure!(
                     got as u64 == per,
-                    "list {svc}: {got} instances, {per} expected"
+                    "GET {pq}: {got} instances, {per} expected"
                 );
                 Ok(1)
             }
@@ -714,7 +700,7 @@ async fn push_phase(
 ) -> anyhow::Result<()> {
     let a = w.push_args();
     a.validate()?;
-    let api = Api::new(&t.http, w)?;
+    let api = Api::new(&t.http, w, 8)?;
     let prefix = format!("{}: ", t.name);
     let service = format!("npush-{run}");
     let mut notes = Vec::new();
@@ -747,7 +733,7 @@ async fn push_phase(
     anyhow::ensure!(out.errors == 0, "could not register the watched service");
     let all: Arc<Vec<Inst>> = Arc::new((0..a.instances).map(&inst).collect());
     let beats = Beats::start(
-        api.clone(),
+        Api::new(&t.http, w, BEAT_CONNS)?,
         all,
         w.beat_interval,
         a.ready_timeout + a.deadline + a.drain_timeout + Duration::from_secs(60),
@@ -799,7 +785,7 @@ async fn push_phase(
         let seq = k + 1;
         let (api, i) = (api.clone(), inst(k % a.instances));
         async move {
-            api.update(how, &i, &metadata(Some(seq))).await?;
+            api.update(0, how, &i, &metadata(Some(seq))).await?;
             Ok(seq)
         }
     })

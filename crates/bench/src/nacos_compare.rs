@@ -482,12 +482,17 @@ pub async fn run_compare(
                 String::new()
             }
         ));
+        let steal0 = steal_seconds();
         let r = nacos::measure(&server.target, &a.work).await;
+        let steal = steal_seconds().zip(steal0).map(|(b, a)| b - a);
         server.stop().await;
         about.push(format!(
-            "{}: load average {before} before its turn, {} after",
+            "{}: load average {before} before its turn, {} after; CPU steal during its turn {}",
             system.name(),
-            load_average()
+            load_average(),
+            steal
+                .map(|s| format!("{s:.2} s"))
+                .unwrap_or_else(|| "unknown".into())
         ));
         if let Some(s) = server.log_summary() {
             about.push(s);
@@ -504,6 +509,15 @@ pub async fn run_compare(
     }
     anyhow::ensure!(failures.is_empty(), "{} failures", failures.len());
     Ok(())
+}
+
+/// CPU time the hypervisor gave other guests (`steal` of `/proc/stat`), in seconds over all
+/// cores: the machine is a VM, and a busy neighbour would show here.
+fn steal_seconds() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = text.lines().find(|l| l.starts_with("cpu "))?;
+    let steal: u64 = line.split_whitespace().nth(8)?.parse().ok()?;
+    Some(steal as f64 / rustix::param::clock_ticks_per_second() as f64)
 }
 
 fn rate(row: &Row) -> Option<f64> {

@@ -176,6 +176,16 @@ pub fn scan_push(body: &[u8]) -> PushScan {
     out
 }
 
+/// The instances of a `serviceInfo`-shaped JSON answer (a 1.x instance list), counted as the
+/// occurrences of the key `"ip"`; `None` when the text is not a JSON object with `hosts`.
+pub fn count_hosts(body: &[u8]) -> Option<usize> {
+    let text = std::str::from_utf8(body).ok()?;
+    if !text.trim_start().starts_with('{') || key_values(text, "hosts").next().is_none() {
+        return None;
+    }
+    Some(key_values(text, "ip").count())
+}
+
 /// A scalar JSON value as it appears in the text.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Raw<'a> {
@@ -585,6 +595,15 @@ mod tests {
         assert_eq!(scan_push(b"\xff\xfe"), PushScan::default());
         assert_eq!(scan_push(b"{\"requestId\":"), PushScan::default());
         assert_eq!(scan_push(b"\"ip\""), PushScan::default());
+    }
+
+    #[test]
+    fn counts_the_hosts_of_an_instance_list() {
+        let body = br#"{"name":"DEFAULT_GROUP@@s","hosts":[{"ip":"10.0.0.1","port":8080},{"ip":"10.0.0.2","port":8080}],"clusters":""}"#;
+        assert_eq!(count_hosts(body), Some(2));
+        assert_eq!(count_hosts(br#"{"hosts":[]}"#), Some(0));
+        assert_eq!(count_hosts(b"service not found"), None);
+        assert_eq!(count_hosts(br#"{"error":"x"}"#), None);
     }
 
     #[test]

@@ -1,0 +1,153 @@
+//! A lean HTTP/1.1 keep-alive client for the throughput phases of the Nacos scenarios: one
+//! connection per load worker (as C independent clients hold), requests made from a method and
+//! a ready path-and-query, answers read whole. It owns nothing else.
+//!
+//! The tool shares the machine's two cores with the server it measures; a general client
+//! (pool checkout, URL parsing, per-request builders) costs the tool more CPU per query than
+//! the fastest server spends answering it, which caps what a faster server can show. Here a
+//! query costs the tool a connection lock, one request head and the read.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper::client::conn::http1::SendRequest;
+use hyper::{Method, Request, StatusCode};
+use tokio::sync::Mutex;
+
+/// One keep-alive connection per worker to one server.
+pub struct H1 {
+    addr: SocketAddr,
+    host: String,
+    conns: Vec<Mutex<Option<SendRequest<Empty<Bytes>>>>>,
+    timeout: Duration,
+}
+
+impl H1 {
+    /// `base` is `http://IP:PORT`; connections are opened on first use.
+    pub fn new(base: &str, workers: usize, timeout: Duration) -> anyhow::Result<Self> {
+        let host = base
+            .strip_prefix("http://")
+            .with_context(|| format!("not an http:// URL: {base}"))?
+            .trim_end_matches('/')
+            .to_string();
+        let addr: SocketAddr = host
+            .parse()
+            .with_context(|| format!("not IP:PORT: {host}"))?;
+        Ok(Self {
+            addr,
+            host,
+            conns: (0..workers.max(1)).map(|_| Mutex::new(None)).collect(),
+            timeout,
+        })
+    }
+
+    async fn connect(&self) -> anyhow::Result<SendRequest<Empty<Bytes>>> {
+        let stream = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::net::TcpStream::connect(self.addr),
+        )
+        .await
+        .with_context(|| format!("connecting to {}: timed out", self.addr))?
+        .with_context(|| format!("connecting to {}", self.addr))?;
+        stream.set_nodelay(true)?;
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        // Runs until the connection closes (or the sender is dropped).
+        tokio::spawn(conn);
+        Ok(sender)
+    }
+
+    /// Sends `method path_and_query` on worker `w`'s connection (opened, or reopened after a
+    /// failure, as needed); the status and the whole body, bounded by the timeout.
+    pub async fn call(
+        &self,
+        w: usize,
+        method: Method,
+        path_and_query: &str,
+    ) -> anyhow::Result<(StatusCode, Bytes)> {
+        let slot = &self.conns[w % self.conns.len()];
+        let mut guard = slot.lock().await;
+        let result = tokio::time::timeout(self.timeout, async {
+            let sender = match guard.as_mut() {
+                Some(s) if !s.is_closed() => s,
+                _ => guard.insert(self.connect().await?),
+            };
+            sender.ready().await.context("connection not ready")?;
+            let req = Request::builder()
+                .method(method)
+                .uri(path_and_query)
+                .header(hyper::header::HOST, self.host.as_str())
+                .body(Empty::new())
+                .context("building the request")?;
+            let resp = sender.send_request(req).await.context("sending")?;
+            let status = resp.status();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .context("reading the body")?
+                .to_bytes();
+            anyhow::Ok((status, body))
+        })
+        .await
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {:?}", self.timeout)));
+        if result.is_err() {
+            // A failed exchange may leave the connection mid-message: start afresh.
+            *guard = None;
+        }
+        result
+    }
+}
+
+/// Percent-encodes a query parameter value (everything but RFC 3986's unreserved characters).
+pub fn encode(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for b in v.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// `path?k=v&...` with every value encoded.
+pub fn path_query(path: &str, params: &[(&str, &str)]) -> String {
+    let mut s = String::with_capacity(path.len() + 16 * params.len());
+    s.push_str(path);
+    for (n, (k, v)) in params.iter().enumerate() {
+        s.push(if n == 0 { '?' } else { '&' });
+        s.push_str(k);
+        s.push('=');
+        s.push_str(&encode(v));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_query_values() {
+        assert_eq!(encode("a-b.c_d~9"), "a-b.c_d~9");
+        assert_eq!(encode(r#"{"k":"v 1"}"#), "%7B%22k%22%3A%22v%201%22%7D");
+        assert_eq!(encode("DEFAULT_GROUP@@s"), "DEFAULT_GROUP%40%40s");
+        assert_eq!(
+            path_query("/p", &[("a", "1"), ("b", "x y")]),
+            "/p?a=1&b=x%20y"
+        );
+        assert_eq!(path_query("/p", &[]), "/p");
+    }
+
+    #[test]
+    fn needs_an_http_ip_port_base() {
+        assert!(H1::new("http://127.0.0.1:8848", 2, Duration::from_secs(1)).is_ok());
+        assert!(H1::new("https://127.0.0.1:8848", 2, Duration::from_secs(1)).is_err());
+        assert!(H1::new("http://localhost:8848", 2, Duration::from_secs(1)).is_err());
+    }
+}

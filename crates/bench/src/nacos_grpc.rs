@@ -442,11 +442,12 @@ pub async fn subscriber(
             }),
         ))
         .context("queueing ConnectionSetupRequest")?;
-        let mut inbound = BiRequestStreamClient::new(channel)
+        let mut bi = BiRequestStreamClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE)
-            .max_encoding_message_size(MAX_MESSAGE)
-            .request_bi_stream(rx)
+            .max_encoding_message_size(MAX_MESSAGE);
+        let mut inbound = tokio::time::timeout(Duration::from_secs(30), bi.request_bi_stream(rx))
             .await
+            .context("requestBiStream: no answer within 30 s")?
             .context("requestBiStream")?
             .into_inner();
         let sub = subscribe(&mut request, &s, &stats, ready_deadline);

@@ -28,7 +28,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::TcpIncoming;
 use tonic::{Status, Streaming};
 
 use crate::mapping::{self, InfoOptions, NacosRegistration, NacosService};
@@ -59,9 +60,14 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, stop: watc
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(RequestServer::new(api.clone()))
         .add_service(BiRequestStreamServer::new(api))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-            let _ = s.wait_for(|v| *v).await;
-        })
+        // No Nagle: a push larger than one HTTP/2 frame would otherwise wait ~40 ms for the
+        // client's delayed ACK.
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            async move {
+                let _ = s.wait_for(|v| *v).await;
+            },
+        )
         .await;
     if let Err(e) = r {
         tracing::error!(error = %e, "nacos grpc server failed");

@@ -10,6 +10,7 @@ use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
 use axum::http::{header, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
+use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use serde_json::json;
 use sextant_core::model::{Registration, ServiceConfig, ServiceKey};
@@ -36,6 +37,10 @@ pub(crate) async fn serve(
     mut stop: watch::Receiver<bool>,
 ) {
     let app = router(shared);
+    // No Nagle: a list answer written in two pieces would wait for the client's delayed ACK.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let r = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             let _ = stop.wait_for(|v| *v).await;

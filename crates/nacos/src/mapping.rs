@@ -185,7 +185,7 @@ pub fn find_instance(
         .instance(key, &instance_id(ip, port, cluster))
         .or_else(|| {
             registry.find_instance(key, |i| {
-                i.spec.host == ip && i.spec.port == port && cluster_of(&i.spec) == cluster
+                i.spec.port == port && i.spec.host == ip && cluster_of(&i.spec) == cluster
             })
         })
 }

@@ -123,6 +123,10 @@ impl Server {
         let mut s1 = stopped.clone();
         let http = tokio::spawn(async move {
             let app = app.into_make_service_with_connect_info::<SocketAddr>();
+            // No Nagle: SSE frames and large answers must not wait for delayed ACKs.
+            let http_listener = axum::serve::ListenerExt::tap_io(http_listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             let r = axum::serve(http_listener, app)
                 .with_graceful_shutdown(async move {
                     let _ = s1.wait_for(|v| *v).await;
@@ -135,7 +139,10 @@ impl Server {
         let mut s2 = stopped;
         let grpc_service = grpc::service(node);
         let grpc = tokio::spawn(async move {
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+            // No Nagle: a watch frame larger than one HTTP/2 frame would otherwise wait for
+            // the client's delayed ACK (~40 ms).
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
             let r = tonic::transport::Server::builder()
                 .http2_keepalive_interval(Some(Duration::from_secs(30)))
                 // Many watch streams share one connection (an SDK holds one per client, an

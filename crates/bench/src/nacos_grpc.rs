@@ -25,12 +25,8 @@ use tonic::transport::Channel;
 
 use crate::push::{Live, Seen};
 
-/// Generated client stubs of Nacos' gRPC envelope (the proto has no package, so prost names its
-/// output `_`).
-pub mod pb {
-    #![allow(clippy::all, missing_docs)]
-    tonic::include_proto!("_");
-}
+/// Nacos' gRPC envelope, the same generated code the server's adapter uses.
+pub use sextant_proto::nacos as pb;
 
 use pb::bi_request_stream_client::BiRequestStreamClient;
 use pb::request_client::RequestClient;

@@ -617,8 +617,8 @@ impl Api {
     }
 }
 
-/// Pushes a subscribed service's whole state to the connection after every change the core
-/// delivers past `since` (the state the subscribe response already carried).
+/// Pushes a subscribed service's whole state to the connection once at once, then after every
+/// change the core delivers past `since` (the state the subscribe response carried).
 async fn push_changes(
     conns: Arc<Connections>,
     conn: Arc<Conn>,
@@ -644,14 +644,22 @@ async fn push_changes(
         v.pop(); // the closing brace
         v
     };
+    // Like Nacos, push the current state once right after subscribing: a client that redoes
+    // its registration before its subscription after a reconnect (the Rust SDK may) otherwise
+    // never hears of it, as that change precedes the subscription.
+    let mut initial = true;
     loop {
-        let Ok(delivery) = sub.next().await else {
-            return;
+        let published = if std::mem::take(&mut initial) {
+            None
+        } else {
+            let Ok(delivery) = sub.next().await else {
+                return;
+            };
+            if delivery.events.is_empty() && delivery.snapshots.is_empty() {
+                continue;
+            }
+            delivery.events.first().map(|e| e.published_at)
         };
-        if delivery.events.is_empty() && delivery.snapshots.is_empty() {
-            continue;
-        }
-        let published = delivery.events.first().map(|e| e.published_at);
         let tx = match outbound.wait_for(Option::is_some).await {
             Ok(tx) => tx.clone(),
             Err(_) => return,

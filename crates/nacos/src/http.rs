@@ -697,13 +697,13 @@ async fn switches() -> Response {
     .into_response()
 }
 
-async fn servers(uri: Uri, headers: axum::http::HeaderMap) -> Response {
+/// The one server of this "cluster", as Nacos' `/operator/servers` lists its members.
+async fn servers(headers: axum::http::HeaderMap) -> Response {
     let host = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .unwrap_or("127.0.0.1:8848")
         .to_string();
-    let _ = uri;
     let (ip, port) = host.rsplit_once(':').unwrap_or((host.as_str(), "8848"));
     Json(json!({
         "servers": [{

@@ -418,32 +418,15 @@ fn report(a: &CompareArgs, r: &Results) {
             ("ack -> last subscriber", 2),
         ] {
             for (system, p) in &r.push {
-                let latency = match pick {
-                    0 => p.ack.clone(),
-                    1 => p.sent.clone(),
-                    _ => p.fanout.clone(),
-                };
-                rows.push(Row {
-                    scenario: format!("{}: {what}", system.name()),
-                    params: format!(
+                rows.push(p.latency_row(
+                    format!("{}: {what}", system.name()),
+                    format!(
                         "W={} I={} R={}/s K={}",
                         p.watchers, a.push_instances, a.rate, a.changes
                     ),
-                    ops: if pick == 2 {
-                        latency.count()
-                    } else {
-                        p.delivered
-                    },
-                    errors: if pick == 2 {
-                        p.writes as u64 - latency.count()
-                    } else {
-                        p.missing
-                    },
-                    secs: p.secs,
-                    unit: if pick == 2 { "changes/s" } else { "events/s" },
-                    latency,
-                    cpu: (pick == 0).then_some(p.cpu),
-                });
+                    pick,
+                    "events/s",
+                ));
             }
         }
         let mut notes = Vec::new();

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use crate::compare::{load_average, quantile_ms, ratio, settle, target_line};
 use crate::nacos::{self, NacosArgs, NacosResult, NacosTarget, NacosWork};
-use crate::stats::{print_table, Latency, Row};
+use crate::stats::{print_table, Row};
 use crate::target::Target;
 
 /// A Nacos server the comparison can start.
@@ -559,36 +559,15 @@ fn report(
     ] {
         for (system, _, r) in results {
             let Some(p) = &r.push else { continue };
-            let latency: Latency = match pick {
-                0 => p.ack.clone(),
-                1 => p.sent.clone(),
-                _ => p.fanout.clone(),
-            };
-            rows.push(Row {
-                scenario: format!("{}: {what}", system.name()),
-                params: format!(
+            rows.push(p.latency_row(
+                format!("{}: {what}", system.name()),
+                format!(
                     "W={} I={} R={}/s K={}",
                     p.watchers, w.push_instances, w.rate, w.changes
                 ),
-                ops: if pick == 2 {
-                    latency.count()
-                } else {
-                    p.delivered
-                },
-                errors: if pick == 2 {
-                    (p.writes as u64).saturating_sub(latency.count())
-                } else {
-                    p.missing
-                },
-                secs: p.secs,
-                unit: if pick == 2 {
-                    "changes/s"
-                } else {
-                    "deliveries/s"
-                },
-                latency,
-                cpu: (pick == 0).then_some(p.cpu),
-            });
+                pick,
+                "deliveries/s",
+            ));
         }
     }
     let thr =

@@ -424,6 +424,43 @@ pub(crate) struct PushResult {
     pub(crate) secs: f64,
 }
 
+impl PushResult {
+    /// One row of a side-by-side table: `pick` 0 is ack → event, 1 write sent → event, 2 ack →
+    /// last subscriber (per change); `event_unit` names what the first two count per second.
+    pub(crate) fn latency_row(
+        &self,
+        scenario: String,
+        params: String,
+        pick: usize,
+        event_unit: &'static str,
+    ) -> Row {
+        let latency = match pick {
+            0 => self.ack.clone(),
+            1 => self.sent.clone(),
+            _ => self.fanout.clone(),
+        };
+        let per_change = pick == 2;
+        Row {
+            scenario,
+            params,
+            ops: if per_change {
+                latency.count()
+            } else {
+                self.delivered
+            },
+            errors: if per_change {
+                (self.writes as u64).saturating_sub(latency.count())
+            } else {
+                self.missing
+            },
+            secs: self.secs,
+            unit: if per_change { "changes/s" } else { event_unit },
+            latency,
+            cpu: (pick == 0).then_some(self.cpu),
+        }
+    }
+}
+
 /// Waits (bounded) until every live subscriber has the last acknowledged revision, stops them,
 /// and accounts for every (subscriber, change) pair.
 #[allow(clippy::too_many_arguments)]

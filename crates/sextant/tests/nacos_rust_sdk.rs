@@ -210,6 +210,35 @@ impl Sextant {
         }
     }
 
+    /// Subscribes `client` to `svc` (in `group`), waits for the initial state (instances on
+    /// `want` ports) and then for the SDK's one poll after subscribing, so that every later
+    /// event is a push. Returns the listener (to unsubscribe), its events and the first one.
+    async fn subscribe_settled(
+        &self,
+        what: &str,
+        client: &NamingService,
+        svc: &str,
+        group: Option<String>,
+        want: &[i32],
+    ) -> (
+        Arc<dyn NamingEventListener>,
+        mpsc::UnboundedReceiver<Arc<NamingChangeEvent>>,
+        Arc<NamingChangeEvent>,
+    ) {
+        let (listener, mut events) = recorder();
+        let subscribed = Instant::now();
+        self.sdk(
+            what,
+            client.subscribe(s(svc), group, vec![], listener.clone()),
+        )
+        .await;
+        let first = self
+            .event_where(&mut events, "the initial state", |h| ports(h) == want)
+            .await;
+        tokio::time::sleep(POLL_SETTLE.saturating_sub(subscribed.elapsed())).await;
+        (listener, events, first)
+    }
+
     /// Waits (bounded) for the listener's next event whose instances satisfy `want`, skipping
     /// others.
     async fn event_where(
@@ -472,22 +501,13 @@ async fn register_query_subscribe_batch_and_deregister() {
     assert!(n["ttl_seconds"].as_u64().unwrap() > 0, "{n}");
 
     // A subscriber on a third connection.
-    let (listener, mut events) = recorder();
-    let subscribed = Instant::now();
-    server
-        .sdk(
-            "subscribe",
-            watcher.subscribe(s(svc), None, vec![], listener.clone()),
-        )
-        .await;
-    let ev = server
-        .event_where(&mut events, "the initial state", |h| ports(h) == [9101])
+    let (_listener, mut events, ev) = server
+        .subscribe_settled("subscribe", &watcher, svc, None, &[9101])
         .await;
     assert_eq!(
         (ev.service_name.as_str(), ev.group_name.as_str()),
         (svc, "DEFAULT_GROUP")
     );
-    tokio::time::sleep(POLL_SETTLE.saturating_sub(subscribed.elapsed())).await;
 
     // Another client registers a second instance: pushed.
     let mark = sdk_log_mark();
@@ -736,22 +756,13 @@ async fn groups_and_namespaces_are_separate() {
     assert_eq!((names, count), (vec![], 0));
 
     // A subscriber in sdk-dev/PAYMENTS.
-    let (listener, mut events) = recorder();
-    let subscribed = Instant::now();
-    server
-        .sdk(
-            "subscribe in the group",
-            dev_watcher.subscribe(s(svc), g(), vec![], listener.clone()),
-        )
-        .await;
-    let ev = server
-        .event_where(&mut events, "the initial state", |h| ports(h) == [9401])
+    let (_listener, mut events, ev) = server
+        .subscribe_settled("subscribe in the group", &dev_watcher, svc, g(), &[9401])
         .await;
     assert_eq!(
         (ev.service_name.as_str(), ev.group_name.as_str()),
         (svc, group)
     );
-    tokio::time::sleep(POLL_SETTLE.saturating_sub(subscribed.elapsed())).await;
 
     // The same names in another namespace or group reach it not.
     server
@@ -860,18 +871,15 @@ async fn native_and_nacos_registrations_see_each_other() {
         .await;
     assert_eq!(ports(&c9), [9201]);
 
-    let (listener, mut events) = recorder();
-    let subscribed = Instant::now();
-    server
-        .sdk(
+    let (listener, mut events, _) = server
+        .subscribe_settled(
             "subscribe to a native service",
-            watcher.subscribe(s(svc), None, vec![], listener.clone()),
+            &watcher,
+            svc,
+            None,
+            &[9201],
         )
         .await;
-    server
-        .event_where(&mut events, "the initial state", |h| ports(h) == [9201])
-        .await;
-    tokio::time::sleep(POLL_SETTLE.saturating_sub(subscribed.elapsed())).await;
 
     // Native changes are pushed to the Nacos subscriber.
     let mark = sdk_log_mark();
@@ -1048,18 +1056,9 @@ async fn instances_of_a_cut_connection_lapse() {
             stayer.register_instance(s(svc), None, instance(9501, "DEFAULT", 1.0, &[])),
         )
         .await;
-    let (listener, mut events) = recorder();
-    let subscribed = Instant::now();
-    server
-        .sdk(
-            "subscribe",
-            watcher.subscribe(s(svc), None, vec![], listener.clone()),
-        )
+    let (_listener, mut events, _) = server
+        .subscribe_settled("subscribe", &watcher, svc, None, &[9501])
         .await;
-    server
-        .event_where(&mut events, "the initial state", |h| ports(h) == [9501])
-        .await;
-    tokio::time::sleep(POLL_SETTLE.saturating_sub(subscribed.elapsed())).await;
 
     // A client in another process registers, then is killed: its connection is cut without a
     // deregistration.

@@ -35,8 +35,13 @@ const MAX_STREAMS_PER_CONNECTION: u32 = 10_000;
 pub enum ServerError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot listen for Nacos clients on {addr} (move it with --nacos-http-addr / --nacos-grpc-addr, or turn it off with --no-nacos)")]
+    NacosBind {
         addr: SocketAddr,
         source: std::io::Error,
     },
@@ -97,9 +102,15 @@ impl Server {
 
         let (http_listener, http_addr) = bind(config.http_addr).await?;
         let (grpc_listener, grpc_addr) = bind(config.grpc_addr).await?;
+        let nacos_bind = |addr| async move {
+            bind(addr).await.map_err(|e| match e {
+                ServerError::Bind { addr, source } => ServerError::NacosBind { addr, source },
+                other => other,
+            })
+        };
         let nacos_listeners = if config.nacos {
-            let h = bind(config.nacos_http_addr).await?;
-            let g = bind(config.nacos_grpc_addr()).await?;
+            let h = nacos_bind(config.nacos_http_addr).await?;
+            let g = nacos_bind(config.nacos_grpc_addr()).await?;
             Some((h, g))
         } else {
             None

@@ -39,7 +39,8 @@ pub struct Spawned {
 }
 
 /// Runs `bin serve <args>` and waits up to `startup` for its `sextant serving` line; panics
-/// with the server's stderr if it does not come. Unless `args` mention `--nacos`, the Nacos
+/// with the server's stderr if it does not come. Unless `args` give `--nacos-http-addr` or
+/// `--no-nacos`, the Nacos
 /// adapter listens on ports of its own choosing (so parallel tests do not fight over 8848);
 /// its addresses are in `nacos`.
 pub fn spawn_serve<I, S>(bin: &OsStr, args: I, startup: Duration) -> Spawned
@@ -53,7 +54,12 @@ where
         .collect();
     let mut cmd = Command::new(bin);
     cmd.arg("serve").args(&args);
-    if !args.iter().any(|a| a.to_string_lossy().contains("nacos")) {
+    // Only an address or `--no-nacos` counts: other Nacos flags (the grace) leave the port free.
+    let placed = args.iter().any(|a| {
+        let a = a.to_string_lossy();
+        a.starts_with("--nacos-http-addr") || a == "--no-nacos"
+    });
+    if !placed {
         cmd.args(["--nacos-http-addr", "127.0.0.1:0"]);
     }
     cmd.stdin(Stdio::null())

@@ -91,6 +91,8 @@ struct ConnState {
     /// (service, clusters) → its push task.
     subscriptions: HashMap<SubscriptionKey, JoinHandle<()>>,
     attached: bool,
+    /// Bumped by each bi-stream the connection opens: only the latest one's end closes it.
+    stream: u64,
     closed: bool,
     client: String,
 }
@@ -221,6 +223,12 @@ struct NamingRequest {
     subscribe: Option<bool>,
     page_no: Option<usize>,
     page_size: Option<usize>,
+}
+
+/// What Sextant reads of a `ConnectionSetupRequest`: who the client is, for the logs.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct SetupRequest {
     client_version: Option<String>,
 }
 
@@ -702,20 +710,27 @@ impl BiRequestStream for Api {
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(PUSH_QUEUE);
         let conn = self.conns.get(addr);
-        {
+        let stream = {
             let mut st = conn.state.lock();
             st.attached = true;
-        }
+            st.stream += 1;
+            st.stream
+        };
         conn.outbound.send_replace(Some(tx));
         self.conns.shared.metrics.connections.inc();
-        tokio::spawn(read_stream(self.conns.clone(), conn, inbound));
+        tokio::spawn(read_stream(self.conns.clone(), conn, stream, inbound));
         Ok(tonic::Response::new(ReceiverStream::new(rx)))
     }
 }
 
 /// Reads what the client sends on its bi-stream (set-up, push acks) until the connection
 /// ends, then lets go of everything bound to it.
-async fn read_stream(conns: Arc<Connections>, conn: Arc<Conn>, mut inbound: Streaming<Payload>) {
+async fn read_stream(
+    conns: Arc<Connections>,
+    conn: Arc<Conn>,
+    stream: u64,
+    mut inbound: Streaming<Payload>,
+) {
     let metrics = &conns.shared.metrics;
     let mut stop = conns.stop.clone();
     let why = loop {
@@ -732,7 +747,7 @@ async fn read_stream(conns: Arc<Connections>, conn: Arc<Conn>, mut inbound: Stre
                     }
                     "ConnectionSetupRequest" => {
                         let body = p.body.as_ref().map(|b| b.value.as_slice()).unwrap_or(&[]);
-                        let setup: NamingRequest = serde_json::from_slice(body).unwrap_or_default();
+                        let setup: SetupRequest = serde_json::from_slice(body).unwrap_or_default();
                         let client = setup.client_version.unwrap_or_default();
                         tracing::info!(connection = %conn.id, peer = %conn.addr, client = %client, "nacos connection set up");
                         conn.state.lock().client = client;
@@ -746,9 +761,14 @@ async fn read_stream(conns: Arc<Connections>, conn: Arc<Conn>, mut inbound: Stre
             Err(e) => break format!("stream error: {}", e.message()),
         }
     };
+    metrics.connections.dec();
+    if conn.state.lock().stream != stream {
+        // The client opened a newer stream on the same connection; that one carries on.
+        tracing::debug!(connection = %conn.id, reason = %why, "superseded nacos stream ended");
+        return;
+    }
     let instances = conn.close(metrics);
     conns.remove(&conn);
-    metrics.connections.dec();
     let client = conn.state.lock().client.clone();
     tracing::info!(
         connection = %conn.id,

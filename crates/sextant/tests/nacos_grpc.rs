@@ -40,6 +40,7 @@ fn parse(p: &Payload) -> (String, Value) {
 
 /// One Nacos client connection: the unary stub and the bi-stream on one channel.
 struct NacosConn {
+    channel: Channel,
     unary: RequestClient<Channel>,
     to_server: mpsc::Sender<Payload>,
     pushes: mpsc::Receiver<Value>,
@@ -75,7 +76,7 @@ impl NacosConn {
             ))
             .await
             .unwrap();
-        let mut inbound = BiRequestStreamClient::new(channel)
+        let mut inbound = BiRequestStreamClient::new(channel.clone())
             .request_bi_stream(ReceiverStream::new(rx))
             .await
             .unwrap()
@@ -100,6 +101,7 @@ impl NacosConn {
         // The stream is registered by the server asynchronously.
         tokio::time::sleep(Duration::from_millis(100)).await;
         NacosConn {
+            channel,
             unary,
             to_server,
             pushes,
@@ -371,4 +373,57 @@ async fn subscribers_see_native_changes_and_instances_of_a_dropped_connection_la
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("no push ack counter in {metrics}"));
     assert!(acks >= 3.0, "only {acks} push acks counted");
+}
+
+#[tokio::test]
+async fn a_newer_stream_on_the_same_connection_keeps_its_instances() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start_with(tmp.path(), &["--nacos-connection-grace-seconds", "1"]);
+    let (_, grpc) = server.nacos.expect("nacos on");
+    let mut c = NacosConn::open(grpc).await;
+    let (_, body) = c
+        .call(
+            "InstanceRequest",
+            json!({"requestId": "1", "serviceName": "pay", "type": "registerInstance",
+                   "instance": instance("10.0.0.7", 8080)}),
+        )
+        .await;
+    assert_eq!(body["resultCode"], 200, "{body}");
+
+    // A second bi-stream on the same HTTP/2 connection, then the first one ends.
+    let (tx2, rx2) = mpsc::channel(4);
+    tx2.send(payload(
+        "ConnectionSetupRequest",
+        json!({"clientVersion": "second"}),
+    ))
+    .await
+    .unwrap();
+    let _inbound2 = BiRequestStreamClient::new(c.channel.clone())
+        .request_bi_stream(ReceiverStream::new(rx2))
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    c.reader.abort();
+    let _ = (&mut c.reader).await;
+    let mut unary = c.unary.clone();
+    drop(c.to_server);
+
+    // Several grace periods later the instance is still served.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (_, body) = parse(
+        &unary
+            .request(payload(
+                "ServiceQueryRequest",
+                json!({"requestId": "2", "serviceName": "pay", "cluster": "", "healthyOnly": false}),
+            ))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert_eq!(
+        ports(body["serviceInfo"]["hosts"].as_array().unwrap()),
+        vec![8080],
+        "{body}"
+    );
 }

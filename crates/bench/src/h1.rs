@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper::{Method, Request, StatusCode};
 use tokio::sync::Mutex;
@@ -21,7 +21,7 @@ use tokio::sync::Mutex;
 pub struct H1 {
     addr: SocketAddr,
     host: String,
-    conns: Vec<Mutex<Option<SendRequest<Empty<Bytes>>>>>,
+    conns: Vec<Mutex<Option<SendRequest<Full<Bytes>>>>>,
     timeout: Duration,
 }
 
@@ -44,7 +44,7 @@ impl H1 {
         })
     }
 
-    async fn connect(&self) -> anyhow::Result<SendRequest<Empty<Bytes>>> {
+    async fn connect(&self) -> anyhow::Result<SendRequest<Full<Bytes>>> {
         let stream = tokio::time::timeout(
             Duration::from_secs(10),
             tokio::net::TcpStream::connect(self.addr),
@@ -68,6 +68,17 @@ impl H1 {
         method: Method,
         path_and_query: &str,
     ) -> anyhow::Result<(StatusCode, Bytes)> {
+        self.send(w, method, path_and_query, None).await
+    }
+
+    /// As [`H1::call`], with a JSON body when `json` is given.
+    pub async fn send(
+        &self,
+        w: usize,
+        method: Method,
+        path_and_query: &str,
+        json: Option<Bytes>,
+    ) -> anyhow::Result<(StatusCode, Bytes)> {
         let slot = &self.conns[w % self.conns.len()];
         let mut guard = slot.lock().await;
         let result = tokio::time::timeout(self.timeout, async {
@@ -76,11 +87,15 @@ impl H1 {
                 _ => guard.insert(self.connect().await?),
             };
             sender.ready().await.context("connection not ready")?;
-            let req = Request::builder()
+            let mut req = Request::builder()
                 .method(method)
                 .uri(path_and_query)
-                .header(hyper::header::HOST, self.host.as_str())
-                .body(Empty::new())
+                .header(hyper::header::HOST, self.host.as_str());
+            if json.is_some() {
+                req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+            }
+            let req = req
+                .body(Full::new(json.unwrap_or_default()))
                 .context("building the request")?;
             let resp = sender.send_request(req).await.context("sending")?;
             let status = resp.status();

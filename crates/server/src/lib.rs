@@ -18,7 +18,7 @@ use std::time::Duration;
 use sextant_core::{CoreConfig, CoreError, CoreMetrics, MemStore, Registry, Store, StoreError};
 use sextant_health::{HealthMetrics, Scanner, ScannerConfig};
 use sextant_nacos::{NacosConfig, NacosMetrics, NacosServer};
-use sextant_store_redb::RedbStore;
+use sextant_store_redb::{RedbStore, StoreMetrics};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -76,11 +76,14 @@ pub struct Server {
 impl Server {
     pub async fn start(config: ServerConfig) -> Result<Server, ServerError> {
         config.validate()?;
+        let mut prometheus = prometheus_client::registry::Registry::default();
         let store: Arc<dyn Store> = match config.store {
-            StoreKind::Embedded => Arc::new(RedbStore::open(&config.data_dir)?),
+            StoreKind::Embedded => Arc::new(RedbStore::open_with_metrics(
+                &config.data_dir,
+                StoreMetrics::register(&mut prometheus),
+            )?),
             StoreKind::Memory => Arc::new(MemStore::new()),
         };
-        let mut prometheus = prometheus_client::registry::Registry::default();
         let core_metrics = CoreMetrics::register(&mut prometheus);
         let api_metrics = ApiMetrics::register(&mut prometheus);
         let health_metrics = HealthMetrics::register(&mut prometheus);

@@ -1,0 +1,288 @@
+//! The store's own tests: the shared conformance suite, and what a crash at any point leaves.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+
+use proptest::prelude::*;
+use sextant_core::store::{conformance, Mutation};
+
+use super::*;
+
+fn put(k: &str, v: &str) -> Mutation {
+    Mutation {
+        key: k.into(),
+        value: Some(v.as_bytes().to_vec()),
+    }
+}
+
+fn del(k: &str) -> Mutation {
+    Mutation {
+        key: k.into(),
+        value: None,
+    }
+}
+
+fn dump(s: &RedbStore) -> (Revision, BTreeMap<String, Vec<u8>>) {
+    let mut out = BTreeMap::new();
+    let rev = s
+        .load(&mut |k, v| {
+            out.insert(k.to_string(), v.to_vec());
+            Ok(())
+        })
+        .unwrap();
+    (rev, out)
+}
+
+/// Ends the store as kill -9 would: no last checkpoint, the log left as it is.
+fn crash(s: RedbStore) {
+    if let Some(h) = s.begin_stop(Stop::Abandon) {
+        h.join().unwrap();
+    }
+}
+
+fn wal_files(dir: &Path) -> Vec<u64> {
+    wal::segments(&dir.join("wal"))
+        .unwrap()
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect()
+}
+
+#[tokio::test]
+async fn conforms() {
+    let dir = tempfile::tempdir().unwrap();
+    conformance::basic(&RedbStore::open(dir.path()).unwrap()).await;
+}
+
+#[tokio::test]
+async fn survives_reopen_and_locks_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = RedbStore::open(dir.path()).unwrap();
+    assert!(matches!(
+        RedbStore::open(dir.path()),
+        Err(StoreError::Unavailable(_))
+    ));
+    s.commit(Batch {
+        revision: 9,
+        mutations: vec![put("k", "v")],
+    })
+    .await
+    .unwrap();
+    s.close().await.unwrap();
+    assert!(s.commit(Batch::default()).await.is_err());
+    // A clean close checkpointed: the log is empty (one fresh segment after reopening).
+    let s = RedbStore::open(dir.path()).unwrap();
+    assert_eq!(wal_files(dir.path()).len(), 1);
+    let (rev, kv) = dump(&s);
+    assert_eq!((rev, kv.len()), (9, 1));
+    assert_eq!(kv["k"], b"v");
+}
+
+#[tokio::test]
+async fn a_crash_before_any_checkpoint_loses_no_acknowledged_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = RedbStore::open(dir.path()).unwrap();
+    for i in 1..=50u64 {
+        let mut m = vec![
+            put(&format!("k{i}"), &format!("v{i}")),
+            put("svc", &i.to_string()),
+        ];
+        if i % 10 == 0 {
+            m.push(del(&format!("k{}", i - 1)));
+        }
+        s.commit(Batch {
+            revision: i,
+            mutations: m,
+        })
+        .await
+        .unwrap();
+    }
+    crash(s);
+    assert!(!wal_files(dir.path()).is_empty());
+    let s = RedbStore::open(dir.path()).unwrap();
+    let (rev, kv) = dump(&s);
+    assert_eq!(rev, 50);
+    assert_eq!(kv.len(), 50 - 5 + 1);
+    assert_eq!(kv["svc"], b"50");
+    assert!(!kv.contains_key("k9") && kv.contains_key("k10"));
+    // The replay was folded into redb and its segments deleted.
+    assert_eq!(wal_files(dir.path()).len(), 1);
+}
+
+#[tokio::test]
+async fn a_partial_last_record_is_dropped_and_the_log_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = RedbStore::open(dir.path()).unwrap();
+    s.commit(Batch {
+        revision: 1,
+        mutations: vec![put("a", "1")],
+    })
+    .await
+    .unwrap();
+    crash(s);
+    // What a crash mid-append leaves: the start of a record that was never acknowledged.
+    let newest = *wal_files(dir.path()).last().unwrap();
+    let torn = wal::encode(&Batch {
+        revision: 2,
+        mutations: vec![put("b", "2")],
+    });
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(wal::segment_path(&dir.path().join("wal"), newest))
+        .unwrap()
+        .write_all(&torn[..torn.len() - 3])
+        .unwrap();
+    let s = RedbStore::open(dir.path()).unwrap();
+    let (rev, kv) = dump(&s);
+    assert_eq!(
+        (rev, kv.keys().map(String::as_str).collect::<Vec<_>>()),
+        (1, vec!["a"])
+    );
+    s.commit(Batch {
+        revision: 2,
+        mutations: vec![put("c", "3")],
+    })
+    .await
+    .unwrap();
+    crash(s);
+    let s = RedbStore::open(dir.path()).unwrap();
+    let (rev, kv) = dump(&s);
+    assert_eq!(
+        (rev, kv.keys().map(String::as_str).collect::<Vec<_>>()),
+        (2, vec!["a", "c"])
+    );
+}
+
+#[tokio::test]
+async fn damage_before_the_newest_segment_is_refused_not_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = RedbStore::open(dir.path()).unwrap();
+    s.commit(Batch {
+        revision: 1,
+        mutations: vec![put("a", "1")],
+    })
+    .await
+    .unwrap();
+    crash(s);
+    let wal_dir = dir.path().join("wal");
+    let first = wal_files(dir.path())[0];
+    let path = wal::segment_path(&wal_dir, first);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&path, bytes).unwrap();
+    // A newer segment behind it: the damaged one is not a cut-short tail.
+    std::fs::write(
+        wal::segment_path(&wal_dir, first + 1),
+        wal::encode(&Batch {
+            revision: 2,
+            mutations: vec![put("b", "2")],
+        }),
+    )
+    .unwrap();
+    match RedbStore::open(dir.path()) {
+        Err(StoreError::Corrupt { key, reason }) => {
+            assert!(key.ends_with(".wal"), "{key}");
+            assert!(reason.contains("not the newest"), "{reason}");
+        }
+        Err(e) => panic!("expected Corrupt, got {e}"),
+        Ok(_) => panic!("expected Corrupt, got a store"),
+    }
+}
+
+#[tokio::test]
+async fn checkpoints_delete_covered_segments_and_later_batches_still_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = RedbStore::open(dir.path()).unwrap();
+    s.commit(Batch {
+        revision: 1,
+        mutations: vec![put("a", "1"), put("b", "1")],
+    })
+    .await
+    .unwrap();
+    s.inner().unwrap().checkpoint_now().unwrap();
+    let after_first = wal_files(dir.path());
+    assert_eq!(after_first.len(), 1, "{after_first:?}");
+    s.commit(Batch {
+        revision: 2,
+        mutations: vec![del("a"), put("b", "2")],
+    })
+    .await
+    .unwrap();
+    crash(s);
+    let s = RedbStore::open(dir.path()).unwrap();
+    let (rev, kv) = dump(&s);
+    assert_eq!(rev, 2);
+    assert_eq!(
+        kv.into_iter().collect::<Vec<_>>(),
+        vec![("b".into(), b"2".to_vec())]
+    );
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    Commit(Vec<(u8, Option<u8>)>),
+    Checkpoint,
+    Crash,
+    Close,
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        6 => proptest::collection::vec((0u8..12, proptest::option::of(any::<u8>())), 0..6)
+            .prop_map(Step::Commit),
+        1 => Just(Step::Checkpoint),
+        1 => Just(Step::Crash),
+        1 => Just(Step::Close),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// Whatever mix of commits, checkpoints, crashes and clean closes, reopening yields exactly
+    /// the acknowledged batches applied in order, at the last acknowledged revision.
+    #[test]
+    fn reopening_yields_every_acknowledged_batch(steps in proptest::collection::vec(step(), 1..30)) {
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut model: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+        let mut rev = 0;
+        let mut s = RedbStore::open(dir.path()).unwrap();
+        for st in steps {
+            match st {
+                Step::Commit(ms) => {
+                    rev += 1;
+                    let mutations: Vec<Mutation> = ms
+                        .iter()
+                        .map(|(k, v)| Mutation { key: format!("k{k}"), value: v.map(|v| vec![v]) })
+                        .collect();
+                    for m in &mutations {
+                        match &m.value {
+                            Some(v) => { model.insert(m.key.clone(), v.clone()); }
+                            None => { model.remove(&m.key); }
+                        }
+                    }
+                    rt.block_on(s.commit(Batch { revision: rev, mutations })).unwrap();
+                }
+                Step::Checkpoint => s.inner().unwrap().checkpoint_now().unwrap(),
+                Step::Crash | Step::Close => {
+                    if matches!(st, Step::Crash) {
+                        crash(s);
+                    } else {
+                        rt.block_on(s.close()).unwrap();
+                    }
+                    s = RedbStore::open(dir.path()).unwrap();
+                    let (got_rev, got) = dump(&s);
+                    prop_assert_eq!(got_rev, rev);
+                    prop_assert_eq!(&got, &model);
+                }
+            }
+        }
+        crash(s);
+        let s = RedbStore::open(dir.path()).unwrap();
+        let (got_rev, got) = dump(&s);
+        prop_assert_eq!(got_rev, rev);
+        prop_assert_eq!(&got, &model);
+    }
+}

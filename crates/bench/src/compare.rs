@@ -395,7 +395,7 @@ fn report(a: &CompareArgs, r: &Results) {
         ];
         notes.extend(r.register.iter().map(|(_, row)| cpu_per_k(row)));
         notes.push(format!(
-            "each system's turn began with `sync` and a {:?} pause; every timed phase followed an untimed warm-up of {} instances of the same kind from the same number of clients; every write is durable (Sextant: fsync'd redb commit; ZooKeeper: forceSync=yes txn log; etcd: fsync'd WAL) and acknowledged before the client sends its next",
+            "each system's turn began with `sync` and a {:?} pause; every timed phase followed an untimed warm-up of {} instances of the same kind from the same number of clients; every write is durable (Sextant: fdatasync'd write-ahead-log append; ZooKeeper: forceSync=yes txn log; etcd: fsync'd WAL) and acknowledged before the client sends its next",
             a.settle, a.warmup
         ));
         notes.extend(r.register_notes.iter().cloned());

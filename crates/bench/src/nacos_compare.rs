@@ -47,7 +47,7 @@ pub struct NacosCompareArgs {
     /// The sextant binary [default: the global --spawn, else target/release/sextant].
     #[arg(long)]
     pub sextant: Option<PathBuf>,
-    /// Sextant's store (`embedded`: redb, fsync'd commits; `memory`).
+    /// Sextant's store (`embedded`: write-ahead log + redb, fdatasync'd commits; `memory`).
     #[arg(long, default_value = "embedded")]
     pub sextant_store: String,
     /// The rnacos binary [default: `rnacos` on PATH, else ~/.cargo/bin/rnacos].

@@ -34,6 +34,10 @@ pub struct CoreConfig {
     pub write_queue: usize,
     /// How often leases are checked for expiry.
     pub lease_check_interval: Duration,
+    /// Run the writer on a thread and runtime of its own (the default). `false` runs it as a
+    /// task of the caller's runtime, for tests that pause that runtime's clock: time there
+    /// only stands still while every task that can make progress is on it.
+    pub writer_thread: bool,
 }
 
 impl Default for CoreConfig {
@@ -43,6 +47,7 @@ impl Default for CoreConfig {
             max_batch_ops: 4096,
             write_queue: 8192,
             lease_check_interval: Duration::from_millis(250),
+            writer_thread: true,
         }
     }
 }

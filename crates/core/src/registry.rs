@@ -1,6 +1,6 @@
 //! The registry: its in-memory snapshot, its single writer and its read paths.
 //!
-//! Writes go through one writer task. It drains whatever requests are queued (group commit),
+//! Writes go through one writer task, on a thread of its own. It drains whatever requests are queued (group commit),
 //! applies them to copy-on-write copies of the touched services (persistent maps, so a copy is
 //! O(1)), assigns each change the next revision, commits the whole batch to the store, and only
 //! once that is durable publishes the new service states and events and acknowledges the
@@ -287,7 +287,21 @@ impl Registry {
             rx,
             revision,
         };
-        tokio::spawn(writer.run(stopped_tx));
+        // The writer gets a thread and a runtime of its own: on the shared runtime its wake-up
+        // after each commit queued behind request handlers, which stretched every group-commit
+        // cycle; here it runs as soon as its disk sync returns, and may block on it.
+        if shared.config.writer_thread {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| StoreError::Io(format!("cannot start the writer's runtime: {e}")))?;
+            std::thread::Builder::new()
+                .name("sextant-writer".into())
+                .spawn(move || runtime.block_on(writer.run(stopped_tx)))
+                .map_err(|e| StoreError::Io(format!("cannot start the writer thread: {e}")))?;
+        } else {
+            tokio::spawn(writer.run(stopped_tx));
+        }
         tokio::spawn(sweep_leases(Registry {
             shared: shared.clone(),
         }));
@@ -1002,8 +1016,26 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Closes the registry when dropped without a shutdown — when the runtime that runs the sweeper
+/// goes away — so the writer thread commits what is queued, closes the store and ends, as its
+/// task would have ended with that runtime.
+struct CloseOnDrop(Arc<Shared>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.closing.send_if_modified(|c| {
+            if c.is_some() {
+                return false;
+            }
+            *c = Some("the registry's runtime stopped".into());
+            true
+        });
+    }
+}
+
 async fn sweep_leases(registry: Registry) {
     let shared = registry.shared.clone();
+    let _close = CloseOnDrop(shared.clone());
     let mut closing = shared.closing.subscribe();
     let mut tick = tokio::time::interval(shared.config.lease_check_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -43,7 +43,9 @@ pub type Visit<'a> = dyn FnMut(&str, &[u8]) -> Result<(), StoreError> + 'a;
 /// A durable, ordered key-value store with atomic batches.
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Applies the batch atomically and returns only once it is durable.
+    /// Applies the batch atomically and returns only once it is durable. The registry calls it
+    /// from its writer's own thread, one commit at a time, so an implementation may block that
+    /// thread for its disk sync rather than hop to a blocking pool.
     async fn commit(&self, batch: Batch) -> Result<(), StoreError>;
 
     /// Visits every key in order and returns the revision of the last durable batch (0 when

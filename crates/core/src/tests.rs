@@ -45,6 +45,15 @@ async fn open() -> Registry {
     open_with(Arc::new(MemStore::new()), CoreConfig::default()).await
 }
 
+/// For tests on a runtime with paused time: the writer runs on that runtime, so the clock only
+/// advances when the writer, too, is idle.
+fn paused() -> CoreConfig {
+    CoreConfig {
+        writer_thread: false,
+        ..CoreConfig::default()
+    }
+}
+
 fn kinds(d: &Delivery) -> Vec<(&'static str, Revision)> {
     d.events
         .iter()
@@ -141,7 +150,7 @@ async fn missing_instances_are_not_found() {
 
 #[tokio::test(start_paused = true)]
 async fn lease_expiry_removes_and_notifies() {
-    let r = open().await;
+    let r = open_with(Arc::new(MemStore::new()), paused()).await;
     r.register(reg("a", "eph", 2)).await.unwrap();
     r.register(reg("a", "kept", 2)).await.unwrap();
     let mut sub = r.subscribe(vec![svc("a")], None);
@@ -178,7 +187,7 @@ async fn lease_expiry_removes_and_notifies() {
 #[tokio::test(start_paused = true)]
 async fn restart_reloads_everything_and_gives_leases_a_fresh_grace() {
     let store = Arc::new(MemStore::new());
-    let r = open_with(store.clone(), CoreConfig::default()).await;
+    let r = open_with(store.clone(), paused()).await;
     r.register(reg("a", "p", 0)).await.unwrap();
     r.register(reg("a", "e", 3)).await.unwrap();
     r.configure(
@@ -205,7 +214,7 @@ async fn restart_reloads_everything_and_gives_leases_a_fresh_grace() {
 
     // Long after the old lease would have lapsed.
     tokio::time::sleep(Duration::from_secs(60)).await;
-    let r2 = open_with(store, CoreConfig::default()).await;
+    let r2 = open_with(store, paused()).await;
     assert_eq!(r2.revision(), 4);
     let v = r2.get(&svc("a"), false);
     assert_eq!(v.instances.len(), 2, "ephemeral instance survives restart");
@@ -453,7 +462,7 @@ proptest! {
 
 #[tokio::test(start_paused = true)]
 async fn identical_reregistration_renews_the_lease() {
-    let r = open().await;
+    let r = open_with(Arc::new(MemStore::new()), paused()).await;
     r.register(reg("a", "e", 2)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     // Changes nothing (same revision) but pushes the deadline.

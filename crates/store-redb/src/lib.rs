@@ -471,10 +471,10 @@ impl Inner {
 #[async_trait::async_trait]
 impl Store for RedbStore {
     async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
-        let inner = self.inner()?;
-        tokio::task::spawn_blocking(move || inner.append(batch))
-            .await
-            .map_err(|e| StoreError::Io(format!("commit task failed: {e}")))?
+        // Blocks this thread for one disk sync: the core calls commit only from its writer's
+        // own thread (see `Store::commit`), where a hop to a blocking pool would only add a
+        // thread wake-up to every group commit.
+        self.inner()?.append(batch)
     }
 
     fn load(&self, visit: &mut Visit<'_>) -> Result<Revision, StoreError> {

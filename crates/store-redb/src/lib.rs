@@ -41,7 +41,7 @@ const CACHE_BYTES: usize = 64 * 1024 * 1024;
 /// How often the checkpointer folds the log into redb.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 /// A log this large is checkpointed without waiting for the interval.
-pub const CHECKPOINT_BYTES: usize = 64 << 20;
+pub const CHECKPOINT_BYTES: usize = 16 << 20;
 /// Commits are refused while this much is waiting for a checkpoint that keeps failing, rather
 /// than holding an unbounded backlog in memory.
 const MAX_BACKLOG_BYTES: usize = 1 << 30;
@@ -130,8 +130,9 @@ struct Log {
     segment: Option<Segment>,
     /// Number of the segment being written (or that was, when `segment` is `None`).
     seq: u64,
-    /// Acknowledged batches not yet in redb, with their encoded size.
-    pending: Vec<(Batch, usize)>,
+    /// Acknowledged records (as appended) not yet in redb: one allocation per group commit,
+    /// which goes back to the allocator whole after the checkpoint.
+    pending: Vec<Vec<u8>>,
     pending_bytes: usize,
     stop: Stop,
 }
@@ -254,10 +255,13 @@ fn recover(
         .map_or(checkpointed, |(s, _)| *s)
         .max(checkpointed);
     let live: Vec<_> = segments.iter().filter(|(s, _)| *s > checkpointed).collect();
-    let mut batches = Vec::new();
-    for (i, (seq, path)) in live.iter().enumerate() {
-        let bytes = wal::read_segment(path)?;
-        let (got, used, torn) = wal::decode_all(&bytes);
+    let mut contents = Vec::with_capacity(live.len());
+    for (seq, path) in &live {
+        contents.push((*seq, path, wal::read_segment(path)?));
+    }
+    let mut records = Vec::new();
+    for (i, (seq, path, bytes)) in contents.iter().enumerate() {
+        let (got, used, torn) = wal::parse_all(bytes);
         if let Some(why) = torn {
             if i + 1 != live.len() {
                 return Err(StoreError::Corrupt {
@@ -268,12 +272,12 @@ fn recover(
             tracing::warn!(segment = seq, dropped_bytes = bytes.len() - used, reason = ?why,
                 "the log ends in a partial record (a write cut short by a crash, never acknowledged); dropping it");
         }
-        batches.extend(got);
+        records.extend(got);
     }
     if newest > checkpointed {
-        let n = batches.len();
+        let n = records.len();
         let started = Instant::now();
-        checkpoint(db, batches.iter(), newest, metrics)?;
+        checkpoint(db, records, newest, metrics)?;
         if n > 0 {
             tracing::info!(
                 batches = n,
@@ -287,22 +291,20 @@ fn recover(
     Ok(newest)
 }
 
-/// Applies `batches` (in order; the last write of a key wins) in one durable redb transaction
+/// Applies `records` (in order; the last write of a key wins) in one durable redb transaction
 /// that also records `upto` as the newest segment they cover.
 fn checkpoint<'a>(
     db: &Database,
-    batches: impl Iterator<Item = &'a Batch>,
+    records: impl IntoIterator<Item = wal::Record<'a>>,
     upto: u64,
     metrics: &StoreMetrics,
 ) -> Result<(), StoreError> {
     let started = Instant::now();
     let mut merged: BTreeMap<&str, Option<&[u8]>> = BTreeMap::new();
     let mut revision = None;
-    for b in batches {
-        for m in &b.mutations {
-            merged.insert(m.key.as_str(), m.value.as_deref());
-        }
-        revision = Some(b.revision);
+    for r in records {
+        merged.extend(r.mutations);
+        revision = Some(r.revision);
     }
     let txn = db.begin_write().map_err(io)?;
     {
@@ -374,8 +376,9 @@ impl Inner {
                 )));
             }
         }
+        drop(batch);
         log.pending_bytes += record.len();
-        log.pending.push((batch, record.len()));
+        log.pending.push(record);
         self.metrics.wal_bytes.set(log.pending_bytes as i64);
         self.metrics
             .wal_append_seconds
@@ -421,32 +424,48 @@ impl Inner {
         // Two checkpoints must not interleave: a later one would delete segments whose batches
         // an earlier one has not committed yet.
         let _one = self.checkpointing.lock();
-        let (batches, upto) = {
-            let mut log = self.log.lock();
+        let (upto, writable) = {
+            let log = self.log.lock();
             if log.pending.is_empty() {
                 return Ok(());
             }
-            let upto = log.seq;
-            if log.segment.is_some() {
-                let s = Segment::create(&self.wal_dir, upto + 1)
-                    .map_err(|e| StoreError::Io(format!("cannot start a new log segment: {e}")))?;
+            (log.seq, log.segment.is_some())
+        };
+        // The next segment is created (and its directory entry synced, which can take a while
+        // when the disk is busy with the previous checkpoint) before taking the log's lock, so
+        // appends do not wait for it; only this function, serialised above, changes `seq`.
+        let next = if writable {
+            Some(
+                Segment::create(&self.wal_dir, upto + 1)
+                    .map_err(|e| StoreError::Io(format!("cannot start a new log segment: {e}")))?,
+            )
+        } else {
+            None
+        };
+        let records = {
+            let mut log = self.log.lock();
+            if let Some(s) = next {
                 log.seq = s.seq;
                 log.segment = Some(s);
             }
             log.pending_bytes = 0;
-            (std::mem::take(&mut log.pending), upto)
+            std::mem::take(&mut log.pending)
         };
         let started = Instant::now();
-        match checkpoint(
-            &self.db,
-            batches.iter().map(|(b, _)| b),
-            upto,
-            &self.metrics,
-        ) {
+        let parsed = records
+            .iter()
+            .map(|r| wal::parse_whole(r))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|why| StoreError::Corrupt {
+                key: format!("log segment {upto} (in memory)"),
+                reason: format!("a record appended by this process does not read back: {why:?}"),
+            });
+        let result = parsed.and_then(|parsed| checkpoint(&self.db, parsed, upto, &self.metrics));
+        match result {
             Ok(()) => {
                 remove_segments(&self.wal_dir, upto);
                 tracing::debug!(
-                    batches = batches.len(),
+                    batches = records.len(),
                     segment = upto,
                     elapsed_ms = started.elapsed().as_millis() as u64,
                     "checkpointed the log into redb"
@@ -459,9 +478,9 @@ impl Inner {
             Err(e) => {
                 let mut log = self.log.lock();
                 let later = std::mem::take(&mut log.pending);
-                log.pending = batches;
+                log.pending = records;
                 log.pending.extend(later);
-                log.pending_bytes = log.pending.iter().map(|(_, n)| n).sum();
+                log.pending_bytes = log.pending.iter().map(Vec::len).sum();
                 Err(e)
             }
         }

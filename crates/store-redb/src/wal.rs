@@ -13,7 +13,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
-use sextant_core::store::{Batch, Mutation, StoreError};
+use sextant_core::store::{Batch, StoreError};
 
 const HEADER: usize = 8;
 /// Larger than any batch the core builds (its batches are bounded by `max_batch_ops`); a length
@@ -62,24 +62,42 @@ pub enum Torn {
     Malformed(&'static str),
 }
 
-/// Decodes the records of one segment: the batches in order, the length of the valid prefix
-/// and, when the segment does not end cleanly after it, why.
-pub fn decode_all(bytes: &[u8]) -> (Vec<Batch>, usize, Option<Torn>) {
-    let mut batches = Vec::new();
-    let mut at = 0;
-    while at < bytes.len() {
-        match decode_one(&bytes[at..]) {
-            Ok((batch, used)) => {
-                batches.push(batch);
-                at += used;
-            }
-            Err(t) => return (batches, at, Some(t)),
-        }
-    }
-    (batches, at, None)
+/// One record, read in place: keys and values borrow from the segment's bytes, so a checkpoint
+/// of the whole log allocates nothing per mutation.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Record<'a> {
+    pub revision: u64,
+    /// `(key, Some(value))` puts, `(key, None)` removes.
+    pub mutations: Vec<(&'a str, Option<&'a [u8]>)>,
 }
 
-fn decode_one(bytes: &[u8]) -> Result<(Batch, usize), Torn> {
+/// Reads the records of one segment: the records in order, the length of the valid prefix and,
+/// when the segment does not end cleanly after it, why.
+pub fn parse_all(bytes: &[u8]) -> (Vec<Record<'_>>, usize, Option<Torn>) {
+    let mut records = Vec::new();
+    let mut at = 0;
+    while at < bytes.len() {
+        match parse_one(&bytes[at..]) {
+            Ok((record, used)) => {
+                records.push(record);
+                at += used;
+            }
+            Err(t) => return (records, at, Some(t)),
+        }
+    }
+    (records, at, None)
+}
+
+/// Reads one record written by [`encode`] in this process (the log held in memory), which
+/// cannot be torn: an error here means memory was damaged.
+pub fn parse_whole(bytes: &[u8]) -> Result<Record<'_>, Torn> {
+    match parse_one(bytes)? {
+        (r, used) if used == bytes.len() => Ok(r),
+        _ => Err(Torn::Malformed("bytes after the record")),
+    }
+}
+
+fn parse_one(bytes: &[u8]) -> Result<(Record<'_>, usize), Torn> {
     if bytes.len() < HEADER {
         return Err(Torn::Short);
     }
@@ -103,24 +121,22 @@ fn decode_one(bytes: &[u8]) -> Result<(Batch, usize), Torn> {
     for _ in 0..count {
         let klen = r.u32().ok_or(Torn::Malformed("key length"))? as usize;
         let key = r.bytes(klen).ok_or(Torn::Malformed("key"))?;
-        let key = std::str::from_utf8(key)
-            .map_err(|_| Torn::Malformed("key is not UTF-8"))?
-            .to_string();
+        let key = std::str::from_utf8(key).map_err(|_| Torn::Malformed("key is not UTF-8"))?;
         let value = match r.u8().ok_or(Torn::Malformed("tag"))? {
             0 => None,
             1 => {
                 let vlen = r.u32().ok_or(Torn::Malformed("value length"))? as usize;
-                Some(r.bytes(vlen).ok_or(Torn::Malformed("value"))?.to_vec())
+                Some(r.bytes(vlen).ok_or(Torn::Malformed("value"))?)
             }
             _ => return Err(Torn::Malformed("tag")),
         };
-        mutations.push(Mutation { key, value });
+        mutations.push((key, value));
     }
     if !r.0.is_empty() {
         return Err(Torn::Malformed("trailing bytes"));
     }
     Ok((
-        Batch {
+        Record {
             revision,
             mutations,
         },
@@ -257,6 +273,8 @@ mod tests {
     use proptest::prelude::*;
     use sextant_core::model::Revision;
 
+    use sextant_core::store::Mutation;
+
     fn batch(revision: Revision, n: usize) -> Batch {
         Batch {
             revision,
@@ -276,24 +294,32 @@ mod tests {
         for b in &batches {
             bytes.extend(encode(b));
         }
-        let (got, used, torn) = decode_all(&bytes);
+        let (got, used, torn) = parse_all(&bytes);
         assert_eq!((got.len(), used, torn), (3, bytes.len(), None));
         for (g, b) in got.iter().zip(&batches) {
-            assert_eq!((g.revision, &g.mutations), (b.revision, &b.mutations));
+            let want: Vec<(&str, Option<&[u8]>)> = b
+                .mutations
+                .iter()
+                .map(|m| (m.key.as_str(), m.value.as_deref()))
+                .collect();
+            assert_eq!((g.revision, &g.mutations), (b.revision, &want));
         }
+        let one = encode(&batches[1]);
+        assert_eq!(parse_whole(&one).unwrap().revision, 2);
+        assert!(parse_whole(&bytes).is_err());
         let whole = bytes.len() - encode(&batches[2]).len();
         for cut in [bytes.len() - 1, whole + 3, whole + 20] {
-            let (got, used, torn) = decode_all(&bytes[..cut]);
+            let (got, used, torn) = parse_all(&bytes[..cut]);
             assert_eq!((got.len(), used), (2, whole));
             assert!(torn.is_some());
         }
         let mut flipped = bytes.clone();
         flipped[whole + 30] ^= 1;
-        assert_eq!(decode_all(&flipped).2, Some(Torn::Checksum));
+        assert_eq!(parse_all(&flipped).2, Some(Torn::Checksum));
         // A zeroed tail (a preallocated or half-written block) is a bad length, not a record.
         let mut zeros = bytes.clone();
         zeros.extend([0; 64]);
-        assert_eq!(decode_all(&zeros).2, Some(Torn::BadLength(0)));
+        assert_eq!(parse_all(&zeros).2, Some(Torn::BadLength(0)));
     }
 
     proptest! {
@@ -311,7 +337,7 @@ mod tests {
                 ends.push(bytes.len());
             }
             let cut = (bytes.len() as f64 * cut_frac) as usize;
-            let (got, used, torn) = decode_all(&bytes[..cut]);
+            let (got, used, torn) = parse_all(&bytes[..cut]);
             let whole = ends.iter().filter(|&&e| e <= cut).count();
             prop_assert_eq!(got.len(), whole);
             prop_assert_eq!(used, if whole == 0 { 0 } else { ends[whole - 1] });

@@ -33,6 +33,23 @@ fn dump(s: &RedbStore) -> (Revision, BTreeMap<String, Vec<u8>>) {
     (rev, out)
 }
 
+/// Commits one batch and waits until it is acknowledged (durable).
+async fn commit(s: &RedbStore, revision: Revision, mutations: Vec<Mutation>) {
+    s.commit(Batch {
+        revision,
+        mutations,
+    })
+    .await
+    .unwrap();
+}
+
+/// Reopens the store in `dir` and reads everything back.
+fn reopen(dir: &Path) -> (RedbStore, Revision, Vec<String>) {
+    let s = RedbStore::open(dir).unwrap();
+    let (rev, kv) = dump(&s);
+    (s, rev, kv.into_keys().collect())
+}
+
 /// Ends the store as kill -9 would: no last checkpoint, the log left as it is.
 fn crash(s: RedbStore) {
     if let Some(h) = s.begin_stop(Stop::Abandon) {
@@ -62,12 +79,7 @@ async fn survives_reopen_and_locks_the_file() {
         RedbStore::open(dir.path()),
         Err(StoreError::Unavailable(_))
     ));
-    s.commit(Batch {
-        revision: 9,
-        mutations: vec![put("k", "v")],
-    })
-    .await
-    .unwrap();
+    commit(&s, 9, vec![put("k", "v")]).await;
     s.close().await.unwrap();
     assert!(s.commit(Batch::default()).await.is_err());
     // A clean close checkpointed: the log is empty (one fresh segment after reopening).
@@ -113,12 +125,7 @@ async fn a_crash_before_any_checkpoint_loses_no_acknowledged_batch() {
 async fn a_partial_last_record_is_dropped_and_the_log_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     let s = RedbStore::open(dir.path()).unwrap();
-    s.commit(Batch {
-        revision: 1,
-        mutations: vec![put("a", "1")],
-    })
-    .await
-    .unwrap();
+    commit(&s, 1, vec![put("a", "1")]).await;
     crash(s);
     // What a crash mid-append leaves: the start of a record that was never acknowledged.
     let newest = *wal_files(dir.path()).last().unwrap();
@@ -132,37 +139,19 @@ async fn a_partial_last_record_is_dropped_and_the_log_goes_on() {
         .unwrap()
         .write_all(&torn[..torn.len() - 3])
         .unwrap();
-    let s = RedbStore::open(dir.path()).unwrap();
-    let (rev, kv) = dump(&s);
-    assert_eq!(
-        (rev, kv.keys().map(String::as_str).collect::<Vec<_>>()),
-        (1, vec!["a"])
-    );
-    s.commit(Batch {
-        revision: 2,
-        mutations: vec![put("c", "3")],
-    })
-    .await
-    .unwrap();
+    let (s, rev, keys) = reopen(dir.path());
+    assert_eq!((rev, keys), (1, vec!["a".to_string()]));
+    commit(&s, 2, vec![put("c", "3")]).await;
     crash(s);
-    let s = RedbStore::open(dir.path()).unwrap();
-    let (rev, kv) = dump(&s);
-    assert_eq!(
-        (rev, kv.keys().map(String::as_str).collect::<Vec<_>>()),
-        (2, vec!["a", "c"])
-    );
+    let (_s, rev, keys) = reopen(dir.path());
+    assert_eq!((rev, keys), (2, vec!["a".to_string(), "c".to_string()]));
 }
 
 #[tokio::test]
 async fn damage_before_the_newest_segment_is_refused_not_skipped() {
     let dir = tempfile::tempdir().unwrap();
     let s = RedbStore::open(dir.path()).unwrap();
-    s.commit(Batch {
-        revision: 1,
-        mutations: vec![put("a", "1")],
-    })
-    .await
-    .unwrap();
+    commit(&s, 1, vec![put("a", "1")]).await;
     crash(s);
     let wal_dir = dir.path().join("wal");
     let first = wal_files(dir.path())[0];
@@ -194,21 +183,11 @@ async fn damage_before_the_newest_segment_is_refused_not_skipped() {
 async fn checkpoints_delete_covered_segments_and_later_batches_still_replay() {
     let dir = tempfile::tempdir().unwrap();
     let s = RedbStore::open(dir.path()).unwrap();
-    s.commit(Batch {
-        revision: 1,
-        mutations: vec![put("a", "1"), put("b", "1")],
-    })
-    .await
-    .unwrap();
+    commit(&s, 1, vec![put("a", "1"), put("b", "1")]).await;
     s.inner().unwrap().checkpoint_now().unwrap();
     let after_first = wal_files(dir.path());
     assert_eq!(after_first.len(), 1, "{after_first:?}");
-    s.commit(Batch {
-        revision: 2,
-        mutations: vec![del("a"), put("b", "2")],
-    })
-    .await
-    .unwrap();
+    commit(&s, 2, vec![del("a"), put("b", "2")]).await;
     crash(s);
     let s = RedbStore::open(dir.path()).unwrap();
     let (rev, kv) = dump(&s);

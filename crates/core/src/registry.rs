@@ -1,9 +1,10 @@
 //! The registry: its in-memory snapshot, its single writer and its read paths.
 //!
-//! Writes go through one writer task, on a thread of its own. It drains whatever requests are queued (group commit),
-//! applies them to copy-on-write copies of the touched services (persistent maps, so a copy is
-//! O(1)), assigns each change the next revision, commits the whole batch to the store, and only
-//! once that is durable publishes the new service states and events and acknowledges the
+//! Writes go through one writer task, on a thread of its own. It drains whatever requests are
+//! queued (group commit), applies them to copy-on-write copies of the touched services
+//! (persistent maps, so a copy is O(1)), assigns each change the next revision, commits the
+//! whole batch to the store, and only once that is durable publishes the new service states and
+//! events and acknowledges the
 //! callers. Readers never wait for the writer: they clone an `Arc` of a service's state.
 //!
 //! Publication happens under a brief write lock on the publish gate; anything that must see a
@@ -302,9 +303,14 @@ impl Registry {
         } else {
             tokio::spawn(writer.run(stopped_tx));
         }
-        tokio::spawn(sweep_leases(Registry {
-            shared: shared.clone(),
-        }));
+        // The guard is an argument, not a local of the task: a task dropped before its first
+        // poll drops its arguments too.
+        tokio::spawn(sweep_leases(
+            Registry {
+                shared: shared.clone(),
+            },
+            CloseOnDrop(shared.clone()),
+        ));
         Ok(Registry { shared })
     }
 
@@ -1033,9 +1039,8 @@ impl Drop for CloseOnDrop {
     }
 }
 
-async fn sweep_leases(registry: Registry) {
+async fn sweep_leases(registry: Registry, _close: CloseOnDrop) {
     let shared = registry.shared.clone();
-    let _close = CloseOnDrop(shared.clone());
     let mut closing = shared.closing.subscribe();
     let mut tick = tokio::time::interval(shared.config.lease_check_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

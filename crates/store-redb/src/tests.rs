@@ -265,3 +265,35 @@ proptest! {
         prop_assert_eq!(&got, &model);
     }
 }
+
+/// A registry whose runtime goes away without a shutdown still ends its writer thread, which
+/// closes the store: the data dir can be opened again (redb's lock is released).
+#[test]
+fn a_registry_dropped_with_its_runtime_releases_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let store: Arc<dyn Store> = Arc::new(RedbStore::open(dir.path()).unwrap());
+    let registry = rt
+        .block_on(sextant_core::Registry::open(
+            store,
+            sextant_core::CoreConfig::default(),
+            sextant_core::CoreMetrics::default(),
+        ))
+        .unwrap();
+    drop(rt);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match RedbStore::open(dir.path()) {
+            Ok(_) => break,
+            Err(StoreError::Unavailable(_)) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => panic!("the store was not released: {e}"),
+        }
+    }
+    drop(registry);
+}

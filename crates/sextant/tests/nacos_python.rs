@@ -16,10 +16,9 @@
 //! is bounded; on failure the script's output and the tail of the server's log are printed.
 
 use std::io::Read;
-use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -29,45 +28,6 @@ const STARTUP: Duration = Duration::from_secs(20);
 const V2_FLOW: Duration = Duration::from_secs(240);
 /// Bound of the HTTP flow (it takes about 20 s, most of it waiting out a lease).
 const V1_FLOW: Duration = Duration::from_secs(180);
-
-/// A `sextant serve` with the Nacos adapter on `127.0.0.1:P` (gRPC on P + 1000, where Nacos
-/// clients look for it), killed on drop.
-struct Sextant {
-    child: Child,
-    http: SocketAddr,
-    nacos_http: SocketAddr,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Sextant {
-    fn start() -> Sextant {
-        let (s, nacos_http) = sextant_testkit::spawn_with_nacos(
-            env!("CARGO_BIN_EXE_sextant").as_ref(),
-            sextant_testkit::free_nacos_port(),
-            &[],
-            STARTUP,
-        );
-        Sextant {
-            child: s.child,
-            http: s.http,
-            nacos_http,
-            log: s.log,
-        }
-    }
-
-    fn log_tail(&self, n: usize) -> String {
-        let log = self.log.lock().unwrap();
-        let from = log.len().saturating_sub(n);
-        log[from..].join("\n")
-    }
-}
-
-impl Drop for Sextant {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -204,7 +164,12 @@ fn run_script(python: &Path, script: &str, args: &[String], bound: Duration) -> 
 /// Runs one flow against a fresh server and asserts it passed.
 fn flow(venv: &str, requirements: &str, script: &str, bound: Duration) {
     let python = venv_python(venv, requirements);
-    let server = Sextant::start();
+    let server = sextant_testkit::spawn_with_nacos(
+        env!("CARGO_BIN_EXE_sextant").as_ref(),
+        sextant_testkit::free_nacos_port(),
+        &[],
+        STARTUP,
+    );
     let args = vec![
         "--nacos".to_string(),
         server.nacos_http.to_string(),

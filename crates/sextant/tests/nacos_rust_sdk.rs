@@ -16,7 +16,6 @@ mod common;
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, Once};
@@ -132,12 +131,21 @@ fn pushes_since(mark: usize, service: &str, group: &str) -> Vec<String> {
 // ---------------------------------------------------------------------------------------------
 // The server.
 
-/// `sextant serve` with the memory store, its Nacos adapter on P and P + 1000. Killed on drop.
-struct Sextant {
-    child: Child,
-    http: SocketAddr,
-    nacos_http: SocketAddr,
-    log: Arc<Mutex<Vec<String>>>,
+/// `sextant serve` with the memory store, its Nacos adapter on P and P + 1000, and the SDK-side
+/// helpers of these tests. Killed on drop (by the node it holds).
+struct Sextant(sextant_testkit::NacosNode);
+
+impl std::ops::Deref for Sextant {
+    type Target = sextant_testkit::NacosNode;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Sextant {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
 }
 
 impl Sextant {
@@ -147,18 +155,12 @@ impl Sextant {
 
     /// A server whose Nacos adapter listens on `port` (and `port` + 1000).
     fn start_on(port: u16) -> Sextant {
-        let (s, nacos_http) = sextant_testkit::spawn_with_nacos(
+        Sextant(sextant_testkit::spawn_with_nacos(
             env!("CARGO_BIN_EXE_sextant").as_ref(),
             port,
             &[],
             STARTUP,
-        );
-        Sextant {
-            child: s.child,
-            http: s.http,
-            nacos_http,
-            log: s.log,
-        }
+        ))
     }
 
     fn api(&self) -> Api {
@@ -167,11 +169,7 @@ impl Sextant {
 
     /// The tails of the SDK's and the server's logs, for failure messages.
     fn diag(&self) -> String {
-        let server = {
-            let log = self.log.lock().unwrap();
-            let from = log.len().saturating_sub(40);
-            log[from..].join("\n")
-        };
+        let server = self.log_tail(40);
         format!(
             "\n--- nacos-sdk log (tail) ---\n{}\n--- sextant log (tail) ---\n{server}",
             sdk_log_tail(80)
@@ -337,13 +335,6 @@ impl Sextant {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-    }
-}
-
-impl Drop for Sextant {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

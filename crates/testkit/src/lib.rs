@@ -157,12 +157,7 @@ pub fn free_nacos_port() -> u16 {
 /// Runs `bin serve` on an in-memory store with the Nacos adapter at `127.0.0.1:port` (and its
 /// gRPC at `port` + 1000, where Nacos clients look), plus `extra` flags; checks both Nacos
 /// addresses and returns the server and the Nacos HTTP address.
-pub fn spawn_with_nacos(
-    bin: &OsStr,
-    port: u16,
-    extra: &[&str],
-    startup: Duration,
-) -> (Spawned, SocketAddr) {
+pub fn spawn_with_nacos(bin: &OsStr, port: u16, extra: &[&str], startup: Duration) -> NacosNode {
     let nacos = format!("127.0.0.1:{port}");
     let mut args = vec![
         "--store",
@@ -186,7 +181,40 @@ pub fn spawn_with_nacos(
         "Nacos clients look for gRPC at P + 1000"
     );
     assert!(http.ip().is_loopback() && grpc.ip().is_loopback());
-    (s, http)
+    NacosNode {
+        child: s.child,
+        http: s.http,
+        nacos_http: http,
+        log: s.log,
+    }
+}
+
+/// A `sextant serve` with its Nacos adapter on a chosen port (gRPC on that port + 1000, where
+/// Nacos clients look for it). Killed on drop.
+pub struct NacosNode {
+    pub child: Child,
+    /// The native HTTP API.
+    pub http: SocketAddr,
+    /// The Nacos 1.x HTTP API.
+    pub nacos_http: SocketAddr,
+    /// Every stderr line so far, for diagnostics.
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+impl NacosNode {
+    /// The last `n` lines the server logged.
+    pub fn log_tail(&self, n: usize) -> String {
+        let log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        let from = log.len().saturating_sub(n);
+        log[from..].join("\n")
+    }
+}
+
+impl Drop for NacosNode {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// The HTTP and gRPC addresses from a `sextant serving http_addr=... grpc_addr=...` line.

@@ -8,7 +8,6 @@
 //! side-by-side report; the phases themselves are [`crate::nacos`].
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -18,6 +17,7 @@ use tokio::time::Instant;
 
 use crate::compare::{load_average, quantile_ms, ratio, settle, target_line};
 use crate::nacos::{self, NacosArgs, NacosResult, NacosTarget, NacosWork};
+use crate::peers::{free_port, keep_dir, spawn_logged, temp_dir};
 use crate::stats::{print_table, Row};
 use crate::target::Target;
 
@@ -107,11 +107,6 @@ pub fn free_nacos_port() -> anyhow::Result<u16> {
     bail!("no free loopback port P with P + 1000 free after 200 tries")
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("cannot bind a loopback port")?;
-    Ok(l.local_addr()?.port())
-}
-
 /// `rnacos` on PATH, else `~/.cargo/bin/rnacos`.
 fn default_rnacos() -> PathBuf {
     if let Some(paths) = std::env::var_os("PATH") {
@@ -144,14 +139,6 @@ pub fn rnacos_env(port: u16, console: u16, data: &Path) -> Vec<(String, String)>
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect()
-}
-
-fn temp_dir(parent: Option<&Path>, prefix: &str) -> anyhow::Result<tempfile::TempDir> {
-    match parent {
-        Some(p) => tempfile::Builder::new().prefix(prefix).tempdir_in(p),
-        None => tempfile::Builder::new().prefix(prefix).tempdir(),
-    }
-    .context("cannot create a temporary directory")
 }
 
 async fn version_of(bin: &Path) -> String {
@@ -208,30 +195,13 @@ impl Server {
                         cmd.env_remove(k);
                     }
                 }
-                let child = cmd
-                    .arg("--env-file")
+                cmd.arg("--env-file")
                     .arg(&env_file)
                     .envs(rnacos_env(port, free_port()?, &dir.path().join("data")))
                     .env_remove("RUST_LOG")
-                    .current_dir(dir.path())
-                    .stdin(Stdio::null())
-                    .stdout(log.try_clone()?)
-                    .stderr(log)
-                    .process_group(0)
-                    .kill_on_drop(true)
-                    .spawn()
-                    .with_context(|| format!("cannot start {}", bin.display()))?;
-                let pid = child.id().context("rnacos exited at once")?;
-                let kept = if l.keep_data {
-                    eprintln!(
-                        "keeping rnacos' data dir and log under {}",
-                        dir.path().display()
-                    );
-                    let _ = dir.keep();
-                    None
-                } else {
-                    Some(dir)
-                };
+                    .current_dir(dir.path());
+                let (child, pid) = spawn_logged(&mut cmd, log, "rnacos")?;
+                let kept = keep_dir(dir, l.keep_data, "rnacos");
                 (
                     Process::Rnacos {
                         child: Some(child),

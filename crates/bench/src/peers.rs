@@ -81,7 +81,8 @@ pub struct Peer {
 }
 
 /// A loopback port that was free a moment ago (bound, then released).
-fn free_port() -> anyhow::Result<u16> {
+/// A loopback port free at the time of asking.
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").context("cannot bind a loopback port")?;
     Ok(l.local_addr()?.port())
 }
@@ -138,18 +139,61 @@ pub async fn zookeeper_srvr(addr: &str) -> anyhow::Result<String> {
     Ok(out)
 }
 
+/// A fresh temporary directory named `prefix…`, under `parent` or the system's.
+pub(crate) fn temp_dir(parent: Option<&Path>, prefix: &str) -> anyhow::Result<tempfile::TempDir> {
+    match parent {
+        Some(p) => tempfile::Builder::new().prefix(prefix).tempdir_in(p),
+        None => tempfile::Builder::new().prefix(prefix).tempdir(),
+    }
+    .context("cannot create a temporary directory")
+}
+
+/// Starts `cmd` in a process group of its own (so a stop reaches its children), stdout and
+/// stderr into `log`, killed if dropped; returns it and its pid.
+pub(crate) fn spawn_logged(
+    cmd: &mut Command,
+    log: std::fs::File,
+    what: &str,
+) -> anyhow::Result<(Child, u32)> {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot start {what}"))?;
+    let pid = child
+        .id()
+        .with_context(|| format!("{what} exited at once"))?;
+    Ok((child, pid))
+}
+
+/// With `keep`, leaves `dir` on disk (and says where); otherwise hands it back, to be removed
+/// when dropped.
+pub(crate) fn keep_dir(
+    dir: tempfile::TempDir,
+    keep: bool,
+    what: &str,
+) -> Option<tempfile::TempDir> {
+    if !keep {
+        return Some(dir);
+    }
+    eprintln!(
+        "keeping {what}'s data dir and log under {}",
+        dir.path().display()
+    );
+    let _ = dir.keep();
+    None
+}
+
 impl Peer {
     /// Starts `system` (ZooKeeper or etcd) and waits until it answers.
     pub async fn start(system: System, o: &PeerOptions) -> anyhow::Result<Peer> {
-        let dir = match &o.peer_data_parent {
-            Some(p) => tempfile::Builder::new()
-                .prefix(&format!("sextant-bench-{}-", system.name()))
-                .tempdir_in(p),
-            None => tempfile::Builder::new()
-                .prefix(&format!("sextant-bench-{}-", system.name()))
-                .tempdir(),
-        }
-        .context("cannot create a temporary directory")?;
+        let dir = temp_dir(
+            o.peer_data_parent.as_deref(),
+            &format!("sextant-bench-{}-", system.name()),
+        )?;
         // etcd creates its data dir itself (mode 0700, or it warns); ZooKeeper needs it made.
         let data_dir = dir.path().join("data");
         let log_path = dir.path().join("server.log");
@@ -178,27 +222,8 @@ impl Peer {
         };
         let endpoint = cmd.1.clone();
         let spawned_at = Instant::now();
-        let child = cmd
-            .0
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .process_group(0)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("cannot start {}", system.name()))?;
-        let pid = child.id().context("the peer exited at once")?;
-        let kept = if o.keep_peer_data {
-            eprintln!(
-                "keeping {}'s data dir and log under {}",
-                system.name(),
-                dir.path().display()
-            );
-            let _ = dir.keep();
-            None
-        } else {
-            Some(dir)
-        };
+        let (child, pid) = spawn_logged(&mut cmd.0, log, system.name())?;
+        let kept = keep_dir(dir, o.keep_peer_data, system.name());
         let mut peer = Peer {
             system,
             endpoint,

@@ -347,7 +347,10 @@ fn remove_segments(wal_dir: &Path, upto: u64) {
 
 impl Inner {
     fn append(&self, batch: Batch) -> Result<(), StoreError> {
-        let record = wal::encode(&batch);
+        let record = wal::encode(&batch)?;
+        // Only the encoded record is kept; the batch's many small allocations go back now,
+        // outside the log's lock.
+        drop(batch);
         let started = Instant::now();
         let mut log = self.log.lock();
         if log.pending_bytes > MAX_BACKLOG_BYTES {
@@ -376,7 +379,6 @@ impl Inner {
                 )));
             }
         }
-        drop(batch);
         log.pending_bytes += record.len();
         log.pending.push(record);
         self.metrics.wal_bytes.set(log.pending_bytes as i64);

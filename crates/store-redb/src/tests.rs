@@ -132,7 +132,8 @@ async fn a_partial_last_record_is_dropped_and_the_log_goes_on() {
     let torn = wal::encode(&Batch {
         revision: 2,
         mutations: vec![put("b", "2")],
-    });
+    })
+    .unwrap();
     std::fs::OpenOptions::new()
         .append(true)
         .open(wal::segment_path(&dir.path().join("wal"), newest))
@@ -166,7 +167,8 @@ async fn damage_before_the_newest_segment_is_refused_not_skipped() {
         wal::encode(&Batch {
             revision: 2,
             mutations: vec![put("b", "2")],
-        }),
+        })
+        .unwrap(),
     )
     .unwrap();
     match RedbStore::open(dir.path()) {

@@ -18,10 +18,11 @@ use sextant_core::store::{Batch, StoreError};
 const HEADER: usize = 8;
 /// Larger than any batch the core builds (its batches are bounded by `max_batch_ops`); a length
 /// beyond this is a torn or corrupt header, not a record to allocate for.
-const MAX_RECORD: usize = 1 << 30;
+pub const MAX_RECORD: usize = 1 << 30;
 
-/// Encodes a batch as one framed record.
-pub fn encode(batch: &Batch) -> Vec<u8> {
+/// Encodes a batch as one framed record. A batch too large to be read back (over
+/// [`MAX_RECORD`]) is refused rather than written.
+pub fn encode(batch: &Batch) -> Result<Vec<u8>, StoreError> {
     let size: usize = batch
         .mutations
         .iter()
@@ -43,11 +44,16 @@ pub fn encode(batch: &Batch) -> Vec<u8> {
             None => out.push(0),
         }
     }
-    let len = (out.len() - HEADER) as u32;
+    let len = out.len() - HEADER;
+    if len > MAX_RECORD {
+        return Err(StoreError::Unavailable(format!(
+            "a batch of {len} bytes is larger than a log record may be ({MAX_RECORD})"
+        )));
+    }
     let crc = crc32fast::hash(&out[HEADER..]);
-    out[0..4].copy_from_slice(&len.to_le_bytes());
+    out[0..4].copy_from_slice(&(len as u32).to_le_bytes());
     out[4..8].copy_from_slice(&crc.to_le_bytes());
-    out
+    Ok(out)
 }
 
 /// Why a record could not be read.
@@ -292,7 +298,7 @@ mod tests {
         let batches = [batch(1, 0), batch(2, 5), batch(9, 40)];
         let mut bytes = Vec::new();
         for b in &batches {
-            bytes.extend(encode(b));
+            bytes.extend(encode(b).unwrap());
         }
         let (got, used, torn) = parse_all(&bytes);
         assert_eq!((got.len(), used, torn), (3, bytes.len(), None));
@@ -304,10 +310,10 @@ mod tests {
                 .collect();
             assert_eq!((g.revision, &g.mutations), (b.revision, &want));
         }
-        let one = encode(&batches[1]);
+        let one = encode(&batches[1]).unwrap();
         assert_eq!(parse_whole(&one).unwrap().revision, 2);
         assert!(parse_whole(&bytes).is_err());
-        let whole = bytes.len() - encode(&batches[2]).len();
+        let whole = bytes.len() - encode(&batches[2]).unwrap().len();
         for cut in [bytes.len() - 1, whole + 3, whole + 20] {
             let (got, used, torn) = parse_all(&bytes[..cut]);
             assert_eq!((got.len(), used), (2, whole));
@@ -333,7 +339,7 @@ mod tests {
             let mut bytes = Vec::new();
             let mut ends = Vec::new();
             for (i, n) in sizes.iter().enumerate() {
-                bytes.extend(encode(&batch(i as u64 + 1, *n)));
+                bytes.extend(encode(&batch(i as u64 + 1, *n)).unwrap());
                 ends.push(bytes.len());
             }
             let cut = (bytes.len() as f64 * cut_frac) as usize;

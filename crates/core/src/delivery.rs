@@ -16,7 +16,8 @@ use sextant_model::{Event, Revision, ServiceKey};
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
-use crate::registry::{ServiceEntry, ServiceView, Shared};
+use crate::registry::table::ServiceEntry;
+use crate::registry::{RegistryCore, ServiceView};
 
 /// An event as published: shared by every subscriber, encoded at most once per wire format.
 #[derive(Debug)]
@@ -81,7 +82,7 @@ struct Cursor {
 
 /// A live subscription to a set of services. Dropping it unsubscribes.
 pub struct Subscription {
-    shared: Arc<Shared>,
+    shared: Arc<RegistryCore>,
     id: u64,
     wake: Arc<Notify>,
     closing: watch::Receiver<Option<String>>,
@@ -92,7 +93,7 @@ pub struct Subscription {
 
 impl Subscription {
     pub(crate) fn new(
-        shared: Arc<Shared>,
+        shared: Arc<RegistryCore>,
         mut services: Vec<ServiceKey>,
         since: Option<Revision>,
     ) -> Self {
@@ -103,7 +104,7 @@ impl Subscription {
         let cursors = services
             .iter()
             .map(|key| {
-                let entry = shared.entry_or_create(key);
+                let entry = shared.services.get_or_create(key);
                 entry.subscribers.lock().insert(id, wake.clone());
                 Cursor {
                     entry,
@@ -186,8 +187,10 @@ impl Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        for c in &self.cursors {
+        for c in self.cursors.drain(..) {
             c.entry.subscribers.lock().remove(&self.id);
+            // A watched name nobody registered leaves memory with its last watcher.
+            self.shared.services.release(c.entry);
         }
         self.shared.metrics.subscribers.dec();
     }

@@ -11,6 +11,8 @@ use prometheus_client::registry::Registry;
 pub struct CoreMetrics {
     pub instances: Gauge,
     pub services: Gauge,
+    /// Services held in memory, including vacant ones someone waits on or watches.
+    pub service_entries: Gauge,
     pub subscribers: Gauge,
     pub revision: Gauge,
     pub commit_seconds: Histogram,
@@ -33,6 +35,7 @@ impl Default for CoreMetrics {
         Self {
             instances: Gauge::default(),
             services: Gauge::default(),
+            service_entries: Gauge::default(),
             subscribers: Gauge::default(),
             revision: Gauge::default(),
             commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
@@ -60,6 +63,11 @@ impl CoreMetrics {
             "services",
             "Services with at least one instance",
             m.services.clone(),
+        );
+        r.register(
+            "service_entries",
+            "Services held in memory, including vacant ones that are waited on or watched",
+            m.service_entries.clone(),
         );
         r.register(
             "subscribers",

@@ -293,7 +293,15 @@ async fn blocking_query_wakes_on_change() {
         r2.get_when_changed(&svc("a"), rev, Duration::from_secs(10), false)
             .await
     });
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The change must come after the waiter parked, or this tests nothing.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while r.waiting_on(&svc("a")) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the waiter never parked"
+        );
+        tokio::task::yield_now().await;
+    }
     let rev2 = r.register(reg("a", "y", 0)).await.unwrap();
     let v = tokio::time::timeout(Duration::from_secs(2), waiter)
         .await
@@ -356,28 +364,79 @@ fn test_op() -> impl Strategy<Value = TestOp> {
     ]
 }
 
-async fn run_ops(r: &Registry, ops: &[TestOp]) {
+/// A change as the write that made it reported it: the event it must have produced.
+#[derive(Debug, Clone, PartialEq)]
+struct Change {
+    revision: Revision,
+    service: ServiceKey,
+    kind: &'static str,
+    id: String,
+}
+
+impl Change {
+    fn of(e: &Event) -> Self {
+        let id = match &e.kind {
+            EventKind::Upsert(i) => i.spec.id.to_string(),
+            EventKind::Status { id, .. } | EventKind::Delete { id, .. } => id.clone(),
+        };
+        Change {
+            revision: e.revision,
+            service: e.service.clone(),
+            kind: e.kind.name(),
+            id,
+        }
+    }
+}
+
+/// Runs `ops` one by one and returns the changes they made, built only from what each write
+/// returned: a revision past every earlier one is a change (the next revision, no gap), any
+/// other is an unchanged answer. `head` is the last revision handed out so far.
+async fn run_ops(
+    r: &Registry,
+    ops: &[TestOp],
+    head: &mut Revision,
+) -> Result<Vec<Change>, TestCaseError> {
+    let mut changes = Vec::new();
     for op in ops {
-        let _ = match *op {
+        let (service, id, kind, result) = match *op {
             TestOp::Register(s, i, v) => {
                 let mut rg = reg(&format!("s{s}"), &format!("i{i}"), 0);
                 rg.spec.version = v.to_string().into();
-                r.register(rg).await
+                // No status given: a change is always a new or changed spec.
+                (s, i, "upsert", r.register(rg).await)
             }
             TestOp::Status(s, i, w) => {
-                r.update_status(
-                    svc(&format!("s{s}")),
-                    format!("i{i}"),
-                    StatusPatch {
-                        weight: Some(u32::from(w)),
-                        ..Default::default()
-                    },
-                )
-                .await
+                let patch = StatusPatch {
+                    weight: Some(u32::from(w)),
+                    ..Default::default()
+                };
+                let result = r
+                    .update_status(svc(&format!("s{s}")), format!("i{i}"), patch)
+                    .await;
+                (s, i, "status", result)
             }
-            TestOp::Deregister(s, i) => r.deregister(svc(&format!("s{s}")), format!("i{i}")).await,
+            TestOp::Deregister(s, i) => {
+                let result = r.deregister(svc(&format!("s{s}")), format!("i{i}")).await;
+                (s, i, "delete", result)
+            }
         };
+        match result {
+            Ok(rev) if rev > *head => {
+                prop_assert_eq!(rev, *head + 1, "a change takes the next revision");
+                *head = rev;
+                changes.push(Change {
+                    revision: rev,
+                    service: svc(&format!("s{service}")),
+                    kind,
+                    id: format!("i{id}"),
+                });
+            }
+            Ok(rev) => prop_assert!(rev > 0, "an unchanged answer names an existing revision"),
+            Err(CoreError::NotFound(_)) => prop_assert!(kind != "upsert"),
+            Err(e) => prop_assert!(false, "unexpected error {e}"),
+        }
     }
+    Ok(changes)
 }
 
 proptest! {
@@ -385,6 +444,7 @@ proptest! {
 
     /// A subscriber that resumes from any retained revision sees exactly the events it missed,
     /// in order; one that resumes from a compacted revision gets a snapshot of the service.
+    /// What it should see is built from what the writes returned, not from a subscription.
     #[test]
     fn resume_is_exact(ops in proptest::collection::vec(test_op(), 1..60), cap in 2usize..40) {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -394,40 +454,38 @@ proptest! {
                 CoreConfig { event_log_per_service: cap, ..Default::default() },
             ).await;
             let services = vec![svc("s0"), svc("s1")];
-            // A subscriber from the beginning with a log big enough sees every event.
-            // It reads after every operation, so it never falls behind even a small log.
-            let mut all = r.subscribe(services.clone(), Some(0));
-            let mut history = Vec::new();
-            let mut last = 0;
-            for op in &ops {
-                run_ops(&r, std::slice::from_ref(op)).await;
-                // Wait only for changes of the subscribed services (s2 wakes nobody here).
-                let target = services.iter().map(|k| r.get(k, false).revision).max().unwrap_or(0);
-                while last < target {
-                    let d = all.next().await.unwrap();
-                    last = d.revision;
-                    prop_assert!(d.snapshots.is_empty());
-                    history.extend(d.events.iter().map(|e| e.event.clone()));
-                }
-            }
-            let head = r.revision();
-            prop_assert!(history.windows(2).all(|w| w[0].revision < w[1].revision));
+            // Held from the start, so the services stay in memory with their logs even while
+            // they are empty.
+            let _keep = r.subscribe(services.clone(), None);
+            let mut head = 0;
+            let history: Vec<Change> = run_ops(&r, &ops, &mut head)
+                .await?
+                .into_iter()
+                .filter(|c| services.contains(&c.service))
+                .collect();
+            prop_assert_eq!(r.revision(), head);
             for since in 0..=head {
                 let mut sub = r.subscribe(services.clone(), Some(since));
                 let d = sub.next().await.unwrap();
                 prop_assert_eq!(d.revision, head);
-                let got: Vec<Event> = d.events.iter().map(|e| e.event.clone()).collect();
+                let got: Vec<Change> = d.events.iter().map(|e| Change::of(&e.event)).collect();
                 let snap: Vec<&ServiceKey> = d.snapshots.iter().map(|s| &s.view.service).collect();
-                let expected: Vec<Event> = history
+                let expected: Vec<Change> = history
                     .iter()
-                    .filter(|e| e.revision > since && !snap.contains(&&e.service))
+                    .filter(|c| c.revision > since && !snap.contains(&&c.service))
                     .cloned()
                     .collect();
                 prop_assert_eq!(got, expected);
+                // Exactly the services whose log no longer reaches back to `since` are resent
+                // whole: those with an evicted event (more than `cap`) after it.
+                let compacted = |k: &ServiceKey| {
+                    let evs: Vec<&Change> = history.iter().filter(|c| &c.service == k).collect();
+                    evs.len().checked_sub(cap + 1).map_or(0, |i| evs[i].revision)
+                };
+                let resent: Vec<&ServiceKey> = services.iter().filter(|k| since < compacted(k)).collect();
+                prop_assert_eq!(&snap, &resent);
                 for s in &d.snapshots {
-                    // Only a service whose missed events no longer fit the log is resent whole.
-                    let missed = history.iter().filter(|e| e.revision > since && e.service == s.view.service).count();
-                    prop_assert!(missed > 0);
+                    prop_assert!(s.resync);
                     prop_assert_eq!(s.view.instances.len(), r.get(&s.view.service, false).instances.len());
                 }
             }
@@ -435,7 +493,8 @@ proptest! {
         })?;
     }
 
-    /// Revisions handed to callers strictly increase, whatever the mix of operations.
+    /// Revisions handed to callers strictly increase with no gap, whatever the mix of
+    /// operations, and a subscriber sees exactly those changes in that order.
     #[test]
     fn revisions_increase(ops in proptest::collection::vec(test_op(), 1..80)) {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -443,18 +502,18 @@ proptest! {
             let r = open().await;
             let mut sub = r.subscribe(vec![svc("s0"), svc("s1"), svc("s2")], None);
             sub.next().await.unwrap();
-            run_ops(&r, &ops).await;
-            let mut last = 0;
-            let head = r.revision();
-            let mut seen = 0;
-            while seen < head && r.get(&svc("s0"), false).revision.max(r.get(&svc("s1"), false).revision).max(r.get(&svc("s2"), false).revision) > seen {
+            let mut head = 0;
+            let changes = run_ops(&r, &ops, &mut head).await?;
+            prop_assert_eq!(r.revision(), head);
+            let mut seen = Vec::new();
+            let mut delivered = 0;
+            while delivered < head {
                 let d = sub.next().await.unwrap();
-                for e in &d.events {
-                    prop_assert!(e.event.revision > last);
-                    last = e.event.revision;
-                }
-                seen = d.revision;
+                prop_assert!(d.snapshots.is_empty());
+                seen.extend(d.events.iter().map(|e| Change::of(&e.event)));
+                delivered = d.revision;
             }
+            prop_assert_eq!(seen, changes);
             Ok(())
         })?;
     }
@@ -541,4 +600,41 @@ async fn point_lookups_read_the_published_state() {
     };
     r.configure(svc("a"), config.clone()).await.unwrap();
     assert_eq!(r.service_config(&svc("a")), config);
+}
+
+#[tokio::test]
+async fn a_service_that_left_memory_is_resent_whole_to_a_watcher_that_missed_its_end() {
+    let r = open().await;
+    let mut sub = r.subscribe(vec![svc("a")], None);
+    sub.next().await.unwrap();
+    let rev = r.register(reg("a", "x", 0)).await.unwrap();
+    let d = sub.next().await.unwrap();
+    assert_eq!(d.revision, rev);
+    // The watcher goes away; the service empties and, watched by nobody, leaves memory.
+    drop(sub);
+    r.deregister(svc("a"), "x".into()).await.unwrap();
+    assert_eq!(r.service_entries(), 0);
+    // Resuming from before the delete cannot be answered from a log that is gone: a snapshot
+    // (empty) replaces it, rather than nothing, which would leave `x` in the watcher's cache.
+    let mut sub = r.subscribe(vec![svc("a")], Some(rev));
+    let d = sub.next().await.unwrap();
+    assert!(d.events.is_empty());
+    assert_eq!(d.snapshots.len(), 1);
+    assert!(d.snapshots[0].resync);
+    assert!(d.snapshots[0].view.instances.is_empty());
+}
+
+#[tokio::test]
+async fn a_service_emptied_loses_its_record_and_stays_gone_after_a_restart() {
+    let store = Arc::new(MemStore::new());
+    let r = open_with(store.clone(), CoreConfig::default()).await;
+    r.register(reg("a", "x", 0)).await.unwrap();
+    r.register(reg("b", "y", 0)).await.unwrap();
+    r.deregister(svc("a"), "x".into()).await.unwrap();
+    r.shutdown("restart").await;
+    // b's spec, status and service record; nothing of a.
+    assert_eq!(store.len(), 3);
+    let r = open_with(store, CoreConfig::default()).await;
+    assert_eq!(r.service_entries(), 1);
+    assert_eq!(r.services("ns").len(), 1);
 }

@@ -343,7 +343,15 @@ async fn suspect_report_probes_within_a_second() {
     // The listener goes away; a report gets it marked unhealthy within a second.
     accept.abort();
     let _ = accept.await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Wait until connecting is refused, not for a guessed while.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while tokio::net::TcpStream::connect(addr).await.is_ok() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "listener still accepts"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let reported = tokio::time::Instant::now();
     assert_eq!(
         scanner.suspect(svc("s"), "x", "probe-test").await,

@@ -1,0 +1,78 @@
+//! Loading: rebuilding the per-service states from the store's ordered scan at start-up.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use sextant_model::{Instance, Revision, ServiceKey};
+
+use super::table::ServiceState;
+use crate::codec;
+use crate::store::{Store, StoreError};
+
+/// Reads the store into per-service states. Runs on a blocking thread.
+pub(super) fn load(
+    store: &dyn Store,
+) -> Result<(Revision, BTreeMap<ServiceKey, ServiceState>), StoreError> {
+    let mut states: BTreeMap<ServiceKey, ServiceState> = BTreeMap::new();
+    let mut pending: Option<(ServiceKey, codec::SpecRecord)> = None;
+    fn put(states: &mut BTreeMap<ServiceKey, ServiceState>, key: ServiceKey, inst: Instance) {
+        let st = states.entry(key).or_default();
+        st.revision = st.revision.max(inst.revision());
+        st.instances.insert(inst.spec.id.as_str().into(), inst);
+    }
+    fn flush(
+        states: &mut BTreeMap<ServiceKey, ServiceState>,
+        pending: &mut Option<(ServiceKey, codec::SpecRecord)>,
+        status: Option<codec::StatusRecord>,
+    ) {
+        if let Some((key, rec)) = pending.take() {
+            let (status, status_revision) = match status {
+                Some(s) => (s.status, s.status_revision),
+                None => (Default::default(), rec.spec_revision),
+            };
+            let inst = Instance {
+                spec: Arc::new(rec.spec),
+                status,
+                ttl_seconds: rec.ttl_seconds,
+                spec_revision: rec.spec_revision,
+                status_revision,
+            };
+            put(states, key, inst);
+        }
+    }
+    let revision = store.load(&mut |key, value| {
+        match codec::parse_key(key)? {
+            codec::Key::Spec(svc, id) => {
+                flush(&mut states, &mut pending, None);
+                let rec = codec::decode_spec(key, value)?;
+                if rec.spec.id != id {
+                    return Err(StoreError::Corrupt {
+                        key: key.to_string(),
+                        reason: format!("holds instance {:?}", rec.spec.id),
+                    });
+                }
+                pending = Some((svc, rec));
+            }
+            codec::Key::Status(svc, id) => {
+                let matches = pending
+                    .as_ref()
+                    .is_some_and(|(k, r)| *k == svc && r.spec.id == id);
+                if matches {
+                    let rec = codec::decode_status(key, value)?;
+                    flush(&mut states, &mut pending, Some(rec));
+                } else {
+                    tracing::warn!(key, "status without a spec in the store; ignored");
+                }
+            }
+            codec::Key::Service(svc) => {
+                let rec = codec::decode_service(key, value)?;
+                let st = states.entry(svc).or_default();
+                st.config = rec.config;
+                st.revision = st.revision.max(rec.revision);
+            }
+        }
+        Ok(())
+    })?;
+    flush(&mut states, &mut pending, None);
+    Ok((revision, states))
+}

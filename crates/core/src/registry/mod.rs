@@ -1,0 +1,591 @@
+//! The registry's API: opening it, the write operations callers send to the writer, and the
+//! read paths.
+//!
+//! Writes go through one writer (`writer`), on a thread of its own; readers never wait for
+//! it: they clone an `Arc` of a service's published state from the service table (`table`).
+//! Publication happens under a brief write lock on the publish gate; anything that must see a
+//! consistent cut across services (subscriptions, batch discovery) reads under its read side.
+//! `load` rebuilds the states from the store at start-up; the background task here expires
+//! leases and sweeps vacant services out of memory.
+
+mod load;
+pub(crate) mod table;
+mod writer;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::{Mutex, RwLock};
+use sextant_model::{
+    validate_instance_id, validate_registration, Instance, Registration, Revision, ServiceConfig,
+    ServiceKey, StatusPatch,
+};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+use crate::lease::{LeaseKey, LeaseTable};
+use crate::metrics::CoreMetrics;
+use crate::store::{Store, StoreError};
+use crate::{CoreConfig, CoreError, Subscription};
+use load::load;
+use table::{ServiceEntry, ServiceState, ServiceTable};
+use writer::Writer;
+
+/// A service as discovery returns it.
+#[derive(Debug, Clone)]
+pub struct ServiceView {
+    pub service: ServiceKey,
+    pub revision: Revision,
+    pub config: ServiceConfig,
+    /// Protection threshold tripped: every instance is returned even if `healthy_only`.
+    pub protected: bool,
+    pub instances: Vec<Instance>,
+}
+
+impl ServiceView {
+    pub(crate) fn build(service: ServiceKey, state: &ServiceState, healthy_only: bool) -> Self {
+        let total = state.instances.len();
+        let serving = state.instances.values().filter(|i| i.is_serving()).count();
+        let protected = state.config.protection_active(serving, total);
+        let instances = state
+            .instances
+            .values()
+            .filter(|i| !healthy_only || protected || i.is_serving())
+            .cloned()
+            .collect();
+        Self {
+            service,
+            revision: state.revision,
+            config: state.config.clone(),
+            protected,
+            instances,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceSummary {
+    pub service: ServiceKey,
+    pub revision: Revision,
+    pub instances: usize,
+    pub serving: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamespaceSummary {
+    pub namespace: Arc<str>,
+    pub services: usize,
+    pub instances: usize,
+}
+
+/// Outcome of renewing one lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeartbeatResult {
+    Renewed,
+    /// The instance exists and is persistent: nothing to renew.
+    Persistent,
+    /// No such instance: the client should register it again.
+    Unknown,
+}
+
+/// One registry write.
+// Registrations dominate and are moved once into the writer's queue; boxing them would add an
+// allocation per write for no gain.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone)]
+pub enum Op {
+    Register(Registration),
+    Deregister {
+        service: ServiceKey,
+        id: String,
+    },
+    Status {
+        service: ServiceKey,
+        id: String,
+        patch: StatusPatch,
+    },
+    Configure {
+        service: ServiceKey,
+        config: ServiceConfig,
+    },
+    /// Internal: remove an instance whose lease lapsed, if it is still lapsed.
+    Expire {
+        service: ServiceKey,
+        id: Arc<str>,
+    },
+}
+
+impl Op {
+    fn validate(&self) -> Result<(), CoreError> {
+        match self {
+            Op::Register(r) => validate_registration(r)?,
+            Op::Deregister { id, .. } => validate_instance_id(id)?,
+            Op::Status { id, patch, .. } => {
+                validate_instance_id(id)?;
+                patch.validate()?;
+            }
+            Op::Configure { config, .. } => config.validate()?,
+            Op::Expire { .. } => {}
+        }
+        Ok(())
+    }
+}
+
+pub(crate) type OpResult = Result<Revision, CoreError>;
+
+pub(crate) struct WriteRequest {
+    ops: Vec<Op>,
+    reply: oneshot::Sender<Result<Vec<OpResult>, CoreError>>,
+}
+
+/// What every handle of one registry shares: its services, publication state, leases and the
+/// writer's queue.
+pub(crate) struct RegistryCore {
+    pub config: CoreConfig,
+    pub services: ServiceTable,
+    pub publish_gate: RwLock<()>,
+    pub published: AtomicU64,
+    pub leases: LeaseTable,
+    pub metrics: CoreMetrics,
+    /// `Some(reason)` once shutdown began.
+    pub closing: watch::Sender<Option<String>>,
+    pub next_subscriber: AtomicU64,
+    writes: mpsc::Sender<WriteRequest>,
+    stopped: Mutex<Option<oneshot::Receiver<()>>>,
+}
+
+/// Handle to the registry. Cheap to clone; all clones share one registry.
+#[derive(Clone)]
+pub struct Registry {
+    core: Arc<RegistryCore>,
+}
+
+impl Registry {
+    /// Loads everything in `store` into memory and starts the writer and the lease sweeper.
+    pub async fn open(
+        store: Arc<dyn Store>,
+        config: CoreConfig,
+        metrics: CoreMetrics,
+    ) -> Result<Registry, CoreError> {
+        let started = std::time::Instant::now();
+        let loader = store.clone();
+        let (revision, states) = tokio::task::spawn_blocking(move || load(&*loader))
+            .await
+            .map_err(|e| StoreError::Io(format!("loader panicked: {e}")))??;
+
+        let now = Instant::now();
+        let leases = LeaseTable::default();
+        let mut services = BTreeMap::new();
+        let (mut n_instances, mut n_services) = (0usize, 0usize);
+        for (key, state) in states {
+            for inst in state.instances.values() {
+                if inst.is_ephemeral() {
+                    // Fresh grace period: one TTL from start-up.
+                    leases.grant(
+                        LeaseKey {
+                            service: key.clone(),
+                            id: inst.spec.id.as_str().into(),
+                        },
+                        inst.ttl_seconds,
+                        now,
+                    );
+                }
+            }
+            n_instances += state.instances.len();
+            n_services += usize::from(!state.instances.is_empty());
+            // A vacant service (an old store's record of a service that emptied) is not kept.
+            if !state.is_vacant() {
+                let rev = state.revision;
+                services.insert(key.clone(), Arc::new(ServiceEntry::new(key, state, rev)));
+            }
+        }
+        metrics.instances.set(n_instances as i64);
+        metrics.services.set(n_services as i64);
+        metrics.revision.set(revision as i64);
+        tracing::info!(
+            instances = n_instances,
+            services = n_services,
+            leases = leases.len(),
+            revision,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "registry loaded from store"
+        );
+
+        let (tx, rx) = mpsc::channel(config.write_queue.max(1));
+        let (stopped_tx, stopped_rx) = oneshot::channel();
+        let core = Arc::new(RegistryCore {
+            config,
+            // History before this start is gone for every name, loaded or not.
+            services: ServiceTable::new(services, revision),
+            publish_gate: RwLock::new(()),
+            published: AtomicU64::new(revision),
+            leases,
+            metrics,
+            closing: watch::Sender::new(None),
+            next_subscriber: AtomicU64::new(1),
+            writes: tx,
+            stopped: Mutex::new(Some(stopped_rx)),
+        });
+        let writer = Writer {
+            core: core.clone(),
+            store,
+            rx,
+            revision,
+        };
+        // The writer gets a thread and a runtime of its own: on the shared runtime its wake-up
+        // after each commit queued behind request handlers, which stretched every group-commit
+        // cycle; here it runs as soon as its disk sync returns, and may block on it.
+        if core.config.writer_thread {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| StoreError::Io(format!("cannot start the writer's runtime: {e}")))?;
+            std::thread::Builder::new()
+                .name("sextant-writer".into())
+                .spawn(move || runtime.block_on(writer.run(stopped_tx)))
+                .map_err(|e| StoreError::Io(format!("cannot start the writer thread: {e}")))?;
+        } else {
+            tokio::spawn(writer.run(stopped_tx));
+        }
+        // The guard is an argument, not a local of the task: a task dropped before its first
+        // poll drops its arguments too.
+        tokio::spawn(background(
+            Registry { core: core.clone() },
+            CloseOnDrop(core.clone()),
+        ));
+        Ok(Registry { core })
+    }
+
+    /// Applies `ops` in order; each gets its own result. Returns once they are durable.
+    pub async fn apply(&self, ops: Vec<Op>) -> Result<Vec<OpResult>, CoreError> {
+        for op in &ops {
+            op.validate()?;
+        }
+        if self.core.closing.borrow().is_some() {
+            return Err(CoreError::ShuttingDown);
+        }
+        let (reply, rx) = oneshot::channel();
+        self.core
+            .writes
+            .send(WriteRequest { ops, reply })
+            .await
+            .map_err(|_| CoreError::ShuttingDown)?;
+        rx.await.map_err(|_| CoreError::ShuttingDown)?
+    }
+
+    async fn apply_one(&self, op: Op) -> Result<Revision, CoreError> {
+        self.apply(vec![op])
+            .await?
+            .pop()
+            .unwrap_or(Err(CoreError::ShuttingDown))
+    }
+
+    pub async fn register(&self, r: Registration) -> Result<Revision, CoreError> {
+        self.apply_one(Op::Register(r)).await
+    }
+
+    pub async fn deregister(&self, service: ServiceKey, id: String) -> Result<Revision, CoreError> {
+        self.apply_one(Op::Deregister { service, id }).await
+    }
+
+    pub async fn update_status(
+        &self,
+        service: ServiceKey,
+        id: String,
+        patch: StatusPatch,
+    ) -> Result<Revision, CoreError> {
+        self.apply_one(Op::Status { service, id, patch }).await
+    }
+
+    pub async fn configure(
+        &self,
+        service: ServiceKey,
+        config: ServiceConfig,
+    ) -> Result<Revision, CoreError> {
+        self.apply_one(Op::Configure { service, config }).await
+    }
+
+    /// Renews leases. In memory only: a heartbeat costs no disk write.
+    pub fn heartbeat(&self, items: &[(ServiceKey, String)]) -> Vec<HeartbeatResult> {
+        let now = Instant::now();
+        items
+            .iter()
+            .map(|(service, id)| {
+                let key = LeaseKey {
+                    service: service.clone(),
+                    id: id.as_str().into(),
+                };
+                if self.core.leases.renew(&key, now) {
+                    HeartbeatResult::Renewed
+                } else if self
+                    .core
+                    .services
+                    .get(service)
+                    .is_some_and(|e| e.state().instances.contains_key(id.as_str()))
+                {
+                    HeartbeatResult::Persistent
+                } else {
+                    HeartbeatResult::Unknown
+                }
+            })
+            .collect()
+    }
+
+    /// The current state of a service; an unknown service is empty at revision 0.
+    pub fn get(&self, service: &ServiceKey, healthy_only: bool) -> ServiceView {
+        match self.core.services.get(service) {
+            Some(e) => ServiceView::build(service.clone(), &e.state(), healthy_only),
+            None => ServiceView::build(service.clone(), &ServiceState::default(), healthy_only),
+        }
+    }
+
+    /// A service's settings (the defaults for an unknown service), without copying its instances.
+    pub fn service_config(&self, service: &ServiceKey) -> ServiceConfig {
+        self.core
+            .services
+            .get(service)
+            .map(|e| e.state().config.clone())
+            .unwrap_or_default()
+    }
+
+    /// The revision of a service's last change (0 for an unknown service).
+    pub fn service_revision(&self, service: &ServiceKey) -> Revision {
+        self.core
+            .services
+            .get(service)
+            .map(|e| e.state().revision)
+            .unwrap_or(0)
+    }
+
+    /// One instance by id, without copying the service.
+    pub fn instance(&self, service: &ServiceKey, id: &str) -> Option<Instance> {
+        self.core
+            .services
+            .get(service)
+            .and_then(|e| e.state().instances.get(id).cloned())
+    }
+
+    /// The first instance of a service (in id order) that `pred` accepts, without copying the
+    /// service.
+    pub fn find_instance(
+        &self,
+        service: &ServiceKey,
+        pred: impl Fn(&Instance) -> bool,
+    ) -> Option<Instance> {
+        self.core
+            .services
+            .get(service)
+            .and_then(|e| e.state().instances.values().find(|i| pred(i)).cloned())
+    }
+
+    /// Waits until the service's revision exceeds `index` or `wait` passes, then returns it.
+    pub async fn get_when_changed(
+        &self,
+        service: &ServiceKey,
+        index: Revision,
+        wait: Duration,
+        healthy_only: bool,
+    ) -> ServiceView {
+        // Held, not just cloned: a vacant entry created for the wait leaves memory with it.
+        let entry = self.core.services.hold(service);
+        let mut rx = entry.changed.subscribe();
+        let mut closing = self.core.closing.subscribe();
+        tokio::select! {
+            _ = tokio::time::timeout(wait, rx.wait_for(|r| *r > index)) => {}
+            _ = closing.wait_for(|c| c.is_some()) => {}
+        }
+        ServiceView::build(service.clone(), &entry.state(), healthy_only)
+    }
+
+    /// Several services in one consistent cut, with the revision of that cut (everything up to
+    /// it is reflected, so it is a safe index for a following blocking query).
+    pub fn discover(
+        &self,
+        services: &[ServiceKey],
+        healthy_only: bool,
+    ) -> (Revision, Vec<ServiceView>) {
+        let _cut = self.core.publish_gate.read();
+        let revision = self.core.published.load(Ordering::Acquire);
+        let views = services.iter().map(|s| self.get(s, healthy_only)).collect();
+        (revision, views)
+    }
+
+    pub fn namespaces(&self) -> Vec<NamespaceSummary> {
+        let mut out: Vec<NamespaceSummary> = Vec::new();
+        for (key, entry) in self.core.services.read().iter() {
+            let n = entry.state().instances.len();
+            if n == 0 {
+                continue;
+            }
+            match out.last_mut() {
+                Some(last) if last.namespace == key.namespace => {
+                    last.services += 1;
+                    last.instances += n;
+                }
+                _ => out.push(NamespaceSummary {
+                    namespace: key.namespace.clone(),
+                    services: 1,
+                    instances: n,
+                }),
+            }
+        }
+        out
+    }
+
+    /// Services of a namespace that have instances or settings, in name order.
+    pub fn services(&self, namespace: &str) -> Vec<ServiceSummary> {
+        let services = self.core.services.read();
+        services
+            .iter()
+            .filter(|(k, _)| &*k.namespace == namespace)
+            .filter_map(|(k, e)| {
+                let st = e.state();
+                if st.instances.is_empty() && st.config == ServiceConfig::default() {
+                    return None;
+                }
+                Some(ServiceSummary {
+                    service: k.clone(),
+                    revision: st.revision,
+                    instances: st.instances.len(),
+                    serving: st.instances.values().filter(|i| i.is_serving()).count(),
+                })
+            })
+            .collect()
+    }
+
+    /// Services with an active health check, with their current revision and check: what
+    /// the health scanner reconciles against.
+    pub fn checked_services(&self) -> Vec<(ServiceKey, Revision, sextant_model::HealthCheck)> {
+        self.core
+            .services
+            .read()
+            .iter()
+            .filter_map(|(k, e)| {
+                let st = e.state();
+                st.config
+                    .check
+                    .is_active()
+                    .then(|| (k.clone(), st.revision, st.config.check.clone()))
+            })
+            .collect()
+    }
+
+    /// The latest published revision.
+    pub fn revision(&self) -> Revision {
+        self.core.published.load(Ordering::Acquire)
+    }
+
+    /// Blocking queries waiting on a service now (tests wait for one to be parked).
+    #[cfg(test)]
+    pub(crate) fn waiting_on(&self, service: &ServiceKey) -> usize {
+        self.core
+            .services
+            .get(service)
+            .map_or(0, |e| e.changed.receiver_count())
+    }
+
+    /// Services held in memory, vacant ones (waited on or watched, not registered) included.
+    pub fn service_entries(&self) -> usize {
+        self.core.services.len()
+    }
+
+    pub fn metrics(&self) -> &CoreMetrics {
+        &self.core.metrics
+    }
+
+    /// Subscribes to `services`. The first delivery is a snapshot, or, with `since`, exactly
+    /// the events after `since` (a snapshot of any service whose history was compacted).
+    pub fn subscribe(&self, services: Vec<ServiceKey>, since: Option<Revision>) -> Subscription {
+        Subscription::new(self.core.clone(), services, since)
+    }
+
+    /// Resolves once shutdown has begun; background tasks stop on it.
+    pub async fn closed(&self) {
+        let mut rx = self.core.closing.subscribe();
+        let _ = rx.wait_for(|c| c.is_some()).await;
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_closing(&self) -> bool {
+        self.core.closing.borrow().is_some()
+    }
+
+    /// Stops accepting writes, commits what is queued, closes the store and ends every
+    /// subscription with `reason`.
+    pub async fn shutdown(&self, reason: &str) {
+        self.core.closing.send_replace(Some(reason.to_string()));
+        let stopped = self.core.stopped.lock().take();
+        if let Some(rx) = stopped {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// Wall-clock time for drain stamps (leases use tokio's monotonic clock instead).
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A release usually removes a vacant entry at once; the sweep only catches the ones a
+/// concurrent reader's clone kept alive, so it can be rare.
+const VACANT_SWEEP_TICKS: u64 = 20;
+
+/// Closes the registry when dropped without a shutdown — when the runtime that runs the sweeper
+/// goes away — so the writer thread commits what is queued, closes the store and ends, as its
+/// task would have ended with that runtime.
+struct CloseOnDrop(Arc<RegistryCore>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.closing.send_if_modified(|c| {
+            if c.is_some() {
+                return false;
+            }
+            *c = Some("the registry's runtime stopped".into());
+            true
+        });
+    }
+}
+
+/// Expires lapsed leases (every `lease_check_interval`) and sweeps vacant services nobody
+/// holds out of memory (every `VACANT_SWEEP_TICKS` of those).
+async fn background(registry: Registry, _close: CloseOnDrop) {
+    let core = registry.core.clone();
+    let mut closing = core.closing.subscribe();
+    let mut tick = tokio::time::interval(core.config.lease_check_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticks = 0u64;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = closing.wait_for(|c| c.is_some()) => return,
+        }
+        ticks += 1;
+        core.metrics.service_entries.set(core.services.len() as i64);
+        if ticks.is_multiple_of(VACANT_SWEEP_TICKS) {
+            let removed = core.services.sweep();
+            if removed > 0 {
+                tracing::debug!(removed, "vacant services swept out of memory");
+            }
+        }
+        let expired = core.leases.expired(Instant::now());
+        for chunk in expired.chunks(core.config.max_batch_ops.max(1)) {
+            let ops = chunk
+                .iter()
+                .map(|k| Op::Expire {
+                    service: k.service.clone(),
+                    id: k.id.clone(),
+                })
+                .collect();
+            if let Err(e) = registry.apply(ops).await {
+                tracing::warn!(error = %e, "could not remove expired instances; will retry");
+                break;
+            }
+        }
+    }
+}

@@ -110,7 +110,7 @@ impl Writer {
             let r: Vec<OpResult> = req
                 .ops
                 .iter()
-                .map(|op| self.apply(op, &mut p, &mut next, now))
+                .map(|op| self.stage(op, &mut p, &mut next, now))
                 .collect();
             results.push(r);
         }
@@ -238,7 +238,9 @@ impl Writer {
         st
     }
 
-    fn apply(&self, op: &Op, p: &mut Pending, next: &mut Revision, now: Instant) -> OpResult {
+    /// Stages one operation into the batch: edits the working copies, records the store
+    /// mutations and the event, and takes the next revision if it changed something.
+    fn stage(&self, op: &Op, p: &mut Pending, next: &mut Revision, now: Instant) -> OpResult {
         let rev = *next;
         let outcome = match op {
             Op::Register(r) => self.register(r, p, rev),

@@ -197,8 +197,7 @@ impl Registry {
             n_services += usize::from(!state.instances.is_empty());
             // A vacant service (an old store's record of a service that emptied) is not kept.
             if !state.is_vacant() {
-                let rev = state.revision;
-                services.insert(key.clone(), Arc::new(ServiceEntry::new(key, state, rev)));
+                services.insert(key.clone(), Arc::new(ServiceEntry::new(key, state)));
             }
         }
         metrics.instances.set(n_instances as i64);
@@ -333,11 +332,14 @@ impl Registry {
             .collect()
     }
 
-    /// The current state of a service; an unknown service is empty at revision 0.
+    /// The current state of a service; an unknown service is empty, at a revision no index
+    /// taken from it before can be ahead of (see `table`).
     pub fn get(&self, service: &ServiceKey, healthy_only: bool) -> ServiceView {
         match self.core.services.get(service) {
             Some(e) => ServiceView::build(service.clone(), &e.state(), healthy_only),
-            None => ServiceView::build(service.clone(), &ServiceState::default(), healthy_only),
+            None => {
+                ServiceView::build(service.clone(), &self.core.services.unknown(), healthy_only)
+            }
         }
     }
 
@@ -350,13 +352,12 @@ impl Registry {
             .unwrap_or_default()
     }
 
-    /// The revision of a service's last change (0 for an unknown service).
+    /// The revision of a service's last change (for an unknown service, see [`Registry::get`]).
     pub fn service_revision(&self, service: &ServiceKey) -> Revision {
-        self.core
-            .services
-            .get(service)
-            .map(|e| e.state().revision)
-            .unwrap_or(0)
+        match self.core.services.get(service) {
+            Some(e) => e.state().revision,
+            None => self.core.services.unknown().revision,
+        }
     }
 
     /// One instance by id, without copying the service.

@@ -7,10 +7,12 @@
 //! which removes the entry at once when it was the last; a periodic [`ServiceTable::sweep`]
 //! catches the rest (a reader's short-lived clone can make a release miss its moment).
 //!
-//! Removing an entry forgets its change log. A later entry of the same name starts its log as
-//! compacted through the highest revision any removed entry carried (`forgotten`), so a
-//! subscriber resuming from before that point gets a snapshot rather than silently missing the
-//! delete that emptied the service.
+//! Removing an entry forgets its change log and revision. A service the table does not hold
+//! reads as vacant at the highest revision any removed entry carried (`forgotten`; after a
+//! restart, the store's revision), and a later entry of that name starts there, its log
+//! compacted through it: a subscriber resuming from before gets a snapshot rather than
+//! silently missing the delete that emptied the service, and a blocking query's index taken
+//! from the removed entry never goes backwards.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -55,15 +57,15 @@ pub(crate) struct ServiceEntry {
 }
 
 impl ServiceEntry {
-    /// An entry whose history is complete from `compacted_through` on.
-    pub fn new(key: ServiceKey, state: ServiceState, compacted_through: Revision) -> Self {
+    /// An entry whose history is complete after its state's revision.
+    pub fn new(key: ServiceKey, state: ServiceState) -> Self {
         let rev = state.revision;
         Self {
             key,
             inner: RwLock::new(ServiceInner {
                 state: Arc::new(state),
                 log: VecDeque::new(),
-                compacted_through,
+                compacted_through: rev,
             }),
             subscribers: Mutex::new(HashMap::new()),
             changed: watch::Sender::new(rev),
@@ -109,14 +111,7 @@ impl ServiceTable {
         }
         let mut map = self.map.write();
         map.entry(key.clone())
-            .or_insert_with(|| {
-                let forgotten = self.forgotten.load(Ordering::Acquire);
-                Arc::new(ServiceEntry::new(
-                    key.clone(),
-                    ServiceState::default(),
-                    forgotten,
-                ))
-            })
+            .or_insert_with(|| Arc::new(ServiceEntry::new(key.clone(), self.unknown())))
             .clone()
     }
 
@@ -170,6 +165,17 @@ impl ServiceTable {
             }
         }
         removed
+    }
+
+    /// The state of a service the table does not hold: vacant, at the highest revision a
+    /// removed entry had. Nothing changed in it after that revision, so an index or cursor
+    /// taken from a removed entry never goes backwards, and one from before it is answered
+    /// with a snapshot.
+    pub fn unknown(&self) -> ServiceState {
+        ServiceState {
+            revision: self.forgotten.load(Ordering::Acquire),
+            ..Default::default()
+        }
     }
 
     fn forget(&self, entry: &ServiceEntry) {
@@ -264,6 +270,8 @@ mod tests {
         // A new entry of a removed name cannot serve history from before the removal.
         let again = t.get_or_create(&key("emptied"));
         assert_eq!(again.inner.read().compacted_through, 9);
+        assert_eq!(again.state().revision, 9);
+        assert_eq!(t.unknown().revision, 9);
         t.release(held);
     }
 }

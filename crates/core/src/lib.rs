@@ -38,6 +38,10 @@ pub struct CoreConfig {
     /// task of the caller's runtime, for tests that pause that runtime's clock: time there
     /// only stands still while every task that can make progress is on it.
     pub writer_thread: bool,
+    /// How long a service that a write left vacant (no instances, default settings) and that
+    /// nobody watches stays in memory, so that a watcher reconnecting meanwhile resumes with
+    /// exact events instead of a snapshot. Vacant services nobody ever wrote go at once.
+    pub vacant_retention: Duration,
 }
 
 impl Default for CoreConfig {
@@ -48,6 +52,7 @@ impl Default for CoreConfig {
             write_queue: 8192,
             lease_check_interval: Duration::from_millis(250),
             writer_thread: true,
+            vacant_retention: Duration::from_secs(60),
         }
     }
 }

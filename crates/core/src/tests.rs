@@ -602,17 +602,30 @@ async fn point_lookups_read_the_published_state() {
     assert_eq!(r.service_config(&svc("a")), config);
 }
 
-#[tokio::test]
-async fn a_service_that_left_memory_is_resent_whole_to_a_watcher_that_missed_its_end() {
-    let r = open().await;
+/// Registers and deregisters the only instance of `a` while a watcher is away; returns the
+/// revision the watcher had seen.
+async fn empty_a_behind_a_watchers_back(r: &Registry) -> Revision {
     let mut sub = r.subscribe(vec![svc("a")], None);
     sub.next().await.unwrap();
     let rev = r.register(reg("a", "x", 0)).await.unwrap();
-    let d = sub.next().await.unwrap();
-    assert_eq!(d.revision, rev);
-    // The watcher goes away; the service empties and, watched by nobody, leaves memory.
+    assert_eq!(sub.next().await.unwrap().revision, rev);
     drop(sub);
     r.deregister(svc("a"), "x".into()).await.unwrap();
+    rev
+}
+
+#[tokio::test]
+async fn a_service_that_left_memory_is_resent_whole_to_a_watcher_that_missed_its_end() {
+    let r = open_with(
+        Arc::new(MemStore::new()),
+        CoreConfig {
+            vacant_retention: Duration::ZERO,
+            ..Default::default()
+        },
+    )
+    .await;
+    let rev = empty_a_behind_a_watchers_back(&r).await;
+    // Emptied and watched by nobody, it left memory.
     assert_eq!(r.service_entries(), 0);
     // Resuming from before the delete cannot be answered from a log that is gone: a snapshot
     // (empty) replaces it, rather than nothing, which would leave `x` in the watcher's cache.
@@ -622,6 +635,17 @@ async fn a_service_that_left_memory_is_resent_whole_to_a_watcher_that_missed_its
     assert_eq!(d.snapshots.len(), 1);
     assert!(d.snapshots[0].resync);
     assert!(d.snapshots[0].view.instances.is_empty());
+}
+
+#[tokio::test]
+async fn a_service_a_write_emptied_keeps_its_log_a_while_for_watchers_that_resume() {
+    let r = open().await;
+    let rev = empty_a_behind_a_watchers_back(&r).await;
+    assert_eq!(r.service_entries(), 1, "kept for vacant_retention");
+    let mut sub = r.subscribe(vec![svc("a")], Some(rev));
+    let d = sub.next().await.unwrap();
+    assert!(d.snapshots.is_empty());
+    assert_eq!(kinds(&d), [("delete", rev + 1)]);
 }
 
 #[tokio::test]

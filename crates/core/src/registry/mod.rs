@@ -214,10 +214,11 @@ impl Registry {
 
         let (tx, rx) = mpsc::channel(config.write_queue.max(1));
         let (stopped_tx, stopped_rx) = oneshot::channel();
+        // History before this start is gone for every name, loaded or not.
+        let services = ServiceTable::new(services, revision, config.vacant_retention);
         let core = Arc::new(RegistryCore {
             config,
-            // History before this start is gone for every name, loaded or not.
-            services: ServiceTable::new(services, revision),
+            services,
             publish_gate: RwLock::new(()),
             published: AtomicU64::new(revision),
             leases,

@@ -2,7 +2,8 @@
 //!
 //! An entry exists while its service has instances or settings, or while someone holds it: a
 //! subscription, a blocking query, the writer in the middle of a batch. A *vacant* entry (no
-//! instances, default settings) that nobody holds is removed, so asking for made-up names
+//! instances, default settings) that nobody holds is removed — after `vacant_retention` if a
+//! write emptied it, so a watcher that reconnects soon after still resumes from its log — so asking for made-up names
 //! cannot grow memory. Holders give their reference back through [`ServiceTable::release`],
 //! which removes the entry at once when it was the last; a periodic [`ServiceTable::sweep`]
 //! catches the rest (a reader's short-lived clone can make a release miss its moment).
@@ -17,6 +18,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 use sextant_model::{Instance, Revision, ServiceConfig, ServiceKey};
@@ -76,13 +78,22 @@ impl ServiceEntry {
         self.inner.read().state.clone()
     }
 
-    fn is_vacant(&self) -> bool {
-        self.inner.read().state.is_vacant()
+    /// Vacant, and no change of it is recent enough that a watcher may still resume across it
+    /// (one that emptied the service a moment ago is kept `retention` long).
+    fn is_removable(&self, retention: Duration) -> bool {
+        let inner = self.inner.read();
+        inner.state.is_vacant()
+            && inner
+                .log
+                .back()
+                .is_none_or(|e| e.published_at.elapsed() >= retention)
     }
 }
 
 pub(crate) struct ServiceTable {
     map: RwLock<BTreeMap<ServiceKey, Arc<ServiceEntry>>>,
+    /// How long a service emptied by a write keeps its log for watchers that resume.
+    retention: Duration,
     /// Highest revision a removed entry (or, after a restart, any entry) may have had history
     /// up to; new entries start compacted through it.
     forgotten: AtomicU64,
@@ -91,9 +102,14 @@ pub(crate) struct ServiceTable {
 impl ServiceTable {
     /// A table of loaded services; `forgotten` is the store's revision, since history before a
     /// restart is gone for names that were not loaded as well.
-    pub fn new(map: BTreeMap<ServiceKey, Arc<ServiceEntry>>, forgotten: Revision) -> Self {
+    pub fn new(
+        map: BTreeMap<ServiceKey, Arc<ServiceEntry>>,
+        forgotten: Revision,
+        retention: Duration,
+    ) -> Self {
         Self {
             map: RwLock::new(map),
+            retention,
             forgotten: AtomicU64::new(forgotten),
         }
     }
@@ -127,14 +143,14 @@ impl ServiceTable {
     /// Gives back a reference taken with `get_or_create`; removes the entry if it is vacant
     /// and this was the last reference outside the table.
     pub fn release(&self, entry: Arc<ServiceEntry>) {
-        if !entry.is_vacant() {
+        if !entry.is_removable(self.retention) {
             return;
         }
         let mut map = self.map.write();
         // Under the write lock nobody can take a new reference from the table, and every
         // release drops its reference inside it, so the count is exact: the table's and ours.
         let ours = map.get(&entry.key).is_some_and(|e| Arc::ptr_eq(e, &entry));
-        if ours && Arc::strong_count(&entry) == 2 && entry.is_vacant() {
+        if ours && Arc::strong_count(&entry) == 2 && entry.is_removable(self.retention) {
             map.remove(&entry.key);
             self.forget(&entry);
         }
@@ -143,7 +159,8 @@ impl ServiceTable {
 
     /// Removes every vacant entry nobody holds; returns how many went.
     pub fn sweep(&self) -> usize {
-        let unused = |e: &Arc<ServiceEntry>| Arc::strong_count(e) == 1 && e.is_vacant();
+        let unused =
+            |e: &Arc<ServiceEntry>| Arc::strong_count(e) == 1 && e.is_removable(self.retention);
         let candidates: Vec<ServiceKey> = self
             .map
             .read()
@@ -226,7 +243,7 @@ mod tests {
 
     #[test]
     fn a_vacant_entry_goes_with_its_last_holder() {
-        let t = ServiceTable::new(BTreeMap::new(), 0);
+        let t = ServiceTable::new(BTreeMap::new(), 0, Duration::ZERO);
         let a = t.get_or_create(&key("a"));
         let b = t.get_or_create(&key("a"));
         assert_eq!(t.len(), 1);
@@ -243,7 +260,7 @@ mod tests {
 
     #[test]
     fn sweep_removes_only_unheld_vacant_entries_and_remembers_their_revision() {
-        let t = ServiceTable::new(BTreeMap::new(), 0);
+        let t = ServiceTable::new(BTreeMap::new(), 0, Duration::ZERO);
         let held = t.get_or_create(&key("held"));
         // A reference dropped without release (a reader's clone) leaves the entry behind.
         drop(t.get_or_create(&key("dropped")));

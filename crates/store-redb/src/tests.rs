@@ -65,10 +65,35 @@ fn wal_files(dir: &Path) -> Vec<u64> {
         .collect()
 }
 
+/// Opens redb stores over one temp dir; a crash abandons the store without a checkpoint.
+struct Harness {
+    dir: tempfile::TempDir,
+    last: Option<Arc<RedbStore>>,
+}
+
+#[async_trait::async_trait]
+impl conformance::Harness for Harness {
+    async fn open(&mut self) -> Arc<dyn Store> {
+        self.last = None;
+        let s = Arc::new(RedbStore::open(self.dir.path()).unwrap());
+        self.last = Some(s.clone());
+        s
+    }
+
+    async fn crash(&mut self, store: Arc<dyn Store>) {
+        drop(store);
+        let s = self.last.take().expect("a store to crash");
+        crash(Arc::into_inner(s).expect("the suite holds no other handle"));
+    }
+}
+
 #[tokio::test]
 async fn conforms() {
-    let dir = tempfile::tempdir().unwrap();
-    conformance::basic(&RedbStore::open(dir.path()).unwrap()).await;
+    conformance::run(|| Harness {
+        dir: tempfile::tempdir().unwrap(),
+        last: None,
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -186,10 +186,10 @@ impl<'a> Reader<'a> {
 pub fn segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, StoreError> {
     let mut out = Vec::new();
     let entries = fs::read_dir(dir)
-        .map_err(|e| StoreError::Io(format!("cannot list {}: {e}", dir.display())))?;
+        .map_err(|e| StoreError::disk(format!("cannot list {}", dir.display()), e))?;
     for entry in entries {
         let entry =
-            entry.map_err(|e| StoreError::Io(format!("cannot list {}: {e}", dir.display())))?;
+            entry.map_err(|e| StoreError::disk(format!("cannot list {}", dir.display()), e))?;
         let name = entry.file_name();
         let Some(seq) = name
             .to_str()
@@ -213,7 +213,7 @@ pub fn read_segment(path: &Path) -> Result<Vec<u8>, StoreError> {
     let mut bytes = Vec::new();
     File::open(path)
         .and_then(|mut f| f.read_to_end(&mut bytes))
-        .map_err(|e| StoreError::Io(format!("cannot read {}: {e}", path.display())))?;
+        .map_err(|e| StoreError::disk(format!("cannot read {}", path.display()), e))?;
     Ok(bytes)
 }
 

@@ -353,4 +353,71 @@ mod tests {
             }
         }
     }
+
+    /// Re-encodes parsed records, to compare with the bytes they were read from.
+    fn reencode(records: &[Record<'_>]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for r in records {
+            let batch = Batch {
+                revision: r.revision,
+                mutations: r
+                    .mutations
+                    .iter()
+                    .map(|(k, v)| Mutation {
+                        key: k.to_string(),
+                        value: v.map(<[u8]>::to_vec),
+                    })
+                    .collect(),
+            };
+            out.extend(encode(&batch).unwrap());
+        }
+        out
+    }
+
+    /// Garbage that sometimes looks like a header: a plausible length, a zeroed block.
+    fn garbage() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 1..300),
+            (12u32..200, proptest::collection::vec(any::<u8>(), 0..300)).prop_map(|(len, rest)| {
+                let mut b = len.to_le_bytes().to_vec();
+                b.extend(rest);
+                b
+            }),
+            (1usize..64).prop_map(|n| vec![0; n]),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+        /// Arbitrary bytes never panic the reader; what it accepts is exactly a run of whole
+        /// records (they re-encode to the bytes they came from), and anything else is reported.
+        #[test]
+        fn arbitrary_bytes_read_as_whole_records_or_a_reason(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let (got, used, torn) = parse_all(&bytes);
+            prop_assert!(used <= bytes.len());
+            prop_assert_eq!(torn.is_none(), used == bytes.len());
+            prop_assert_eq!(reencode(&got), bytes[..used].to_vec());
+            let _ = parse_whole(&bytes);
+        }
+
+        /// Valid records followed by garbage (a torn tail) read back as exactly those records,
+        /// and the garbage is reported.
+        #[test]
+        fn a_torn_tail_leaves_the_valid_prefix(
+            sizes in proptest::collection::vec(0usize..12, 0..6),
+            tail in garbage(),
+        ) {
+            let mut bytes = Vec::new();
+            for (i, n) in sizes.iter().enumerate() {
+                bytes.extend(encode(&batch(i as u64 + 1, *n)).unwrap());
+            }
+            let valid = bytes.len();
+            bytes.extend(&tail);
+            let (got, used, torn) = parse_all(&bytes);
+            prop_assert_eq!(got.len(), sizes.len());
+            prop_assert_eq!(used, valid);
+            prop_assert!(torn.is_some());
+        }
+    }
 }

@@ -426,3 +426,173 @@ async fn blocking_queries_do_not_miss_changes_made_before_a_restart() {
     }
     assert!(problems.is_empty(), "{problems:#?}");
 }
+
+/// A tmpfs of a fixed size mounted for one test (root only), unmounted when dropped.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// `None` (after saying why) when it cannot be mounted: not root, or no `mount`.
+    fn mount(size: &str) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().ok()?;
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "sextant-test"])
+            .arg(dir.path())
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Some(Tmpfs { dir }),
+            Ok(o) => {
+                eprintln!(
+                    "SKIPPED: cannot mount a tmpfs (needs root): {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+                None
+            }
+            Err(e) => {
+                eprintln!("SKIPPED: cannot run mount: {e}");
+                None
+            }
+        }
+    }
+
+    fn resize(&self, size: &str) {
+        let st = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(self.dir.path())
+            .status()
+            .unwrap();
+        assert!(st.success(), "remount failed");
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let umount = |lazy: bool| {
+            let mut c = std::process::Command::new("umount");
+            if lazy {
+                c.arg("-l");
+            }
+            c.arg(self.dir.path()).status().is_ok_and(|s| s.success())
+        };
+        if !umount(false) && !umount(true) {
+            eprintln!("cannot unmount {}", self.dir.path().display());
+        }
+    }
+}
+
+/// One sample from `/metrics` (0 when absent).
+async fn metric(api: &Api, name: &str) -> f64 {
+    let text = api.get("/metrics").await.text;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// The real binary with its data dir on a small tmpfs: registrations get 503 once it is full
+/// and `/readyz` says why; after the disk grows, readiness and checkpoints come back with no
+/// restart (the log is folded and emptied), writes are taken again, and after a kill -9 every
+/// acknowledged registration is there.
+#[tokio::test]
+async fn a_full_disk_refuses_writes_then_recovers_without_a_restart() {
+    let Some(fs) = Tmpfs::mount("8m") else {
+        return;
+    };
+    let data = fs.dir.path().join("data");
+    let mut server = Server::start_in(&data);
+    let api = server.api();
+    // ~15 KiB of metadata a registration, so a few hundred fill the disk.
+    let metadata: serde_json::Map<String, Value> = (0..15)
+        .map(|i| (format!("k{i}"), Value::String("x".repeat(1000))))
+        .collect();
+    let mut acked: Vec<Acked> = Vec::new();
+    let mut n = 0;
+    let register = |n: usize| {
+        let body = json!({"host": "10.0.0.1", "port": 1 + n, "metadata": metadata});
+        let api = &api;
+        async move {
+            api.put(&instance_path("full", "svc", &format!("i{n}")), &body)
+                .await
+        }
+    };
+    let refused = loop {
+        n += 1;
+        assert!(n < 5000, "an 8 MiB disk never filled");
+        let r = register(n).await;
+        match r.status {
+            200 => acked.push((
+                "svc".into(),
+                format!("i{n}"),
+                r.body["revision"].as_u64().unwrap(),
+            )),
+            503 => break r,
+            s => panic!("unexpected {s}: {}", r.text),
+        }
+    };
+    eprintln!(
+        "disk full after {} registrations: {}",
+        acked.len(),
+        refused.text
+    );
+    let ready = api.get("/readyz").await;
+    assert_eq!(ready.status, 503, "{}", ready.text);
+    assert!(ready.text.contains("refuses writes"), "{}", ready.text);
+    // Let a checkpoint fail on the full disk (and, unfixed, leave redb refusing for good).
+    let failures = metric(&api, "sextant_store_checkpoint_failures_total").await;
+    let waited = Instant::now();
+    while metric(&api, "sextant_store_checkpoint_failures_total").await < failures + 1.0 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(10),
+            "no checkpoint failed on the full disk"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let checkpoints = metric(&api, "sextant_store_checkpoints_total").await;
+
+    fs.resize("64m");
+    let grown = Instant::now();
+    while api.get("/readyz").await.status != 200 {
+        assert!(
+            grown.elapsed() < Duration::from_secs(15),
+            "never ready again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ready_after = grown.elapsed();
+    while metric(&api, "sextant_store_checkpoints_total").await <= checkpoints
+        || metric(&api, "sextant_store_wal_bytes").await > 0.0
+    {
+        assert!(
+            grown.elapsed() < Duration::from_secs(20),
+            "checkpoints never resumed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "after the disk grew: ready in {ready_after:?}, log checkpointed and emptied in {:?}; {} reopens",
+        grown.elapsed(),
+        metric(&api, "sextant_store_reopens_total").await
+    );
+    for _ in 0..10 {
+        n += 1;
+        let r = register(n).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        acked.push((
+            "svc".into(),
+            format!("i{n}"),
+            r.body["revision"].as_u64().unwrap(),
+        ));
+    }
+    server.kill9();
+    let server = Server::start_in(&data);
+    let svc = server.api().service("full", "svc").await;
+    let present: std::collections::HashSet<String> = ids(&svc).into_iter().collect();
+    let lost: Vec<_> = acked.iter().filter(|a| !present.contains(&a.1)).collect();
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged registrations lost: {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
+    drop(server);
+}

@@ -525,7 +525,10 @@ impl Inner {
     }
 
     /// The open database, reopening it if a failed checkpoint closed it.
-    fn db<'a>(&self, slot: &'a mut Option<Database>) -> Result<&'a mut Database, StoreError> {
+    fn db_or_reopen<'a>(
+        &self,
+        slot: &'a mut Option<Database>,
+    ) -> Result<&'a mut Database, StoreError> {
         if slot.is_none() {
             let db = open_db(&self.db_path)?;
             self.metrics.reopens.inc();
@@ -549,7 +552,7 @@ impl Inner {
             }
             (log.seq, log.segment.is_some())
         };
-        let db = self.db(&mut slot)?;
+        let db = self.db_or_reopen(&mut slot)?;
         // The next segment is created (and its directory entry synced, which can take a while
         // when the disk is busy with the previous checkpoint) before taking the log's lock, so
         // appends do not wait for it; only this function, serialised above, changes `seq`.
@@ -637,7 +640,7 @@ impl Store for RedbStore {
         // At start-up nothing is pending; later (tests, tools), redb first takes in the log.
         inner.checkpoint_now()?;
         let mut slot = inner.db.lock();
-        let db = inner.db(&mut slot)?;
+        let db = inner.db_or_reopen(&mut slot)?;
         let txn = db.begin_read().map_err(db_err)?;
         let kv = txn.open_table(KV).map_err(db_err)?;
         for item in kv.iter().map_err(db_err)? {

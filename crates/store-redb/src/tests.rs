@@ -553,3 +553,21 @@ proptest! {
         }
     }
 }
+
+/// An OS error reaches the caller whole: its kind and the `io::Error` as the source.
+#[test]
+fn os_errors_keep_their_kind_and_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let Err(err) = RedbStore::open(&file.join("data")) else {
+        panic!("a data dir under a file opened");
+    };
+    assert_eq!(
+        err.io_kind(),
+        Some(std::io::ErrorKind::NotADirectory),
+        "{err}"
+    );
+    let source = std::error::Error::source(&err).expect("the io::Error as source");
+    assert!(source.downcast_ref::<std::io::Error>().is_some());
+}

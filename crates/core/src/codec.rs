@@ -273,4 +273,88 @@ mod tests {
         };
         assert_eq!(decode_service("k", &encode_service(&rec)).unwrap(), rec);
     }
+
+    mod fuzz {
+        //! Arbitrary bytes and keys, as a damaged disk or a stray tool could leave them, fed to
+        //! every decoder the loader runs: a typed `Corrupt` error or a value, never a panic.
+
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn is_corrupt(e: &StoreError) -> bool {
+            matches!(e, StoreError::Corrupt { .. })
+        }
+
+        /// Bytes that start like a record (a known format byte) more often than chance would.
+        fn value_bytes() -> impl Strategy<Value = Vec<u8>> {
+            prop_oneof![
+                proptest::collection::vec(any::<u8>(), 0..64),
+                (1u8..=2, proptest::collection::vec(any::<u8>(), 0..64)).prop_map(|(v, mut b)| {
+                    b.insert(0, v);
+                    b
+                }),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+            #[test]
+            fn decoders_answer_arbitrary_bytes_with_corrupt_or_a_value(bytes in value_bytes()) {
+                if let Err(e) = decode_spec("k", &bytes) {
+                    prop_assert!(is_corrupt(&e), "{e}");
+                }
+                if let Err(e) = decode_status("k", &bytes) {
+                    prop_assert!(is_corrupt(&e), "{e}");
+                }
+                match decode_service("k", &bytes) {
+                    Err(e) => prop_assert!(is_corrupt(&e), "{e}"),
+                    // A value that decodes is one the encoder can write back, stably.
+                    Ok(rec) => {
+                        let again = encode_service(&rec);
+                        let back = decode_service("k", &again);
+                        prop_assert!(back.is_ok());
+                        prop_assert_eq!(encode_service(&back.unwrap()), again);
+                    }
+                }
+            }
+
+            /// Every cut of a valid record is an error or a value, never a panic.
+            #[test]
+            fn truncated_records_do_not_panic(cut in 0usize..200, threshold in 0.0f32..1.0) {
+                let rec = ServiceRecord {
+                    revision: 42,
+                    config: ServiceConfig { protect_threshold: threshold, ..Default::default() },
+                };
+                let bytes = encode_service(&rec);
+                let cut = cut.min(bytes.len());
+                match decode_service("k", &bytes[..cut]) {
+                    Err(e) => prop_assert!(is_corrupt(&e)),
+                    Ok(got) => prop_assert_eq!(cut, bytes.len(), "a cut record decoded: {:?}", got),
+                }
+                let status = encode_status(InstanceStatus::default(), 7);
+                let cut = cut.min(status.len());
+                if let Err(e) = decode_status("k", &status[..cut]) {
+                    prop_assert!(is_corrupt(&e));
+                }
+            }
+
+            /// A key parses only if it is exactly what the encoder writes for what it parsed to.
+            #[test]
+            fn keys_parse_only_to_what_writes_them_back(
+                key in prop_oneof![
+                    any::<String>(),
+                    "[is]/[a-z0-9./-]{0,6}/[a-z0-9./-]{0,6}(/[a-z0-9:./-]{0,6}(/(spec|status|x))?)?",
+                ]
+            ) {
+                match parse_key(&key) {
+                    Err(e) => prop_assert!(is_corrupt(&e)),
+                    Ok(Key::Spec(svc, id)) => prop_assert_eq!(spec_key(&svc, id), key.clone()),
+                    Ok(Key::Status(svc, id)) => prop_assert_eq!(status_key(&svc, id), key.clone()),
+                    Ok(Key::Service(svc)) => prop_assert_eq!(service_key(&svc), key.clone()),
+                }
+            }
+        }
+    }
 }

@@ -1,10 +1,14 @@
-//! The storage port: what the core needs from a durable store, and an in-memory store for tests.
+//! The storage port: what the core needs from a durable store ([`Store`], [`StoreError`]), an
+//! in-memory store for tests ([`MemStore`]), and the conformance suite every backend runs
+//! ([`conformance`]).
 //!
 //! The trait is shaped so that an etcd backend fits behind it unchanged: keys are ordered
 //! strings, a commit is one atomic batch of puts and deletes tagged with the revision of its last
 //! change, and loading is an ordered scan. The core is the only writer of a shard, so it assigns
 //! revisions itself; a backend persists the batch's revision with the batch so that a restart
-//! resumes the sequence where the last durable commit left it.
+//! resumes the sequence where the last durable commit left it, and refuses a batch whose
+//! revision is lower than the last committed one (a fence against a stale writer or a core bug
+//! that would send revisions, and with them every watcher's resume point, backwards).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,12 +19,43 @@ use sextant_model::Revision;
 /// A store failure. The write it belonged to was not acknowledged.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// A failure known only by its message (a redb error that is not an OS error, a thread
+    /// that could not start).
     #[error("store I/O failed: {0}")]
     Io(String),
+    /// An operating-system I/O error, kept whole so that its kind (a full disk is
+    /// `StorageFull`) reaches logs, metrics and error mapping.
+    #[error("store I/O failed: {context}: {source}")]
+    Disk {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("stored data is corrupt at {key:?}: {reason}")]
     Corrupt { key: String, reason: String },
     #[error("store is unavailable: {0}")]
     Unavailable(String),
+    /// A batch whose revision is below the last committed one; nothing was written.
+    #[error("batch revision {revision} is below the store's last committed revision {last}")]
+    Fenced { revision: Revision, last: Revision },
+}
+
+impl StoreError {
+    /// An OS error with what the store was doing when it happened.
+    pub fn disk(context: impl Into<String>, source: std::io::Error) -> Self {
+        StoreError::Disk {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// The kind of the underlying OS error, when there is one.
+    pub fn io_kind(&self) -> Option<std::io::ErrorKind> {
+        match self {
+            StoreError::Disk { source, .. } => Some(source.kind()),
+            _ => None,
+        }
+    }
 }
 
 /// One key set (`Some`) or removed (`None`).
@@ -43,7 +78,9 @@ pub type Visit<'a> = dyn FnMut(&str, &[u8]) -> Result<(), StoreError> + 'a;
 /// A durable, ordered key-value store with atomic batches.
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Applies the batch atomically and returns only once it is durable. The registry calls it
+    /// Applies the batch atomically and returns only once it is durable; a batch whose revision
+    /// is below the last committed batch's is refused with [`StoreError::Fenced`] (an equal one
+    /// is accepted). The registry calls it
     /// from its writer's own thread, one commit at a time, so an implementation may block that
     /// thread for its disk sync rather than hop to a blocking pool.
     async fn commit(&self, batch: Batch) -> Result<(), StoreError>;
@@ -54,6 +91,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Flushes and releases the store. Later commits fail.
     async fn close(&self) -> Result<(), StoreError>;
+
+    /// Why the store cannot take writes right now (a full or failing disk, a backlog it cannot
+    /// drain), or `None` when it can. Cheap; `/readyz` asks it on every probe.
+    fn write_outage(&self) -> Option<String> {
+        None
+    }
 }
 
 /// A non-durable store for tests and `--store memory`. Can be told to fail, to test outages.
@@ -90,6 +133,12 @@ impl Store for MemStore {
         }
         let mut guard = self.data.lock();
         let (rev, map) = &mut *guard;
+        if batch.revision < *rev {
+            return Err(StoreError::Fenced {
+                revision: batch.revision,
+                last: *rev,
+            });
+        }
         for m in batch.mutations {
             match m.value {
                 Some(v) => {
@@ -115,75 +164,37 @@ impl Store for MemStore {
     async fn close(&self) -> Result<(), StoreError> {
         Ok(())
     }
+
+    fn write_outage(&self) -> Option<String> {
+        self.failing
+            .load(Ordering::SeqCst)
+            .then(|| "injected failure".to_string())
+    }
 }
 
 /// Behaviour every [`Store`] must show, run by each backend's own tests (one suite, every
-/// backend).
-pub mod conformance {
-    use super::*;
-
-    fn put(k: &str, v: &[u8]) -> Mutation {
-        Mutation {
-            key: k.into(),
-            value: Some(v.to_vec()),
-        }
-    }
-
-    fn dump(store: &dyn Store) -> (Revision, Vec<(String, Vec<u8>)>) {
-        let mut out = Vec::new();
-        let rev = store
-            .load(&mut |k, v| {
-                out.push((k.to_string(), v.to_vec()));
-                Ok(())
-            })
-            .expect("load");
-        (rev, out)
-    }
-
-    /// An empty store loads nothing at revision 0; committed batches load back in key order
-    /// with their last revision; deletes remove; an empty batch still records its revision.
-    pub async fn basic(store: &dyn Store) {
-        assert_eq!(dump(store), (0, vec![]));
-        store
-            .commit(Batch {
-                revision: 3,
-                mutations: vec![put("b", b"2"), put("a", b"1"), put("c", b"3")],
-            })
-            .await
-            .expect("commit");
-        store
-            .commit(Batch {
-                revision: 5,
-                mutations: vec![
-                    Mutation {
-                        key: "c".into(),
-                        value: None,
-                    },
-                    put("a", b"one"),
-                    Mutation {
-                        key: "missing".into(),
-                        value: None,
-                    },
-                ],
-            })
-            .await
-            .expect("commit");
-        let (rev, kv) = dump(store);
-        assert_eq!(rev, 5);
-        assert_eq!(
-            kv,
-            vec![("a".into(), b"one".to_vec()), ("b".into(), b"2".to_vec())]
-        );
-    }
-}
+/// backend): `conformance::run(|| MyHarness::new()).await`.
+pub mod conformance;
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+
+    /// MemStore's data lives in the process: "reopening" it hands back the same store.
+    struct MemHarness(Arc<MemStore>);
+
+    #[async_trait::async_trait]
+    impl conformance::Harness for MemHarness {
+        async fn open(&mut self) -> Arc<dyn Store> {
+            self.0.clone()
+        }
+    }
 
     #[tokio::test]
     async fn mem_store_conforms() {
-        conformance::basic(&MemStore::new()).await;
+        conformance::run(|| MemHarness(Arc::new(MemStore::new()))).await;
     }
 
     #[tokio::test]
@@ -191,7 +202,9 @@ mod tests {
         let s = MemStore::new();
         s.set_failing(true);
         assert!(s.commit(Batch::default()).await.is_err());
+        assert!(s.write_outage().is_some());
         s.set_failing(false);
         assert!(s.commit(Batch::default()).await.is_ok());
+        assert!(s.write_outage().is_none());
     }
 }

@@ -59,6 +59,8 @@ pub(crate) struct Node {
     pub config: ServerConfig,
     pub api_metrics: ApiMetrics,
     pub prometheus: prometheus_client::registry::Registry,
+    /// Asked by `/readyz` whether the disk takes writes.
+    pub store: Arc<dyn Store>,
 }
 
 /// A running node.
@@ -93,7 +95,7 @@ impl Server {
             max_batch_ops: config.max_batch_ops,
             ..CoreConfig::default()
         };
-        let registry = Registry::open(store, core_config, core_metrics).await?;
+        let registry = Registry::open(store.clone(), core_config, core_metrics).await?;
         let scanner = config.health_scanner.then(|| {
             let cfg = ScannerConfig {
                 concurrency: config.health_concurrency,
@@ -130,6 +132,7 @@ impl Server {
             config,
             api_metrics,
             prometheus,
+            store,
         });
         let (stop, stopped) = watch::channel(false);
 

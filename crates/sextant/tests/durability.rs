@@ -1,6 +1,7 @@
 //! Crash safety of the real binary: every write acknowledged before a `kill -9` is there after a
 //! restart on the same data directory, revisions continue above everything acknowledged, and
-//! ephemeral instances get a fresh lease after a restart and then expire normally.
+//! ephemeral instances get a fresh lease after a restart and then expire normally. Each kill
+//! lands while registrations are in flight (the test waits for that and checks it afterwards).
 
 mod common;
 
@@ -17,11 +18,31 @@ const SERVICES: usize = 4;
 /// At most this many registrations are attempted per kill cycle (3 cycles: at most 3000).
 const ATTEMPTS_PER_CYCLE: usize = 1000;
 const CYCLES: usize = 3;
+/// Kills allowed in all to get `CYCLES` that cut registrations short (on a loaded machine a
+/// kill can land just after the answers to every outstanding request left the server).
+const MAX_KILLS: usize = 3 * CYCLES;
 /// Pause of each writer between two registrations.
 const PACE: Duration = Duration::from_millis(30);
 
 /// An acknowledged registration: service, instance id, the revision the server answered.
 type Acked = (String, String, u64);
+
+/// What one writer saw in a cycle.
+struct Written {
+    acked: Vec<Acked>,
+    unexpected: Vec<String>,
+    /// When the request that the server's disappearance cut short was sent, if one was.
+    cut_short: Option<Instant>,
+}
+
+/// Counters the writers share with the killer.
+#[derive(Default)]
+struct Progress {
+    attempts: AtomicUsize,
+    acks: AtomicUsize,
+    /// Requests sent and not yet answered.
+    outstanding: AtomicUsize,
+}
 
 /// Registers unique instances until the cap, the deadline, or the server disappears; returns
 /// the ones answered with 200 and a revision.
@@ -29,13 +50,14 @@ async fn writer(
     base: String,
     cycle: usize,
     w: usize,
-    attempts: Arc<AtomicUsize>,
-    acks: Arc<AtomicUsize>,
+    progress: Arc<Progress>,
     deadline: Instant,
-) -> (Vec<Acked>, Vec<String>) {
+) -> Written {
     let client = http_client();
     let mut acked = Vec::new();
     let mut unexpected = Vec::new();
+    let mut cut_short = None;
+    let attempts = &progress.attempts;
     loop {
         let n = attempts.fetch_add(1, Ordering::Relaxed);
         if n >= ATTEMPTS_PER_CYCLE || Instant::now() >= deadline {
@@ -49,38 +71,51 @@ async fn writer(
             "metadata": {"cycle": cycle.to_string(), "writer": w.to_string()},
         });
         let url = format!("{base}{}", instance_path("crash", &svc, &id));
-        let resp = client
-            .put(url)
-            .json(&body)
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await;
+        let sent = Instant::now();
+        progress.outstanding.fetch_add(1, Ordering::SeqCst);
+        let resp = async {
+            let r = client
+                .put(url)
+                .json(&body)
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await?;
+            let status = r.status();
+            let text = r.text().await?;
+            Ok::<_, reqwest::Error>((status, text))
+        }
+        .await;
+        progress.outstanding.fetch_sub(1, Ordering::SeqCst);
         match resp {
-            Ok(r) if r.status().as_u16() == 200 => match r.json::<Value>().await {
-                Ok(v) => match v["revision"].as_u64() {
+            Ok((status, text)) if status.as_u16() == 200 => {
+                let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                match v["revision"].as_u64() {
                     Some(rev) => {
                         acked.push((svc, id, rev));
-                        acks.fetch_add(1, Ordering::Relaxed);
+                        progress.acks.fetch_add(1, Ordering::Relaxed);
                     }
-                    None => unexpected.push(format!("{id}: 200 without a revision: {v}")),
-                },
-                // The connection died mid-answer: not acknowledged.
-                Err(_) => break,
-            },
-            Ok(r) => {
-                let status = r.status();
-                let text = r.text().await.unwrap_or_default();
+                    None => unexpected.push(format!("{id}: 200 without a revision: {text}")),
+                }
+            }
+            Ok((status, text)) => {
                 unexpected.push(format!("{id}: HTTP {status}: {text}"));
                 break;
             }
-            // The server is gone.
-            Err(_) => break,
+            // The server is gone (before or while answering): not acknowledged.
+            Err(_) => {
+                cut_short = Some(sent);
+                break;
+            }
         }
         // Paced (at most ~500 attempts/s over all writers) so that the budget lasts past the
         // longest delay and the kill lands while registrations are in flight.
         tokio::time::sleep(PACE).await;
     }
-    (acked, unexpected)
+    Written {
+        acked,
+        unexpected,
+        cut_short,
+    }
 }
 
 /// Asserts every acknowledged instance is present with the revision it was acknowledged at.
@@ -125,51 +160,71 @@ async fn acknowledged_writes_survive_kill_9() {
     let mut jitter = Jitter::from_clock();
     let mut acked: Vec<Acked> = Vec::new();
     let mut server = Server::start_in(dir.path());
-    for cycle in 0..CYCLES {
-        let attempts = Arc::new(AtomicUsize::new(0));
-        let acks = Arc::new(AtomicUsize::new(0));
+    let mut counted = 0;
+    let mut cycle = 0;
+    while counted < CYCLES {
+        assert!(
+            cycle < MAX_KILLS,
+            "only {counted} of {cycle} kills cut a registration short; \
+             the test must kill the server with writes in flight"
+        );
+        let progress = Arc::new(Progress::default());
+        let started = Instant::now();
         let deadline = Instant::now() + Duration::from_secs(10);
         let writers: Vec<_> = (0..WRITERS)
-            .map(|w| {
-                tokio::spawn(writer(
-                    server.base(),
-                    cycle,
-                    w,
-                    attempts.clone(),
-                    acks.clone(),
-                    deadline,
-                ))
-            })
+            .map(|w| tokio::spawn(writer(server.base(), cycle, w, progress.clone(), deadline)))
             .collect();
         let delay = jitter.between(Duration::from_millis(300), Duration::from_millis(2000));
         tokio::time::sleep(delay).await;
         // On a slow disk nothing may be durable yet: wait (bounded) for a first acknowledgement,
         // so that every cycle kills a server holding acknowledged writes.
         let waited = Instant::now();
-        while acks.load(Ordering::Relaxed) == 0 && waited.elapsed() < Duration::from_secs(10) {
+        while progress.acks.load(Ordering::Relaxed) == 0
+            && waited.elapsed() < Duration::from_secs(10)
+        {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let in_flight = attempts.load(Ordering::Relaxed) < ATTEMPTS_PER_CYCLE;
+        // Then kill the moment several registrations are on the wire, so that the kill cuts
+        // writes short rather than landing in the pause between them. Some may have been
+        // answered already (the client lags on a loaded machine): what counts is checked below.
+        let waited = Instant::now();
+        while progress.outstanding.load(Ordering::SeqCst) < 3
+            && waited.elapsed() < Duration::from_secs(5)
+        {
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        let outstanding = progress.outstanding.load(Ordering::SeqCst);
         let log_before = server.log();
+        let killed_at = Instant::now();
         server.kill9();
 
         let mut this_cycle = 0;
+        let mut cut_short = 0;
         for h in writers {
-            let (mine, unexpected) = bounded("a writer", Duration::from_secs(20), h)
+            let mine = bounded("a writer", Duration::from_secs(20), h)
                 .await
                 .unwrap();
             assert!(
-                unexpected.is_empty(),
-                "unexpected answers: {unexpected:?}\nserver log:\n{log_before}"
+                mine.unexpected.is_empty(),
+                "unexpected answers: {:?}\nserver log:\n{log_before}",
+                mine.unexpected
             );
-            this_cycle += mine.len();
-            acked.extend(mine);
+            // Sent before the kill and never answered: in flight when the server died.
+            cut_short += usize::from(mine.cut_short.is_some_and(|t| t < killed_at));
+            this_cycle += mine.acked.len();
+            acked.extend(mine.acked);
         }
-        let tried = attempts.load(Ordering::Relaxed).min(ATTEMPTS_PER_CYCLE);
+        let tried = progress
+            .attempts
+            .load(Ordering::Relaxed)
+            .min(ATTEMPTS_PER_CYCLE);
         eprintln!(
-            "cycle {cycle}: killed after {delay:?} (writers still running: {in_flight}); \
-             {this_cycle} of ~{tried} registrations acknowledged"
+            "cycle {cycle}: killed {:?} after the start with {outstanding} requests \
+             outstanding; {cut_short} cut short; {this_cycle} of ~{tried} registrations acknowledged",
+            killed_at - started
         );
+        // A kill that cut nothing short still checks recovery below, but does not count.
+        counted += usize::from(cut_short > 0);
         assert!(
             this_cycle > 0,
             "nothing was acknowledged in {delay:?} + 10 s; server log:\n{log_before}"
@@ -191,6 +246,7 @@ async fn acknowledged_writes_survive_kill_9() {
             "revision {r} after restart is not above the acknowledged {max_acked} / stored {highest_present}"
         );
         acked.push(("svc-0".into(), id, r));
+        cycle += 1;
     }
     // One last restart after a clean registration: everything is still there.
     server.kill9();
@@ -369,4 +425,174 @@ async fn blocking_queries_do_not_miss_changes_made_before_a_restart() {
         }
     }
     assert!(problems.is_empty(), "{problems:#?}");
+}
+
+/// A tmpfs of a fixed size mounted for one test (root only), unmounted when dropped.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// `None` (after saying why) when it cannot be mounted: not root, or no `mount`.
+    fn mount(size: &str) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().ok()?;
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "sextant-test"])
+            .arg(dir.path())
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Some(Tmpfs { dir }),
+            Ok(o) => {
+                eprintln!(
+                    "SKIPPED: cannot mount a tmpfs (needs root): {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+                None
+            }
+            Err(e) => {
+                eprintln!("SKIPPED: cannot run mount: {e}");
+                None
+            }
+        }
+    }
+
+    fn resize(&self, size: &str) {
+        let st = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(self.dir.path())
+            .status()
+            .unwrap();
+        assert!(st.success(), "remount failed");
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let umount = |lazy: bool| {
+            let mut c = std::process::Command::new("umount");
+            if lazy {
+                c.arg("-l");
+            }
+            c.arg(self.dir.path()).status().is_ok_and(|s| s.success())
+        };
+        if !umount(false) && !umount(true) {
+            eprintln!("cannot unmount {}", self.dir.path().display());
+        }
+    }
+}
+
+/// One sample from `/metrics` (0 when absent).
+async fn metric(api: &Api, name: &str) -> f64 {
+    let text = api.get("/metrics").await.text;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// The real binary with its data dir on a small tmpfs: registrations get 503 once it is full
+/// and `/readyz` says why; after the disk grows, readiness and checkpoints come back with no
+/// restart (the log is folded and emptied), writes are taken again, and after a kill -9 every
+/// acknowledged registration is there.
+#[tokio::test]
+async fn a_full_disk_refuses_writes_then_recovers_without_a_restart() {
+    let Some(fs) = Tmpfs::mount("8m") else {
+        return;
+    };
+    let data = fs.dir.path().join("data");
+    let mut server = Server::start_in(&data);
+    let api = server.api();
+    // ~15 KiB of metadata a registration, so a few hundred fill the disk.
+    let metadata: serde_json::Map<String, Value> = (0..15)
+        .map(|i| (format!("k{i}"), Value::String("x".repeat(1000))))
+        .collect();
+    let mut acked: Vec<Acked> = Vec::new();
+    let mut n = 0;
+    let register = |n: usize| {
+        let body = json!({"host": "10.0.0.1", "port": 1 + n, "metadata": metadata});
+        let api = &api;
+        async move {
+            api.put(&instance_path("full", "svc", &format!("i{n}")), &body)
+                .await
+        }
+    };
+    let refused = loop {
+        n += 1;
+        assert!(n < 5000, "an 8 MiB disk never filled");
+        let r = register(n).await;
+        match r.status {
+            200 => acked.push((
+                "svc".into(),
+                format!("i{n}"),
+                r.body["revision"].as_u64().unwrap(),
+            )),
+            503 => break r,
+            s => panic!("unexpected {s}: {}", r.text),
+        }
+    };
+    eprintln!(
+        "disk full after {} registrations: {}",
+        acked.len(),
+        refused.text
+    );
+    let ready = api.get("/readyz").await;
+    assert_eq!(ready.status, 503, "{}", ready.text);
+    assert!(ready.text.contains("refuses writes"), "{}", ready.text);
+    // Let a checkpoint fail on the full disk (and, unfixed, leave redb refusing for good).
+    let failures = metric(&api, "sextant_store_checkpoint_failures_total").await;
+    let waited = Instant::now();
+    while metric(&api, "sextant_store_checkpoint_failures_total").await < failures + 1.0 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(10),
+            "no checkpoint failed on the full disk"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let checkpoints = metric(&api, "sextant_store_checkpoints_total").await;
+
+    fs.resize("64m");
+    let grown = Instant::now();
+    while api.get("/readyz").await.status != 200 {
+        assert!(
+            grown.elapsed() < Duration::from_secs(15),
+            "never ready again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ready_after = grown.elapsed();
+    while metric(&api, "sextant_store_checkpoints_total").await <= checkpoints
+        || metric(&api, "sextant_store_wal_bytes").await > 0.0
+    {
+        assert!(
+            grown.elapsed() < Duration::from_secs(20),
+            "checkpoints never resumed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "after the disk grew: ready in {ready_after:?}, log checkpointed and emptied in {:?}; {} reopens",
+        grown.elapsed(),
+        metric(&api, "sextant_store_reopens_total").await
+    );
+    for _ in 0..10 {
+        n += 1;
+        let r = register(n).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        acked.push((
+            "svc".into(),
+            format!("i{n}"),
+            r.body["revision"].as_u64().unwrap(),
+        ));
+    }
+    server.kill9();
+    let server = Server::start_in(&data);
+    let svc = server.api().service("full", "svc").await;
+    let present: std::collections::HashSet<String> = ids(&svc).into_iter().collect();
+    let lost: Vec<_> = acked.iter().filter(|a| !present.contains(&a.1)).collect();
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged registrations lost: {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
+    drop(server);
 }

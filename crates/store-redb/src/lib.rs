@@ -10,6 +10,12 @@
 //! a redb commit that rewrites B-tree pages all over the file, and redb sees each hot key (a
 //! service's record, rewritten on every change) once per checkpoint instead of once per commit.
 //!
+//! A checkpoint that fails (a full disk) keeps the log and retries. redb refuses every
+//! transaction after an I/O error until the database is reopened, so a failed checkpoint closes
+//! redb and the next one opens it again (`sextant_store_reopens`): checkpoints resume once the
+//! disk takes writes, with no restart. While appends fail, [`Store::write_outage`] says why, for
+//! `/readyz`; the checkpointer probes the disk so that it clears without waiting for a write.
+//!
 //! redb holds an exclusive lock on its file, so two servers cannot open the same data
 //! directory (and its log).
 #![forbid(unsafe_code)]
@@ -45,9 +51,38 @@ pub const CHECKPOINT_BYTES: usize = 16 << 20;
 /// Commits are refused while this much is waiting for a checkpoint that keeps failing, rather
 /// than holding an unbounded backlog in memory.
 const MAX_BACKLOG_BYTES: usize = 1 << 30;
+/// What the disk probe writes while appends fail: about a group commit's worth.
+const PROBE_BYTES: usize = 64 * 1024;
 
-fn io(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Io(e.to_string())
+/// A redb failure: an OS error is kept whole (its kind tells a full disk), anything else as
+/// text.
+fn db_err(e: impl Into<redb::Error>) -> StoreError {
+    match e.into() {
+        redb::Error::Io(e) => StoreError::disk("redb", e),
+        e => StoreError::Io(format!("redb: {e}")),
+    }
+}
+
+/// Opens (creating if needed) the redb file.
+fn open_db(path: &Path) -> Result<Database, StoreError> {
+    // The registry lives in memory; redb's page cache only serves checkpoints (and the one
+    // scan at start-up), so it need not be redb's 1 GiB default, which would count against
+    // RSS.
+    Database::builder()
+        .set_cache_size(CACHE_BYTES)
+        .create(path)
+        .map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Unavailable(format!(
+                "{} is in use by another process (is another sextant running on this data dir?)",
+                path.display()
+            )),
+            e => match redb::Error::from(e) {
+                redb::Error::Io(e) => {
+                    StoreError::disk(format!("cannot open {}", path.display()), e)
+                }
+                e => StoreError::Io(format!("cannot open {}: {e}", path.display())),
+            },
+        })
 }
 
 /// What the store reports to an operator, under `sextant_store_`.
@@ -57,6 +92,10 @@ pub struct StoreMetrics {
     pub wal_append_seconds: Histogram,
     pub checkpoint_seconds: Histogram,
     pub checkpoint_failures: Counter,
+    /// Checkpoints that folded the log into redb.
+    pub checkpoints: Counter,
+    /// Times redb was reopened after a failed checkpoint.
+    pub reopens: Counter,
 }
 
 impl Default for StoreMetrics {
@@ -66,6 +105,8 @@ impl Default for StoreMetrics {
             wal_append_seconds: Histogram::new(exponential_buckets(0.00005, 2.0, 16)),
             checkpoint_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             checkpoint_failures: Counter::default(),
+            checkpoints: Counter::default(),
+            reopens: Counter::default(),
         }
     }
 }
@@ -94,6 +135,17 @@ impl StoreMetrics {
             "Checkpoints that failed; the log is kept and the next one retries",
             m.checkpoint_failures.clone(),
         );
+        r.register(
+            "checkpoints",
+            "Checkpoints that folded the write-ahead log into redb",
+            m.checkpoints.clone(),
+        );
+        r.register(
+            "reopens",
+            "Times redb was closed and reopened after a failed checkpoint (redb refuses every \
+             transaction after an I/O error until then)",
+            m.reopens.clone(),
+        );
         m
     }
 }
@@ -106,11 +158,14 @@ pub struct RedbStore {
 }
 
 struct Inner {
-    db: Database,
+    /// `None` after a failed checkpoint closed it, until the next one reopens it. The lock also
+    /// keeps two checkpoints from interleaving: a later one would delete segments whose batches
+    /// an earlier one has not committed yet.
+    db: Mutex<Option<Database>>,
+    db_path: PathBuf,
     wal_dir: PathBuf,
     log: Mutex<Log>,
     wake: Condvar,
-    checkpointing: Mutex<()>,
     metrics: StoreMetrics,
 }
 
@@ -134,6 +189,10 @@ struct Log {
     /// which goes back to the allocator whole after the checkpoint.
     pending: Vec<Vec<u8>>,
     pending_bytes: usize,
+    /// The revision of the last acknowledged batch: a batch below it is fenced.
+    revision: Revision,
+    /// Why the last append failed, until an append or a disk probe succeeds.
+    failed_append: Option<String>,
     stop: Stop,
 }
 
@@ -146,64 +205,55 @@ impl RedbStore {
 
     pub fn open_with_metrics(dir: &Path, metrics: StoreMetrics) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| {
-            StoreError::Io(format!("cannot create data dir {}: {e}", dir.display()))
+            StoreError::disk(format!("cannot create data dir {}", dir.display()), e)
         })?;
         let path = dir.join("registry.redb");
-        // The registry lives in memory; redb's page cache only serves checkpoints (and the one
-        // scan at start-up), so it need not be redb's 1 GiB default, which would count against
-        // RSS.
-        let db = Database::builder()
-            .set_cache_size(CACHE_BYTES)
-            .create(&path)
-            .map_err(|e| match e {
-                redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Unavailable(format!(
-                "{} is in use by another process (is another sextant running on this data dir?)",
-                path.display()
-            )),
-                e => StoreError::Io(format!("cannot open {}: {e}", path.display())),
-            })?;
+        let db = open_db(&path)?;
         let checkpointed = {
-            let txn = db.begin_write().map_err(io)?;
-            txn.open_table(KV).map_err(io)?;
+            let txn = db.begin_write().map_err(db_err)?;
+            txn.open_table(KV).map_err(db_err)?;
             let seq = txn
                 .open_table(META)
-                .map_err(io)?
+                .map_err(db_err)?
                 .get(WAL_CHECKPOINTED)
-                .map_err(io)?
+                .map_err(db_err)?
                 .map(|g| g.value())
                 .unwrap_or(0);
-            txn.commit().map_err(io)?;
+            txn.commit().map_err(db_err)?;
             seq
         };
         let wal_dir = dir.join("wal");
         std::fs::create_dir_all(&wal_dir)
-            .map_err(|e| StoreError::Io(format!("cannot create {}: {e}", wal_dir.display())))?;
+            .map_err(|e| StoreError::disk(format!("cannot create {}", wal_dir.display()), e))?;
         let seq = recover(&db, &wal_dir, checkpointed, &metrics)?;
+        let revision = stored_revision(&db)?;
         let segment = Segment::create(&wal_dir, seq + 1).map_err(|e| {
-            StoreError::Io(format!(
-                "cannot create a log segment in {}: {e}",
-                wal_dir.display()
-            ))
+            StoreError::disk(
+                format!("cannot create a log segment in {}", wal_dir.display()),
+                e,
+            )
         })?;
         let inner = Arc::new(Inner {
-            db,
+            db: Mutex::new(Some(db)),
+            db_path: path.clone(),
             wal_dir,
             log: Mutex::new(Log {
                 seq: segment.seq,
                 segment: Some(segment),
                 pending: Vec::new(),
                 pending_bytes: 0,
+                revision,
+                failed_append: None,
                 stop: Stop::No,
             }),
             wake: Condvar::new(),
-            checkpointing: Mutex::new(()),
             metrics,
         });
         let worker = inner.clone();
         let checkpointer = std::thread::Builder::new()
             .name("sextant-checkpoint".into())
             .spawn(move || worker.run_checkpointer())
-            .map_err(|e| StoreError::Io(format!("cannot start the checkpointer: {e}")))?;
+            .map_err(|e| StoreError::disk("cannot start the checkpointer", e))?;
         Ok(Self {
             inner: Mutex::new(Some(inner)),
             checkpointer: Mutex::new(Some(checkpointer)),
@@ -238,6 +288,14 @@ impl Drop for RedbStore {
             let _ = handle.join();
         }
     }
+}
+
+/// The revision of the last batch redb holds (0 when empty).
+fn stored_revision(db: &Database) -> Result<Revision, StoreError> {
+    let txn = db.begin_read().map_err(db_err)?;
+    let meta = txn.open_table(META).map_err(db_err)?;
+    let rev = meta.get(REVISION).map_err(db_err)?.map(|g| g.value());
+    Ok(rev.unwrap_or(0))
 }
 
 /// Folds the segments after `checkpointed` into redb and deletes every segment; returns the
@@ -306,26 +364,26 @@ fn checkpoint<'a>(
         merged.extend(r.mutations);
         revision = Some(r.revision);
     }
-    let txn = db.begin_write().map_err(io)?;
+    let txn = db.begin_write().map_err(db_err)?;
     {
-        let mut kv = txn.open_table(KV).map_err(io)?;
+        let mut kv = txn.open_table(KV).map_err(db_err)?;
         for (k, v) in merged {
             match v {
                 Some(v) => {
-                    kv.insert(k, v).map_err(io)?;
+                    kv.insert(k, v).map_err(db_err)?;
                 }
                 None => {
-                    kv.remove(k).map_err(io)?;
+                    kv.remove(k).map_err(db_err)?;
                 }
             }
         }
-        let mut meta = txn.open_table(META).map_err(io)?;
+        let mut meta = txn.open_table(META).map_err(db_err)?;
         if let Some(rev) = revision {
-            meta.insert(REVISION, rev).map_err(io)?;
+            meta.insert(REVISION, rev).map_err(db_err)?;
         }
-        meta.insert(WAL_CHECKPOINTED, upto).map_err(io)?;
+        meta.insert(WAL_CHECKPOINTED, upto).map_err(db_err)?;
     }
-    txn.commit().map_err(io)?;
+    txn.commit().map_err(db_err)?;
     metrics
         .checkpoint_seconds
         .observe(started.elapsed().as_secs_f64());
@@ -347,17 +405,21 @@ fn remove_segments(wal_dir: &Path, upto: u64) {
 
 impl Inner {
     fn append(&self, batch: Batch) -> Result<(), StoreError> {
+        let revision = batch.revision;
         let record = wal::encode(&batch)?;
         // Only the encoded record is kept; the batch's many small allocations go back now,
         // outside the log's lock.
         drop(batch);
         let started = Instant::now();
         let mut log = self.log.lock();
+        if revision < log.revision {
+            return Err(StoreError::Fenced {
+                revision,
+                last: log.revision,
+            });
+        }
         if log.pending_bytes > MAX_BACKLOG_BYTES {
-            return Err(StoreError::Unavailable(format!(
-                "{} MiB of the log wait for a checkpoint into redb that keeps failing",
-                log.pending_bytes >> 20
-            )));
+            return Err(StoreError::Unavailable(backlog_message(log.pending_bytes)));
         }
         let seq = log.seq;
         let segment = log.segment.as_mut().ok_or_else(|| {
@@ -368,7 +430,12 @@ impl Inner {
         match segment.append(&record) {
             Ok(()) => {}
             Err(AppendError::Failed(e)) => {
-                return Err(StoreError::Io(format!("cannot append to the log: {e}")))
+                let e = StoreError::disk("cannot append to the log", e);
+                if log.failed_append.is_none() {
+                    tracing::error!(error = %e, "the log refuses writes; commits fail until it takes them again");
+                }
+                log.failed_append = Some(e.to_string());
+                return Err(e);
             }
             Err(AppendError::Broken(e, e2)) => {
                 log.segment = None;
@@ -379,6 +446,10 @@ impl Inner {
                 )));
             }
         }
+        if log.failed_append.take().is_some() {
+            tracing::info!("the log takes writes again");
+        }
+        log.revision = revision;
         log.pending_bytes += record.len();
         log.pending.push(record);
         self.metrics.wal_bytes.set(log.pending_bytes as i64);
@@ -389,6 +460,40 @@ impl Inner {
             self.wake.notify_one();
         }
         Ok(())
+    }
+
+    fn write_outage(&self) -> Option<String> {
+        let log = self.log.lock();
+        if log.segment.is_none() {
+            Some(format!(
+                "log segment {} could not be repaired after a failed write; restart to recover",
+                log.seq
+            ))
+        } else if log.pending_bytes > MAX_BACKLOG_BYTES {
+            Some(backlog_message(log.pending_bytes))
+        } else {
+            log.failed_append.clone()
+        }
+    }
+
+    /// While appends fail, checks whether the log's disk takes a write again, so that
+    /// readiness comes back without waiting for a client to risk a commit.
+    fn probe_disk(&self) {
+        if self.log.lock().failed_append.is_none() {
+            return;
+        }
+        let path = self.wal_dir.join("probe.tmp");
+        let res = std::fs::File::create(&path).and_then(|mut f| {
+            std::io::Write::write_all(&mut f, &[0; PROBE_BYTES])?;
+            f.sync_data()
+        });
+        let _ = std::fs::remove_file(&path);
+        if res.is_ok() {
+            let mut log = self.log.lock();
+            if log.failed_append.take().is_some() {
+                tracing::info!("the log's disk takes writes again");
+            }
+        }
     }
 
     fn run_checkpointer(&self) {
@@ -415,7 +520,23 @@ impl Inner {
             if stop != Stop::No {
                 return;
             }
+            self.probe_disk();
         }
+    }
+
+    /// The open database, reopening it if a failed checkpoint closed it.
+    fn db_or_reopen<'a>(
+        &self,
+        slot: &'a mut Option<Database>,
+    ) -> Result<&'a mut Database, StoreError> {
+        if slot.is_none() {
+            let db = open_db(&self.db_path)?;
+            self.metrics.reopens.inc();
+            tracing::warn!(path = %self.db_path.display(), "reopened redb after a failed checkpoint");
+            *slot = Some(db);
+        }
+        slot.as_mut()
+            .ok_or_else(|| StoreError::Unavailable("redb is closed".into()))
     }
 
     /// Folds every acknowledged batch into redb: rotates the log so that the checkpoint covers
@@ -423,9 +544,7 @@ impl Inner {
     /// newer segment), commits them to redb and deletes the covered segments. On failure the
     /// batches go back to the front of the queue and their segments stay.
     fn checkpoint_now(&self) -> Result<(), StoreError> {
-        // Two checkpoints must not interleave: a later one would delete segments whose batches
-        // an earlier one has not committed yet.
-        let _one = self.checkpointing.lock();
+        let mut slot = self.db.lock();
         let (upto, writable) = {
             let log = self.log.lock();
             if log.pending.is_empty() {
@@ -433,13 +552,14 @@ impl Inner {
             }
             (log.seq, log.segment.is_some())
         };
+        let db = self.db_or_reopen(&mut slot)?;
         // The next segment is created (and its directory entry synced, which can take a while
         // when the disk is busy with the previous checkpoint) before taking the log's lock, so
         // appends do not wait for it; only this function, serialised above, changes `seq`.
         let next = if writable {
             Some(
                 Segment::create(&self.wal_dir, upto + 1)
-                    .map_err(|e| StoreError::Io(format!("cannot start a new log segment: {e}")))?,
+                    .map_err(|e| StoreError::disk("cannot start a new log segment", e))?,
             )
         } else {
             None
@@ -462,10 +582,20 @@ impl Inner {
                 key: format!("log segment {upto} (in memory)"),
                 reason: format!("a record appended by this process does not read back: {why:?}"),
             });
-        let result = parsed.and_then(|parsed| checkpoint(&self.db, parsed, upto, &self.metrics));
+        let result = match parsed {
+            Ok(parsed) => checkpoint(db, parsed, upto, &self.metrics).inspect_err(|e| {
+                // After an I/O error redb answers every transaction with "Previous I/O error
+                // occurred" until it is reopened; closing it here lets the next checkpoint
+                // start afresh (and releases its memory meanwhile).
+                tracing::warn!(error = %e, "closing redb after a failed checkpoint; the next checkpoint reopens it");
+                *slot = None;
+            }),
+            Err(e) => Err(e),
+        };
         match result {
             Ok(()) => {
                 remove_segments(&self.wal_dir, upto);
+                self.metrics.checkpoints.inc();
                 tracing::debug!(
                     batches = records.len(),
                     segment = upto,
@@ -489,6 +619,13 @@ impl Inner {
     }
 }
 
+fn backlog_message(bytes: usize) -> String {
+    format!(
+        "{} MiB of the log wait for a checkpoint into redb that keeps failing",
+        bytes >> 20
+    )
+}
+
 #[async_trait::async_trait]
 impl Store for RedbStore {
     async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
@@ -502,16 +639,18 @@ impl Store for RedbStore {
         let inner = self.inner()?;
         // At start-up nothing is pending; later (tests, tools), redb first takes in the log.
         inner.checkpoint_now()?;
-        let txn = inner.db.begin_read().map_err(io)?;
-        let kv = txn.open_table(KV).map_err(io)?;
-        for item in kv.iter().map_err(io)? {
-            let (k, v) = item.map_err(io)?;
+        let mut slot = inner.db.lock();
+        let db = inner.db_or_reopen(&mut slot)?;
+        let txn = db.begin_read().map_err(db_err)?;
+        let kv = txn.open_table(KV).map_err(db_err)?;
+        for item in kv.iter().map_err(db_err)? {
+            let (k, v) = item.map_err(db_err)?;
             visit(k.value(), v.value())?;
         }
-        let meta = txn.open_table(META).map_err(io)?;
+        let meta = txn.open_table(META).map_err(db_err)?;
         let rev = meta
             .get(REVISION)
-            .map_err(io)?
+            .map_err(db_err)?
             .map(|g| g.value())
             .unwrap_or(0);
         Ok(rev)
@@ -529,6 +668,13 @@ impl Store for RedbStore {
         }
         tracing::info!(path = %self.path.display(), elapsed_ms = started.elapsed().as_millis() as u64, "store closed");
         Ok(())
+    }
+
+    fn write_outage(&self) -> Option<String> {
+        match self.inner() {
+            Ok(inner) => inner.write_outage(),
+            Err(e) => Some(e.to_string()),
+        }
     }
 }
 

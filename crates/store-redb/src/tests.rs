@@ -65,10 +65,35 @@ fn wal_files(dir: &Path) -> Vec<u64> {
         .collect()
 }
 
+/// Opens redb stores over one temp dir; a crash abandons the store without a checkpoint.
+struct Harness {
+    dir: tempfile::TempDir,
+    last: Option<Arc<RedbStore>>,
+}
+
+#[async_trait::async_trait]
+impl conformance::Harness for Harness {
+    async fn open(&mut self) -> Arc<dyn Store> {
+        self.last = None;
+        let s = Arc::new(RedbStore::open(self.dir.path()).unwrap());
+        self.last = Some(s.clone());
+        s
+    }
+
+    async fn crash(&mut self, store: Arc<dyn Store>) {
+        drop(store);
+        let s = self.last.take().expect("a store to crash");
+        crash(Arc::into_inner(s).expect("the suite holds no other handle"));
+    }
+}
+
 #[tokio::test]
 async fn conforms() {
-    let dir = tempfile::tempdir().unwrap();
-    conformance::basic(&RedbStore::open(dir.path()).unwrap()).await;
+    conformance::run(|| Harness {
+        dir: tempfile::tempdir().unwrap(),
+        last: None,
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -298,4 +323,251 @@ fn a_registry_dropped_with_its_runtime_releases_the_store() {
         }
     }
     drop(registry);
+}
+
+/// A tmpfs of a fixed size mounted for one test (root only), unmounted when dropped.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// `None` (after saying why) when it cannot be mounted: not root, or no `mount`.
+    fn mount(size: &str) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().ok()?;
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "sextant-test"])
+            .arg(dir.path())
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Some(Tmpfs { dir }),
+            Ok(o) => {
+                eprintln!(
+                    "SKIPPED: cannot mount a tmpfs (needs root): {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+                None
+            }
+            Err(e) => {
+                eprintln!("SKIPPED: cannot run mount: {e}");
+                None
+            }
+        }
+    }
+
+    fn resize(&self, size: &str) {
+        let st = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(self.dir.path())
+            .status()
+            .unwrap();
+        assert!(st.success(), "remount failed");
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let umount = |lazy: bool| {
+            let mut c = std::process::Command::new("umount");
+            if lazy {
+                c.arg("-l");
+            }
+            c.arg(self.dir.path()).status().is_ok_and(|s| s.success())
+        };
+        if !umount(false) && !umount(true) {
+            eprintln!("cannot unmount {}", self.dir.path().display());
+        }
+    }
+}
+
+fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    while !cond() {
+        assert!(
+            started.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    started.elapsed()
+}
+
+/// A full disk: commits are refused (StorageFull) and readiness says why; the checkpoint that
+/// hit the full disk leaves redb refusing every transaction until reopened. Once the disk grows,
+/// checkpoints resume with no restart (redb reopened, the log folded and its segments deleted),
+/// writes are taken again, and every acknowledged batch is there after a final reopen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn checkpoints_resume_after_a_full_disk_is_grown() {
+    let Some(fs) = Tmpfs::mount("8m") else {
+        return;
+    };
+    let data = fs.dir.path().join("data");
+    let metrics = StoreMetrics::default();
+    let s = RedbStore::open_with_metrics(&data, metrics.clone()).unwrap();
+    let value = vec![7u8; 64 * 1024];
+    let mut model = BTreeMap::new();
+    let mut rev = 0;
+    // Fill the disk: everything goes to the log (a checkpoint comes only once a second), so the
+    // first checkpoint after this finds no room in redb.
+    let refused = loop {
+        let key = format!("k{:05}", rev + 1);
+        let batch = Batch {
+            revision: rev + 1,
+            mutations: vec![Mutation {
+                key: key.clone(),
+                value: Some(value.clone()),
+            }],
+        };
+        match s.commit(batch).await {
+            Ok(()) => {
+                rev += 1;
+                model.insert(key, value.clone());
+            }
+            Err(e) => break e,
+        }
+        assert!(rev < 1000, "an 8 MiB disk never filled");
+    };
+    assert_eq!(
+        refused.io_kind(),
+        Some(std::io::ErrorKind::StorageFull),
+        "{refused}"
+    );
+    assert!(
+        s.write_outage().is_some(),
+        "readiness must say the disk is full"
+    );
+    // The first failed checkpoint is the full disk itself; the second is where redb, not
+    // reopened, would answer "Previous I/O error occurred" forever.
+    wait_for("two failed checkpoints", Duration::from_secs(10), || {
+        metrics.checkpoint_failures.get() >= 2
+    });
+    assert!(s
+        .commit(Batch {
+            revision: rev + 1,
+            mutations: vec![put("x", "y")]
+        })
+        .await
+        .is_err());
+    let done_before = metrics.checkpoints.get();
+
+    fs.resize("64m");
+    let resumed = wait_for(
+        "a checkpoint after growing the disk",
+        Duration::from_secs(15),
+        || metrics.checkpoints.get() > done_before,
+    );
+    wait_for(
+        "the log folded and its segments deleted",
+        Duration::from_secs(15),
+        || metrics.wal_bytes.get() == 0 && wal_files(&data).len() == 1,
+    );
+    let ready = wait_for("readiness back", Duration::from_secs(10), || {
+        s.write_outage().is_none()
+    });
+    eprintln!(
+        "checkpoint resumed {resumed:?} after the disk grew; ready {ready:?} later; {} reopens, {} failed checkpoints",
+        metrics.reopens.get(),
+        metrics.checkpoint_failures.get()
+    );
+    assert!(metrics.reopens.get() >= 1);
+    for _ in 0..20 {
+        rev += 1;
+        let key = format!("k{rev:05}");
+        commit(
+            &s,
+            rev,
+            vec![Mutation {
+                key: key.clone(),
+                value: Some(value.clone()),
+            }],
+        )
+        .await;
+        model.insert(key, value.clone());
+    }
+    s.close().await.unwrap();
+    drop(s);
+    let s = RedbStore::open(&data).unwrap();
+    let (got_rev, got) = dump(&s);
+    assert_eq!(got_rev, rev);
+    assert!(got == model, "{} keys, want {}", got.len(), model.len());
+    drop(s);
+}
+
+fn segment_bytes(first_rev: Revision, keys: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (i, k) in keys.iter().enumerate() {
+        out.extend(
+            wal::encode(&Batch {
+                revision: first_rev + i as Revision,
+                mutations: vec![put(&format!("k{k}"), &format!("v{i}"))],
+            })
+            .unwrap(),
+        );
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// Garbage after the valid records of the newest segment (a torn tail) is dropped and the
+    /// records before it recovered; the same garbage in a segment with a newer one behind it is
+    /// refused as Corrupt instead of skipping acknowledged batches.
+    #[test]
+    fn garbage_is_a_torn_tail_only_in_the_newest_segment(
+        older in proptest::collection::vec(0u8..8, 0..5),
+        newer in proptest::collection::vec(0u8..8, 0..5),
+        garbage in proptest::collection::vec(any::<u8>(), 1..200),
+    ) {
+        let n_older = older.len() as Revision;
+        // Newest segment torn: everything before the garbage comes back.
+        let dir = tempfile::tempdir().unwrap();
+        let wal_dir = dir.path().join("wal");
+        std::fs::create_dir_all(&wal_dir).unwrap();
+        std::fs::write(wal::segment_path(&wal_dir, 1), segment_bytes(1, &older)).unwrap();
+        let mut torn = segment_bytes(n_older + 1, &newer);
+        torn.extend(&garbage);
+        std::fs::write(wal::segment_path(&wal_dir, 2), torn).unwrap();
+        let s = RedbStore::open(dir.path()).unwrap();
+        let (rev, kv) = dump(&s);
+        let mut want = BTreeMap::new();
+        for (i, k) in older.iter().chain(&newer).enumerate() {
+            let v = if (i as Revision) < n_older { i } else { i - older.len() };
+            want.insert(format!("k{k}"), format!("v{v}").into_bytes());
+        }
+        prop_assert_eq!(rev, n_older + newer.len() as Revision);
+        prop_assert_eq!(&kv, &want);
+        drop(s);
+
+        // The same garbage in the older segment: refused.
+        let dir = tempfile::tempdir().unwrap();
+        let wal_dir = dir.path().join("wal");
+        std::fs::create_dir_all(&wal_dir).unwrap();
+        let mut bad = segment_bytes(1, &older);
+        bad.extend(&garbage);
+        std::fs::write(wal::segment_path(&wal_dir, 1), bad).unwrap();
+        std::fs::write(wal::segment_path(&wal_dir, 2), segment_bytes(n_older + 1, &newer)).unwrap();
+        match RedbStore::open(dir.path()) {
+            Err(StoreError::Corrupt { .. }) => {}
+            Err(e) => prop_assert!(false, "expected Corrupt, got {}", e),
+            Ok(_) => prop_assert!(false, "expected Corrupt, got a store"),
+        }
+    }
+}
+
+/// An OS error reaches the caller whole: its kind and the `io::Error` as the source.
+#[test]
+fn os_errors_keep_their_kind_and_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let Err(err) = RedbStore::open(&file.join("data")) else {
+        panic!("a data dir under a file opened");
+    };
+    assert_eq!(
+        err.io_kind(),
+        Some(std::io::ErrorKind::NotADirectory),
+        "{err}"
+    );
+    let source = std::error::Error::source(&err).expect("the io::Error as source");
+    assert!(source.downcast_ref::<std::io::Error>().is_some());
 }

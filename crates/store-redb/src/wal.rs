@@ -186,10 +186,10 @@ impl<'a> Reader<'a> {
 pub fn segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, StoreError> {
     let mut out = Vec::new();
     let entries = fs::read_dir(dir)
-        .map_err(|e| StoreError::Io(format!("cannot list {}: {e}", dir.display())))?;
+        .map_err(|e| StoreError::disk(format!("cannot list {}", dir.display()), e))?;
     for entry in entries {
         let entry =
-            entry.map_err(|e| StoreError::Io(format!("cannot list {}: {e}", dir.display())))?;
+            entry.map_err(|e| StoreError::disk(format!("cannot list {}", dir.display()), e))?;
         let name = entry.file_name();
         let Some(seq) = name
             .to_str()
@@ -213,7 +213,7 @@ pub fn read_segment(path: &Path) -> Result<Vec<u8>, StoreError> {
     let mut bytes = Vec::new();
     File::open(path)
         .and_then(|mut f| f.read_to_end(&mut bytes))
-        .map_err(|e| StoreError::Io(format!("cannot read {}: {e}", path.display())))?;
+        .map_err(|e| StoreError::disk(format!("cannot read {}", path.display()), e))?;
     Ok(bytes)
 }
 
@@ -351,6 +351,73 @@ mod tests {
             for (i, b) in got.iter().enumerate() {
                 prop_assert_eq!(b.revision, i as u64 + 1);
             }
+        }
+    }
+
+    /// Re-encodes parsed records, to compare with the bytes they were read from.
+    fn reencode(records: &[Record<'_>]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for r in records {
+            let batch = Batch {
+                revision: r.revision,
+                mutations: r
+                    .mutations
+                    .iter()
+                    .map(|(k, v)| Mutation {
+                        key: k.to_string(),
+                        value: v.map(<[u8]>::to_vec),
+                    })
+                    .collect(),
+            };
+            out.extend(encode(&batch).unwrap());
+        }
+        out
+    }
+
+    /// Garbage that sometimes looks like a header: a plausible length, a zeroed block.
+    fn garbage() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 1..300),
+            (12u32..200, proptest::collection::vec(any::<u8>(), 0..300)).prop_map(|(len, rest)| {
+                let mut b = len.to_le_bytes().to_vec();
+                b.extend(rest);
+                b
+            }),
+            (1usize..64).prop_map(|n| vec![0; n]),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+        /// Arbitrary bytes never panic the reader; what it accepts is exactly a run of whole
+        /// records (they re-encode to the bytes they came from), and anything else is reported.
+        #[test]
+        fn arbitrary_bytes_read_as_whole_records_or_a_reason(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let (got, used, torn) = parse_all(&bytes);
+            prop_assert!(used <= bytes.len());
+            prop_assert_eq!(torn.is_none(), used == bytes.len());
+            prop_assert_eq!(reencode(&got), bytes[..used].to_vec());
+            let _ = parse_whole(&bytes);
+        }
+
+        /// Valid records followed by garbage (a torn tail) read back as exactly those records,
+        /// and the garbage is reported.
+        #[test]
+        fn a_torn_tail_leaves_the_valid_prefix(
+            sizes in proptest::collection::vec(0usize..12, 0..6),
+            tail in garbage(),
+        ) {
+            let mut bytes = Vec::new();
+            for (i, n) in sizes.iter().enumerate() {
+                bytes.extend(encode(&batch(i as u64 + 1, *n)).unwrap());
+            }
+            let valid = bytes.len();
+            bytes.extend(&tail);
+            let (got, used, torn) = parse_all(&bytes);
+            prop_assert_eq!(got.len(), sizes.len());
+            prop_assert_eq!(used, valid);
+            prop_assert!(torn.is_some());
         }
     }
 }

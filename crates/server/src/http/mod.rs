@@ -534,9 +534,15 @@ async fn watch(
         .unwrap_or_default())
 }
 
+/// Not ready while shutting down, or while the store refuses writes (a full disk): reads would
+/// still work, but a node that cannot take registrations should not be sent them. Ready again
+/// once the store takes writes (its own probe notices without waiting for a client's write).
 async fn readyz(State(s): State<AppState>) -> Response {
     if s.registry().is_closing() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
+    } else if let Some(why) = s.node.store.write_outage() {
+        let body = format!("not ready: the store refuses writes: {why}\n");
+        (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
     } else {
         "ready\n".into_response()
     }

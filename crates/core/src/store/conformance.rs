@@ -1,0 +1,353 @@
+//! The store conformance suite: what every [`Store`] backend must do, written once against the
+//! trait and run by each backend's own tests (the in-memory store, redb, later etcd).
+//!
+//! A backend supplies a [`Harness`] that opens a store over its own data (a temp dir, a key
+//! prefix); [`run`] makes a fresh harness per case. Reopening is close, drop, open again over
+//! the same data, so the cases that reopen test durability for a real backend (for the
+//! in-memory store they only test that nothing is lost while the process lives). Panics with a
+//! message naming the case and the difference on failure.
+
+use std::sync::Arc;
+
+use super::*;
+
+/// How the suite reaches a backend.
+#[async_trait::async_trait]
+pub trait Harness: Send {
+    /// Opens the store over this harness's data: empty the first time, then whatever the
+    /// stores it opened before committed. The suite closes and drops the previous store first.
+    async fn open(&mut self) -> Arc<dyn Store>;
+
+    /// Ends `store` as a crash would (no clean close), when the backend can; by default a
+    /// clean close. What was acknowledged before must survive either way.
+    async fn crash(&mut self, store: Arc<dyn Store>) {
+        store.close().await.expect("close");
+    }
+}
+
+/// Runs every case, each against a fresh harness from `new`.
+pub async fn run<H: Harness>(mut new: impl FnMut() -> H) {
+    basic(&*new().open().await).await;
+    load_is_in_byte_order_across_prefixes(&mut new()).await;
+    deletes(&mut new()).await;
+    batches_apply_in_order_and_whole(&mut new()).await;
+    survives_reopen(&mut new()).await;
+    large_values_and_keys(&mut new()).await;
+    revision_fencing(&mut new()).await;
+}
+
+fn put(k: &str, v: &[u8]) -> Mutation {
+    Mutation {
+        key: k.into(),
+        value: Some(v.to_vec()),
+    }
+}
+
+fn del(k: &str) -> Mutation {
+    Mutation {
+        key: k.into(),
+        value: None,
+    }
+}
+
+async fn commit(store: &dyn Store, revision: Revision, mutations: Vec<Mutation>) {
+    store
+        .commit(Batch {
+            revision,
+            mutations,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("commit at revision {revision} failed: {e}"));
+}
+
+fn dump(store: &dyn Store) -> (Revision, Vec<(String, Vec<u8>)>) {
+    let mut out = Vec::new();
+    let rev = store
+        .load(&mut |k, v| {
+            out.push((k.to_string(), v.to_vec()));
+            Ok(())
+        })
+        .expect("load");
+    (rev, out)
+}
+
+fn keys(store: &dyn Store) -> Vec<String> {
+    dump(store).1.into_iter().map(|(k, _)| k).collect()
+}
+
+/// Closes `store` (it must be the harness's only live handle) and opens the same data again.
+async fn reopen<H: Harness>(h: &mut H, store: Arc<dyn Store>) -> Arc<dyn Store> {
+    store.close().await.expect("close");
+    drop(store);
+    h.open().await
+}
+
+/// An empty store loads nothing at revision 0; committed batches load back in key order
+/// with their last revision; deletes remove; an empty batch still records its revision.
+pub async fn basic(store: &dyn Store) {
+    assert_eq!(dump(store), (0, vec![]));
+    commit(
+        store,
+        3,
+        vec![put("b", b"2"), put("a", b"1"), put("c", b"3")],
+    )
+    .await;
+    commit(store, 5, vec![del("c"), put("a", b"one"), del("missing")]).await;
+    let (rev, kv) = dump(store);
+    assert_eq!(rev, 5);
+    assert_eq!(
+        kv,
+        vec![("a".into(), b"one".to_vec()), ("b".into(), b"2".to_vec())]
+    );
+    commit(store, 6, vec![]).await;
+    assert_eq!(dump(store).0, 6, "an empty batch records its revision");
+}
+
+/// The key shapes the core writes (`i/<ns>/<svc>/<id>/spec|status`, `s/<ns>/<svc>`) load in
+/// byte order, whatever order and batches they were written in: a service whose name is a
+/// prefix of another's, `-` (0x2d) before `/` (0x2f) before digits, non-ASCII after ASCII. The
+/// trait has no prefix scan; the core's loader relies on this order to meet each service's
+/// keys together.
+pub async fn load_is_in_byte_order_across_prefixes<H: Harness>(h: &mut H) {
+    let mut want: Vec<String> = [
+        "i/ns/svc/10.0.0.1:80/spec",
+        "i/ns/svc/10.0.0.1:80/status",
+        "i/ns/svc/10.0.0.10:80/spec",
+        "i/ns/svc/10.0.0.2:80/spec",
+        "i/ns/svc-a/x/spec",
+        "i/ns/svc.b/x/spec",
+        "i/ns/svc0/x/spec",
+        "i/ns/sv/x/spec",
+        "i/ns2/svc/x/spec",
+        "i/n/svc/x/spec",
+        "i/ns/svc/é/spec",
+        "i/ns/svc/Z/spec",
+        "s/ns/svc",
+        "s/ns/svc-a",
+        "s/ns/svc/",
+        "s/ns/sv",
+        "s/ns2/svc",
+        "s",
+        "t",
+        "",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let store = h.open().await;
+    // Written in three batches, reversed and interleaved, so no backend gets them in order.
+    let mut rev = 0;
+    for part in 0..3 {
+        rev += 1;
+        let ms = want
+            .iter()
+            .rev()
+            .enumerate()
+            .filter(|(i, _)| i % 3 == part)
+            .map(|(_, k)| put(k, k.as_bytes()))
+            .collect();
+        commit(&*store, rev, ms).await;
+    }
+    want.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    let (got_rev, kv) = dump(&*store);
+    assert_eq!(got_rev, rev);
+    assert_eq!(
+        kv.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>(),
+        want,
+        "load must visit keys in byte order"
+    );
+    assert!(kv.iter().all(|(k, v)| k.as_bytes() == v.as_slice()));
+    let store = reopen(h, store).await;
+    assert_eq!(keys(&*store), want, "the same order after reopening");
+}
+
+/// A delete removes a key for good (also after reopening); deleting a missing key is not an
+/// error; a key deleted and written again holds the new value; an empty value is a value, not
+/// a delete.
+pub async fn deletes<H: Harness>(h: &mut H) {
+    let store = h.open().await;
+    commit(
+        &*store,
+        1,
+        vec![put("a", b"1"), put("b", b"1"), put("c", b"1")],
+    )
+    .await;
+    commit(
+        &*store,
+        2,
+        vec![del("b"), del("never-written"), put("e", b"")],
+    )
+    .await;
+    commit(&*store, 3, vec![del("c")]).await;
+    commit(&*store, 4, vec![put("c", b"again")]).await;
+    commit(&*store, 5, vec![del("a")]).await;
+    let want = vec![
+        ("c".to_string(), b"again".to_vec()),
+        ("e".to_string(), Vec::new()),
+    ];
+    assert_eq!(dump(&*store), (5, want.clone()));
+    let store = reopen(h, store).await;
+    assert_eq!(dump(&*store), (5, want), "deletes survive reopening");
+    commit(&*store, 6, vec![del("c"), del("e")]).await;
+    let store = reopen(h, store).await;
+    assert_eq!(dump(&*store), (6, vec![]), "a store can be emptied");
+}
+
+/// Within a batch mutations apply in order (the last write of a key wins, put-then-delete
+/// removes, delete-then-put keeps); a batch of many mutations commits whole and reads back
+/// whole after a crash.
+pub async fn batches_apply_in_order_and_whole<H: Harness>(h: &mut H) {
+    let store = h.open().await;
+    commit(
+        &*store,
+        1,
+        vec![
+            put("k", b"1"),
+            put("k", b"2"),
+            put("gone", b"x"),
+            del("gone"),
+            del("back"),
+            put("back", b"y"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        dump(&*store).1,
+        vec![
+            ("back".to_string(), b"y".to_vec()),
+            ("k".to_string(), b"2".to_vec())
+        ]
+    );
+    const N: usize = 20_000;
+    let many: Vec<Mutation> = (0..N)
+        .map(|i| put(&format!("i/ns/svc/{i:06}/spec"), &i.to_le_bytes()))
+        .collect();
+    commit(&*store, 2, many).await;
+    commit(&*store, 3, vec![del("k")]).await;
+    h.crash(store).await;
+    let store = h.open().await;
+    let (rev, kv) = dump(&*store);
+    assert_eq!((rev, kv.len()), (3, N + 1));
+    assert_eq!(kv[0], ("back".to_string(), b"y".to_vec()));
+    for (i, (k, v)) in kv[1..].iter().enumerate() {
+        assert_eq!(k, &format!("i/ns/svc/{i:06}/spec"));
+        assert_eq!(v.as_slice(), &i.to_le_bytes());
+    }
+}
+
+/// What was committed survives close and reopen, more than once, with the revision of the last
+/// committed batch; an empty store reopens empty at revision 0; commits after a reopen go on
+/// from there.
+pub async fn survives_reopen<H: Harness>(h: &mut H) {
+    let store = h.open().await;
+    let store = reopen(h, store).await;
+    assert_eq!(dump(&*store), (0, vec![]), "an empty store reopens empty");
+    commit(&*store, 7, vec![put("a", b"1")]).await;
+    commit(&*store, 8, vec![put("b", b"2")]).await;
+    let store = reopen(h, store).await;
+    assert_eq!(dump(&*store).0, 8);
+    commit(&*store, 9, vec![put("a", b"3")]).await;
+    commit(&*store, 12, vec![]).await;
+    let store = reopen(h, store).await;
+    let store = reopen(h, store).await;
+    assert_eq!(
+        dump(&*store),
+        (
+            12,
+            vec![
+                ("a".to_string(), b"3".to_vec()),
+                ("b".to_string(), b"2".to_vec())
+            ]
+        ),
+        "the last batch's revision, even an empty batch's"
+    );
+    commit(&*store, 13, vec![put("c", b"4")]).await;
+    h.crash(store).await;
+    let store = h.open().await;
+    assert_eq!(dump(&*store).0, 13, "acknowledged before a crash");
+    assert_eq!(keys(&*store), ["a", "b", "c"]);
+}
+
+/// Values from empty to several MiB and long keys round-trip byte for byte, across a reopen.
+pub async fn large_values_and_keys<H: Harness>(h: &mut H) {
+    let pattern = |n: usize, seed: u8| -> Vec<u8> {
+        (0..n)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    };
+    let long_key = format!("i/ns/svc/{}/spec", "x".repeat(2000));
+    let values = [
+        ("empty", Vec::new()),
+        ("one", vec![0u8]),
+        ("page", pattern(4096, 1)),
+        ("page+1", pattern(4097, 2)),
+        ("mib", pattern(1 << 20, 3)),
+        ("big", pattern(6 << 20, 4)),
+        (long_key.as_str(), pattern(100, 5)),
+    ];
+    let store = h.open().await;
+    for (i, (k, v)) in values.iter().enumerate() {
+        commit(&*store, i as Revision + 1, vec![put(k, v)]).await;
+    }
+    let mut want: Vec<(String, Vec<u8>)> = values
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
+    want.sort();
+    let check = |store: &dyn Store, want: &[(String, Vec<u8>)], when: &str| {
+        let (_, kv) = dump(store);
+        assert_eq!(kv.len(), want.len(), "{when}");
+        for ((gk, gv), (wk, wv)) in kv.iter().zip(want) {
+            assert_eq!(gk, wk, "{when}");
+            assert!(
+                gv == wv,
+                "{when}: value of {wk:.40} differs ({} bytes, want {})",
+                gv.len(),
+                wv.len()
+            );
+        }
+    };
+    check(&*store, &want, "before reopening");
+    // A large value overwritten by a small one leaves no trace of the old one.
+    commit(&*store, 100, vec![put("big", b"small")]).await;
+    let store = reopen(h, store).await;
+    for w in &mut want {
+        if w.0 == "big" {
+            w.1 = b"small".to_vec();
+        }
+    }
+    check(&*store, &want, "after reopening");
+}
+
+/// Revisions never go backwards: the revision loaded after a reopen is the last committed
+/// batch's; a batch below it is refused with [`StoreError::Fenced`] and changes nothing, before
+/// and after a reopen; a batch at the same revision is accepted.
+pub async fn revision_fencing<H: Harness>(h: &mut H) {
+    let store = h.open().await;
+    commit(&*store, 10, vec![put("a", b"1")]).await;
+    let stale = Batch {
+        revision: 9,
+        mutations: vec![put("a", b"stale"), put("z", b"stale")],
+    };
+    match store.commit(stale.clone()).await {
+        Err(StoreError::Fenced { revision, last }) => assert_eq!((revision, last), (9, 10)),
+        other => panic!("a batch below the last revision must be fenced, got {other:?}"),
+    }
+    commit(&*store, 10, vec![put("b", b"2")]).await;
+    let store = reopen(h, store).await;
+    assert_eq!(dump(&*store).0, 10);
+    match store.commit(stale).await {
+        Err(StoreError::Fenced { revision, last }) => assert_eq!((revision, last), (9, 10)),
+        other => panic!("the fence must hold after reopening, got {other:?}"),
+    }
+    let (rev, kv) = dump(&*store);
+    assert_eq!(rev, 10);
+    assert_eq!(
+        kv,
+        vec![
+            ("a".to_string(), b"1".to_vec()),
+            ("b".to_string(), b"2".to_vec())
+        ],
+        "a fenced batch wrote nothing"
+    );
+}

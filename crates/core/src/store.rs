@@ -129,7 +129,10 @@ impl MemStore {
 impl Store for MemStore {
     async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
         if self.failing.load(Ordering::SeqCst) {
-            return Err(StoreError::Unavailable("injected failure".into()));
+            return Err(StoreError::disk(
+                "injected failure",
+                std::io::Error::from(std::io::ErrorKind::StorageFull),
+            ));
         }
         let mut guard = self.data.lock();
         let (rev, map) = &mut *guard;

@@ -245,10 +245,13 @@ async fn failed_commit_is_neither_acknowledged_nor_published() {
     let r = open_with(store.clone(), CoreConfig::default()).await;
     r.register(reg("a", "x", 0)).await.unwrap();
     store.set_failing(true);
-    assert!(matches!(
-        r.register(reg("a", "y", 0)).await,
-        Err(CoreError::Store(_))
-    ));
+    // The caller learns what the disk said (a full disk stays a full disk).
+    match r.register(reg("a", "y", 0)).await {
+        Err(CoreError::Store(e)) => {
+            assert_eq!(e.io_kind(), Some(std::io::ErrorKind::StorageFull), "{e}")
+        }
+        other => panic!("{other:?}"),
+    }
     assert_eq!(r.get(&svc("a"), false).instances.len(), 1);
     assert_eq!(r.revision(), 1);
     store.set_failing(false);

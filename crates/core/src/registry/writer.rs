@@ -143,11 +143,8 @@ impl Writer {
                 tracing::error!(error = %e, ops = n_ops, "store commit failed; writes not acknowledged");
                 self.core.metrics.commit_failures.inc();
                 self.release(p.states);
-                let msg = e.to_string();
                 for req in requests {
-                    let _ = req
-                        .reply
-                        .send(Err(CoreError::Store(StoreError::Unavailable(msg.clone()))));
+                    let _ = req.reply.send(Err(CoreError::Store(copy_of(&e))));
                 }
                 return;
             }
@@ -478,5 +475,26 @@ impl Writer {
                 reason,
             },
         })
+    }
+}
+
+/// A copy of a commit's error for each caller it fails, keeping the I/O error's kind (a full
+/// disk stays `StorageFull` all the way to the adapters).
+fn copy_of(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::Disk { context, source } => StoreError::disk(
+            context.clone(),
+            std::io::Error::new(source.kind(), source.to_string()),
+        ),
+        StoreError::Io(m) => StoreError::Io(m.clone()),
+        StoreError::Corrupt { key, reason } => StoreError::Corrupt {
+            key: key.clone(),
+            reason: reason.clone(),
+        },
+        StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
+        StoreError::Fenced { revision, last } => StoreError::Fenced {
+            revision: *revision,
+            last: *last,
+        },
     }
 }

@@ -346,4 +346,25 @@ mod tests {
         assert_eq!(v["hosts"].as_array().unwrap().len(), 2);
         assert_eq!(v["name"], "DEFAULT_GROUP@@orders");
     }
+
+    /// An answer that fails to encode is an error of class `Internal` (a 500, Nacos code 500),
+    /// counted, never an empty body.
+    #[test]
+    fn encode_failures_are_errors_and_counted() {
+        struct Unencodable;
+        impl serde::Serialize for Unencodable {
+            fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+                Err(serde::ser::Error::custom("refused"))
+            }
+        }
+        let m = NacosMetrics::default();
+        let e = encode_json(&m, "test", &Unencodable).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Internal);
+        assert_eq!(e.kind().http_status(), 500);
+        assert_eq!(m.encode_failures.get(), 1);
+        use axum::response::IntoResponse;
+        assert_eq!(e.into_response().status().as_u16(), 500);
+        let ok = encode_json(&m, "test", &serde_json::json!({"a": 1})).unwrap();
+        assert_eq!(ok, br#"{"a":1}"#);
+    }
 }

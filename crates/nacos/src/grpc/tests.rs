@@ -3,6 +3,7 @@
 //! or an `ErrorResponse` with a 4xx-class (or Nacos "no handler") code — no panic, never a 5xx.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
@@ -177,4 +178,32 @@ fn arbitrary_fields_in_real_shapes_get_an_answer_or_a_client_error() {
             (k.to_string(), serde_json::to_vec(&body).unwrap())
         });
     run(shaped);
+}
+
+/// A request type the adapter does not know is counted as `unsupported`, whatever its body:
+/// a client's free text never becomes a metrics label (the label set would grow without
+/// bound).
+#[test]
+fn unknown_request_types_do_not_become_metric_labels() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = crate::NacosMetrics::register(&mut registry);
+    let (_stop_tx, stop) = watch::channel(false);
+    let api = rt.block_on(async {
+        let mut adapter = test_adapter().await;
+        Arc::get_mut(&mut adapter).expect("not shared yet").metrics = metrics;
+        Api::new(adapter, stop)
+    });
+    let addr = SocketAddr::from(([127, 0, 0, 1], 40001));
+    for body in [&b"{not json"[..], b"{}"] {
+        let answer = rt.block_on(api.handle(addr, "Made-Up-Type-12345", body));
+        assert_eq!(answer.kind(), "ErrorResponse");
+    }
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    assert!(!text.contains("Made-Up-Type-12345"), "{text}");
+    assert!(text.contains("request=\"unsupported\""), "{text}");
 }

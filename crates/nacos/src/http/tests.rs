@@ -118,20 +118,35 @@ async fn persistent_instances_add_a_tcp_check_only_where_there_is_none() {
     assert_eq!(kept.http_path, "/health");
 }
 
-/// Instances report their lease as their beat timeout, not a fixed 15 s.
+/// Instances report the configured beat timeout (their lease), not a fixed 15 s: an
+/// ephemeral one its lease, a persistent one the configured HTTP beat timeout.
 #[tokio::test]
-async fn instances_report_their_real_beat_timeout() {
-    let a = test_adapter().await;
-    let p = [("serviceName", "t"), ("ip", "10.0.0.1"), ("port", "1")];
-    call(&a, instance::register, &p).await.unwrap();
+async fn instances_report_the_configured_beat_timeout() {
+    let mut a = test_adapter().await;
+    Arc::get_mut(&mut a)
+        .expect("not shared yet")
+        .config
+        .http_beat_timeout = std::time::Duration::from_secs(7);
+    for (ip, ephemeral) in [("10.0.0.1", "true"), ("10.0.0.2", "false")] {
+        let p = [
+            ("serviceName", "t"),
+            ("ip", ip),
+            ("port", "1"),
+            ("ephemeral", ephemeral),
+        ];
+        call(&a, instance::register, &p).await.unwrap();
+    }
     let r = call(&a, instance::list, &[("serviceName", "t")])
         .await
         .unwrap();
     let body = axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap();
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    let want = a.config.http_beat_timeout.as_millis() as u64;
-    assert_eq!(v["hosts"][0]["instanceHeartBeatTimeOut"], want);
-    assert_eq!(v["hosts"][0]["ipDeleteTimeout"], want);
+    let hosts = v["hosts"].as_array().unwrap();
+    assert_eq!(hosts.len(), 2, "{v}");
+    for h in hosts {
+        assert_eq!(h["instanceHeartBeatTimeOut"], 7000, "{h}");
+        assert_eq!(h["ipDeleteTimeout"], 7000, "{h}");
+    }
 }
 
 /// The operator figures are the host's where it tells them, never a made-up 0.

@@ -10,7 +10,8 @@ the flow checks what the Nacos client did (and flips an instance's health native
 The flow: register with automatic heartbeats; list with healthyOnly and clusters filters; get
 one instance; modify weight, metadata and enabled; send_heartbeat (and its answer), a beat that
 re-registers an unknown instance, a light beat answering 20404; a non-public namespace;
-service create / get / list / update (protectThreshold) / delete; deregistration; the raw
+register / modify / beat / deregister without a cluster (the instance really gone); service
+create / get / list / update (protectThreshold) / delete; deregistration; the raw
 register / list / beat / deregister requests of the Java 1.4 client (parameters in the query
 string with an empty form body, and in a form body); bad input answered 400 with a message;
 an instance kept alive by beats past its lease, and one without beats gone (or unhealthy).
@@ -258,6 +259,7 @@ class Flow:
         check_eq((r.status, r.json().get("code")), (200, 10200), f"light beat for a known instance: {r!r}")
 
         self.namespace_flow()
+        self.no_cluster_flow()
         self.service_flow()
         self.java_flow()
         self.bad_input_flow()
@@ -292,6 +294,33 @@ class Flow:
         log(f"PASS: v1 HTTP flow ({time.monotonic() - started:.1f}s)")
 
     # -----------------------------------------------------------------------------------------
+
+    def no_cluster_flow(self):
+        """The SDK without a cluster: `add_naming_instance` sends `clusterName=None` (Python's
+        None, url-encoded), while modify, send_heartbeat and remove send no cluster at all.
+        Nacos 2.x finds an HTTP client's instance by ip:port whatever its cluster."""
+        svc = f"py-v1-nocluster-{self.run}"
+        ip, port = "127.0.0.45", 8085
+        step(f"{svc}: register, modify, beat and remove without a cluster")
+        ok = self.sdk("add_naming_instance", self.client.add_naming_instance, svc, ip, port,
+                      ephemeral=True)
+        check_eq(ok, True, "add_naming_instance without a cluster")
+        hosts = self.list(svc)
+        registered_as = one(hosts, ip, port, "list after registering without a cluster").get("clusterName")
+        log(f"    registered in cluster {registered_as!r}")
+        ok = self.sdk("modify_naming_instance", self.client.modify_naming_instance, svc, ip, port,
+                      weight=4.0)
+        check_eq(ok, True, "modify_naming_instance without a cluster")
+        h = one(self.list(svc), ip, port, "list after modify without a cluster")
+        check(approx(h.get("weight"), 4.0), f"weight after modify without a cluster: {h.get('weight')!r}")
+        beat = self.sdk("send_heartbeat", self.client.send_heartbeat, svc, ip, port, weight=4.0)
+        check_eq(beat.get("code"), 10200, f"beat without a cluster {beat}")
+        check_eq(addrs(self.list(svc)), [(ip, port)],
+                 "one instance after a beat without a cluster (not a second one in DEFAULT)")
+        ok = self.sdk("remove_naming_instance", self.client.remove_naming_instance, svc, ip, port)
+        check_eq(ok, True, "remove_naming_instance without a cluster")
+        check_eq(self.list(svc), [], "list after removing without a cluster")
+        check_eq(self.native.instances("public", svc), [], "native after removing without a cluster")
 
     def namespace_flow(self):
         ns = f"py-v1-ns-{self.run}"

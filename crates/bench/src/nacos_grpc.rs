@@ -38,19 +38,12 @@ pub const SEQ_KEY: &str = "benchSeq";
 /// Largest message accepted (a push carries a whole service).
 const MAX_MESSAGE: usize = 64 << 20;
 
-/// A Nacos payload: `metadata.type` names the JSON `body`.
+/// A Nacos payload: `metadata.type` names the JSON `body` (the proto crate's one envelope
+/// builder).
 pub fn payload(kind: &str, body: &Value) -> pb::Payload {
-    pb::Payload {
-        metadata: Some(pb::Metadata {
-            r#type: kind.to_string(),
-            client_ip: "127.0.0.1".into(),
-            headers: Default::default(),
-        }),
-        body: Some(prost_types::Any {
-            type_url: String::new(),
-            value: serde_json::to_vec(body).unwrap_or_default(),
-        }),
-    }
+    // A `Value` always encodes (its keys are strings).
+    let body = serde_json::to_vec(body).expect("a JSON value encodes");
+    pb::Payload::envelope(kind, body).with_client_ip("127.0.0.1")
 }
 
 /// A connection to a Nacos server's gRPC port, after `ServerCheckRequest` (which answered with

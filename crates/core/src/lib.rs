@@ -57,8 +57,8 @@ impl Default for CoreConfig {
     }
 }
 
-/// Everything that can go wrong in a registry operation. Adapters map each variant to one
-/// HTTP status and one gRPC code.
+/// Everything that can go wrong in a registry operation. Adapters do not map the variants
+/// themselves: [`CoreError::kind`] gives the one [`ErrorKind`] each stands for.
 #[derive(Debug, thiserror::Error)]
 pub enum CoreError {
     #[error(transparent)]
@@ -71,5 +71,151 @@ pub enum CoreError {
     ShuttingDown,
 }
 
+impl CoreError {
+    /// The class of this error, which fixes its HTTP status, gRPC code and Nacos code.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            CoreError::Invalid(_) => ErrorKind::Invalid,
+            CoreError::NotFound(_) => ErrorKind::NotFound,
+            // Whatever the store's reason, the write was not made durable: retry later.
+            CoreError::Store(_) => ErrorKind::Unavailable,
+            CoreError::ShuttingDown => ErrorKind::ShuttingDown,
+        }
+    }
+}
+
+/// The class of an error as every adapter reports it: the one table from an error to its HTTP
+/// status, gRPC code, Nacos error code and metrics label. Numbers, not the `http` / `tonic`
+/// types, so that the core stays free of protocol crates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// Bad input; the message names the field.
+    Invalid,
+    NotFound,
+    /// A request body or message over the configured limit.
+    TooLarge,
+    /// A request this server does not implement (e.g. the Nacos config center).
+    Unsupported,
+    /// Not done, retry: the store refused the write.
+    Unavailable,
+    /// Not done: the server is stopping.
+    ShuttingDown,
+    /// A bug or an impossible state on the server (e.g. an answer that failed to encode).
+    Internal,
+}
+
+/// gRPC's canonical status codes used here (numbers from `grpc/status.proto`).
+mod grpc_code {
+    pub const INVALID_ARGUMENT: i32 = 3;
+    pub const NOT_FOUND: i32 = 5;
+    pub const RESOURCE_EXHAUSTED: i32 = 8;
+    pub const UNIMPLEMENTED: i32 = 12;
+    pub const INTERNAL: i32 = 13;
+    pub const UNAVAILABLE: i32 = 14;
+}
+
+impl ErrorKind {
+    /// Every kind, for tests and tables.
+    pub const ALL: [ErrorKind; 7] = [
+        ErrorKind::Invalid,
+        ErrorKind::NotFound,
+        ErrorKind::TooLarge,
+        ErrorKind::Unsupported,
+        ErrorKind::Unavailable,
+        ErrorKind::ShuttingDown,
+        ErrorKind::Internal,
+    ];
+
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorKind::Invalid => 400,
+            ErrorKind::NotFound => 404,
+            ErrorKind::TooLarge => 413,
+            ErrorKind::Unsupported => 501,
+            ErrorKind::Unavailable | ErrorKind::ShuttingDown => 503,
+            ErrorKind::Internal => 500,
+        }
+    }
+
+    /// The gRPC status code, as its number (`tonic::Code::from(n)`).
+    pub fn grpc_code(self) -> i32 {
+        match self {
+            ErrorKind::Invalid => grpc_code::INVALID_ARGUMENT,
+            ErrorKind::NotFound => grpc_code::NOT_FOUND,
+            ErrorKind::TooLarge => grpc_code::RESOURCE_EXHAUSTED,
+            ErrorKind::Unsupported => grpc_code::UNIMPLEMENTED,
+            ErrorKind::Unavailable | ErrorKind::ShuttingDown => grpc_code::UNAVAILABLE,
+            ErrorKind::Internal => grpc_code::INTERNAL,
+        }
+    }
+
+    /// The `errorCode` of a Nacos 2.x error response. Nacos' codes are HTTP-like (400 bad
+    /// parameter, 404, 500 server error, 501, 503 over threshold / unavailable).
+    pub fn nacos_code(self) -> u16 {
+        self.http_status()
+    }
+
+    /// The `outcome` label of request metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            ErrorKind::Invalid => "invalid",
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::TooLarge => "too_large",
+            ErrorKind::Unsupported => "unsupported",
+            ErrorKind::Unavailable => "unavailable",
+            ErrorKind::ShuttingDown => "shutting_down",
+            ErrorKind::Internal => "internal",
+        }
+    }
+
+    /// The kind an HTTP status stands for (for errors made outside the core, e.g. a rejected
+    /// body); an unknown 4xx is `Invalid`, anything else `Internal`.
+    pub fn from_http_status(status: u16) -> Self {
+        match status {
+            404 => ErrorKind::NotFound,
+            413 => ErrorKind::TooLarge,
+            501 => ErrorKind::Unsupported,
+            503 => ErrorKind::Unavailable,
+            400..=499 => ErrorKind::Invalid,
+            _ => ErrorKind::Internal,
+        }
+    }
+
+    /// The kind a gRPC status code stands for, so a gRPC call's metrics carry the HTTP status
+    /// of its class (a store failure counts as 503, not as bad input).
+    pub fn from_grpc_code(code: i32) -> Self {
+        match code {
+            grpc_code::NOT_FOUND => ErrorKind::NotFound,
+            grpc_code::RESOURCE_EXHAUSTED => ErrorKind::TooLarge,
+            grpc_code::UNIMPLEMENTED => ErrorKind::Unsupported,
+            grpc_code::UNAVAILABLE => ErrorKind::Unavailable,
+            // INVALID_ARGUMENT, FAILED_PRECONDITION, OUT_OF_RANGE, ALREADY_EXISTS: the
+            // caller's request was wrong.
+            3 | 6 | 9 | 11 => ErrorKind::Invalid,
+            _ => ErrorKind::Internal,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod error_kind_tests {
+    use super::*;
+
+    /// The HTTP status and gRPC code of a kind lead back to a kind with the same answers, so
+    /// an error converted between protocols (e.g. for metrics) keeps its class.
+    #[test]
+    fn kinds_survive_the_trip_through_status_and_code() {
+        for k in ErrorKind::ALL {
+            let via_http = ErrorKind::from_http_status(k.http_status());
+            let via_grpc = ErrorKind::from_grpc_code(k.grpc_code());
+            assert_eq!(via_http.http_status(), k.http_status(), "{k:?}");
+            assert_eq!(via_grpc.http_status(), k.http_status(), "{k:?}");
+            assert_eq!(via_grpc.grpc_code(), k.grpc_code(), "{k:?}");
+        }
+        assert_eq!(CoreError::ShuttingDown.kind().http_status(), 503);
+        assert_eq!(CoreError::NotFound("x".into()).kind().grpc_code(), 5);
+    }
+}

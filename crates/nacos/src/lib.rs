@@ -7,6 +7,10 @@
 //! state of its own, only what is bound to a live gRPC connection: which ephemeral instances the
 //! connection registered (their leases are renewed while it lives, so they lapse a short grace
 //! after it drops) and which services it subscribed to (pushed through the core's own fan-out).
+//!
+//! This file owns what both protocol halves share: the settings, the error type and its class
+//! (through the core's [`ErrorKind`] table), the [`Adapter`] state handed to every handler, the
+//! cache of encoded answers and the one JSON encoder that counts its failures.
 #![forbid(unsafe_code)]
 
 pub mod grpc;
@@ -22,7 +26,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use sextant_core::model::{Revision, ServiceKey};
 
-use sextant_core::{CoreError, Registry};
+use sextant_core::{CoreError, ErrorKind, Registry};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -39,6 +43,9 @@ pub struct NacosConfig {
     pub http_beat_timeout: Duration,
     /// Largest HTTP request body.
     pub max_body_bytes: usize,
+    /// Whether the health scanner runs (what `/operator/switches` reports as
+    /// `healthCheckEnabled`).
+    pub health_checks: bool,
 }
 
 impl Default for NacosConfig {
@@ -47,12 +54,13 @@ impl Default for NacosConfig {
             connection_grace: Duration::from_secs(5),
             http_beat_timeout: Duration::from_secs(15),
             max_body_bytes: 4 * 1024 * 1024,
+            health_checks: true,
         }
     }
 }
 
-/// A Nacos request that cannot be served. Each maps to one HTTP status (1.x) and one error
-/// code in a gRPC response (2.x).
+/// A Nacos request that cannot be served. Its class ([`NacosError::kind`], the core's table)
+/// gives the HTTP status (1.x) and the `errorCode` of a gRPC response (2.x).
 #[derive(Debug, thiserror::Error)]
 pub enum NacosError {
     #[error("Param '{0}' is required")]
@@ -61,12 +69,16 @@ pub enum NacosError {
     Invalid { field: &'static str, reason: String },
     #[error("{0}")]
     NotFound(String),
+    /// Nacos answers "already exists" / "not empty" with 400, not 409.
     #[error("{0}")]
     Conflict(String),
     #[error("{0}")]
     Unsupported(String),
     #[error(transparent)]
     Core(#[from] CoreError),
+    /// An answer that could not be encoded: a bug, answered 500 rather than an empty body.
+    #[error("could not encode the answer: {0}")]
+    Encode(#[source] serde_json::Error),
 }
 
 impl NacosError {
@@ -81,27 +93,16 @@ impl NacosError {
         }
     }
 
-    /// The HTTP status of the 1.x API; also the `errorCode` of a 2.x response.
-    pub fn status(&self) -> u16 {
+    /// The class of the error, which fixes its status, Nacos code and metrics label.
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            NacosError::Missing(_) | NacosError::Invalid { .. } | NacosError::Conflict(_) => 400,
-            NacosError::NotFound(_) => 404,
-            NacosError::Unsupported(_) => 501,
-            NacosError::Core(e) => match e {
-                CoreError::Invalid(_) => 400,
-                CoreError::NotFound(_) => 404,
-                CoreError::Store(_) | CoreError::ShuttingDown => 503,
-            },
-        }
-    }
-
-    /// Outcome label for metrics.
-    pub fn label(&self) -> &'static str {
-        match self.status() {
-            400 => "invalid",
-            404 => "not_found",
-            501 => "unsupported",
-            _ => "unavailable",
+            NacosError::Missing(_) | NacosError::Invalid { .. } | NacosError::Conflict(_) => {
+                ErrorKind::Invalid
+            }
+            NacosError::NotFound(_) => ErrorKind::NotFound,
+            NacosError::Unsupported(_) => ErrorKind::Unsupported,
+            NacosError::Core(e) => e.kind(),
+            NacosError::Encode(_) => ErrorKind::Internal,
         }
     }
 }
@@ -123,14 +124,14 @@ impl NacosServer {
         grpc: TcpListener,
         stop: watch::Receiver<bool>,
     ) -> Self {
-        let shared = Arc::new(Shared {
+        let adapter = Arc::new(Adapter {
             registry,
             config,
             metrics,
             infos: InfoCache::default(),
         });
-        let http = tokio::spawn(http::serve(shared.clone(), http, stop.clone()));
-        let grpc = tokio::spawn(grpc::serve(shared, grpc, stop));
+        let http = tokio::spawn(http::serve(adapter.clone(), http, stop.clone()));
+        let grpc = tokio::spawn(grpc::serve(adapter, grpc, stop));
         Self { http, grpc }
     }
 
@@ -141,12 +142,19 @@ impl NacosServer {
     }
 }
 
-/// What both protocol halves share.
-pub(crate) struct Shared {
+/// The adapter's state, handed to every handler of both protocol halves.
+pub(crate) struct Adapter {
     pub registry: Registry,
     pub config: NacosConfig,
     pub metrics: NacosMetrics,
     pub infos: InfoCache,
+}
+
+impl Adapter {
+    /// The beat timeout persistent instances report, in ms (the configured HTTP one).
+    pub(crate) fn beat_timeout_ms(&self) -> u64 {
+        u64::try_from(self.config.http_beat_timeout.as_millis()).unwrap_or(u64::MAX)
+    }
 }
 
 /// Most encodings kept; past it the cache starts over (entries are rebuilt on demand).
@@ -161,13 +169,21 @@ pub(crate) struct InfoCache {
 }
 
 impl InfoCache {
-    pub fn get(&self, registry: &Registry, key: &ServiceKey, opts: &mapping::InfoOptions) -> Bytes {
+    /// The encoded `ServiceInfo` of `key` built as `opts` says, from the cache while the
+    /// service has not changed.
+    pub fn get(
+        &self,
+        registry: &Registry,
+        metrics: &NacosMetrics,
+        key: &ServiceKey,
+        opts: &mapping::InfoOptions,
+    ) -> Result<Bytes, NacosError> {
         let variant = opts.variant();
         let rev = registry.service_revision(key);
         let cache_key = (key.clone(), variant);
         if let Some((r, bytes)) = self.map.lock().get(&cache_key) {
             if *r == rev {
-                return bytes.clone();
+                return Ok(bytes.clone());
             }
         }
         let view = registry.get(key, false);
@@ -175,21 +191,39 @@ impl InfoCache {
             now_ms: now_ms(),
             ..opts.clone()
         };
-        let bytes = Bytes::from(
-            serde_json::to_vec(&mapping::service_info(&view, &opts)).unwrap_or_default(),
-        );
+        let bytes = Bytes::from(encode_json(
+            metrics,
+            "ServiceInfo",
+            &mapping::service_info(&view, &opts),
+        )?);
         let mut map = self.map.lock();
         if map.len() >= INFO_CACHE_ENTRIES {
             map.clear();
         }
         map.insert(cache_key, (view.revision, bytes.clone()));
-        bytes
+        Ok(bytes)
     }
+}
+
+/// Encodes an answer. A failure is a bug (every answer is built from strings and numbers), so
+/// it is logged and counted (`sextant_nacos_encode_failures`) and answered as a 500-class
+/// error — never sent as an empty body.
+pub(crate) fn encode_json<T: serde::Serialize + ?Sized>(
+    metrics: &NacosMetrics,
+    what: &'static str,
+    value: &T,
+) -> Result<Vec<u8>, NacosError> {
+    serde_json::to_vec(value).map_err(|e| {
+        metrics.encode_failures.inc();
+        tracing::error!(what, error = %e, "could not encode a Nacos answer");
+        NacosError::Encode(e)
+    })
 }
 
 /// Nacos health-checks persistent instances on the server (TCP by default). When a Nacos client
 /// registers one into a service that has no check yet, Sextant's scanner gets a TCP check for
-/// the service; a check set natively or by an operator is left alone.
+/// the service (logged); a check set natively or by an operator is left alone, whatever its
+/// kind. README and ARCHITECTURE (Nacos sections) say so.
 pub(crate) async fn ensure_checked(
     registry: &Registry,
     key: &sextant_core::model::ServiceKey,
@@ -208,8 +242,8 @@ pub(crate) async fn ensure_checked(
     Ok(())
 }
 
-/// Applies `ops` in one commit; removing what is already gone is not an error in Nacos.
-pub(crate) async fn apply(
+/// Commits `ops` in one batch; removing what is already gone is not an error in Nacos.
+pub(crate) async fn commit_ignoring_missing(
     registry: &Registry,
     ops: Vec<sextant_core::Op>,
 ) -> Result<(), NacosError> {
@@ -232,6 +266,24 @@ pub(crate) fn now_ms() -> u64 {
 /// Seconds of a lease, at least one.
 pub(crate) fn lease_seconds(d: Duration) -> u32 {
     u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX)
+}
+
+/// An adapter on an in-memory registry, for unit tests of the handlers.
+#[cfg(test)]
+pub(crate) async fn test_adapter() -> Arc<Adapter> {
+    let registry = Registry::open(
+        Arc::new(sextant_core::MemStore::new()),
+        sextant_core::CoreConfig::default(),
+        sextant_core::CoreMetrics::default(),
+    )
+    .await
+    .expect("an in-memory registry opens");
+    Arc::new(Adapter {
+        registry,
+        config: NacosConfig::default(),
+        metrics: NacosMetrics::default(),
+        infos: InfoCache::default(),
+    })
 }
 
 #[cfg(test)]
@@ -275,19 +327,44 @@ mod tests {
             ..Default::default()
         };
         registry.register(reg(&key, 80)).await.unwrap();
-        let a = cache.get(&registry, &key, &opts);
-        let b = cache.get(&registry, &key, &opts);
+        let m = NacosMetrics::default();
+        let a = cache.get(&registry, &m, &key, &opts).unwrap();
+        let b = cache.get(&registry, &m, &key, &opts).unwrap();
         // Same allocation: the second answer was not encoded again.
         assert_eq!(a.as_ptr(), b.as_ptr());
         let other = mapping::InfoOptions {
             healthy_only: true,
             ..opts.clone()
         };
-        assert_ne!(cache.get(&registry, &key, &other).as_ptr(), a.as_ptr());
+        assert_ne!(
+            cache.get(&registry, &m, &key, &other).unwrap().as_ptr(),
+            a.as_ptr()
+        );
         registry.register(reg(&key, 81)).await.unwrap();
-        let c = cache.get(&registry, &key, &opts);
+        let c = cache.get(&registry, &m, &key, &opts).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&c).unwrap();
         assert_eq!(v["hosts"].as_array().unwrap().len(), 2);
         assert_eq!(v["name"], "DEFAULT_GROUP@@orders");
+    }
+
+    /// An answer that fails to encode is an error of class `Internal` (a 500, Nacos code 500),
+    /// counted, never an empty body.
+    #[test]
+    fn encode_failures_are_errors_and_counted() {
+        struct Unencodable;
+        impl serde::Serialize for Unencodable {
+            fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+                Err(serde::ser::Error::custom("refused"))
+            }
+        }
+        let m = NacosMetrics::default();
+        let e = encode_json(&m, "test", &Unencodable).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Internal);
+        assert_eq!(e.kind().http_status(), 500);
+        assert_eq!(m.encode_failures.get(), 1);
+        use axum::response::IntoResponse;
+        assert_eq!(e.into_response().status().as_u16(), 500);
+        let ok = encode_json(&m, "test", &serde_json::json!({"a": 1})).unwrap();
+        assert_eq!(ok, br#"{"a":1}"#);
     }
 }

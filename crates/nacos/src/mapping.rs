@@ -24,6 +24,8 @@ pub const PUBLIC: &str = "public";
 const SEPARATOR: &str = "@@";
 /// Nacos' largest weight that maps onto Sextant's 0-10000 (× 100).
 pub const MAX_NACOS_WEIGHT: f64 = 100.0;
+/// How often 1.x clients should beat, in ms (Nacos' default).
+pub const BEAT_INTERVAL_MILLIS: u64 = 5000;
 /// The protocol Sextant records for Nacos-registered instances (Nacos has none).
 const NACOS_PROTOCOL: &str = "tcp";
 
@@ -190,6 +192,25 @@ pub fn find_instance(
         })
 }
 
+/// Finds the instance an HTTP (1.x API) client means by its address. Nacos 2.x servers know an
+/// HTTP client's instance by ip:port within the service, whatever its cluster: the old Python
+/// SDK registers cluster `None` when given none and then deregisters, beats and modifies
+/// without a cluster. So the named cluster is preferred when given, and otherwise (or when
+/// nothing matches it) the instance at ip:port in any cluster is the one.
+pub fn find_by_address(
+    registry: &Registry,
+    key: &ServiceKey,
+    ip: &str,
+    port: u16,
+    cluster: Option<&str>,
+) -> Option<Instance> {
+    let named = cluster.map(str::trim).filter(|c| !c.is_empty());
+    named
+        .and_then(|c| find_instance(registry, key, ip, port, c))
+        .or_else(|| find_instance(registry, key, ip, port, DEFAULT_CLUSTER))
+        .or_else(|| registry.find_instance(key, |i| i.spec.port == port && i.spec.host == ip))
+}
+
 /// What a Nacos client registers.
 #[derive(Debug, Clone)]
 pub struct NacosRegistration {
@@ -268,9 +289,21 @@ pub struct NacosInstance {
 }
 
 impl NacosInstance {
-    pub fn from_sextant(i: &Instance, svc: &NacosService, force_healthy: bool) -> Self {
+    /// `default_timeout_ms` is what a persistent instance (no lease) reports as its beat
+    /// timeout; an ephemeral one reports its own lease, which is when Sextant removes it.
+    pub fn from_sextant(
+        i: &Instance,
+        svc: &NacosService,
+        force_healthy: bool,
+        default_timeout_ms: u64,
+    ) -> Self {
         let cluster = cluster_of(&i.spec).to_string();
         let grouped = svc.grouped();
+        let timeout_ms = if i.ttl_seconds > 0 {
+            u64::from(i.ttl_seconds) * 1000
+        } else {
+            default_timeout_ms
+        };
         Self {
             instance_id: format!("{}#{}#{}#{}", i.spec.host, i.spec.port, cluster, grouped),
             ip: i.spec.host.to_string(),
@@ -287,9 +320,10 @@ impl NacosInstance {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-            instance_heart_beat_interval: 5000,
-            instance_heart_beat_time_out: 15000,
-            ip_delete_timeout: 30000,
+            instance_heart_beat_interval: BEAT_INTERVAL_MILLIS,
+            instance_heart_beat_time_out: timeout_ms,
+            // Sextant removes an ephemeral instance when its lease lapses, not later.
+            ip_delete_timeout: timeout_ms,
             instance_id_generator: "simple",
         }
     }
@@ -326,6 +360,8 @@ pub struct InfoOptions {
     pub healthy_only: bool,
     pub cache_millis: u64,
     pub now_ms: u64,
+    /// The beat timeout persistent instances report (the configured HTTP beat timeout).
+    pub beat_timeout_ms: u64,
 }
 
 /// The parts of [`InfoOptions`] that change the encoding (all but the time).
@@ -335,6 +371,7 @@ pub struct InfoVariant {
     clusters: Vec<String>,
     healthy_only: bool,
     cache_millis: u64,
+    beat_timeout_ms: u64,
 }
 
 impl InfoOptions {
@@ -344,6 +381,7 @@ impl InfoOptions {
             clusters: self.clusters.clone(),
             healthy_only: self.healthy_only,
             cache_millis: self.cache_millis,
+            beat_timeout_ms: self.beat_timeout_ms,
         }
     }
 }
@@ -366,7 +404,7 @@ pub fn service_info(view: &ServiceView, opts: &InfoOptions) -> ServiceInfo {
     let protected = view.config.protection_active(serving, in_clusters.len());
     let hosts = in_clusters
         .into_iter()
-        .map(|i| NacosInstance::from_sextant(i, &svc, protected))
+        .map(|i| NacosInstance::from_sextant(i, &svc, protected, opts.beat_timeout_ms))
         .filter(|h| !opts.healthy_only || h.serving())
         .collect();
     ServiceInfo {

@@ -26,18 +26,28 @@ pub struct NacosMetrics {
     pub push_acks: Counter,
     /// From the core publishing a change to its push being handed to the connection.
     pub push_latency: Histogram,
+    /// Answers that failed to encode (a bug; each was answered with a 500-class error).
+    pub encode_failures: Counter,
 }
 
-impl NacosMetrics {
-    pub fn register(registry: &mut Registry) -> Self {
-        let m = Self {
+impl Default for NacosMetrics {
+    /// Metrics registered nowhere (tests).
+    fn default() -> Self {
+        Self {
             requests: Family::default(),
             connections: Gauge::default(),
             subscriptions: Gauge::default(),
             pushes: Counter::default(),
             push_acks: Counter::default(),
             push_latency: Histogram::new(exponential_buckets(0.00005, 2.0, 18)),
-        };
+            encode_failures: Counter::default(),
+        }
+    }
+}
+
+impl NacosMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
         let r = registry.sub_registry_with_prefix("sextant_nacos");
         r.register(
             "requests",
@@ -69,9 +79,15 @@ impl NacosMetrics {
             "From a change being published to its push being queued on the connection",
             m.push_latency.clone(),
         );
+        r.register(
+            "encode_failures",
+            "Nacos answers that failed to encode and were answered with a 500-class error",
+            m.encode_failures.clone(),
+        );
         m
     }
 
+    /// Counts one request; `outcome` is `ok` or an [`sextant_core::ErrorKind`] label.
     pub fn request(&self, protocol: &'static str, request: &str, outcome: &'static str) {
         self.requests
             .get_or_create(&RequestLabels {

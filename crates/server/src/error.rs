@@ -1,8 +1,9 @@
-//! One error type for both native APIs: each kind maps to one HTTP status and one gRPC code.
+//! One error type for both native APIs. Its HTTP status and gRPC code come from the core's
+//! [`ErrorKind`] table, the same one the Nacos adapter and the metrics use.
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use sextant_core::{model::InvalidField, CoreError};
+use sextant_core::{model::InvalidField, CoreError, ErrorKind};
 
 #[derive(Debug, Clone)]
 pub struct ApiError {
@@ -37,35 +38,33 @@ impl From<InvalidField> for ApiError {
 
 impl From<CoreError> for ApiError {
     fn from(e: CoreError) -> Self {
-        match e {
-            CoreError::Invalid(f) => f.into(),
-            CoreError::NotFound(what) => ApiError::not_found(format!("{what} not found")),
-            CoreError::Store(s) => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                format!("write not durable, retry: {s}"),
-            ),
-            CoreError::ShuttingDown => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                "server is shutting down",
-            ),
-        }
+        let kind = e.kind();
+        let status =
+            StatusCode::from_u16(kind.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let message = match e {
+            CoreError::Invalid(f) => f.to_string(),
+            CoreError::NotFound(what) => format!("{what} not found"),
+            CoreError::Store(s) => format!("write not durable, retry: {s}"),
+            CoreError::ShuttingDown => "server is shutting down".to_string(),
+        };
+        // The wire code of the native APIs: clients match on it, so shutting down stays
+        // `unavailable` as before.
+        let code = match kind {
+            ErrorKind::Invalid => "invalid_argument",
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::Unavailable | ErrorKind::ShuttingDown => "unavailable",
+            ErrorKind::TooLarge => "too_large",
+            ErrorKind::Unsupported => "unsupported",
+            ErrorKind::Internal => "internal",
+        };
+        ApiError::new(status, code, message)
     }
 }
 
 impl From<ApiError> for tonic::Status {
     fn from(e: ApiError) -> Self {
-        let code = match e.status {
-            StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY => {
-                tonic::Code::InvalidArgument
-            }
-            StatusCode::NOT_FOUND => tonic::Code::NotFound,
-            StatusCode::PAYLOAD_TOO_LARGE => tonic::Code::ResourceExhausted,
-            StatusCode::SERVICE_UNAVAILABLE => tonic::Code::Unavailable,
-            _ => tonic::Code::Internal,
-        };
-        tonic::Status::new(code, e.message)
+        let kind = ErrorKind::from_http_status(e.status.as_u16());
+        tonic::Status::new(tonic::Code::from(kind.grpc_code()), e.message)
     }
 }
 

@@ -312,8 +312,12 @@ fn watch_stream(
 }
 
 impl GrpcApi {
-    fn observe(&self, method: &'static str, started: tokio::time::Instant, ok: bool) {
-        let status = if ok { 200 } else { 400 };
+    /// Labels a call with the HTTP status of its outcome's class (one table, the core's
+    /// `ErrorKind`), so a store failure counts as 503, not as bad input.
+    fn observe(&self, method: &'static str, started: tokio::time::Instant, err: Option<&Status>) {
+        let status = err.map_or(200, |s| {
+            sextant_core::ErrorKind::from_grpc_code(s.code() as i32).http_status()
+        });
         self.node.api_metrics.observe(
             "grpc",
             "POST",
@@ -330,7 +334,7 @@ impl GrpcApi {
     ) -> Result<Response<T>, Status> {
         let started = tokio::time::Instant::now();
         let r = f.await;
-        self.observe(method, started, r.is_ok());
+        self.observe(method, started, r.as_ref().err());
         r.map(Response::new)
     }
 }

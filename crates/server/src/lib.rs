@@ -123,6 +123,7 @@ impl Server {
         let nacos_config = NacosConfig {
             connection_grace: Duration::from_secs(config.nacos_connection_grace_seconds),
             max_body_bytes: config.max_body_bytes,
+            health_checks: config.health_scanner,
             ..NacosConfig::default()
         };
         let grace = Duration::from_secs(config.shutdown_grace_seconds);

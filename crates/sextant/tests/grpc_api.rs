@@ -552,6 +552,16 @@ async fn invalid_arguments_and_not_found() {
     // Only the one valid instance was written.
     let s = c.get_service(get("ns", "svc")).await.unwrap().into_inner();
     assert_eq!(ids(&s), ["present"]);
+
+    // Metrics label each failed call with its class's status (the core's one table), not
+    // 400 for every error: the unknown id's deregistration counts as 404.
+    let metrics = server.api().get("/metrics").await.text;
+    assert!(
+        metrics.lines().any(|l| l.contains("api=\"grpc\"")
+            && l.contains("route=\"Deregister\"")
+            && l.contains("status=\"404\"")),
+        "no gRPC Deregister counted as 404:\n{metrics}"
+    );
 }
 
 #[tokio::test]

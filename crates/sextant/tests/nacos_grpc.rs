@@ -6,29 +6,45 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{json, Value};
 use sextant_proto::nacos::bi_request_stream_client::BiRequestStreamClient;
 use sextant_proto::nacos::request_client::RequestClient;
-use sextant_proto::nacos::{Metadata, Payload};
+use sextant_proto::nacos::Payload;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 fn payload(kind: &str, body: Value) -> Payload {
-    Payload {
-        metadata: Some(Metadata {
-            r#type: kind.into(),
-            client_ip: "127.0.0.1".into(),
-            headers: HashMap::new(),
-        }),
-        body: Some(prost_types::Any {
-            type_url: String::new(),
-            value: serde_json::to_vec(&body).unwrap(),
-        }),
+    Payload::envelope(kind, serde_json::to_vec(&body).unwrap()).with_client_ip("127.0.0.1")
+}
+
+/// The server's count of attached Nacos bi-streams (`sextant_nacos_connections`).
+async fn attached_streams(server: &Server) -> f64 {
+    let metrics = server.api().get("/metrics").await.text;
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("sextant_nacos_connections "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no connection gauge in {metrics}"))
+}
+
+/// Waits (bounded) until the server has attached `n` bi-streams: it registers a stream
+/// asynchronously, after the client's call returned.
+async fn wait_for_streams(server: &Server, n: f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = attached_streams(server).await;
+        if now >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server attached {now} bi-streams, not {n}, within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -48,7 +64,11 @@ struct NacosConn {
 }
 
 impl NacosConn {
-    async fn open(addr: std::net::SocketAddr) -> NacosConn {
+    /// Connects to `server`'s Nacos gRPC port and returns once the server has attached the
+    /// bi-stream.
+    async fn open(server: &Server) -> NacosConn {
+        let (_, addr) = server.nacos.expect("nacos on");
+        let before = attached_streams(server).await;
         let channel = Channel::from_shared(format!("http://{addr}"))
             .unwrap()
             .connect_timeout(Duration::from_secs(5))
@@ -98,8 +118,7 @@ impl NacosConn {
                 }
             }
         });
-        // The stream is registered by the server asynchronously.
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        wait_for_streams(server, before + 1.0).await;
         NacosConn {
             channel,
             unary,
@@ -160,8 +179,7 @@ fn ports(hosts: &[Value]) -> Vec<u64> {
 #[tokio::test]
 async fn bad_requests_get_error_responses_not_failures() {
     let server = Server::start();
-    let (_, grpc) = server.nacos.expect("nacos on");
-    let mut c = NacosConn::open(grpc).await;
+    let mut c = NacosConn::open(&server).await;
 
     let (kind, body) = c.call("NoSuchRequest", json!({"requestId": "7"})).await;
     assert_eq!(kind, "ErrorResponse");
@@ -206,16 +224,7 @@ async fn bad_requests_get_error_responses_not_failures() {
 
     let (kind, body) = parse(
         &c.unary
-            .request(Payload {
-                metadata: Some(Metadata {
-                    r#type: "InstanceRequest".into(),
-                    ..Default::default()
-                }),
-                body: Some(prost_types::Any {
-                    type_url: String::new(),
-                    value: b"{not json".to_vec(),
-                }),
-            })
+            .request(Payload::envelope("InstanceRequest", b"{not json".to_vec()))
             .await
             .unwrap()
             .into_inner(),
@@ -247,16 +256,20 @@ async fn bad_requests_get_error_responses_not_failures() {
 
     // None of it was a server error.
     let metrics = server.api().get("/metrics").await.text;
-    assert!(!metrics.contains("outcome=\"unavailable\""), "{metrics}");
+    for outcome in ["unavailable", "internal", "shutting_down"] {
+        assert!(
+            !metrics.contains(&format!("outcome=\"{outcome}\"")),
+            "{metrics}"
+        );
+    }
 }
 
 #[tokio::test]
 async fn subscribers_see_native_changes_and_instances_of_a_dropped_connection_lapse() {
     let tmp = tempfile::tempdir().unwrap();
     let server = Server::start_with(tmp.path(), &["--nacos-connection-grace-seconds", "1"]);
-    let (_, grpc) = server.nacos.expect("nacos on");
-    let mut watcher = NacosConn::open(grpc).await;
-    let mut owner = NacosConn::open(grpc).await;
+    let mut watcher = NacosConn::open(&server).await;
+    let mut owner = NacosConn::open(&server).await;
 
     let (kind, body) = owner
         .call(
@@ -379,8 +392,7 @@ async fn subscribers_see_native_changes_and_instances_of_a_dropped_connection_la
 async fn a_newer_stream_on_the_same_connection_keeps_its_instances() {
     let tmp = tempfile::tempdir().unwrap();
     let server = Server::start_with(tmp.path(), &["--nacos-connection-grace-seconds", "1"]);
-    let (_, grpc) = server.nacos.expect("nacos on");
-    let mut c = NacosConn::open(grpc).await;
+    let mut c = NacosConn::open(&server).await;
     let (_, body) = c
         .call(
             "InstanceRequest",
@@ -403,7 +415,8 @@ async fn a_newer_stream_on_the_same_connection_keeps_its_instances() {
         .await
         .unwrap()
         .into_inner();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Both streams attached before the first one ends.
+    wait_for_streams(&server, 2.0).await;
     c.reader.abort();
     let _ = (&mut c.reader).await;
     let mut unary = c.unary.clone();

@@ -9,7 +9,8 @@
 //!   vanishing after its client process is SIGKILLed.
 //! - `.venv/nacos-v1`: the old 1.x-line client (`nacos.NacosClient`, Nacos 1.x HTTP Open API)
 //!   runs `v1_http_flow.py`: register with beats, list with healthyOnly and clusters filters,
-//!   get, modify, beats and their answer codes, services, the Java 1.4 client's raw requests,
+//!   get, modify, beats and their answer codes, register / modify / beat / deregister without a
+//!   cluster (the instance really gone), services, the Java 1.4 client's raw requests,
 //!   bad input, and leases kept by beats or lapsing without them.
 //!
 //! A missing venv fails the test (never a silent skip): run `scripts/test.sh`. Every script run

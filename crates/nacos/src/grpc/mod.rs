@@ -1,0 +1,196 @@
+//! The Nacos 2.x gRPC protocol: unary `Request/request` and the `BiRequestStream` a client
+//! keeps open, both carrying `Payload{metadata.type, body: JSON}`.
+//!
+//! A connection is known by its peer address (Nacos' own servers do the same): the unary
+//! requests and the bi-stream of one client share one HTTP/2 connection. The parts:
+//! - this file: the listener, the two gRPC services and the dispatch of a request by type;
+//! - [`conn`]: what is bound to a connection — its ephemeral instances (leases renewed while
+//!   it lives, so they lapse a grace period after it drops), its subscriptions, its bi-stream;
+//! - [`wire`]: the JSON request and response shapes, and decoding them;
+//! - [`handlers`]: one function per naming request type;
+//! - [`push`]: a subscription's task, turning the core's deliveries into
+//!   `NotifySubscriberRequest` pushes of the service's whole state (the core coalesces, so a
+//!   slow client gets the latest state, never a queue).
+
+mod conn;
+mod handlers;
+mod push;
+pub(crate) mod wire;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use serde_json::json;
+use sextant_proto::nacos::bi_request_stream_server::{BiRequestStream, BiRequestStreamServer};
+use sextant_proto::nacos::request_server::{Request as RequestApi, RequestServer};
+use sextant_proto::nacos::Payload;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::TcpIncoming;
+use tonic::{Status, Streaming};
+
+use crate::Adapter;
+use conn::{read_stream, renew_leases, Connections};
+use wire::{error_payload, response_type, success_payload, NO_HANDLER};
+
+/// Pushes queued per connection before the push tasks wait (they coalesce meanwhile).
+const PUSH_QUEUE: usize = 256;
+/// How long 2.x clients may cache pushed state, in ms.
+pub(crate) const PUSH_CACHE_MILLIS: u64 = 10_000;
+
+pub(crate) async fn serve(
+    adapter: Arc<Adapter>,
+    listener: TcpListener,
+    stop: watch::Receiver<bool>,
+) {
+    let api = Api::new(adapter, stop.clone());
+    tokio::spawn(renew_leases(api.conns.clone()));
+    let mut s = stop;
+    let r = tonic::transport::Server::builder()
+        // Find dead peers (a killed client's host, a partition) without waiting on TCP.
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(RequestServer::new(api.clone()))
+        .add_service(BiRequestStreamServer::new(api))
+        // No Nagle: a push larger than one HTTP/2 frame would otherwise wait ~40 ms for the
+        // client's delayed ACK.
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            async move {
+                let _ = s.wait_for(|v| *v).await;
+            },
+        )
+        .await;
+    if let Err(e) = r {
+        tracing::error!(error = %e, "nacos grpc server failed");
+    }
+}
+
+/// Both gRPC services of the adapter.
+#[derive(Clone)]
+pub(crate) struct Api {
+    conns: Arc<Connections>,
+}
+
+impl Api {
+    pub(crate) fn new(adapter: Arc<Adapter>, stop: watch::Receiver<bool>) -> Self {
+        Api {
+            conns: Arc::new(Connections {
+                adapter,
+                map: Mutex::new(HashMap::new()),
+                next_push: AtomicU64::new(1),
+                stop,
+            }),
+        }
+    }
+
+    /// Answers one unary request from `addr`: decodes `body` as the JSON of a `kind` request,
+    /// runs its handler and encodes the response, or an `ErrorResponse` whose `errorCode` is
+    /// the error's class (4xx for bad input, whatever the bytes).
+    pub(crate) async fn handle(&self, addr: SocketAddr, kind: &str, body: &[u8]) -> Payload {
+        let adapter = &self.conns.adapter;
+        let metrics = &adapter.metrics;
+        // A metrics label from the client's bytes only if it is a type we know: anything
+        // else would let a client grow the label set without bound.
+        let label = if response_type(kind).is_some() {
+            kind
+        } else {
+            "unsupported"
+        };
+        let req = match wire::decode_request(kind, body) {
+            Ok(r) => r,
+            Err(e) => {
+                metrics.request("grpc", label, e.kind().label());
+                return error_payload(metrics, "", &e);
+            }
+        };
+        let request_id = req.request_id.clone().unwrap_or_default();
+        let Some(response) = response_type(kind) else {
+            metrics.request("grpc", label, "unsupported");
+            let msg = if kind.starts_with("Config") {
+                format!("{kind}: the Nacos config center is not part of Sextant (naming only)")
+            } else {
+                format!("{kind:?} is not a request type Sextant's Nacos adapter handles")
+            };
+            return wire::error_payload_code(metrics, &request_id, NO_HANDLER, &msg);
+        };
+        let conn = self.conns.get(addr);
+        let result = match kind {
+            "ServerCheckRequest" => Ok(json!({
+                "connectionId": conn.id,
+                "supportAbilityNegotiation": false,
+            })),
+            "HealthCheckRequest" => Ok(json!({})),
+            "InstanceRequest" => self.instance(&conn, &req, false).await,
+            "PersistentInstanceRequest" => self.instance(&conn, &req, true).await,
+            "BatchInstanceRequest" => self.batch(&conn, &req).await,
+            "ServiceQueryRequest" => self.query(&req),
+            "ServiceListRequest" => self.list(&req),
+            _ => self.subscribe(&conn, &req),
+        };
+        let answer =
+            result.and_then(|fields| success_payload(metrics, response, &request_id, fields));
+        match answer {
+            Ok(p) => {
+                metrics.request("grpc", label, "ok");
+                p
+            }
+            Err(e) => {
+                metrics.request("grpc", label, e.kind().label());
+                tracing::debug!(request = kind, connection = %conn.id, error = %e, "nacos request refused");
+                error_payload(metrics, &request_id, &e)
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl RequestApi for Api {
+    async fn request(
+        &self,
+        request: tonic::Request<Payload>,
+    ) -> Result<tonic::Response<Payload>, Status> {
+        let addr = request
+            .remote_addr()
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let p = request.into_inner();
+        Ok(tonic::Response::new(
+            self.handle(addr, p.kind(), p.body_bytes()).await,
+        ))
+    }
+}
+
+#[tonic::async_trait]
+impl BiRequestStream for Api {
+    type requestBiStreamStream = ReceiverStream<Result<Payload, Status>>;
+
+    async fn request_bi_stream(
+        &self,
+        request: tonic::Request<Streaming<Payload>>,
+    ) -> Result<tonic::Response<Self::requestBiStreamStream>, Status> {
+        let addr = request
+            .remote_addr()
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(PUSH_QUEUE);
+        let conn = self.conns.get(addr);
+        let stream = {
+            let mut st = conn.state.lock();
+            st.attached = true;
+            st.stream += 1;
+            st.stream
+        };
+        conn.outbound.send_replace(Some(tx));
+        self.conns.adapter.metrics.connections.inc();
+        tokio::spawn(read_stream(self.conns.clone(), conn, stream, inbound));
+        Ok(tonic::Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -10,13 +10,10 @@ use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
 use axum::http::{header, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use serde_json::json;
 use sextant_core::model::{Registration, ServiceConfig, ServiceKey};
 use sextant_core::HeartbeatResult;
-use tokio::net::TcpListener;
-use tokio::sync::watch;
 
 use crate::mapping::{self, InfoOptions, NacosInstance, NacosRegistration, NacosService};
 use crate::{lease_seconds, NacosError, Shared};
@@ -30,26 +27,6 @@ const BEAT_OK: u32 = 10200;
 const BEAT_NOT_FOUND: u32 = 20404;
 
 type AppState = State<Arc<Shared>>;
-
-pub(crate) async fn serve(
-    shared: Arc<Shared>,
-    listener: TcpListener,
-    mut stop: watch::Receiver<bool>,
-) {
-    let app = router(shared);
-    // No Nagle: a list answer written in two pieces would wait for the client's delayed ACK.
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let r = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = stop.wait_for(|v| *v).await;
-        })
-        .await;
-    if let Err(e) = r {
-        tracing::error!(error = %e, "nacos http server failed");
-    }
-}
 
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
     let limit = shared.config.max_body_bytes;

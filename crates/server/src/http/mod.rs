@@ -26,6 +26,9 @@ use sextant_core::model::{Revision, ServiceKey, StatusPatch};
 use sextant_core::{HeartbeatResult, Registry};
 use tokio_stream::wrappers::ReceiverStream;
 
+mod serve;
+pub(crate) use serve::{serve, HttpLimits};
+
 use crate::error::ApiError;
 use crate::stream::Pump;
 use crate::views::*;

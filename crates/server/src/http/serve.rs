@@ -39,7 +39,8 @@ const LINGER_BYTES: usize = 1024 * 1024;
 const LINGER_TIME: Duration = Duration::from_secs(2);
 
 /// Serves `app` on `listener` until `stop` completes, then stops accepting and waits for the
-/// open connections to finish (the caller bounds that wait). `name` labels log lines.
+/// open connections to finish (the caller bounds that wait). `name` labels log lines
+/// (`http`, `nacos-http`).
 pub(crate) async fn serve(
     listener: TcpListener,
     app: Router,

@@ -282,6 +282,7 @@ impl ServerConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn command() -> clap::Command {
         ServerConfig::augment_args(clap::Command::new("serve").no_binary_name(true))
@@ -376,5 +377,78 @@ mod tests {
             ..ServerConfig::default()
         };
         assert!(c.validate().is_err());
+    }
+
+    /// A TOML value of any type (or not quite TOML).
+    fn toml_value() -> BoxedStrategy<String> {
+        prop_oneof![
+            1 => any::<i64>().prop_map(|n| n.to_string()),
+            1 => any::<u64>().prop_map(|n| n.to_string()),
+            // Small numbers reach the limits the checks enforce (e.g. 8 KiB of head).
+            4 => (0u32..20_000).prop_map(|n| n.to_string()),
+            1 => any::<f64>().prop_map(|f| format!("{f:?}")),
+            1 => prop::sample::select(vec!["nan", "inf", "-inf", "true", "false", "[]", "{}"])
+                .prop_map(String::from),
+            1 => ".{0,30}".prop_map(|s| format!("{s:?}")),
+            1 => "[0-9.:a-f\\[\\]]{0,30}".prop_map(|s| format!("\"{s}\"")),
+            1 => ".{0,30}".prop_map(String::from),
+        ]
+        .boxed()
+    }
+
+    /// Arbitrary text, or lines `key = value` with real keys and others.
+    fn file_text() -> BoxedStrategy<String> {
+        let keys: Vec<String> = match serde_json::to_value(ServerConfig::default()) {
+            Ok(serde_json::Value::Object(m)) => m.keys().cloned().collect(),
+            _ => Vec::new(),
+        };
+        let key = prop_oneof![
+            4 => prop::sample::select(keys),
+            1 => "[a-z_]{1,12}".prop_map(String::from)
+        ];
+        let lines = prop::collection::vec((key, toml_value()), 0..8).prop_map(|kv| {
+            kv.iter()
+                .map(|(k, v)| format!("{k} = {v}\n"))
+                .collect::<String>()
+        });
+        prop_oneof![1 => ".{0,200}".prop_map(String::from), 3 => lines].boxed()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Any text is a configuration or a typed error, never a panic; and what validates
+        /// can be served (hyper panics on a read buffer under 8 KiB).
+        #[test]
+        fn any_file_text_parses_or_is_refused(text in file_text()) {
+            if let Ok(c) = ServerConfig::from_toml(&text) {
+                if c.validate().is_ok() {
+                    prop_assert!(c.max_header_bytes >= MIN_HEADER_BYTES);
+                    prop_assert!(c.max_headers > 0 && c.max_body_bytes > 0);
+                    let _ = c.nacos_grpc_addr();
+                }
+            }
+        }
+
+        /// Bytes that are not a configuration are an error naming the file.
+        #[test]
+        fn any_file_bytes_are_read_or_refused(bytes in prop::collection::vec(any::<u8>(), 0..200)) {
+            let dir = std::env::temp_dir().join(format!("sextant-config-bytes-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let name = bytes.iter().fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(*b)));
+            let file = dir.join(format!("{name:x}.toml"));
+            std::fs::write(&file, &bytes).unwrap();
+            let r = ServerConfig::from_file(&file);
+            let _ = std::fs::remove_file(&file);
+            match r {
+                Ok(c) => {
+                    let _ = c.validate();
+                }
+                Err(e @ (ConfigError::Read { .. } | ConfigError::Parse { .. })) => {
+                    prop_assert!(e.to_string().contains(".toml"), "{e}");
+                }
+                Err(e) => prop_assert!(false, "unexpected error {e}"),
+            }
+        }
     }
 }

@@ -26,6 +26,8 @@ use sextant_core::model::{Revision, ServiceKey, StatusPatch};
 use sextant_core::{HeartbeatResult, Registry};
 use tokio_stream::wrappers::ReceiverStream;
 
+#[cfg(test)]
+mod proptests;
 mod serve;
 pub(crate) use serve::{serve, HttpLimits};
 

@@ -333,6 +333,42 @@ mod tests {
         }
     }
 
+    /// README's configuration table has a row per key with its flag, its variable and its
+    /// default, and no row for a key that does not exist.
+    #[test]
+    fn readme_lists_every_key() {
+        let readme = concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md");
+        let text = std::fs::read_to_string(readme).unwrap();
+        let rows: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("| `") && l.matches(" | ").count() >= 4)
+            .collect();
+        let defaults = match serde_json::to_value(ServerConfig::default()) {
+            Ok(serde_json::Value::Object(m)) => m,
+            other => panic!("not a map: {other:?}"),
+        };
+        for (key, default) in &defaults {
+            let row = rows
+                .iter()
+                .find(|r| r.starts_with(&format!("| `{key}` |")))
+                .unwrap_or_else(|| panic!("README has no row for {key}"));
+            let flag = format!("`--{}`", key.replace('_', "-"));
+            let var = format!("`SEXTANT_{}`", key.to_uppercase());
+            assert!(row.contains(&flag) && row.contains(&var), "{row}");
+            let shown = match default {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Null => continue,
+                other => other.to_string(),
+            };
+            assert!(
+                row.contains(&format!("`{shown}`")),
+                "{row}: default {shown}"
+            );
+        }
+        let table_keys = rows.iter().filter(|r| r.contains("`SEXTANT_")).count();
+        assert_eq!(table_keys, defaults.len(), "rows {rows:#?}");
+    }
+
     /// Flags beat the file beats the defaults. (Variables, which clap reads like flags, are
     /// tested against the real binary in `sextant/tests/http_errors.rs`: tests here do not
     /// touch the process environment.)

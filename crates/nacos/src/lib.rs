@@ -114,13 +114,13 @@ pub struct NacosServer {
 }
 
 impl NacosServer {
-    /// Serves the 1.x HTTP API on `http` and the 2.x gRPC protocol on `grpc` until `stop`
-    /// turns true.
+    /// Serves the 2.x gRPC protocol on `grpc` until `stop` turns true, and hands the 1.x HTTP
+    /// API's router to `serve_http`, which serves it (with the node's HTTP limits) until then.
     pub fn start(
         registry: Registry,
         config: NacosConfig,
         metrics: NacosMetrics,
-        http: TcpListener,
+        serve_http: impl FnOnce(axum::Router) -> JoinHandle<()>,
         grpc: TcpListener,
         stop: watch::Receiver<bool>,
     ) -> Self {
@@ -130,7 +130,7 @@ impl NacosServer {
             metrics,
             infos: InfoCache::default(),
         });
-        let http = tokio::spawn(http::serve(adapter.clone(), http, stop.clone()));
+        let http = serve_http(http::router(adapter.clone()));
         let grpc = tokio::spawn(grpc::serve(adapter, grpc, stop));
         Self { http, grpc }
     }

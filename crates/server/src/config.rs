@@ -1,14 +1,18 @@
-//! Server configuration: one explicit struct, read from a TOML file (unknown keys refused),
-//! overridden by flags and `SEXTANT_*` variables in the binary. Defaults work with no file.
+//! Server configuration: one table of settings — [`ServerConfig`], whose fields carry both the
+//! clap attributes (flag, `SEXTANT_*` variable, default, help) and the serde shape of the TOML
+//! file — and the rule that combines them: flags and variables win over the file, the file
+//! over the defaults. Unknown file keys are refused. Defaults work with no file.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, FromArgMatches};
+use serde::{Deserialize, Serialize};
 
 /// Where the registry is kept.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StoreKind {
     /// Durable embedded store (redb) under `data_dir`. The default.
@@ -28,68 +32,119 @@ impl std::str::FromStr for StoreKind {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+impl std::fmt::Display for StoreKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StoreKind::Embedded => "embedded",
+            StoreKind::Memory => "memory",
+        })
+    }
+}
+
+/// Every setting of a node. Each field is at once a TOML key (its name), a flag (`--` + the
+/// name with `-` for `_`) and a variable (`SEXTANT_` + the name in capitals); a unit test
+/// holds every field to that. The defaults are written once, in the clap attributes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
-    /// Native HTTP/JSON API.
+    /// Address of the native HTTP/JSON API.
+    #[arg(long, env = "SEXTANT_HTTP_ADDR", default_value = "127.0.0.1:8470")]
     pub http_addr: SocketAddr,
-    /// Native gRPC API.
+    /// Address of the native gRPC API.
+    #[arg(long, env = "SEXTANT_GRPC_ADDR", default_value = "127.0.0.1:8471")]
     pub grpc_addr: SocketAddr,
+    /// `embedded` (write-ahead log + redb under data_dir, durable) or `memory` (nothing kept on
+    /// exit).
+    #[arg(long, env = "SEXTANT_STORE", default_value = "embedded")]
     pub store: StoreKind,
+    /// Directory of the embedded store.
+    #[arg(long, env = "SEXTANT_DATA_DIR", default_value = "./sextant-data")]
     pub data_dir: PathBuf,
-    /// Events kept per service for subscribers that resume.
+    /// Events kept per service for watchers that resume.
+    #[arg(long, env = "SEXTANT_EVENT_LOG_PER_SERVICE", default_value_t = 1024)]
     pub event_log_per_service: usize,
-    /// Most operations in one durable commit.
+    /// Most writes in one durable (group) commit.
+    #[arg(long, env = "SEXTANT_MAX_BATCH_OPS", default_value_t = 4096)]
     pub max_batch_ops: usize,
-    /// Longest blocking query wait a client may ask for, in seconds.
+    /// Longest blocking-query wait a client may ask for, in seconds.
+    #[arg(long, env = "SEXTANT_MAX_WAIT_SECONDS", default_value_t = 300)]
     pub max_wait_seconds: u64,
-    /// Largest request body, in bytes.
+    /// Largest request body, in bytes (native and Nacos HTTP).
+    #[arg(long, env = "SEXTANT_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
-    /// A subscriber that does not read for this long is disconnected, in seconds.
+    /// Largest request head (request line and headers), in bytes, on both HTTP listeners;
+    /// larger is answered 431. At least 8192.
+    #[arg(long, env = "SEXTANT_MAX_HEADER_BYTES", default_value_t = 64 * 1024)]
+    pub max_header_bytes: usize,
+    /// Most headers in one HTTP/1 request, on both HTTP listeners; more is answered 431.
+    #[arg(long, env = "SEXTANT_MAX_HEADERS", default_value_t = 100)]
+    pub max_headers: usize,
+    /// An SSE watcher that does not read for this long is disconnected, in seconds.
+    #[arg(
+        long,
+        env = "SEXTANT_SLOW_SUBSCRIBER_TIMEOUT_SECONDS",
+        default_value_t = 30
+    )]
     pub slow_subscriber_timeout_seconds: u64,
     /// How long shutdown waits for connections to drain, in seconds.
+    #[arg(long, env = "SEXTANT_SHUTDOWN_GRACE_SECONDS", default_value_t = 10)]
     pub shutdown_grace_seconds: u64,
     /// Run the central health scanner (probes services that define a check).
+    #[arg(long, env = "SEXTANT_HEALTH_SCANNER", default_value_t = true, action = clap::ArgAction::Set)]
     pub health_scanner: bool,
     /// Health probes in flight at once.
+    #[arg(long, env = "SEXTANT_HEALTH_CONCURRENCY", default_value_t = 2048)]
     pub health_concurrency: usize,
     /// Hold back unhealthy flips that would leave more than this fraction of a service
     /// unhealthy at once.
+    #[arg(
+        long,
+        env = "SEXTANT_HEALTH_MASS_FAILURE_FRACTION",
+        default_value_t = 0.5
+    )]
     pub health_mass_failure_fraction: f32,
     /// Serve the Nacos adapter (1.x HTTP Open API and 2.x gRPC).
+    #[arg(long, env = "SEXTANT_NACOS", default_value_t = true, action = clap::ArgAction::Set)]
     pub nacos: bool,
-    /// Nacos 1.x HTTP Open API (Nacos' default port is 8848).
+    /// Address of the Nacos 1.x HTTP Open API, for unchanged Nacos clients.
+    #[arg(
+        long,
+        env = "SEXTANT_NACOS_HTTP_ADDR",
+        default_value = "127.0.0.1:8848"
+    )]
     pub nacos_http_addr: SocketAddr,
-    /// Nacos 2.x gRPC; unset means the HTTP address with port + 1000, where Nacos clients
-    /// look for it.
+    /// Address of the Nacos 2.x gRPC protocol [default: the Nacos HTTP port + 1000, where
+    /// Nacos clients look for it].
+    #[arg(long, env = "SEXTANT_NACOS_GRPC_ADDR")]
     pub nacos_grpc_addr: Option<SocketAddr>,
     /// How long a Nacos 2.x client's ephemeral instances outlive its connection, in seconds.
+    #[arg(
+        long,
+        env = "SEXTANT_NACOS_CONNECTION_GRACE_SECONDS",
+        default_value_t = 5
+    )]
     pub nacos_connection_grace_seconds: u64,
 }
 
 impl Default for ServerConfig {
+    /// The defaults of the clap attributes, read with every variable ignored.
     fn default() -> Self {
-        Self {
-            http_addr: SocketAddr::from(([127, 0, 0, 1], 8470)),
-            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 8471)),
-            store: StoreKind::Embedded,
-            data_dir: PathBuf::from("./sextant-data"),
-            event_log_per_service: 1024,
-            max_batch_ops: 4096,
-            max_wait_seconds: 300,
-            max_body_bytes: 4 * 1024 * 1024,
-            slow_subscriber_timeout_seconds: 30,
-            shutdown_grace_seconds: 10,
-            health_scanner: true,
-            health_concurrency: 2048,
-            health_mass_failure_fraction: 0.5,
-            nacos: true,
-            nacos_http_addr: SocketAddr::from(([127, 0, 0, 1], 8848)),
-            nacos_grpc_addr: None,
-            nacos_connection_grace_seconds: 5,
+        let cmd = Self::augment_args(clap::Command::new("defaults").no_binary_name(true))
+            .mut_args(|a| a.env(None));
+        let parsed = cmd
+            .try_get_matches_from(std::iter::empty::<&str>())
+            .map_err(|e| e.to_string())
+            .and_then(|m| Self::from_arg_matches(&m).map_err(|e| e.to_string()));
+        match parsed {
+            Ok(c) => c,
+            // Only a broken attribute gets here, and the unit tests parse the defaults.
+            Err(e) => panic!("the defaults of ServerConfig do not parse: {e}"),
         }
     }
 }
+
+/// The smallest `max_header_bytes`: hyper's HTTP/1 read buffer cannot be smaller.
+pub const MIN_HEADER_BYTES: usize = 8192;
 
 /// A configuration file that could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +161,8 @@ pub enum ConfigError {
         field: &'static str,
         message: String,
     },
+    #[error("cannot combine the flags and variables with the config file: {0}")]
+    Combine(String),
 }
 
 impl ServerConfig {
@@ -125,6 +182,35 @@ impl ServerConfig {
         toml::from_str(text).map_err(|e| e.to_string())
     }
 
+    /// The configuration of a node: the file (or the defaults), then every setting given as a
+    /// flag or a variable in `matches` (whose values `flags` holds) on top.
+    pub fn layered(
+        file: Option<&Path>,
+        flags: &ServerConfig,
+        matches: &ArgMatches,
+    ) -> Result<Self, ConfigError> {
+        let base = match file {
+            Some(path) => Self::from_file(path)?,
+            None => Self::default(),
+        };
+        let combine = |e: serde_json::Error| ConfigError::Combine(e.to_string());
+        // Through serde's map of the keys, so that a new setting needs no line here.
+        let mut merged = serde_json::to_value(&base).map_err(combine)?;
+        let given = serde_json::to_value(flags).map_err(combine)?;
+        if let (Some(merged), Some(given)) = (merged.as_object_mut(), given.as_object()) {
+            for (key, value) in given {
+                let explicit = matches!(
+                    matches.value_source(key),
+                    Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+                );
+                if explicit {
+                    merged.insert(key.clone(), value.clone());
+                }
+            }
+        }
+        serde_json::from_value(merged).map_err(combine)
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         let positive = |field, v: u64| {
             if v == 0 {
@@ -139,6 +225,14 @@ impl ServerConfig {
         positive("event_log_per_service", self.event_log_per_service as u64)?;
         positive("max_batch_ops", self.max_batch_ops as u64)?;
         positive("max_body_bytes", self.max_body_bytes as u64)?;
+        positive("max_headers", self.max_headers as u64)?;
+        // hyper refuses (panics on) a read buffer under 8 KiB; 4 GiB is HTTP/2's field size.
+        if !(MIN_HEADER_BYTES..=u32::MAX as usize).contains(&self.max_header_bytes) {
+            return Err(ConfigError::Invalid {
+                field: "max_header_bytes",
+                message: format!("must be between {MIN_HEADER_BYTES} and {}", u32::MAX),
+            });
+        }
         positive(
             "slow_subscriber_timeout_seconds",
             self.slow_subscriber_timeout_seconds,
@@ -188,9 +282,19 @@ impl ServerConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    fn command() -> clap::Command {
+        ServerConfig::augment_args(clap::Command::new("serve").no_binary_name(true))
+    }
 
     #[test]
     fn defaults_and_file_overrides() {
+        let d = ServerConfig::default();
+        assert_eq!(d.http_addr, SocketAddr::from(([127, 0, 0, 1], 8470)));
+        assert_eq!(d.max_header_bytes, 64 * 1024);
+        assert!(d.nacos && d.health_scanner && d.nacos_grpc_addr.is_none());
+        d.validate().unwrap();
         let c =
             ServerConfig::from_toml("http_addr = \"127.0.0.1:9000\"\nstore = \"memory\"").unwrap();
         assert_eq!(c.http_addr.port(), 9000);
@@ -198,5 +302,189 @@ mod tests {
         assert_eq!(c.grpc_addr.port(), 8471);
         let e = ServerConfig::from_toml("htp_addr = \"x\"").unwrap_err();
         assert!(e.contains("htp_addr"), "{e}");
+    }
+
+    /// The table is complete: every file key has its flag and its variable, named by the rule
+    /// README states, with help text; and every flag is a file key.
+    #[test]
+    fn every_key_has_a_flag_and_a_variable() {
+        command().debug_assert();
+        let keys: Vec<String> = match serde_json::to_value(ServerConfig::default()) {
+            Ok(serde_json::Value::Object(m)) => m.keys().cloned().collect(),
+            other => panic!("not a map: {other:?}"),
+        };
+        let cmd = command();
+        let args: Vec<_> = cmd.get_arguments().collect();
+        assert_eq!(keys.len(), args.len(), "keys {keys:?}");
+        for key in &keys {
+            let arg = args
+                .iter()
+                .find(|a| a.get_id().as_str() == key)
+                .unwrap_or_else(|| panic!("file key {key} has no flag"));
+            assert_eq!(
+                arg.get_long(),
+                Some(key.replace('_', "-").as_str()),
+                "{key}"
+            );
+            let env = arg.get_env().and_then(|e| e.to_str());
+            let want = format!("SEXTANT_{}", key.to_uppercase());
+            assert_eq!(env, Some(want.as_str()), "{key}");
+            assert!(arg.get_help().is_some(), "{key} has no help");
+        }
+    }
+
+    /// README's configuration table has a row per key with its flag, its variable and its
+    /// default, and no row for a key that does not exist.
+    #[test]
+    fn readme_lists_every_key() {
+        let readme = concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md");
+        let text = std::fs::read_to_string(readme).unwrap();
+        let rows: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("| `") && l.matches(" | ").count() >= 4)
+            .collect();
+        let defaults = match serde_json::to_value(ServerConfig::default()) {
+            Ok(serde_json::Value::Object(m)) => m,
+            other => panic!("not a map: {other:?}"),
+        };
+        for (key, default) in &defaults {
+            let row = rows
+                .iter()
+                .find(|r| r.starts_with(&format!("| `{key}` |")))
+                .unwrap_or_else(|| panic!("README has no row for {key}"));
+            let flag = format!("`--{}`", key.replace('_', "-"));
+            let var = format!("`SEXTANT_{}`", key.to_uppercase());
+            assert!(row.contains(&flag) && row.contains(&var), "{row}");
+            let shown = match default {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Null => continue,
+                other => other.to_string(),
+            };
+            assert!(
+                row.contains(&format!("`{shown}`")),
+                "{row}: default {shown}"
+            );
+        }
+        let table_keys = rows.iter().filter(|r| r.contains("`SEXTANT_")).count();
+        assert_eq!(table_keys, defaults.len(), "rows {rows:#?}");
+    }
+
+    /// Flags beat the file beats the defaults. (Variables, which clap reads like flags, are
+    /// tested against the real binary in `sextant/tests/http_errors.rs`: tests here do not
+    /// touch the process environment.)
+    #[test]
+    fn flags_override_the_file() {
+        let dir = std::env::temp_dir().join(format!("sextant-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("sextant.toml");
+        std::fs::write(
+            &file,
+            "max_wait_seconds = 9\nmax_body_bytes = 1000\nnacos = false\n",
+        )
+        .unwrap();
+        let matches = command()
+            .mut_args(|a| a.env(None))
+            .try_get_matches_from(["--max-body-bytes", "1234"])
+            .unwrap();
+        let flags = ServerConfig::from_arg_matches(&matches).unwrap();
+        let c = ServerConfig::layered(Some(&file), &flags, &matches).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(c.max_body_bytes, 1234, "the flag beats the file");
+        assert_eq!(c.max_wait_seconds, 9, "the file beats the default");
+        assert!(!c.nacos, "the file beats the default");
+        assert_eq!(c.max_batch_ops, 4096, "the default stays");
+        // No file: the defaults under the flags.
+        let c = ServerConfig::layered(None, &flags, &matches).unwrap();
+        assert_eq!(c.max_body_bytes, 1234);
+        assert_eq!(c.max_wait_seconds, 300);
+        assert!(c.nacos);
+    }
+
+    #[test]
+    fn header_limits_are_validated() {
+        let c = ServerConfig {
+            max_header_bytes: 4096,
+            ..ServerConfig::default()
+        };
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("max_header_bytes"), "{e}");
+        let c = ServerConfig {
+            max_headers: 0,
+            ..ServerConfig::default()
+        };
+        assert!(c.validate().is_err());
+    }
+
+    /// A TOML value of any type (or not quite TOML).
+    fn toml_value() -> BoxedStrategy<String> {
+        prop_oneof![
+            1 => any::<i64>().prop_map(|n| n.to_string()),
+            1 => any::<u64>().prop_map(|n| n.to_string()),
+            // Small numbers reach the limits the checks enforce (e.g. 8 KiB of head).
+            4 => (0u32..20_000).prop_map(|n| n.to_string()),
+            1 => any::<f64>().prop_map(|f| format!("{f:?}")),
+            1 => prop::sample::select(vec!["nan", "inf", "-inf", "true", "false", "[]", "{}"])
+                .prop_map(String::from),
+            1 => ".{0,30}".prop_map(|s| format!("{s:?}")),
+            1 => "[0-9.:a-f\\[\\]]{0,30}".prop_map(|s| format!("\"{s}\"")),
+            1 => ".{0,30}".prop_map(String::from),
+        ]
+        .boxed()
+    }
+
+    /// Arbitrary text, or lines `key = value` with real keys and others.
+    fn file_text() -> BoxedStrategy<String> {
+        let keys: Vec<String> = match serde_json::to_value(ServerConfig::default()) {
+            Ok(serde_json::Value::Object(m)) => m.keys().cloned().collect(),
+            _ => Vec::new(),
+        };
+        let key = prop_oneof![
+            4 => prop::sample::select(keys),
+            1 => "[a-z_]{1,12}".prop_map(String::from)
+        ];
+        let lines = prop::collection::vec((key, toml_value()), 0..8).prop_map(|kv| {
+            kv.iter()
+                .map(|(k, v)| format!("{k} = {v}\n"))
+                .collect::<String>()
+        });
+        prop_oneof![1 => ".{0,200}".prop_map(String::from), 3 => lines].boxed()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Any text is a configuration or a typed error, never a panic; and what validates
+        /// can be served (hyper panics on a read buffer under 8 KiB).
+        #[test]
+        fn any_file_text_parses_or_is_refused(text in file_text()) {
+            if let Ok(c) = ServerConfig::from_toml(&text) {
+                if c.validate().is_ok() {
+                    prop_assert!(c.max_header_bytes >= MIN_HEADER_BYTES);
+                    prop_assert!(c.max_headers > 0 && c.max_body_bytes > 0);
+                    let _ = c.nacos_grpc_addr();
+                }
+            }
+        }
+
+        /// Bytes that are not a configuration are an error naming the file.
+        #[test]
+        fn any_file_bytes_are_read_or_refused(bytes in prop::collection::vec(any::<u8>(), 0..200)) {
+            let dir = std::env::temp_dir().join(format!("sextant-config-bytes-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let name = bytes.iter().fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(*b)));
+            let file = dir.join(format!("{name:x}.toml"));
+            std::fs::write(&file, &bytes).unwrap();
+            let r = ServerConfig::from_file(&file);
+            let _ = std::fs::remove_file(&file);
+            match r {
+                Ok(c) => {
+                    let _ = c.validate();
+                }
+                Err(e @ (ConfigError::Read { .. } | ConfigError::Parse { .. })) => {
+                    prop_assert!(e.to_string().contains(".toml"), "{e}");
+                }
+                Err(e) => prop_assert!(false, "unexpected error {e}"),
+            }
+        }
     }
 }

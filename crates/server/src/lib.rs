@@ -1,5 +1,5 @@
 //! A Sextant control node: opens the store, loads the registry, serves the native HTTP/JSON and
-//! gRPC APIs, and shuts down in order (stop accepting, commit what is queued, close streams with
+//! gRPC APIs (and the Nacos adapter's listeners), and shuts down in order (stop accepting, commit what is queued, close streams with
 //! a reason, close the store).
 #![forbid(unsafe_code)]
 
@@ -25,6 +25,7 @@ use tokio::task::JoinHandle;
 
 pub use config::{ConfigError, ServerConfig, StoreKind};
 pub use error::ApiError;
+use http::HttpLimits;
 pub use metrics::ApiMetrics;
 
 /// Concurrent HTTP/2 streams one gRPC connection may hold.
@@ -137,23 +138,21 @@ impl Server {
         });
         let (stop, stopped) = watch::channel(false);
 
+        let limits = HttpLimits {
+            max_header_bytes: node.config.max_header_bytes,
+            max_headers: node.config.max_headers,
+        };
         let app = http::router(node.clone());
         let mut s1 = stopped.clone();
-        let http = tokio::spawn(async move {
-            let app = app.into_make_service_with_connect_info::<SocketAddr>();
-            // No Nagle: SSE frames and large answers must not wait for delayed ACKs.
-            let http_listener = axum::serve::ListenerExt::tap_io(http_listener, |tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
-            let r = axum::serve(http_listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = s1.wait_for(|v| *v).await;
-                })
-                .await;
-            if let Err(e) = r {
-                tracing::error!(error = %e, "http server failed");
-            }
-        });
+        let http = tokio::spawn(http::serve(
+            http_listener,
+            app,
+            limits,
+            async move {
+                let _ = s1.wait_for(|v| *v).await;
+            },
+            "http",
+        ));
         let mut s2 = stopped;
         let grpc_service = grpc::service(node);
         let grpc = tokio::spawn(async move {
@@ -178,11 +177,24 @@ impl Server {
         let mut nacos = None;
         if let Some(((h, nacos_http_addr), (g, nacos_grpc_addr))) = nacos_listeners {
             tracing::info!(%http_addr, %grpc_addr, %nacos_http_addr, %nacos_grpc_addr, "sextant serving");
+            let mut s3 = stop.subscribe();
+            // The Nacos 1.x listener is served like the native one, with the same limits.
+            let serve_http = move |app| {
+                tokio::spawn(http::serve(
+                    h,
+                    app,
+                    limits,
+                    async move {
+                        let _ = s3.wait_for(|v| *v).await;
+                    },
+                    "nacos-http",
+                ))
+            };
             nacos = Some(NacosServer::start(
                 registry.clone(),
                 nacos_config,
                 nacos_metrics,
-                h,
+                serve_http,
                 g,
                 stop.subscribe(),
             ));

@@ -1,7 +1,8 @@
-//! Moves deliveries from a core [`Subscription`] onto one client's stream, for every streaming
-//! adapter (SSE, gRPC). The channel to the connection is small and bounded: a client that stops
+//! Moves deliveries from a core [`Subscription`] onto one client's stream through a small
+//! bounded channel, with keepalives; used by the SSE watch (`http/mod.rs`). A client that stops
 //! reading blocks only its own pump, the core keeps nothing for it but a cursor, and after the
-//! configured timeout it is disconnected.
+//! configured timeout it is disconnected. (The other streaming adapter polls its subscription
+//! itself, held back by HTTP/2 flow control; see ARCHITECTURE.md, "A push".)
 
 use std::time::Duration;
 

@@ -1,10 +1,9 @@
 //! Command-line surface: `serve` and the client commands, with `--help` for each.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
-use sextant_server::{ServerConfig, StoreKind};
+use clap::{ArgMatches, Args, Parser, Subcommand};
+use sextant_server::ServerConfig;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -102,85 +101,32 @@ pub enum Command {
     },
 }
 
-/// Settings of `serve`. Each flag can also come from a `SEXTANT_*` variable or the TOML file
-/// given by `--config`; flags and variables win over the file, the file over the defaults.
+/// Settings of `serve`: every setting of the node (`ServerConfig`: each a flag, a
+/// `SEXTANT_*` variable and a key of the TOML file given by `--config`; flags and variables win
+/// over the file, the file over the defaults), plus the binary's own `--log`.
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// TOML configuration file (keys as in ServerConfig: http_addr, grpc_addr, data_dir, ...).
+    /// TOML configuration file; its keys are the flags' names with `_` for `-`
+    /// (http_addr, data_dir, ...). Unknown keys are refused.
     #[arg(long, env = "SEXTANT_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Address of the HTTP/JSON API [default: 127.0.0.1:8470].
-    #[arg(long, env = "SEXTANT_HTTP_ADDR")]
-    pub http_addr: Option<SocketAddr>,
-    /// Address of the gRPC API [default: 127.0.0.1:8471].
-    #[arg(long, env = "SEXTANT_GRPC_ADDR")]
-    pub grpc_addr: Option<SocketAddr>,
-    /// Directory of the embedded store [default: ./sextant-data].
-    #[arg(long, env = "SEXTANT_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
-    /// `embedded` (durable, the default) or `memory` (nothing kept on exit).
-    #[arg(long, env = "SEXTANT_STORE")]
-    pub store: Option<StoreKind>,
-    /// Events kept per service for watchers that reconnect [default: 1024].
-    #[arg(long, env = "SEXTANT_EVENT_LOG_PER_SERVICE")]
-    pub event_log_per_service: Option<usize>,
-    /// Most operations in one durable commit [default: 4096].
-    #[arg(long, env = "SEXTANT_MAX_BATCH_OPS")]
-    pub max_batch_ops: Option<usize>,
-    /// Address of the Nacos 1.x HTTP Open API, for unchanged Nacos clients
-    /// [default: 127.0.0.1:8848].
-    #[arg(long, env = "SEXTANT_NACOS_HTTP_ADDR")]
-    pub nacos_http_addr: Option<SocketAddr>,
-    /// Address of the Nacos 2.x gRPC protocol [default: the Nacos HTTP port + 1000, where
-    /// Nacos clients look for it].
-    #[arg(long, env = "SEXTANT_NACOS_GRPC_ADDR")]
-    pub nacos_grpc_addr: Option<SocketAddr>,
-    /// Do not serve the Nacos adapter.
+    #[command(flatten)]
+    pub settings: ServerConfig,
+    /// Do not serve the Nacos adapter (the same as --nacos false).
     #[arg(long, env = "SEXTANT_NO_NACOS")]
     pub no_nacos: bool,
-    /// Seconds a Nacos 2.x client's ephemeral instances outlive its connection [default: 5].
-    #[arg(long, env = "SEXTANT_NACOS_CONNECTION_GRACE_SECONDS")]
-    pub nacos_connection_grace_seconds: Option<u64>,
     /// Log filter (tracing syntax); SEXTANT_LOG overrides it.
     #[arg(long, default_value = "info")]
     pub log: String,
 }
 
 impl ServeArgs {
-    pub fn into_config(self) -> anyhow::Result<ServerConfig> {
-        let mut c = match &self.config {
-            Some(path) => ServerConfig::from_file(path)?,
-            None => ServerConfig::default(),
-        };
-        if let Some(v) = self.http_addr {
-            c.http_addr = v;
-        }
-        if let Some(v) = self.grpc_addr {
-            c.grpc_addr = v;
-        }
-        if let Some(v) = self.data_dir {
-            c.data_dir = v;
-        }
-        if let Some(v) = self.store {
-            c.store = v;
-        }
-        if let Some(v) = self.event_log_per_service {
-            c.event_log_per_service = v;
-        }
-        if let Some(v) = self.max_batch_ops {
-            c.max_batch_ops = v;
-        }
-        if let Some(v) = self.nacos_http_addr {
-            c.nacos_http_addr = v;
-        }
-        if let Some(v) = self.nacos_grpc_addr {
-            c.nacos_grpc_addr = Some(v);
-        }
+    /// The node's configuration; `matches` are the `serve` subcommand's, which tell a setting
+    /// given as a flag or a variable from one left at its default.
+    pub fn into_config(self, matches: &ArgMatches) -> anyhow::Result<ServerConfig> {
+        let mut c = ServerConfig::layered(self.config.as_deref(), &self.settings, matches)?;
         if self.no_nacos {
             c.nacos = false;
-        }
-        if let Some(v) = self.nacos_connection_grace_seconds {
-            c.nacos_connection_grace_seconds = v;
         }
         c.validate()?;
         Ok(c)

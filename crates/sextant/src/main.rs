@@ -6,11 +6,16 @@ mod cli;
 mod client;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use sextant_server::Server;
 
 fn main() -> std::process::ExitCode {
-    let args = cli::Cli::parse();
+    // Parsed in two steps: `serve` needs the matches to tell a flag or variable from a default.
+    let matches = cli::Cli::command().get_matches();
+    let args = match cli::Cli::from_arg_matches(&matches) {
+        Ok(a) => a,
+        Err(e) => e.exit(),
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -20,7 +25,10 @@ fn main() -> std::process::ExitCode {
     };
     let result = runtime.block_on(async {
         match args.command {
-            cli::Command::Serve(serve) => run_server(serve).await,
+            cli::Command::Serve(serve) => {
+                let serve_matches = matches.subcommand_matches("serve").unwrap_or(&matches);
+                run_server(serve, serve_matches).await
+            }
             cmd => client::run(&args.server, cmd).await,
         }
     });
@@ -33,7 +41,7 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run_server(args: cli::ServeArgs) -> anyhow::Result<()> {
+async fn run_server(args: cli::ServeArgs, matches: &clap::ArgMatches) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SEXTANT_LOG")
@@ -42,7 +50,7 @@ async fn run_server(args: cli::ServeArgs) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let config = args.into_config()?;
+    let config = args.into_config(matches)?;
     let server = Server::start(config)
         .await
         .context("cannot start sextant")?;

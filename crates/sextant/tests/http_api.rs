@@ -612,3 +612,51 @@ fn core_status(v: &serde_json::Value) -> serde_json::Value {
         "weight": v["weight"],
     })
 }
+
+/// `curl -X PUT -d '{...}'` sends no JSON content type (curl's default is
+/// `application/x-www-form-urlencoded`); like Consul and etcd, a JSON body is accepted when the
+/// request declares no type or that one.
+#[tokio::test]
+async fn json_bodies_without_a_json_content_type() {
+    let server = Server::start();
+    let api = server.api();
+    let body = r#"{"host":"10.0.0.1","port":80}"#;
+    for (id, ct) in [
+        ("none", None),
+        ("form", Some("application/x-www-form-urlencoded")),
+        ("json", Some("application/json; charset=utf-8")),
+    ] {
+        let mut req = api
+            .client
+            .put(api.url(&instance_path("ns", "svc", id)))
+            .body(body);
+        if let Some(ct) = ct {
+            req = req.header("content-type", ct);
+        }
+        let r = Api::read(req, id).await.ok();
+        assert!(r["revision"].as_u64().unwrap() > 0, "{r}");
+    }
+    // Also the other JSON endpoints, e.g. a status patch and heartbeats.
+    let r = Api::read(
+        api.client
+            .patch(api.url(&format!("{}/status", instance_path("ns", "svc", "none"))))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(r#"{"weight": 5}"#),
+        "patch",
+    )
+    .await
+    .ok();
+    assert!(r["revision"].as_u64().unwrap() > 0, "{r}");
+    let r = Api::read(
+        api.client
+            .post(api.url("/v1/heartbeats"))
+            .body(r#"[{"namespace":"ns","service":"svc","id":"form"}]"#),
+        "heartbeats",
+    )
+    .await
+    .ok();
+    assert_eq!(r["persistent"], 1, "{r}");
+    let svc = api.service("ns", "svc").await;
+    assert_eq!(ids(&svc), ["form", "json", "none"]);
+    assert_eq!(find(&svc, "none").unwrap()["status"]["weight"], 5);
+}

@@ -17,10 +17,7 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use axum::serve::ListenerExt;
 use axum::Router;
-use tokio::net::TcpListener;
-use tokio::sync::watch;
 
 use crate::{Adapter, NacosError};
 pub use params::Params;
@@ -29,26 +26,6 @@ pub use params::Params;
 const LIST_CACHE_MILLIS: u64 = 3000;
 
 type AppState = State<Arc<Adapter>>;
-
-pub(crate) async fn serve(
-    adapter: Arc<Adapter>,
-    listener: TcpListener,
-    mut stop: watch::Receiver<bool>,
-) {
-    let app = router(adapter);
-    // No Nagle: a list answer written in two pieces would wait for the client's delayed ACK.
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let r = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = stop.wait_for(|v| *v).await;
-        })
-        .await;
-    if let Err(e) = r {
-        tracing::error!(error = %e, "nacos http server failed");
-    }
-}
 
 pub(crate) fn router(adapter: Arc<Adapter>) -> Router {
     let limit = adapter.config.max_body_bytes;

@@ -26,6 +26,11 @@ use sextant_core::model::{Revision, ServiceKey, StatusPatch};
 use sextant_core::{HeartbeatResult, Registry};
 use tokio_stream::wrappers::ReceiverStream;
 
+#[cfg(test)]
+mod proptests;
+mod serve;
+pub(crate) use serve::{serve, HttpLimits};
+
 use crate::error::ApiError;
 use crate::stream::Pump;
 use crate::views::*;
@@ -45,17 +50,59 @@ impl AppState {
     }
 }
 
-/// A JSON body whose parse errors become JSON 4xx errors.
+/// A JSON body whose parse errors become JSON 4xx errors. The body is read as JSON when the
+/// request says it is JSON, declares no type, or declares curl's default form type (`curl -d`
+/// without `-H`), as Consul and etcd do; any other declared type is refused with 415.
 pub(crate) struct ApiJson<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(ApiJson(v)),
-            Err(r) => Err(json_rejection(r)),
+        let content_type = req.headers().get(header::CONTENT_TYPE).cloned();
+        let body = Bytes::from_request(req, state)
+            .await
+            .map_err(|r| ApiError::new(r.status(), "invalid_argument", r.body_text()))?;
+        parse_json_body(content_type.as_ref(), &body).map(ApiJson)
+    }
+}
+
+/// Parses a request body of the native API: the content-type rule of [`ApiJson`], then JSON.
+pub(crate) fn parse_json_body<T: DeserializeOwned>(
+    content_type: Option<&HeaderValue>,
+    body: &[u8],
+) -> Result<T, ApiError> {
+    if let Some(ct) = content_type {
+        if !is_json_or_undeclared(ct) {
+            let shown = String::from_utf8_lossy(ct.as_bytes());
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                format!(
+                    "unsupported content-type {shown:?}: send the body as JSON, with \
+                     content-type: application/json or no content type"
+                ),
+            ));
         }
     }
+    Json::<T>::from_bytes(body)
+        .map(|Json(v)| v)
+        .map_err(json_rejection)
+}
+
+/// `application/json`, `application/*+json`, curl's default `application/x-www-form-urlencoded`
+/// or an empty type; parameters (`; charset=...`) and case do not matter.
+fn is_json_or_undeclared(ct: &HeaderValue) -> bool {
+    let Ok(ct) = ct.to_str() else { return false };
+    let essence = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence.is_empty()
+        || essence == "application/json"
+        || essence == "application/x-www-form-urlencoded"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
 fn json_rejection(r: JsonRejection) -> ApiError {
@@ -478,6 +525,36 @@ async fn watch(
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
+    let (services, since) = parse_watch_query(query.as_deref(), headers.get("last-event-id"))?;
+    let sub = s.registry().subscribe(services, since);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+    let pump = Pump {
+        tx,
+        slow_timeout: s.config().slow_subscriber_timeout(),
+        keepalive: Some((
+            Duration::from_secs(15),
+            Bytes::from_static(b": keepalive\n\n"),
+        )),
+        core: s.registry().metrics().clone(),
+        api: s.node.api_metrics.clone(),
+        peer: "sse".into(),
+    };
+    tokio::spawn(pump.run(sub, sse::delivery, sse::close));
+    let body = Body::from_stream(ReceiverStream::new(rx).map(Ok::<_, Infallible>));
+    Ok(Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .header("x-accel-buffering", "no")
+        .body(body)
+        .unwrap_or_default())
+}
+
+/// The services and resume point of a watch: `service=ns/svc` (repeated, or comma-separated)
+/// and `since=R`, or else the `Last-Event-ID` an EventSource reconnects with.
+pub(crate) fn parse_watch_query(
+    query: Option<&str>,
+    last_event_id: Option<&HeaderValue>,
+) -> Result<(Vec<ServiceKey>, Option<Revision>), ApiError> {
     let mut services = Vec::new();
     let mut since = None;
     for (k, v) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
@@ -507,31 +584,12 @@ async fn watch(
         ));
     }
     if since.is_none() {
-        if let Some(v) = headers.get("last-event-id") {
-            since = v.to_str().ok().and_then(|v| v.trim().parse().ok());
-        }
+        // A malformed Last-Event-ID is ignored: the browser sends back what it was given.
+        since = last_event_id
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse().ok());
     }
-    let sub = s.registry().subscribe(services, since);
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
-    let pump = Pump {
-        tx,
-        slow_timeout: s.config().slow_subscriber_timeout(),
-        keepalive: Some((
-            Duration::from_secs(15),
-            Bytes::from_static(b": keepalive\n\n"),
-        )),
-        core: s.registry().metrics().clone(),
-        api: s.node.api_metrics.clone(),
-        peer: "sse".into(),
-    };
-    tokio::spawn(pump.run(sub, sse::delivery, sse::close));
-    let body = Body::from_stream(ReceiverStream::new(rx).map(Ok::<_, Infallible>));
-    Ok(Response::builder()
-        .header(header::CONTENT_TYPE, "text/event-stream")
-        .header(header::CACHE_CONTROL, "no-cache")
-        .header("x-accel-buffering", "no")
-        .body(body)
-        .unwrap_or_default())
+    Ok((services, since))
 }
 
 /// Not ready while shutting down, or while the store refuses writes (a full disk): reads would

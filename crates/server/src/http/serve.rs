@@ -1,0 +1,202 @@
+//! Serving an axum router on a TCP listener with the limits a production HTTP server sets, for
+//! both HTTP listeners of a node (the native API and the Nacos 1.x API): the size of a request
+//! head and the number of its headers (hyper answers more with 431), no Nagle, the peer address
+//! for `ConnectInfo`, a close that lets the client read an early answer, and graceful shutdown.
+//! `axum::serve` does the same but does not expose hyper's limits.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use axum::Router;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tower_service::Service;
+
+/// Limits on what a client may send before its request is handed to the router.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    /// Largest request head (request line and headers), in bytes; at least 8192. HTTP/1 reads
+    /// the head into a buffer of at most this size; HTTP/2 bounds the decoded header list.
+    pub max_header_bytes: usize,
+    /// Most headers in one HTTP/1 request.
+    pub max_headers: usize,
+}
+
+/// How much unread input, and for how long, is read and thrown away after the server ended a
+/// connection early (e.g. a 431 while the client was still sending its headers): closing a
+/// socket with unread input makes the kernel send a reset, which can destroy the answer
+/// before the client reads it.
+const LINGER_BYTES: usize = 1024 * 1024;
+const LINGER_TIME: Duration = Duration::from_secs(2);
+
+/// Serves `app` on `listener` until `stop` completes, then stops accepting and waits for the
+/// open connections to finish (the caller bounds that wait). `name` labels log lines
+/// (`http`, `nacos-http`).
+pub(crate) async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: HttpLimits,
+    stop: impl Future<Output = ()>,
+    name: &'static str,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .max_buf_size(limits.max_header_bytes)
+        .max_headers(limits.max_headers);
+    builder
+        .http2()
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(stop);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    accept_error(name, e).await;
+                    continue;
+                }
+            },
+            _ = &mut stop => break,
+        };
+        // No Nagle: SSE frames and answers written in pieces must not wait for delayed ACKs.
+        let _ = tcp.set_nodelay(true);
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+            req.extensions_mut().insert(ConnectInfo(peer));
+            app.clone().call(req.map(Body::new))
+        });
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(LingerOnClose(Some(tcp))), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(listener = name, %peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+/// Accept errors are the listener's, not a reason to stop serving: a peer that reset before
+/// it was accepted is skipped, anything else (e.g. out of file descriptors) is logged and
+/// retried after a pause so that the loop does not spin.
+async fn accept_error(name: &'static str, e: io::Error) {
+    use io::ErrorKind::*;
+    if matches!(
+        e.kind(),
+        ConnectionRefused | ConnectionAborted | ConnectionReset
+    ) {
+        return;
+    }
+    tracing::error!(listener = name, error = %e, "accept failed; retrying in 1 s");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+}
+
+/// A connection's socket that, when dropped with unread input waiting, hands itself to a task
+/// that sends FIN and reads (bounded) before closing, so the client gets the answer instead of
+/// a reset.
+struct LingerOnClose(Option<TcpStream>);
+
+impl LingerOnClose {
+    fn inner(&mut self) -> io::Result<Pin<&mut TcpStream>> {
+        match self.0.as_mut() {
+            Some(tcp) => Ok(Pin::new(tcp)),
+            None => Err(io::ErrorKind::NotConnected.into()),
+        }
+    }
+}
+
+impl Drop for LingerOnClose {
+    fn drop(&mut self) {
+        let Some(tcp) = self.0.take() else { return };
+        let mut probe = [0u8; 1];
+        // Nothing waiting (or the peer already closed): an ordinary close sends no reset.
+        if !matches!(tcp.try_read(&mut probe), Ok(n) if n > 0) {
+            return;
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(drain_then_close(tcp));
+        }
+    }
+}
+
+async fn drain_then_close(mut tcp: TcpStream) {
+    let _ = tcp.shutdown().await;
+    let deadline = tokio::time::Instant::now() + LINGER_TIME;
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut seen = 0usize;
+    while seen < LINGER_BYTES {
+        match tokio::time::timeout_at(deadline, tcp.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => seen += n,
+            _ => break,
+        }
+    }
+}
+
+impl AsyncRead for LingerOnClose {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.inner() {
+            Ok(tcp) => tcp.poll_read(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+}
+
+impl AsyncWrite for LingerOnClose {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.inner() {
+            Ok(tcp) => tcp.poll_write(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.inner() {
+            Ok(tcp) => tcp.poll_write_vectored(cx, bufs),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.as_ref().is_some_and(|t| t.is_write_vectored())
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.inner() {
+            Ok(tcp) => tcp.poll_flush(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.inner() {
+            Ok(tcp) => tcp.poll_shutdown(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+}

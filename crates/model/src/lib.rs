@@ -79,7 +79,7 @@ impl fmt::Display for ServiceKey {
 }
 
 /// Where an instance runs. All parts are optional (empty).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Location {
     pub region: Text,
@@ -311,6 +311,25 @@ pub fn protection_active(threshold: f32, serving: usize, total: usize) -> bool {
 pub enum DeleteReason {
     Deregistered,
     LeaseExpired,
+}
+
+impl DeleteReason {
+    /// The name every API sends (and the serde name).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeleteReason::Deregistered => "deregistered",
+            DeleteReason::LeaseExpired => "lease_expired",
+        }
+    }
+
+    /// `None` for a name this build does not know (a newer server's reason).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "deregistered" => Some(DeleteReason::Deregistered),
+            "lease_expired" => Some(DeleteReason::LeaseExpired),
+            _ => None,
+        }
+    }
 }
 
 /// What changed.

@@ -58,11 +58,7 @@ pub fn sextant_bin() -> &'static Path {
     })
 }
 
-/// A port that was free a moment ago (for a server that must come back on the same address).
-pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    l.local_addr().expect("local addr").port()
-}
+pub use sextant_testkit::free_port;
 
 /// A running `sextant serve`. SIGKILLed and reaped on drop.
 pub struct Server {

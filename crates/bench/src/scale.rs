@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
+use sextant_model::XorShift;
 use sextant_proto::v1 as pb;
 use tokio::time::Instant;
 
@@ -57,18 +58,6 @@ async fn count_instances(
         .context("no instances in the answer")?
         .len();
     Ok(n as u64)
-}
-
-/// A small deterministic pseudo-random sequence (xorshift), to pick services to read.
-struct Pick(u64);
-
-impl Pick {
-    fn next(&mut self, below: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % below.max(1)
-    }
 }
 
 pub async fn run(t: &mut Target, a: &ScaleArgs) -> anyhow::Result<()> {
@@ -149,10 +138,11 @@ pub async fn run(t: &mut Target, a: &ScaleArgs) -> anyhow::Result<()> {
     let mut read_latency = Latency::new();
     let (mut ok, mut bad) = (0u64, 0u64);
     let mut first_bad = None;
-    let mut pick = Pick(0x9E37_79B9_7F4A_7C15);
+    // A fixed sequence, so every run reads the same services.
+    let mut pick = XorShift::new(0x9E37_79B9_7F4A_7C15);
     let reads_started = Instant::now();
     for _ in 0..a.reads {
-        let s = pick.next(full_services);
+        let s = pick.below(full_services);
         let t0 = Instant::now();
         let r = count_instances(&http, &t.http, &service_name(&run, s)).await;
         read_latency.record(t0.elapsed());

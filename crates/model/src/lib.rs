@@ -8,6 +8,7 @@
 
 mod check;
 mod text;
+mod util;
 mod validate;
 
 use std::fmt;
@@ -17,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 pub use check::{CheckKind, HealthCheck};
 pub use text::{Metadata, Text};
+pub use util::{now_ms, XorShift};
 pub use validate::{
     validate_host, validate_instance_id, validate_name, validate_registration,
     validate_service_name, MAX_METADATA_BYTES, MAX_METADATA_ENTRIES, MAX_WEIGHT,

@@ -2,7 +2,7 @@
 //! binary on loopback (addresses parsed from its start-up line, killed on drop), pick free
 //! ports for restarts on a fixed address, a TCP proxy that can cut every connection through it,
 //! a direct gRPC client for the test's own writes and reads, and bounded waiting.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -1,7 +1,7 @@
 //! Shared helpers of the integration tests: start the real `sextant serve` binary on loopback
 //! with ephemeral ports (parsed from its start-up log line), kill it on drop, a small JSON HTTP
 //! client, a server-sent-events reader and a gRPC client constructor. Every wait is bounded.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -145,33 +145,8 @@ impl Drop for Server {
     }
 }
 
-/// A small pseudo-random generator seeded from the clock (xorshift64*), for jitter only.
-pub struct Jitter(u64);
-
-impl Jitter {
-    pub fn from_clock() -> Jitter {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0x9E37_79B9_7F4A_7C15);
-        Jitter(nanos | 1)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    /// Uniform-ish in `[lo, hi)`.
-    pub fn between(&mut self, lo: Duration, hi: Duration) -> Duration {
-        let span = (hi - lo).as_millis().max(1) as u64;
-        lo + Duration::from_millis(self.next_u64() % span)
-    }
-}
+/// A clock-seeded pseudo-random generator, for jitter only.
+pub use sextant_model::XorShift as Jitter;
 
 /// An HTTP answer: status, headers and the body as JSON (`Null` if it was not JSON).
 #[derive(Debug)]

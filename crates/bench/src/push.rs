@@ -17,6 +17,7 @@ use anyhow::Context;
 use clap::Args;
 use futures::StreamExt;
 use serde::Deserialize;
+use sextant_client::sse::SseParser;
 use sextant_proto::v1 as pb;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
@@ -158,66 +159,6 @@ struct FrameRevision {
     resume_revision: Option<u64>,
 }
 
-/// One server-sent event.
-#[derive(Debug, Default, PartialEq)]
-struct Frame {
-    event: String,
-    id: Option<u64>,
-    data: String,
-}
-
-/// Incremental parser of a `text/event-stream` body: frames end with a blank line; comment
-/// lines (keepalives) are skipped.
-#[derive(Default)]
-struct SseParser {
-    buf: Vec<u8>,
-    /// Bytes of `buf` already searched for the end of a frame (less one, for a split "\n\n").
-    scanned: usize,
-}
-
-impl SseParser {
-    fn push(&mut self, chunk: &[u8], out: &mut Vec<Frame>) {
-        self.buf.extend_from_slice(chunk);
-        let mut start = 0;
-        let mut from = self.scanned;
-        while let Some(end) = find(&self.buf[from..], b"\n\n").map(|e| from + e) {
-            let raw = &self.buf[start..end];
-            start = end + 2;
-            from = start;
-            let mut f = Frame::default();
-            let mut any = false;
-            for line in String::from_utf8_lossy(raw).lines() {
-                if line.starts_with(':') {
-                    continue;
-                }
-                let (k, v) = line.split_once(':').unwrap_or((line, ""));
-                let v = v.strip_prefix(' ').unwrap_or(v);
-                any = true;
-                match k {
-                    "event" => f.event = v.to_string(),
-                    "id" => f.id = v.parse().ok(),
-                    "data" => {
-                        if !f.data.is_empty() {
-                            f.data.push('\n');
-                        }
-                        f.data.push_str(v);
-                    }
-                    _ => {}
-                }
-            }
-            if any {
-                out.push(f);
-            }
-        }
-        self.buf.drain(..start);
-        self.scanned = self.buf.len().saturating_sub(1);
-    }
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
-}
-
 #[allow(clippy::too_many_arguments)]
 async fn subscriber(
     n: usize,
@@ -260,7 +201,7 @@ async fn subscriber(
                 // revision (`resume_revision` for snapshots and sync bookmarks).
                 let rev = serde_json::from_str::<FrameRevision>(&f.data)
                     .map(|r| r.resume_revision.or(r.revision).unwrap_or(0))
-                    .unwrap_or_else(|_| f.id.unwrap_or(0));
+                    .unwrap_or_else(|_| f.revision_id().unwrap_or(0));
                 match f.event.as_str() {
                     "sync" => {}
                     "snapshot" => {
@@ -809,27 +750,4 @@ pub(crate) async fn measure(t: &Target, a: &PushArgs, prefix: &str) -> anyhow::R
         a, t.pid, &live, stop_tx, subs, setup, connected, writes, labels, notes,
     )
     .await)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_frames_split_across_chunks() {
-        let mut p = SseParser::default();
-        let mut out = Vec::new();
-        p.push(
-            b"event: status\nid: 7\ndata: {\"a\":1}\n\n: keepalive\n\nevent: sta",
-            &mut out,
-        );
-        assert_eq!(out.len(), 1);
-        assert_eq!(out[0].event, "status");
-        assert_eq!(out[0].id, Some(7));
-        assert_eq!(out[0].data, "{\"a\":1}");
-        p.push(b"tus\nid: 8\ndata: {}\n\n", &mut out);
-        assert_eq!(out.len(), 2);
-        assert_eq!(out[1].id, Some(8));
-        assert!(p.buf.is_empty());
-    }
 }

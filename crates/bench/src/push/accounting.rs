@@ -1,11 +1,7 @@
-//! Scenario `push`: W SSE subscribers watch one service of I instances while the tool changes
-//! instance statuses at a fixed rate. For every (subscriber, change) pair it measures the time
-//! from the write's acknowledgement to the event's arrival, and it accounts for every pair:
-//! delivered as an event, covered by a resync snapshot, or missing.
-//!
-//! Every subscriber holds one TCP connection, so the tool and the server each need about W file
-//! descriptors more than usual: the tool raises its soft `RLIMIT_NOFILE` to the hard limit at
-//! start (a server it spawns inherits that); for a server started by hand, run `ulimit -n` first.
+//! Running a push measurement for any system: the state subscribers share with the controller
+//! ([`Live`]) and what each saw ([`Seen`]), connecting every subscriber (bounded), the writes
+//! at a fixed rate, and [`finish`]: waiting for delivery, then accounting for every (subscriber,
+//! change) pair as delivered, covered by a resync snapshot, or missing.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -13,57 +9,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
-use clap::Args;
-use futures::StreamExt;
-use serde::Deserialize;
-use sextant_client::sse::SseParser;
-use sextant_proto::v1 as pb;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::load::{self, NAMESPACE};
-use crate::stats::{print_table, CpuMeter, CpuUsed, Latency, Row};
-use crate::target::Target;
+use crate::stats::{CpuMeter, CpuUsed, Latency, Row};
 
-#[derive(Args, Debug, Clone)]
-pub struct PushArgs {
-    /// Subscribers: SSE streams (`GET /v1/watch`), one connection each.
-    #[arg(long, short = 'w', default_value_t = 1000)]
-    pub watchers: usize,
-    /// Instances of the watched service, registered first with gRPC BatchRegister.
-    #[arg(long, short = 'i', default_value_t = 1000)]
-    pub instances: u64,
-    /// Status changes per second (PATCH .../status, one at a time).
-    #[arg(long, short = 'r', default_value_t = 50.0)]
-    pub rate: f64,
-    /// Status changes in all.
-    #[arg(long, short = 'k', default_value_t = 200)]
-    pub changes: u64,
-    /// Subscribers connecting at the same time.
-    #[arg(long, default_value_t = 64)]
-    pub connect_concurrency: usize,
-    /// Longest wait for every subscriber's first snapshot.
-    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
-    pub ready_timeout: Duration,
-    /// Longest wait, after the last write, for every subscriber to receive it.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
-    pub drain_timeout: Duration,
-    /// Longest the writes may take (they stop after that).
-    #[arg(long, default_value = "600s", value_parser = humantime::parse_duration)]
-    pub deadline: Duration,
-}
-
-impl PushArgs {
-    pub(crate) fn validate(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(
-            self.watchers > 0 && self.instances > 0 && self.changes > 0 && self.rate > 0.0,
-            "sizes must be positive"
-        );
-        Ok(())
-    }
-}
+use super::{Labels, PushArgs, PushResult};
 
 /// The peers' k-th write: which instance it changes, in which round over the instances, and
 /// the weight it writes (alternating per round, so every write changes the record).
@@ -140,96 +92,6 @@ pub(crate) struct Seen {
     pub(crate) resync_through: u64,
     /// Why the stream ended before it was stopped, if it did.
     pub(crate) ended: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct SnapshotData {
-    #[serde(default)]
-    resync: bool,
-    #[serde(default)]
-    instances: Vec<serde::de::IgnoredAny>,
-}
-
-/// The revision fields of a frame's data (the rest is skipped, not parsed).
-#[derive(Deserialize)]
-struct FrameRevision {
-    #[serde(default)]
-    revision: Option<u64>,
-    #[serde(default)]
-    resume_revision: Option<u64>,
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn subscriber(
-    n: usize,
-    client: reqwest::Client,
-    url: String,
-    service: String,
-    connect_slots: Arc<Semaphore>,
-    live: Arc<Live>,
-    mut stop: watch::Receiver<bool>,
-) -> Seen {
-    let mut seen = Seen::default();
-    let result: anyhow::Result<()> = async {
-        let permit = connect_slots.acquire().await?;
-        let t0 = Instant::now();
-        let resp = client
-            .get(&url)
-            .query(&[("service", service.as_str())])
-            .send()
-            .await
-            .context("connect")?;
-        anyhow::ensure!(resp.status().is_success(), "HTTP {}", resp.status());
-        let mut body = resp.bytes_stream();
-        let mut parser = SseParser::default();
-        let mut frames = Vec::new();
-        let mut permit = Some(permit);
-        loop {
-            let chunk = tokio::select! {
-                biased;
-                _ = stop.changed() => return Ok(()),
-                c = body.next() => c,
-            };
-            let Some(chunk) = chunk else {
-                anyhow::bail!("the stream ended");
-            };
-            let chunk = chunk.context("reading the stream")?;
-            let now = Instant::now();
-            parser.push(&chunk, &mut frames);
-            for f in frames.drain(..) {
-                // Only a delivery's last frame has an SSE id; every frame's data has its
-                // revision (`resume_revision` for snapshots and sync bookmarks).
-                let rev = serde_json::from_str::<FrameRevision>(&f.data)
-                    .map(|r| r.resume_revision.or(r.revision).unwrap_or(0))
-                    .unwrap_or_else(|_| f.revision_id().unwrap_or(0));
-                match f.event.as_str() {
-                    "sync" => {}
-                    "snapshot" => {
-                        let d: SnapshotData =
-                            serde_json::from_str(&f.data).context("snapshot JSON")?;
-                        if seen.connect.is_none() {
-                            seen.connect = Some(t0.elapsed());
-                            seen.snapshot_rev = rev;
-                            seen.snapshot_instances = d.instances.len();
-                            permit.take();
-                            live.ready.fetch_add(1, Ordering::Relaxed);
-                        } else {
-                            seen.resyncs += 1;
-                            if d.resync {
-                                seen.resync_through = seen.resync_through.max(rev);
-                            }
-                        }
-                    }
-                    "close" => anyhow::bail!("closed by the server: {}", f.data),
-                    _ => seen.events.push((rev, now)),
-                }
-                live.max_rev[n].fetch_max(rev, Ordering::Relaxed);
-            }
-        }
-    }
-    .await;
-    live.subscriber_ended(n, &mut seen, result);
-    seen
 }
 
 /// The subscribers' connect phase: how many had their first snapshot, and when.
@@ -330,76 +192,6 @@ where
     w.secs = started.elapsed().as_secs_f64();
     w.cpu = meter.stop();
     w
-}
-
-/// How one system's push rows are named, and what only it needs said.
-pub(crate) struct Labels {
-    /// Put before every row name ("" when only Sextant runs).
-    pub(crate) prefix: String,
-    /// How a subscriber subscribes, e.g. "SSE GET /v1/watch".
-    pub(crate) subscribe: String,
-    /// How a change is written, e.g. "PATCH status".
-    pub(crate) write: String,
-    /// Notes of this system only, appended after the common ones.
-    pub(crate) notes: Vec<String>,
-}
-
-/// One system's push results: its full table and the figures compared side by side.
-pub(crate) struct PushResult {
-    pub(crate) rows: Vec<Row>,
-    pub(crate) notes: Vec<String>,
-    /// Write acknowledged -> event, over all delivered (subscriber, change) pairs.
-    pub(crate) ack: Latency,
-    /// Write sent -> event.
-    pub(crate) sent: Latency,
-    /// Per change, acknowledged -> the last subscriber had it.
-    pub(crate) fanout: Latency,
-    pub(crate) delivered: u64,
-    pub(crate) expected: u64,
-    pub(crate) resynced: u64,
-    pub(crate) missing: u64,
-    pub(crate) watchers: usize,
-    pub(crate) writes: usize,
-    /// CPU over the writes and the drain.
-    pub(crate) cpu: CpuUsed,
-    pub(crate) secs: f64,
-}
-
-impl PushResult {
-    /// One row of a side-by-side table: `pick` 0 is ack → event, 1 write sent → event, 2 ack →
-    /// last subscriber (per change); `event_unit` names what the first two count per second.
-    pub(crate) fn latency_row(
-        &self,
-        scenario: String,
-        params: String,
-        pick: usize,
-        event_unit: &'static str,
-    ) -> Row {
-        let latency = match pick {
-            0 => self.ack.clone(),
-            1 => self.sent.clone(),
-            _ => self.fanout.clone(),
-        };
-        let per_change = pick == 2;
-        Row {
-            scenario,
-            params,
-            ops: if per_change {
-                latency.count()
-            } else {
-                self.delivered
-            },
-            errors: if per_change {
-                (self.writes as u64).saturating_sub(latency.count())
-            } else {
-                self.missing
-            },
-            secs: self.secs,
-            unit: if per_change { "changes/s" } else { event_unit },
-            latency,
-            cpu: (pick == 0).then_some(self.cpu),
-        }
-    }
 }
 
 /// Waits (bounded) until every live subscriber has the last acknowledged revision, stops them,
@@ -653,101 +445,4 @@ pub(crate) async fn finish(
         cpu: watch_cpu,
         secs: watch_secs,
     }
-}
-
-pub async fn run(t: &Target, a: &PushArgs) -> anyhow::Result<()> {
-    let r = measure(t, a, "").await?;
-    print_table("push", &r.rows, &r.notes);
-    Ok(())
-}
-
-/// The push scenario against Sextant: SSE subscribers, PATCH status writes.
-pub(crate) async fn measure(t: &Target, a: &PushArgs, prefix: &str) -> anyhow::Result<PushResult> {
-    a.validate()?;
-    let service = format!("push-{}", load::run_id());
-    let mut notes = Vec::new();
-
-    // 1. The watched service.
-    let meter = CpuMeter::start(t.pid);
-    let grpc = Arc::new(load::grpc_clients(&t.grpc, 2).await?);
-    let (svc, total) = (service.clone(), a.instances);
-    let batch = 500u64;
-    let out = load::drive(2, total.div_ceil(batch), a.deadline, move |w, n| {
-        let mut c = grpc[w].clone();
-        let instances: Vec<_> = (n * batch..((n + 1) * batch).min(total))
-            .map(|i| load::grpc_request(&svc, format!("i{i}"), i))
-            .collect();
-        let len = instances.len() as u64;
-        async move {
-            c.batch_register(pb::BatchRegisterRequest { instances })
-                .await?;
-            Ok(len)
-        }
-    })
-    .await;
-    notes.extend(out.notes("push setup"));
-    let setup = Row {
-        scenario: format!("{prefix}push setup: BatchRegister"),
-        params: format!("I={} B={batch}", a.instances),
-        ops: out.ops,
-        errors: out.errors,
-        secs: out.elapsed.as_secs_f64(),
-        unit: "inst/s",
-        latency: out.latency,
-        cpu: Some(meter.stop()),
-    };
-    anyhow::ensure!(out.errors == 0, "could not register the watched service");
-
-    // 2. Subscribers.
-    let client = load::http_client(None)?;
-    let live = Live::new(a.watchers);
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let slots = Arc::new(Semaphore::new(a.connect_concurrency.max(1)));
-    let url = format!("{}/v1/watch", t.http);
-    let key = format!("{NAMESPACE}/{service}");
-    let (subs, connected) = connect_all(a, t.pid, &live, &mut notes, |n| {
-        tokio::spawn(subscriber(
-            n,
-            client.clone(),
-            url.clone(),
-            key.clone(),
-            slots.clone(),
-            live.clone(),
-            stop_rx.clone(),
-        ))
-    })
-    .await;
-
-    // 3. Writes at a fixed rate, one at a time, each acknowledged before the next.
-    let writer = load::http_client(Some(Duration::from_secs(30)))?;
-    let instances = a.instances;
-    let writes = write_at_rate(a, t.pid, &mut notes, |k| {
-        let (j, round) = (k % instances, k / instances);
-        // Alternating per instance and flipping every round, so every change changes something.
-        let weight = if (j + round) % 2 == 0 { 50 } else { 150 };
-        let url = format!(
-            "{}/v1/namespaces/{NAMESPACE}/services/{service}/instances/i{j}/status",
-            t.http
-        );
-        let req = writer
-            .patch(url)
-            .json(&serde_json::json!({ "weight": weight }));
-        async move {
-            let v = load::check_http(req.send().await?).await?;
-            v["revision"].as_u64().context("no revision in the answer")
-        }
-    })
-    .await;
-
-    // 4. Drain, stop, account.
-    let labels = Labels {
-        prefix: prefix.to_string(),
-        subscribe: "SSE GET /v1/watch (one HTTP/1.1 connection each)".into(),
-        write: "PATCH status".into(),
-        notes: vec!["the server publishes a change before it answers the write, so an event can arrive before the ack: the ack row counts those as 0; the `write sent` row measures from just before the PATCH was sent (it includes the write's own commit)".into()],
-    };
-    Ok(finish(
-        a, t.pid, &live, stop_tx, subs, setup, connected, writes, labels, notes,
-    )
-    .await)
 }

@@ -169,14 +169,7 @@ impl Target {
         let spawned_at = Instant::now();
         // The same command the integration suites start (clean `SEXTANT_*` environment, Nacos
         // adapter on a port of its own unless the extra arguments place it), driven by tokio.
-        let mut args: Vec<std::ffi::OsString> = vec![
-            "--http-addr".into(),
-            "127.0.0.1:0".into(),
-            "--grpc-addr".into(),
-            "127.0.0.1:0".into(),
-            "--data-dir".into(),
-            s.data_dir.clone().into(),
-        ];
+        let mut args = sextant_testkit::loopback_args(&s.data_dir, 0);
         args.extend(s.extra_args.iter().map(Into::into));
         let mut child = Command::from(sextant_testkit::serve_command(s.bin.as_os_str(), &args))
             .kill_on_drop(true)

@@ -7,9 +7,10 @@
 //! binary.
 #![forbid(unsafe_code)]
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -39,6 +40,20 @@ pub struct Spawned {
     pub nacos: Option<(SocketAddr, SocketAddr)>,
     /// Every stderr line so far, for diagnostics.
     pub log: Arc<Mutex<Vec<String>>>,
+}
+
+/// The usual arguments of a server started from outside: HTTP on a kernel-chosen loopback
+/// port, gRPC on `grpc_port` (0: kernel-chosen; fixed when a client must find it again after a
+/// restart) and its data under `data_dir`.
+pub fn loopback_args(data_dir: &Path, grpc_port: u16) -> Vec<OsString> {
+    vec![
+        "--http-addr".into(),
+        "127.0.0.1:0".into(),
+        "--grpc-addr".into(),
+        format!("127.0.0.1:{grpc_port}").into(),
+        "--data-dir".into(),
+        data_dir.as_os_str().to_owned(),
+    ]
 }
 
 /// `bin serve <args>` with the `SEXTANT_*` settings of the caller's environment removed, stdin
@@ -73,7 +88,7 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
-    let args: Vec<std::ffi::OsString> = args
+    let args: Vec<OsString> = args
         .into_iter()
         .map(|a| a.as_ref().to_os_string())
         .collect();

@@ -80,17 +80,8 @@ impl Server {
 
     /// On `dir` (kept by the caller), gRPC on `grpc_port` (or an ephemeral one).
     pub fn start_in(dir: &Path, grpc_port: Option<u16>) -> Server {
-        let grpc = format!("127.0.0.1:{}", grpc_port.unwrap_or(0));
-        let args: Vec<std::ffi::OsString> = vec![
-            "--http-addr".into(),
-            "127.0.0.1:0".into(),
-            "--grpc-addr".into(),
-            grpc.into(),
-            "--data-dir".into(),
-            dir.as_os_str().to_owned(),
-            "--log".into(),
-            "info".into(),
-        ];
+        let mut args = sextant_testkit::loopback_args(dir, grpc_port.unwrap_or(0));
+        args.extend(["--log".into(), "info".into()]);
         let sextant_testkit::Spawned {
             child,
             http,

@@ -54,16 +54,8 @@ impl Server {
 
     /// Starts a server on `dir` with extra `serve` flags.
     pub fn start_with(dir: &Path, extra: &[&str]) -> Server {
-        let mut args: Vec<std::ffi::OsString> = vec![
-            "--http-addr".into(),
-            "127.0.0.1:0".into(),
-            "--grpc-addr".into(),
-            "127.0.0.1:0".into(),
-            "--data-dir".into(),
-            dir.as_os_str().to_owned(),
-            "--log".into(),
-            "info".into(),
-        ];
+        let mut args = sextant_testkit::loopback_args(dir, 0);
+        args.extend(["--log".into(), "info".into()]);
         args.extend(extra.iter().map(std::ffi::OsString::from));
         let sextant_testkit::Spawned {
             child,

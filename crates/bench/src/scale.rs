@@ -9,7 +9,6 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use sextant_model::XorShift;
-use sextant_proto::v1 as pb;
 use tokio::time::Instant;
 
 use crate::load::{self, NAMESPACE};
@@ -77,23 +76,11 @@ pub async fn run(t: &mut Target, a: &ScaleArgs) -> anyhow::Result<()> {
     let run2 = run.clone();
     let requests = total.div_ceil(batch);
     let out = load::drive(a.concurrency, requests, a.deadline, move |w, n| {
-        let mut c = clients[w].clone();
+        let c = clients[w].clone();
         let instances: Vec<_> = (n * batch..((n + 1) * batch).min(total))
             .map(|g| load::grpc_request(&service_name(&run2, g / per), format!("i{}", g % per), g))
             .collect();
-        let len = instances.len() as u64;
-        async move {
-            let r = c
-                .batch_register(pb::BatchRegisterRequest { instances })
-                .await?
-                .into_inner();
-            anyhow::ensure!(
-                r.revisions.len() as u64 == len,
-                "{} revisions for {len} instances",
-                r.revisions.len()
-            );
-            Ok(len)
-        }
+        load::batch_register(c, instances)
     })
     .await;
     let load_cpu = meter.stop();

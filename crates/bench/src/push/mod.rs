@@ -24,7 +24,7 @@ use sextant_proto::v1 as pb;
 use tokio::sync::{watch, Semaphore};
 
 use crate::load::{self, NAMESPACE};
-use crate::stats::{print_table, CpuMeter, Row};
+use crate::stats::{print_table, CpuMeter};
 use crate::target::Target;
 
 pub(crate) use accounting::{connect_all, finish, peer_write, write_at_rate, Live, Seen};
@@ -99,16 +99,12 @@ pub(crate) async fn measure(t: &Target, a: &PushArgs, prefix: &str) -> anyhow::R
     })
     .await;
     notes.extend(out.notes("push setup"));
-    let setup = Row {
-        scenario: format!("{prefix}push setup: BatchRegister"),
-        params: format!("I={} B={batch}", a.instances),
-        ops: out.ops,
-        errors: out.errors,
-        secs: out.elapsed.as_secs_f64(),
-        unit: "inst/s",
-        latency: out.latency,
-        cpu: Some(meter.stop()),
-    };
+    let setup = out.row(
+        format!("{prefix}push setup: BatchRegister"),
+        format!("I={} B={batch}", a.instances),
+        "inst/s",
+        Some(meter.stop()),
+    );
     anyhow::ensure!(out.errors == 0, "could not register the watched service");
 
     // 2. Subscribers.

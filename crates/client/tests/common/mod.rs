@@ -214,6 +214,18 @@ impl Drop for Proxy {
     }
 }
 
+/// A client that gives up on a lost server quickly and reconnects soon (short timeouts, fast
+/// backoff), so that a test's outage and recovery fit in its bounds.
+pub fn quick_client(url: String) -> sextant_client::Client {
+    sextant_client::Client::builder()
+        .servers([url])
+        .call_timeout(Duration::from_secs(2))
+        .connect_timeout(Duration::from_secs(1))
+        .backoff(Duration::from_millis(50), Duration::from_millis(500))
+        .build()
+        .expect("a client")
+}
+
 /// A direct gRPC client of `addr` (the test's own reads and writes, bypassing the SDK).
 pub async fn direct(addr: SocketAddr) -> RegistryClient<tonic::transport::Channel> {
     let ep = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))

@@ -149,16 +149,12 @@ pub async fn register(
             out.requests
         ));
     }
-    let row = Row {
-        scenario: name,
-        params: format!("C={} N={} services={}", a.clients, a.instances, a.services),
-        ops: out.ops,
-        errors: out.errors,
-        secs: out.elapsed.as_secs_f64(),
-        unit: "inst/s",
-        latency: out.latency,
-        cpu: Some(cpu),
-    };
+    let row = out.row(
+        name,
+        format!("C={} N={} services={}", a.clients, a.instances, a.services),
+        "inst/s",
+        Some(cpu),
+    );
     Ok((row, notes))
 }
 
@@ -279,16 +275,12 @@ pub async fn push(
     })
     .await;
     notes.extend(out.notes("push setup"));
-    let setup = Row {
-        scenario: format!("{prefix}push setup: Put with lease"),
-        params: format!("I={} (8 in flight)", a.instances),
-        ops: out.ops,
-        errors: out.errors,
-        secs: out.elapsed.as_secs_f64(),
-        unit: "inst/s",
-        latency: out.latency,
-        cpu: Some(meter.stop()),
-    };
+    let setup = out.row(
+        format!("{prefix}push setup: Put with lease"),
+        format!("I={} (8 in flight)", a.instances),
+        "inst/s",
+        Some(meter.stop()),
+    );
     anyhow::ensure!(out.errors == 0, "could not create the watched keys");
 
     // 2. Watchers.

@@ -14,7 +14,7 @@ use sextant_proto::v1::registry_client::RegistryClient;
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
-use crate::stats::Latency;
+use crate::stats::{CpuUsed, Latency, Row};
 
 /// The namespace every instance of this tool goes into.
 pub const NAMESPACE: &str = "bench";
@@ -36,6 +36,26 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// The phase's row of a report table: its throughput in `unit` and its latency.
+    pub fn row(
+        &self,
+        scenario: String,
+        params: String,
+        unit: &'static str,
+        cpu: Option<CpuUsed>,
+    ) -> Row {
+        Row {
+            scenario,
+            params,
+            ops: self.ops,
+            errors: self.errors,
+            secs: self.elapsed.as_secs_f64(),
+            unit,
+            latency: self.latency.clone(),
+            cpu,
+        }
+    }
+
     /// Notes for the report: the first error and why the phase stopped early, if it did.
     pub fn notes(&self, phase: &str) -> Vec<String> {
         let mut n = Vec::new();
@@ -154,6 +174,24 @@ pub fn http_client(timeout: Option<Duration>) -> anyhow::Result<reqwest::Client>
         b = b.timeout(t);
     }
     b.build().context("cannot build the HTTP client")
+}
+
+/// One `BatchRegister`, checked to answer one revision per instance; returns how many.
+pub async fn batch_register(
+    mut c: RegistryClient<Channel>,
+    instances: Vec<pb::RegisterRequest>,
+) -> anyhow::Result<u64> {
+    let len = instances.len() as u64;
+    let r = c
+        .batch_register(pb::BatchRegisterRequest { instances })
+        .await?
+        .into_inner();
+    anyhow::ensure!(
+        r.revisions.len() as u64 == len,
+        "{} revisions for {len} instances",
+        r.revisions.len()
+    );
+    Ok(len)
 }
 
 /// `n` gRPC clients, each on its own connection (as `n` independent clients would be).

@@ -90,23 +90,6 @@ pub struct Server {
     process: Process,
 }
 
-/// A loopback port P that was free a moment ago, with P + 1000 free as well (Nacos clients
-/// find the gRPC port at the HTTP port + 1000).
-pub fn free_nacos_port() -> anyhow::Result<u16> {
-    for _ in 0..200 {
-        let l =
-            std::net::TcpListener::bind("127.0.0.1:0").context("cannot bind a loopback port")?;
-        let p = l.local_addr()?.port();
-        let Some(g) = p.checked_add(1000) else {
-            continue;
-        };
-        if std::net::TcpListener::bind(("127.0.0.1", g)).is_ok() {
-            return Ok(p);
-        }
-    }
-    bail!("no free loopback port P with P + 1000 free after 200 tries")
-}
-
 /// `rnacos` on PATH, else `~/.cargo/bin/rnacos`.
 fn default_rnacos() -> PathBuf {
     if let Some(paths) = std::env::var_os("PATH") {
@@ -161,7 +144,8 @@ impl Server {
         l: &Launch,
     ) -> anyhow::Result<Server> {
         let spawned_at = Instant::now();
-        let port = free_nacos_port()?;
+        let port = sextant_testkit::try_free_nacos_port()
+            .context("cannot find a free loopback port pair")?;
         let (process, pid) = match system {
             NacosSystem::Sextant => {
                 let mut args = vec![
@@ -634,12 +618,5 @@ mod tests {
         assert_eq!(get("RNACOS_SDK_HOST"), Some("127.0.0.1"));
         assert_eq!(get("RNACOS_CONSOLE_HOST"), Some("127.0.0.1"));
         assert_eq!(get("RNACOS_DATA_DIR"), Some("/tmp/r/data"));
-    }
-
-    #[test]
-    fn a_free_nacos_port_has_its_grpc_port_free() {
-        let p = free_nacos_port().expect("a free port");
-        assert!(std::net::TcpListener::bind(("127.0.0.1", p)).is_ok());
-        assert!(std::net::TcpListener::bind(("127.0.0.1", p + 1000)).is_ok());
     }
 }

@@ -81,10 +81,8 @@ pub struct Peer {
 }
 
 /// A loopback port that was free a moment ago (bound, then released).
-/// A loopback port free at the time of asking.
 pub(crate) fn free_port() -> anyhow::Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("cannot bind a loopback port")?;
-    Ok(l.local_addr()?.port())
+    sextant_testkit::try_free_port().context("cannot bind a loopback port")
 }
 
 /// The standalone ZooKeeper configuration: the shipped defaults (`forceSync` unset, so yes),

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
-use sextant_proto::v1 as pb;
 
 use crate::load::{self, NAMESPACE};
 use crate::stats::{print_table, CpuMeter, Row};
@@ -120,26 +119,14 @@ pub(crate) async fn measure(
                 let run = run.clone();
                 let requests = total.div_ceil(batch);
                 let out = load::drive(a.clients, requests, a.deadline, move |w, n| {
-                    let mut c = clients[w].clone();
+                    let c = clients[w].clone();
                     let instances: Vec<_> = (n * batch..((n + 1) * batch).min(total))
                         .map(|i| {
                             let svc = format!("reg-batch-{run}-{:04}", i % services);
                             load::grpc_request(&svc, format!("i{i}"), i)
                         })
                         .collect();
-                    let len = instances.len() as u64;
-                    async move {
-                        let r = c
-                            .batch_register(pb::BatchRegisterRequest { instances })
-                            .await?
-                            .into_inner();
-                        anyhow::ensure!(
-                            r.revisions.len() as u64 == len,
-                            "{} revisions for {len} instances",
-                            r.revisions.len()
-                        );
-                        Ok(len)
-                    }
+                    load::batch_register(c, instances)
                 })
                 .await;
                 (
@@ -158,16 +145,7 @@ pub(crate) async fn measure(
         ));
         rows.push((
             mode,
-            Row {
-                scenario: format!("{prefix}{name}"),
-                params,
-                ops: out.ops,
-                errors: out.errors,
-                secs: out.elapsed.as_secs_f64(),
-                unit: "inst/s",
-                latency: out.latency,
-                cpu: Some(cpu),
-            },
+            out.row(format!("{prefix}{name}"), params, "inst/s", Some(cpu)),
         ));
     }
     Ok((rows, notes))

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use sextant_proto::v1 as pb;
+use sextant_model::XorShift;
 use tokio::time::Instant;
 
 use crate::load::{self, NAMESPACE};
@@ -59,18 +59,6 @@ async fn count_instances(
     Ok(n as u64)
 }
 
-/// A small deterministic pseudo-random sequence (xorshift), to pick services to read.
-struct Pick(u64);
-
-impl Pick {
-    fn next(&mut self, below: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % below.max(1)
-    }
-}
-
 pub async fn run(t: &mut Target, a: &ScaleArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         a.services > 0 && a.instances > 0 && a.batch > 0 && a.concurrency > 0,
@@ -88,23 +76,11 @@ pub async fn run(t: &mut Target, a: &ScaleArgs) -> anyhow::Result<()> {
     let run2 = run.clone();
     let requests = total.div_ceil(batch);
     let out = load::drive(a.concurrency, requests, a.deadline, move |w, n| {
-        let mut c = clients[w].clone();
+        let c = clients[w].clone();
         let instances: Vec<_> = (n * batch..((n + 1) * batch).min(total))
             .map(|g| load::grpc_request(&service_name(&run2, g / per), format!("i{}", g % per), g))
             .collect();
-        let len = instances.len() as u64;
-        async move {
-            let r = c
-                .batch_register(pb::BatchRegisterRequest { instances })
-                .await?
-                .into_inner();
-            anyhow::ensure!(
-                r.revisions.len() as u64 == len,
-                "{} revisions for {len} instances",
-                r.revisions.len()
-            );
-            Ok(len)
-        }
+        load::batch_register(c, instances)
     })
     .await;
     let load_cpu = meter.stop();
@@ -149,10 +125,11 @@ pub async fn run(t: &mut Target, a: &ScaleArgs) -> anyhow::Result<()> {
     let mut read_latency = Latency::new();
     let (mut ok, mut bad) = (0u64, 0u64);
     let mut first_bad = None;
-    let mut pick = Pick(0x9E37_79B9_7F4A_7C15);
+    // A fixed sequence, so every run reads the same services.
+    let mut pick = XorShift::new(0x9E37_79B9_7F4A_7C15);
     let reads_started = Instant::now();
     for _ in 0..a.reads {
-        let s = pick.next(full_services);
+        let s = pick.below(full_services);
         let t0 = Instant::now();
         let r = count_instances(&http, &t.http, &service_name(&run, s)).await;
         read_latency.record(t0.elapsed());

@@ -2,8 +2,8 @@
 //! tool starts (`--spawn`) on loopback ports picked by the kernel and a temporary data dir, and
 //! can stop with SIGTERM and start again on the same data.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -167,16 +167,11 @@ impl Target {
             bail!("the server is already running");
         }
         let spawned_at = Instant::now();
-        let mut child = Command::new(&s.bin)
-            .arg("serve")
-            .args(["--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0"])
-            .arg("--data-dir")
-            .arg(&s.data_dir)
-            .args(&s.extra_args)
-            .env_remove("SEXTANT_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+        // The same command the integration suites start (clean `SEXTANT_*` environment, Nacos
+        // adapter on a port of its own unless the extra arguments place it), driven by tokio.
+        let mut args = sextant_testkit::loopback_args(&s.data_dir, 0);
+        args.extend(s.extra_args.iter().map(Into::into));
+        let mut child = Command::from(sextant_testkit::serve_command(s.bin.as_os_str(), &args))
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("cannot start {}", s.bin.display()))?;
@@ -256,13 +251,13 @@ impl Target {
 }
 
 /// Copies the server's stderr to its log file, counts warnings, and reports the addresses of
-/// the `sextant serving http_addr=... grpc_addr=...` line. Runs until the pipe closes, so the
+/// the `sextant serving http_addr=... grpc_addr=...` line (parsed as the test suites parse it). Runs until the pipe closes, so the
 /// server never blocks on a full pipe.
 async fn pump_stderr(
     stderr: ChildStderr,
     mut file: tokio::fs::File,
     log: Arc<ServerLog>,
-    addr_tx: tokio::sync::oneshot::Sender<(String, String)>,
+    addr_tx: tokio::sync::oneshot::Sender<(SocketAddr, SocketAddr)>,
 ) {
     let mut addr_tx = Some(addr_tx);
     let mut lines = BufReader::new(stderr).lines();
@@ -270,26 +265,13 @@ async fn pump_stderr(
         let _ = file.write_all(line.as_bytes()).await;
         let _ = file.write_all(b"\n").await;
         log.observe(&line);
-        if line.contains("sextant serving") {
-            if let (Some(http), Some(grpc)) =
-                (field(&line, "http_addr="), field(&line, "grpc_addr="))
-            {
-                if let Some(tx) = addr_tx.take() {
-                    let _ = tx.send((http, grpc));
-                }
+        if let Some((http, grpc)) = sextant_testkit::parse_serving_line(&line) {
+            if let Some(tx) = addr_tx.take() {
+                let _ = tx.send((http, grpc));
             }
         }
     }
     let _ = file.flush().await;
-}
-
-fn field(line: &str, key: &str) -> Option<String> {
-    let start = line.find(key)? + key.len();
-    let v: String = line[start..]
-        .chars()
-        .take_while(|c| !c.is_whitespace())
-        .collect();
-    (!v.is_empty()).then_some(v)
 }
 
 /// Total size of the files under `dir`, in bytes.
@@ -309,22 +291,4 @@ pub fn dir_size(dir: &Path) -> u64 {
         }
     }
     total
-}
-
-#[cfg(test)]
-mod tests {
-    use super::field;
-
-    #[test]
-    fn parses_the_serving_line() {
-        let line = "2026-01-01T00:00:00.000000Z  INFO sextant_server: sextant serving http_addr=127.0.0.1:41234 grpc_addr=127.0.0.1:40001";
-        assert_eq!(
-            field(line, "http_addr=").as_deref(),
-            Some("127.0.0.1:41234")
-        );
-        assert_eq!(
-            field(line, "grpc_addr=").as_deref(),
-            Some("127.0.0.1:40001")
-        );
-    }
 }

@@ -96,16 +96,12 @@ pub async fn register(
         "{name}: {} requests, one session per client; the {} parent znodes were created before the clock started",
         out.requests, a.services
     ));
-    let row = Row {
-        scenario: name,
-        params: format!("C={} N={} services={}", a.clients, a.instances, a.services),
-        ops: out.ops,
-        errors: out.errors,
-        secs: out.elapsed.as_secs_f64(),
-        unit: "inst/s",
-        latency: out.latency,
-        cpu: Some(cpu),
-    };
+    let row = out.row(
+        name,
+        format!("C={} N={} services={}", a.clients, a.instances, a.services),
+        "inst/s",
+        Some(cpu),
+    );
     Ok((row, notes, clients))
 }
 
@@ -204,16 +200,12 @@ pub async fn push(
     })
     .await;
     notes.extend(out.notes("push setup"));
-    let setup = Row {
-        scenario: format!("{prefix}push setup: create EPHEMERAL"),
-        params: format!("I={} (8 in flight, one session)", a.instances),
-        ops: out.ops,
-        errors: out.errors,
-        secs: out.elapsed.as_secs_f64(),
-        unit: "inst/s",
-        latency: out.latency,
-        cpu: Some(meter.stop()),
-    };
+    let setup = out.row(
+        format!("{prefix}push setup: create EPHEMERAL"),
+        format!("I={} (8 in flight, one session)", a.instances),
+        "inst/s",
+        Some(meter.stop()),
+    );
     anyhow::ensure!(out.errors == 0, "could not create the watched znodes");
 
     // 2. Watchers.

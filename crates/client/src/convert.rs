@@ -1,20 +1,18 @@
-//! Conversions between the generated `sextant.v1` messages and the SDK's types. Answers from the
-//! network are checked here: a missing or out-of-range field is an [`Error::Protocol`], never a
-//! panic.
+//! Conversions between the generated `sextant.v1` messages and the SDK's own types (its names,
+//! instances and registrations); the field mappings the server shares (health, status, location)
+//! are `sextant_proto::convert`'s. Answers from the network are checked here: a missing or
+//! out-of-range field is an [`Error::Protocol`], never a panic.
 
+use sextant_proto::convert;
 use sextant_proto::v1 as pb;
 
 use crate::error::Error;
 use crate::types::{
-    DeleteReason, Health, Instance, InstanceStatus, Location, Registration, Service, ServiceName,
-    Source,
+    DeleteReason, Instance, InstanceStatus, Registration, Service, ServiceName, Source,
 };
 
 pub(crate) fn service_ref(name: &ServiceName) -> pb::ServiceRef {
-    pb::ServiceRef {
-        namespace: name.namespace().to_string(),
-        service: name.service().to_string(),
-    }
+    convert::service_ref(name.namespace(), name.service())
 }
 
 pub(crate) fn service_name(r: Option<&pb::ServiceRef>) -> Result<ServiceName, Error> {
@@ -23,32 +21,9 @@ pub(crate) fn service_name(r: Option<&pb::ServiceRef>) -> Result<ServiceName, Er
         .map_err(|e| Error::Protocol(format!("bad service name from the server: {e}")))
 }
 
-fn health_to(h: Health) -> i32 {
-    match h {
-        Health::Unknown => pb::Health::Unknown as i32,
-        Health::Healthy => pb::Health::Healthy as i32,
-        Health::Unhealthy => pb::Health::Unhealthy as i32,
-    }
-}
-
-fn health_from(h: i32) -> Health {
-    match pb::Health::try_from(h) {
-        Ok(pb::Health::Healthy) => Health::Healthy,
-        Ok(pb::Health::Unhealthy) => Health::Unhealthy,
-        // An unknown value from a newer server: treat as not checked.
-        Ok(pb::Health::Unknown) | Err(_) => Health::Unknown,
-    }
-}
-
 pub(crate) fn status_from(s: Option<pb::InstanceStatus>) -> Result<InstanceStatus, Error> {
     let s = s.ok_or_else(|| Error::Protocol("instance status missing".into()))?;
-    Ok(InstanceStatus {
-        health: health_from(s.health),
-        enabled: s.enabled,
-        weight: s.weight,
-        weight_override: s.weight_override,
-        draining_since_ms: s.draining_since_ms,
-    })
+    Ok(convert::status_from_pb(&s))
 }
 
 pub(crate) fn instance_from(i: pb::Instance) -> Result<Instance, Error> {
@@ -57,18 +32,13 @@ pub(crate) fn instance_from(i: pb::Instance) -> Result<Instance, Error> {
         .ok_or_else(|| Error::Protocol("instance spec missing".into()))?;
     let port = u16::try_from(spec.port)
         .map_err(|_| Error::Protocol(format!("port {} out of range", spec.port)))?;
-    let loc = spec.location.unwrap_or_default();
     Ok(Instance {
         id: spec.id,
         host: spec.host,
         port,
         protocol: spec.protocol,
         version: spec.version,
-        location: Location {
-            region: loc.region,
-            zone: loc.zone,
-            idc: loc.idc,
-        },
+        location: convert::location_from_pb(spec.location.unwrap_or_default()),
         cell: spec.cell,
         lane: spec.lane,
         metadata: spec.metadata.into_iter().collect(),
@@ -98,10 +68,10 @@ pub(crate) fn service_from(s: pb::Service) -> Result<Service, Error> {
 }
 
 pub(crate) fn delete_reason(r: &str) -> DeleteReason {
-    match r {
-        "deregistered" => DeleteReason::Deregistered,
-        "lease_expired" => DeleteReason::LeaseExpired,
-        _ => DeleteReason::Other,
+    match sextant_model::DeleteReason::parse(r) {
+        Some(sextant_model::DeleteReason::Deregistered) => DeleteReason::Deregistered,
+        Some(sextant_model::DeleteReason::LeaseExpired) => DeleteReason::LeaseExpired,
+        None => DeleteReason::Other,
     }
 }
 
@@ -114,11 +84,7 @@ pub(crate) fn register_request(r: &Registration) -> pb::RegisterRequest {
             port: u32::from(r.port),
             protocol: r.protocol.clone(),
             version: r.version.clone(),
-            location: Some(pb::Location {
-                region: r.location.region.clone(),
-                zone: r.location.zone.clone(),
-                idc: r.location.idc.clone(),
-            }),
+            location: Some(convert::location_to_pb(&r.location)),
             cell: r.cell.clone(),
             lane: r.lane.clone(),
             metadata: r
@@ -128,7 +94,7 @@ pub(crate) fn register_request(r: &Registration) -> pb::RegisterRequest {
                 .collect(),
         }),
         status: r.status.map(|s| pb::InstanceStatus {
-            health: health_to(s.health),
+            health: convert::health_to_pb(s.health),
             enabled: s.enabled,
             weight: s.weight,
             weight_override: None,
@@ -155,7 +121,15 @@ mod tests {
         };
         assert!(instance_from(bad_port).is_err());
         assert!(service_from(pb::Service::default()).is_err());
-        assert_eq!(health_from(99), Health::Unknown);
+        let newer_health = pb::InstanceStatus {
+            health: 99,
+            ..Default::default()
+        };
+        assert_eq!(
+            status_from(Some(newer_health)).unwrap().health,
+            crate::Health::Unknown
+        );
+        assert_eq!(delete_reason("evicted"), DeleteReason::Other);
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use sextant_model::now_ms;
 use tokio::sync::watch;
 
 use crate::cache::Cache;
@@ -29,13 +30,6 @@ struct FileOut<'a> {
 struct FileIn {
     format: u32,
     services: Vec<Service>,
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 fn io_err(path: &Path, source: std::io::Error) -> Error {

@@ -15,7 +15,9 @@ use tokio::time::Instant;
 use crate::convert::service_ref;
 use crate::error::Error;
 use crate::stats::Counters;
-use crate::transport::{Backoff, Rng, Transport};
+use sextant_model::XorShift;
+
+use crate::transport::{Backoff, Transport};
 use crate::types::InstanceKey;
 
 /// Shortest heartbeat interval, whatever the TTLs.
@@ -87,7 +89,7 @@ impl Keepalive {
     }
 
     pub async fn run(mut self) {
-        let mut rng = Rng::new();
+        let mut rng = XorShift::from_clock();
         let mut due: Option<Instant> = None;
         loop {
             if *self.closed.borrow() {

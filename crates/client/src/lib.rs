@@ -20,6 +20,9 @@
 //!   atomic replace, throttled) and, when no server is reachable, `get` answers from it: a
 //!   client never fails to start because the registry is down.
 //!
+//! - **The HTTP watch's framing**: [`sse`] parses `text/event-stream` bodies for Rust readers
+//!   of `GET /v1/watch` (the SDK itself watches over gRPC).
+//!
 //! No queue in the SDK is unbounded, no network or disk input can make it panic, and every
 //! error is an [`Error`].
 //!
@@ -53,6 +56,7 @@ mod convert;
 mod error;
 mod file;
 mod keepalive;
+pub mod sse;
 mod stats;
 mod transport;
 mod types;

@@ -4,11 +4,12 @@
 //! background loops use between reconnect attempts.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
+use sextant_model::XorShift;
 use sextant_proto::v1::registry_client::RegistryClient;
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
@@ -274,7 +275,7 @@ pub(crate) struct Backoff {
     min: Duration,
     max: Duration,
     cap: Duration,
-    rng: Rng,
+    rng: XorShift,
 }
 
 impl Backoff {
@@ -284,7 +285,7 @@ impl Backoff {
             min,
             max: max.max(min),
             cap: min,
-            rng: Rng::new(),
+            rng: XorShift::from_clock(),
         }
     }
 
@@ -292,50 +293,11 @@ impl Backoff {
         let cap = self.cap;
         self.cap = (self.cap * 2).min(self.max);
         let half = cap / 2;
-        half + self.rng.below(cap - half)
+        half + self.rng.duration_below(cap - half)
     }
 
     pub fn reset(&mut self) {
         self.cap = self.min;
-    }
-}
-
-/// A small xorshift generator for jitter (not for anything secret).
-pub(crate) struct Rng(u64);
-
-impl Rng {
-    pub fn new() -> Self {
-        static SALT: AtomicU64 = AtomicU64::new(0x9E37_79B9_7F4A_7C15);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
-        let salt = SALT.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
-        Rng((nanos ^ salt ^ u64::from(std::process::id())) | 1)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    /// Uniform-ish in [0, d).
-    pub fn below(&mut self, d: Duration) -> Duration {
-        let nanos = d.as_nanos().min(u128::from(u64::MAX)) as u64;
-        if nanos == 0 {
-            return Duration::ZERO;
-        }
-        Duration::from_nanos(self.next_u64() % nanos)
-    }
-
-    /// `d` scaled by a random factor in [1 - frac, 1 + frac).
-    pub fn jitter(&mut self, d: Duration, frac: f64) -> Duration {
-        let spread = d.mul_f64(frac * 2.0);
-        d.mul_f64(1.0 - frac) + self.below(spread)
     }
 }
 
@@ -354,15 +316,6 @@ mod tests {
         }
         b.reset();
         assert!(b.next_delay() < Duration::from_millis(100));
-    }
-
-    #[test]
-    fn jitter_stays_in_range() {
-        let mut r = Rng::new();
-        for _ in 0..1000 {
-            let j = r.jitter(Duration::from_secs(1), 0.1);
-            assert!(j >= Duration::from_millis(900) && j < Duration::from_millis(1100));
-        }
     }
 
     #[test]

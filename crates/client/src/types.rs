@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use sextant_model::{Health, InstanceStatus};
+// The model's own types where the SDK's API needs nothing else: the server's serving rule and
+// location come with them, and a user passes them between the SDK and the model unchanged.
+pub use sextant_model::{Health, InstanceStatus, Location};
 
 use crate::error::Error;
 
@@ -96,17 +98,6 @@ impl fmt::Display for InstanceKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.service, self.id)
     }
-}
-
-/// Where an instance runs.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct Location {
-    /// Region, e.g. `eu-west`.
-    pub region: String,
-    /// Zone within the region.
-    pub zone: String,
-    /// Data centre.
-    pub idc: String,
 }
 
 /// One instance as discovery returns it.
@@ -232,7 +223,9 @@ impl Source {
     }
 }
 
-/// Why an instance was removed.
+/// Why an instance was removed. Not the model's `DeleteReason`: the wire carries a name, and an
+/// SDK must still read a reason a newer server adds ([`DeleteReason::Other`]), which the
+/// server's closed set does not have.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]

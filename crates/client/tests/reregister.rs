@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use sextant_client::{Client, Registration, ServiceName};
+use sextant_client::{Registration, ServiceName};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instances_a_restarted_server_lost_are_registered_again() {
@@ -16,13 +16,7 @@ async fn instances_a_restarted_server_lost_are_registered_again() {
     let port = free_port();
     let first_dir = tempfile::tempdir().unwrap();
     let mut server = Server::start_in(first_dir.path(), Some(port));
-    let client = Client::builder()
-        .servers([server.url()])
-        .call_timeout(Duration::from_secs(2))
-        .connect_timeout(Duration::from_secs(1))
-        .backoff(Duration::from_millis(50), Duration::from_millis(500))
-        .build()
-        .unwrap();
+    let client = quick_client(server.url());
     let svc = ServiceName::new("prod", "orders").unwrap();
     let keys = client
         .register_many([

@@ -11,6 +11,19 @@ use std::time::Duration;
 use common::*;
 use sextant_client::{Change, Client, ServiceName, Source};
 
+/// Gets `prod/a` and `prod/b`, waits until the client's one stream covers both, and returns
+/// the client's counters at that point.
+async fn watch_a_and_b(client: &Client) -> sextant_client::Stats {
+    client.get(&name("a")).await.unwrap();
+    client.get(&name("b")).await.unwrap();
+    eventually("both services live", Duration::from_secs(10), || async {
+        let st = client.stats();
+        (st.watch_streams_resumed >= 1 || st.snapshots_received >= 2).then_some(())
+    })
+    .await;
+    client.stats()
+}
+
 fn name(s: &str) -> ServiceName {
     ServiceName::new("prod", s).unwrap()
 }
@@ -86,21 +99,8 @@ async fn a_dropped_connection_resumes_without_a_resync() {
     put(server.grpc, "prod", "b", "b1", 80).await;
     put(server.grpc, "prod", "b", "b2", 81).await;
     let proxy = Proxy::start(server.grpc).await;
-    let client = Client::builder()
-        .servers([proxy.url()])
-        .call_timeout(Duration::from_secs(2))
-        .connect_timeout(Duration::from_secs(1))
-        .backoff(Duration::from_millis(50), Duration::from_millis(500))
-        .build()
-        .unwrap();
-    client.get(&name("a")).await.unwrap();
-    client.get(&name("b")).await.unwrap();
-    eventually("both services live", Duration::from_secs(10), || async {
-        let st = client.stats();
-        (st.watch_streams_resumed >= 1 || st.snapshots_received >= 2).then_some(())
-    })
-    .await;
-    let before = client.stats();
+    let client = quick_client(proxy.url());
+    let before = watch_a_and_b(&client).await;
 
     proxy.cut();
     // While the connection is down, changes happen on the server...
@@ -163,21 +163,8 @@ async fn a_restarted_server_resumes_the_stream_from_its_history() {
     let mut server = Server::start_in(dir.path(), Some(port));
     put(server.grpc, "prod", "a", "a1", 80).await;
     put(server.grpc, "prod", "b", "b1", 80).await;
-    let client = Client::builder()
-        .servers([server.url()])
-        .call_timeout(Duration::from_secs(2))
-        .connect_timeout(Duration::from_secs(1))
-        .backoff(Duration::from_millis(50), Duration::from_millis(500))
-        .build()
-        .unwrap();
-    client.get(&name("a")).await.unwrap();
-    client.get(&name("b")).await.unwrap();
-    eventually("both services live", Duration::from_secs(10), || async {
-        let st = client.stats();
-        (st.watch_streams_resumed >= 1 || st.snapshots_received >= 2).then_some(())
-    })
-    .await;
-    let before = client.stats();
+    let client = quick_client(server.url());
+    let before = watch_a_and_b(&client).await;
 
     server.kill9();
     for _ in 0..5 {

@@ -13,7 +13,7 @@ use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use sextant_core::model::{Health, HealthCheck, Revision, ServiceKey, StatusPatch};
+use sextant_core::model::{Health, HealthCheck, Revision, ServiceKey, StatusPatch, XorShift};
 use sextant_core::{Op, Registry};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::time::Instant;
@@ -169,7 +169,7 @@ struct Sched {
     protected: HashSet<ServiceKey>,
     buckets: HashMap<String, Bucket>,
     seq: u64,
-    rng: u64,
+    rng: XorShift,
     lag_max: Duration,
     lag_window: Instant,
 }
@@ -179,10 +179,6 @@ impl Sched {
         let total = config.concurrency.max(2);
         let unhealthy = (total * config.unhealthy_share_percent.min(90) as usize / 100).max(1);
         let (results_tx, results_rx) = mpsc::channel(total + 16);
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0x9E37_79B9_7F4A_7C15);
         Self {
             registry,
             config,
@@ -200,7 +196,7 @@ impl Sched {
             protected: HashSet::new(),
             buckets: HashMap::new(),
             seq: 0,
-            rng: seed | 1,
+            rng: XorShift::from_clock(),
             lag_max: Duration::ZERO,
             lag_window: Instant::now(),
         }
@@ -244,16 +240,6 @@ impl Sched {
         }
     }
 
-    fn random(&mut self) -> u64 {
-        // xorshift64: spreading probes needs no better randomness.
-        let mut x = self.rng;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.rng = x;
-        x
-    }
-
     fn schedule(&mut self, key: TargetKey, delay: Duration, now: Instant) {
         let Some(t) = self.targets.get_mut(&key) else {
             return;
@@ -275,7 +261,7 @@ impl Sched {
         if spread == 0 {
             return base;
         }
-        let offset = self.random() % (2 * spread + 1);
+        let offset = self.rng.below(2 * spread + 1);
         (base + Duration::from_millis(offset)).saturating_sub(Duration::from_millis(spread))
     }
 
@@ -325,7 +311,7 @@ impl Sched {
                             },
                         );
                         // First probes spread over one interval.
-                        let first = self.random() % (u64::from(check.interval_ms) + 1);
+                        let first = self.rng.below(u64::from(check.interval_ms) + 1);
                         self.schedule(key, Duration::from_millis(first), now);
                     }
                 }

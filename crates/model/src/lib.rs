@@ -8,6 +8,7 @@
 
 mod check;
 mod text;
+mod util;
 mod validate;
 
 use std::fmt;
@@ -17,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 pub use check::{CheckKind, HealthCheck};
 pub use text::{Metadata, Text};
+pub use util::{now_ms, XorShift};
 pub use validate::{
     validate_host, validate_instance_id, validate_name, validate_registration,
     validate_service_name, MAX_METADATA_BYTES, MAX_METADATA_ENTRIES, MAX_WEIGHT,
@@ -79,7 +81,7 @@ impl fmt::Display for ServiceKey {
 }
 
 /// Where an instance runs. All parts are optional (empty).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Location {
     pub region: Text,
@@ -311,6 +313,25 @@ pub fn protection_active(threshold: f32, serving: usize, total: usize) -> bool {
 pub enum DeleteReason {
     Deregistered,
     LeaseExpired,
+}
+
+impl DeleteReason {
+    /// The name every API sends (and the serde name).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeleteReason::Deregistered => "deregistered",
+            DeleteReason::LeaseExpired => "lease_expired",
+        }
+    }
+
+    /// `None` for a name this build does not know (a newer server's reason).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "deregistered" => Some(DeleteReason::Deregistered),
+            "lease_expired" => Some(DeleteReason::LeaseExpired),
+            _ => None,
+        }
+    }
 }
 
 /// What changed.

@@ -327,11 +327,6 @@ impl NacosInstance {
             instance_id_generator: "simple",
         }
     }
-
-    /// Whether Nacos' `healthyOnly` keeps it.
-    fn serving(&self) -> bool {
-        self.healthy && self.enabled && self.weight > 0.0
-    }
 }
 
 /// `com.alibaba.nacos.api.naming.pojo.ServiceInfo`, what queries answer and pushes carry.
@@ -402,10 +397,23 @@ pub fn service_info(view: &ServiceView, opts: &InfoOptions) -> ServiceInfo {
         .collect();
     let serving = in_clusters.iter().filter(|i| i.is_serving()).count();
     let protected = view.config.protection_active(serving, in_clusters.len());
+    // `healthyOnly` keeps what the model's serving rule serves; with protection tripped every
+    // instance is reported healthy, so the rule is applied with health set aside.
     let hosts = in_clusters
         .into_iter()
+        .filter(|i| {
+            !opts.healthy_only
+                || if protected {
+                    InstanceStatus {
+                        health: Health::Healthy,
+                        ..i.status
+                    }
+                    .is_serving()
+                } else {
+                    i.is_serving()
+                }
+        })
         .map(|i| NacosInstance::from_sextant(i, &svc, protected, opts.beat_timeout_ms))
-        .filter(|h| !opts.healthy_only || h.serving())
         .collect();
     ServiceInfo {
         name: if opts.grouped_name {

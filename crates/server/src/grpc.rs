@@ -7,11 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
-use sextant_core::model::{
-    CheckKind, DeleteReason, Event, EventKind, Health, HealthCheck, Instance, InstanceStatus,
-    Location, Metadata, ServiceKey, StatusPatch,
-};
+use sextant_core::model::{Event, EventKind, Health, Metadata, ServiceKey, StatusPatch};
 use sextant_core::{CoreMetrics, Delivery, HeartbeatResult, ServiceView, Subscription};
+use sextant_proto::convert;
 use sextant_proto::v1 as pb;
 use sextant_proto::v1::registry_server::{Registry as RegistryApi, RegistryServer};
 use tonic::{Request, Response, Status};
@@ -37,97 +35,8 @@ fn key(r: Option<&pb::ServiceRef>) -> Result<ServiceKey, Status> {
 }
 
 fn health_from(h: i32) -> Result<Health, Status> {
-    match pb::Health::try_from(h) {
-        Ok(pb::Health::Unknown) => Ok(Health::Unknown),
-        Ok(pb::Health::Healthy) => Ok(Health::Healthy),
-        Ok(pb::Health::Unhealthy) => Ok(Health::Unhealthy),
-        Err(_) => Err(Status::invalid_argument(format!("invalid health {h}"))),
-    }
-}
-
-fn health_to(h: Health) -> i32 {
-    match h {
-        Health::Unknown => pb::Health::Unknown as i32,
-        Health::Healthy => pb::Health::Healthy as i32,
-        Health::Unhealthy => pb::Health::Unhealthy as i32,
-    }
-}
-
-fn status_to(s: InstanceStatus) -> pb::InstanceStatus {
-    pb::InstanceStatus {
-        health: health_to(s.health),
-        enabled: s.enabled,
-        weight: s.weight,
-        weight_override: s.weight_override,
-        draining_since_ms: s.draining_since_ms,
-    }
-}
-
-fn check_to(c: &HealthCheck) -> pb::HealthCheck {
-    pb::HealthCheck {
-        kind: match c.kind {
-            CheckKind::None => pb::CheckKind::CheckNone,
-            CheckKind::Tcp => pb::CheckKind::CheckTcp,
-            CheckKind::Http => pb::CheckKind::CheckHttp,
-            CheckKind::Grpc => pb::CheckKind::CheckGrpc,
-        } as i32,
-        interval_ms: c.interval_ms,
-        timeout_ms: c.timeout_ms,
-        rise: c.rise,
-        fall: c.fall,
-        jitter_percent: c.jitter_percent,
-        port: u32::from(c.port),
-        http_path: c.http_path.clone(),
-        http_status_min: u32::from(c.http_status_min),
-        http_status_max: u32::from(c.http_status_max),
-        grpc_service: c.grpc_service.clone(),
-    }
-}
-
-/// Zero fields take the defaults, so a client sets only what it cares about.
-fn check_from(c: pb::HealthCheck) -> Result<HealthCheck, Status> {
-    let d = HealthCheck::default();
-    let kind = match pb::CheckKind::try_from(c.kind) {
-        Ok(pb::CheckKind::CheckNone) => CheckKind::None,
-        Ok(pb::CheckKind::CheckTcp) => CheckKind::Tcp,
-        Ok(pb::CheckKind::CheckHttp) => CheckKind::Http,
-        Ok(pb::CheckKind::CheckGrpc) => CheckKind::Grpc,
-        Err(_) => {
-            return Err(Status::invalid_argument(format!(
-                "invalid check kind {}",
-                c.kind
-            )))
-        }
-    };
-    let or = |v: u32, d: u32| if v == 0 { d } else { v };
-    let narrow = |field: &str, v: u32| {
-        u16::try_from(v).map_err(|_| {
-            Status::invalid_argument(format!("invalid check.{field}: {v} is too large"))
-        })
-    };
-    Ok(HealthCheck {
-        kind,
-        interval_ms: or(c.interval_ms, d.interval_ms),
-        timeout_ms: or(c.timeout_ms, d.timeout_ms),
-        rise: or(c.rise, d.rise),
-        fall: or(c.fall, d.fall),
-        jitter_percent: c.jitter_percent,
-        port: narrow("port", c.port)?,
-        http_path: if c.http_path.is_empty() {
-            d.http_path
-        } else {
-            c.http_path
-        },
-        http_status_min: narrow(
-            "http_status_min",
-            or(c.http_status_min, u32::from(d.http_status_min)),
-        )?,
-        http_status_max: narrow(
-            "http_status_max",
-            or(c.http_status_max, u32::from(d.http_status_max)),
-        )?,
-        grpc_service: c.grpc_service,
-    })
+    convert::health_from_pb(h)
+        .ok_or_else(|| Status::invalid_argument(format!("invalid health {h}")))
 }
 
 fn registration(r: pb::RegisterRequest) -> Result<sextant_core::model::Registration, Status> {
@@ -144,18 +53,13 @@ fn registration(r: pb::RegisterRequest) -> Result<sextant_core::model::Registrat
         }),
         None => None,
     };
-    let loc = spec.location.unwrap_or_default();
     let body = RegisterBody {
         id: (!spec.id.is_empty()).then(|| spec.id.into()),
         host: spec.host.into(),
         port: spec.port,
         protocol: (!spec.protocol.is_empty()).then(|| spec.protocol.into()),
         version: spec.version.into(),
-        location: Location {
-            region: loc.region.into(),
-            zone: loc.zone.into(),
-            idc: loc.idc.into(),
-        },
+        location: convert::location_from_pb(spec.location.unwrap_or_default()),
         cell: spec.cell.into(),
         lane: spec.lane.into(),
         metadata: spec.metadata.into_iter().collect::<Metadata>(),
@@ -166,39 +70,7 @@ fn registration(r: pb::RegisterRequest) -> Result<sextant_core::model::Registrat
 }
 
 fn service_ref(k: &ServiceKey) -> pb::ServiceRef {
-    pb::ServiceRef {
-        namespace: k.namespace.to_string(),
-        service: k.service.to_string(),
-    }
-}
-
-fn instance_to(i: &Instance) -> pb::Instance {
-    let s = &*i.spec;
-    pb::Instance {
-        spec: Some(pb::InstanceSpec {
-            id: s.id.to_string(),
-            host: s.host.to_string(),
-            port: u32::from(s.port),
-            protocol: s.protocol.to_string(),
-            version: s.version.to_string(),
-            location: Some(pb::Location {
-                region: s.location.region.to_string(),
-                zone: s.location.zone.to_string(),
-                idc: s.location.idc.to_string(),
-            }),
-            cell: s.cell.to_string(),
-            lane: s.lane.to_string(),
-            metadata: s
-                .metadata
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        }),
-        status: Some(status_to(i.status)),
-        ttl_seconds: i.ttl_seconds,
-        spec_revision: i.spec_revision,
-        status_revision: i.status_revision,
-    }
+    convert::service_ref(&k.namespace, &k.service)
 }
 
 fn service_to(v: &ServiceView) -> pb::Service {
@@ -207,26 +79,22 @@ fn service_to(v: &ServiceView) -> pb::Service {
         revision: v.revision,
         protected: v.protected,
         protect_threshold: v.config.protect_threshold,
-        instances: v.instances.iter().map(instance_to).collect(),
-        check: Some(check_to(&v.config.check)),
+        instances: v.instances.iter().map(convert::instance_to_pb).collect(),
+        check: Some(convert::check_to_pb(&v.config.check)),
     }
 }
 
 fn event_to(e: &Event) -> pb::WatchEvent {
     use pb::watch_event::Kind;
     let kind = match &e.kind {
-        EventKind::Upsert(i) => Kind::Upsert(instance_to(i)),
+        EventKind::Upsert(i) => Kind::Upsert(convert::instance_to_pb(i)),
         EventKind::Status { id, status } => Kind::Status(pb::StatusChange {
             id: id.clone(),
-            status: Some(status_to(*status)),
+            status: Some(convert::status_to_pb(*status)),
         }),
         EventKind::Delete { id, reason } => Kind::Delete(pb::Deletion {
             id: id.clone(),
-            reason: match reason {
-                DeleteReason::Deregistered => "deregistered",
-                DeleteReason::LeaseExpired => "lease_expired",
-            }
-            .into(),
+            reason: reason.as_str().into(),
         }),
     };
     pb::WatchEvent {
@@ -556,7 +424,7 @@ impl RegistryApi for GrpcApi {
                 config.protect_threshold = t;
             }
             if let Some(c) = r.check {
-                config.check = check_from(c)?;
+                config.check = convert::check_from_pb(c).map_err(grpc_status)?;
             }
             let revision = self
                 .node

@@ -156,10 +156,7 @@ pub struct StatusView {
 
 impl From<InstanceStatus> for StatusView {
     fn from(status: InstanceStatus) -> Self {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
+        let now = sextant_core::model::now_ms();
         StatusView {
             status,
             effective_weight: status.effective_weight(),

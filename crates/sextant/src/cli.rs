@@ -12,7 +12,7 @@ use sextant_server::ServerConfig;
     about = "Sextant: an availability-first naming service (registry and discovery).",
     long_about = "Sextant: an availability-first naming service (registry and discovery).\n\n\
         `sextant serve` runs a node with an embedded durable store (data under ./sextant-data).\n\
-        The other commands talk to a running node over its HTTP API."
+        The other commands talk to a running node over its HTTP API (`register` over gRPC)."
 )]
 pub struct Cli {
     /// Base URL of the node's HTTP API, for the client commands.
@@ -23,6 +23,14 @@ pub struct Cli {
         default_value = "http://127.0.0.1:8470"
     )]
     pub server: String,
+    /// Base URL of the node's gRPC API, for `register` (which uses the Rust SDK).
+    #[arg(
+        long,
+        global = true,
+        env = "SEXTANT_GRPC_SERVER",
+        default_value = "http://127.0.0.1:8471"
+    )]
+    pub grpc_server: String,
     #[command(subcommand)]
     pub command: Command,
 }

@@ -1,9 +1,9 @@
 //! The `sextant` binary: parses the command line and hands off. `serve` runs a node until
-//! SIGTERM/SIGINT; every other command is a client of a running node (see `client`).
+//! SIGTERM/SIGINT; every other command is a client of a running node (see `commands`).
 #![forbid(unsafe_code)]
 
 mod cli;
-mod client;
+mod commands;
 
 use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches};
@@ -29,7 +29,7 @@ fn main() -> std::process::ExitCode {
                 let serve_matches = matches.subcommand_matches("serve").unwrap_or(&matches);
                 run_server(serve, serve_matches).await
             }
-            cmd => client::run(&args.server, cmd).await,
+            cmd => commands::run(&args.server, &args.grpc_server, cmd).await,
         }
     });
     match result {

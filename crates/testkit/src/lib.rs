@@ -1,12 +1,16 @@
-//! Test support shared by the integration suites (`crates/sextant/tests`,
-//! `crates/client/tests`): spawns the real `sextant serve` on loopback with a clean
-//! environment, drains its stderr for the whole life of the process (so it never blocks on a
-//! full pipe) and waits, bounded, for the start-up line that names its addresses.
+//! Starting the real `sextant serve` from outside, shared by the integration suites
+//! (`crates/sextant/tests`, `crates/client/tests`) and the bench (`crates/bench`, which drives
+//! the same start with tokio): the command with a clean environment, the parser of the
+//! start-up line that names the addresses, and free loopback ports. [`spawn_serve`] also
+//! drains stderr for the whole life of the process (so it never blocks on a full pipe) and
+//! waits, bounded, for that line. Nothing here is linked into the server, the SDK or the
+//! binary.
 #![forbid(unsafe_code)]
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -38,25 +42,30 @@ pub struct Spawned {
     pub log: Arc<Mutex<Vec<String>>>,
 }
 
-/// Runs `bin serve <args>` and waits up to `startup` for its `sextant serving` line; panics
-/// with the server's stderr if it does not come. Unless `args` give `--nacos-http-addr` or
-/// `--no-nacos`, the Nacos
-/// adapter listens on ports of its own choosing (so parallel tests do not fight over 8848);
-/// its addresses are in `nacos`.
-pub fn spawn_serve<I, S>(bin: &OsStr, args: I, startup: Duration) -> Spawned
-where
-    I: IntoIterator<Item = S>,
-    S: AsRef<OsStr>,
-{
-    let args: Vec<std::ffi::OsString> = args
-        .into_iter()
-        .map(|a| a.as_ref().to_os_string())
-        .collect();
+/// The usual arguments of a server started from outside: HTTP on a kernel-chosen loopback
+/// port, gRPC on `grpc_port` (0: kernel-chosen; fixed when a client must find it again after a
+/// restart) and its data under `data_dir`.
+pub fn loopback_args(data_dir: &Path, grpc_port: u16) -> Vec<OsString> {
+    vec![
+        "--http-addr".into(),
+        "127.0.0.1:0".into(),
+        "--grpc-addr".into(),
+        format!("127.0.0.1:{grpc_port}").into(),
+        "--data-dir".into(),
+        data_dir.as_os_str().to_owned(),
+    ]
+}
+
+/// `bin serve <args>` with the `SEXTANT_*` settings of the caller's environment removed, stdin
+/// and stdout closed and stderr piped (the start-up line is logged there). Unless `args` give
+/// `--nacos-http-addr` or `--no-nacos`, the Nacos adapter listens on a port of its own
+/// choosing, so parallel servers do not fight over 8848.
+pub fn serve_command<S: AsRef<OsStr>>(bin: &OsStr, args: &[S]) -> Command {
     let mut cmd = Command::new(bin);
-    cmd.arg("serve").args(&args);
+    cmd.arg("serve").args(args);
     // Only an address or `--no-nacos` counts: other Nacos flags (the grace) leave the port free.
     let placed = args.iter().any(|a| {
-        let a = a.to_string_lossy();
+        let a = a.as_ref().to_string_lossy();
         a.starts_with("--nacos-http-addr") || a == "--no-nacos"
     });
     if !placed {
@@ -68,6 +77,22 @@ where
     for var in SEXTANT_VARS {
         cmd.env_remove(var);
     }
+    cmd
+}
+
+/// Runs `bin serve <args>` (see [`serve_command`]) and waits up to `startup` for its
+/// `sextant serving` line; panics with the server's stderr if it does not come. The Nacos
+/// adapter's addresses, unless it is off, are in `nacos`.
+pub fn spawn_serve<I, S>(bin: &OsStr, args: I, startup: Duration) -> Spawned
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let args: Vec<OsString> = args
+        .into_iter()
+        .map(|a| a.as_ref().to_os_string())
+        .collect();
+    let mut cmd = serve_command(bin, &args);
     let mut child = cmd.spawn().expect("spawn the sextant binary");
     let stderr = child.stderr.take().expect("piped stderr");
     let log = Arc::new(Mutex::new(Vec::new()));
@@ -88,6 +113,7 @@ where
         match rx.recv_timeout(left) {
             Ok(line) => {
                 if let Some((http, grpc)) = parse_serving_line(&line) {
+                    assert!(http.ip().is_loopback() && grpc.ip().is_loopback(), "{line}");
                     break (http, grpc, parse_nacos_addrs(&line));
                 }
             }
@@ -135,23 +161,39 @@ pub fn parse_nacos_addrs(line: &str) -> Option<(SocketAddr, SocketAddr)> {
     ))
 }
 
+/// A loopback port that was free a moment ago (bound, then released): for a server that must
+/// come back on the same address, or an address where nothing listens.
+pub fn try_free_port() -> std::io::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// [`try_free_port`], for tests.
+pub fn free_port() -> u16 {
+    try_free_port().expect("bind a free loopback port")
+}
+
 /// A port P for the Nacos adapter with P + 1000 free as well (Nacos clients find the gRPC
 /// port at P + 1000). Free when asked; another process could take it before the server does.
-pub fn free_nacos_port() -> u16 {
+pub fn try_free_nacos_port() -> std::io::Result<u16> {
     for _ in 0..200 {
-        let Ok(l) = std::net::TcpListener::bind("127.0.0.1:0") else {
+        let p = try_free_port()?;
+        let Some(g) = p.checked_add(1000) else {
             continue;
         };
-        let Ok(addr) = l.local_addr() else { continue };
-        let p = addr.port();
-        if p > 64535 {
-            continue;
-        }
-        if std::net::TcpListener::bind(("127.0.0.1", p + 1000)).is_ok() {
-            return p;
+        if std::net::TcpListener::bind(("127.0.0.1", g)).is_ok() {
+            return Ok(p);
         }
     }
-    panic!("no free port pair P, P+1000 on 127.0.0.1 after 200 tries");
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        "no free port pair P, P+1000 on 127.0.0.1 after 200 tries",
+    ))
+}
+
+/// [`try_free_nacos_port`], for tests.
+pub fn free_nacos_port() -> u16 {
+    try_free_nacos_port().expect("a free loopback port pair P, P + 1000")
 }
 
 /// Runs `bin serve` on an in-memory store with the Nacos adapter at `127.0.0.1:port` (and its
@@ -224,7 +266,6 @@ pub fn parse_serving_line(line: &str) -> Option<(SocketAddr, SocketAddr)> {
     }
     let http = field(line, "http_addr=")?;
     let grpc = field(line, "grpc_addr=")?;
-    assert!(http.ip().is_loopback() && grpc.ip().is_loopback(), "{line}");
     Some((http, grpc))
 }
 
@@ -244,5 +285,12 @@ mod tests {
         let (nh, ng) = parse_nacos_addrs(with_nacos).unwrap();
         assert_eq!((nh.port(), ng.port()), (3, 4));
         assert!(parse_nacos_addrs(line).is_none());
+    }
+
+    #[test]
+    fn a_free_nacos_port_has_its_grpc_port_free() {
+        let p = try_free_nacos_port().expect("a free port");
+        assert!(std::net::TcpListener::bind(("127.0.0.1", p)).is_ok());
+        assert!(std::net::TcpListener::bind(("127.0.0.1", p + 1000)).is_ok());
     }
 }

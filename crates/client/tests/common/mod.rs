@@ -2,7 +2,7 @@
 //! binary on loopback (addresses parsed from its start-up line, killed on drop), pick free
 //! ports for restarts on a fixed address, a TCP proxy that can cut every connection through it,
 //! a direct gRPC client for the test's own writes and reads, and bounded waiting.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -58,11 +58,7 @@ pub fn sextant_bin() -> &'static Path {
     })
 }
 
-/// A port that was free a moment ago (for a server that must come back on the same address).
-pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    l.local_addr().expect("local addr").port()
-}
+pub use sextant_testkit::free_port;
 
 /// A running `sextant serve`. SIGKILLed and reaped on drop.
 pub struct Server {
@@ -84,17 +80,8 @@ impl Server {
 
     /// On `dir` (kept by the caller), gRPC on `grpc_port` (or an ephemeral one).
     pub fn start_in(dir: &Path, grpc_port: Option<u16>) -> Server {
-        let grpc = format!("127.0.0.1:{}", grpc_port.unwrap_or(0));
-        let args: Vec<std::ffi::OsString> = vec![
-            "--http-addr".into(),
-            "127.0.0.1:0".into(),
-            "--grpc-addr".into(),
-            grpc.into(),
-            "--data-dir".into(),
-            dir.as_os_str().to_owned(),
-            "--log".into(),
-            "info".into(),
-        ];
+        let mut args = sextant_testkit::loopback_args(dir, grpc_port.unwrap_or(0));
+        args.extend(["--log".into(), "info".into()]);
         let sextant_testkit::Spawned {
             child,
             http,
@@ -225,6 +212,18 @@ impl Drop for Proxy {
         self.cut();
         self.task.abort();
     }
+}
+
+/// A client that gives up on a lost server quickly and reconnects soon (short timeouts, fast
+/// backoff), so that a test's outage and recovery fit in its bounds.
+pub fn quick_client(url: String) -> sextant_client::Client {
+    sextant_client::Client::builder()
+        .servers([url])
+        .call_timeout(Duration::from_secs(2))
+        .connect_timeout(Duration::from_secs(1))
+        .backoff(Duration::from_millis(50), Duration::from_millis(500))
+        .build()
+        .expect("a client")
 }
 
 /// A direct gRPC client of `addr` (the test's own reads and writes, bypassing the SDK).

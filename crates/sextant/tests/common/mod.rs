@@ -1,8 +1,9 @@
 //! Shared helpers of the integration tests: start the real `sextant serve` binary on loopback
 //! with ephemeral ports (parsed from its start-up log line), kill it on drop, a small JSON HTTP
 //! client, a server-sent-events reader and a gRPC client constructor. Every wait is bounded.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -15,6 +16,7 @@ use futures::{Stream, StreamExt};
 use reqwest::header::HeaderMap;
 use reqwest::Method;
 use serde_json::{json, Value};
+use sextant_client::sse::SseParser;
 use sextant_proto::v1 as pb;
 use sextant_proto::v1::registry_client::RegistryClient;
 
@@ -52,16 +54,8 @@ impl Server {
 
     /// Starts a server on `dir` with extra `serve` flags.
     pub fn start_with(dir: &Path, extra: &[&str]) -> Server {
-        let mut args: Vec<std::ffi::OsString> = vec![
-            "--http-addr".into(),
-            "127.0.0.1:0".into(),
-            "--grpc-addr".into(),
-            "127.0.0.1:0".into(),
-            "--data-dir".into(),
-            dir.as_os_str().to_owned(),
-            "--log".into(),
-            "info".into(),
-        ];
+        let mut args = sextant_testkit::loopback_args(dir, 0);
+        args.extend(["--log".into(), "info".into()]);
         args.extend(extra.iter().map(std::ffi::OsString::from));
         let sextant_testkit::Spawned {
             child,
@@ -145,33 +139,8 @@ impl Drop for Server {
     }
 }
 
-/// A small pseudo-random generator seeded from the clock (xorshift64*), for jitter only.
-pub struct Jitter(u64);
-
-impl Jitter {
-    pub fn from_clock() -> Jitter {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0x9E37_79B9_7F4A_7C15);
-        Jitter(nanos | 1)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    /// Uniform-ish in `[lo, hi)`.
-    pub fn between(&mut self, lo: Duration, hi: Duration) -> Duration {
-        let span = (hi - lo).as_millis().max(1) as u64;
-        lo + Duration::from_millis(self.next_u64() % span)
-    }
-}
+/// A clock-seeded pseudo-random generator, for jitter only.
+pub use sextant_model::XorShift as Jitter;
 
 /// An HTTP answer: status, headers and the body as JSON (`Null` if it was not JSON).
 #[derive(Debug)]
@@ -383,10 +352,12 @@ pub enum Next {
     End,
 }
 
-/// Reads `text/event-stream` frames from a streaming response.
+/// Reads `text/event-stream` frames from a streaming response, with the SDK's parser.
 pub struct Sse {
     stream: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
-    buf: Vec<u8>,
+    parser: SseParser,
+    /// Frames parsed and not yet returned, oldest first.
+    ready: VecDeque<Frame>,
     pub frames_seen: usize,
 }
 
@@ -411,57 +382,48 @@ impl Sse {
         assert!(ct.starts_with("text/event-stream"), "content type {ct:?}");
         Sse {
             stream: Box::pin(resp.bytes_stream()),
-            buf: Vec::new(),
+            parser: SseParser::new(),
+            ready: VecDeque::new(),
             frames_seen: 0,
         }
     }
 
-    fn take_frame(&mut self) -> Option<Option<Frame>> {
-        let pos = self.buf.windows(2).position(|w| w == b"\n\n")?;
-        let block: Vec<u8> = self.buf.drain(..pos + 2).collect();
-        let text = String::from_utf8(block).expect("utf-8 event stream");
-        let (mut event, mut id, mut data) = (String::new(), None, Vec::new());
-        for line in text.lines() {
-            if line.starts_with(':') || line.is_empty() {
-                continue;
-            }
-            let (field, value) = line.split_once(':').unwrap_or((line, ""));
-            let value = value.strip_prefix(' ').unwrap_or(value);
-            match field {
-                "event" => event = value.to_string(),
-                "id" => id = Some(value.parse().expect("numeric event id")),
-                "data" => data.push(value.to_string()),
-                other => panic!("unexpected SSE field {other:?} in {text:?}"),
-            }
+    /// Parses `chunk` strictly: the watch sends only `event`, `id` (a revision) and `data`.
+    fn feed(&mut self, chunk: &[u8]) {
+        let mut frames = Vec::new();
+        self.parser.push(chunk, &mut frames);
+        for f in frames {
+            assert!(
+                f.unknown_fields.is_empty(),
+                "unexpected SSE fields {:?} in {f:?}",
+                f.unknown_fields
+            );
+            let id =
+                f.id.as_ref()
+                    .map(|_| f.revision_id().expect("numeric event id"));
+            let data = serde_json::from_str(&f.data).unwrap_or(Value::Null);
+            self.ready.push_back(Frame {
+                event: f.event,
+                id,
+                raw: f.data,
+                data,
+            });
         }
-        if event.is_empty() && data.is_empty() && id.is_none() {
-            return Some(None); // a comment (keepalive)
-        }
-        let raw = data.join("\n");
-        let data = serde_json::from_str(&raw).unwrap_or(Value::Null);
-        Some(Some(Frame {
-            event,
-            id,
-            raw,
-            data,
-        }))
     }
 
     /// The next event (comments skipped), waiting at most `within`.
     pub async fn next(&mut self, within: Duration) -> Next {
         let deadline = tokio::time::Instant::now() + within;
         loop {
-            while let Some(f) = self.take_frame() {
-                if let Some(f) = f {
-                    self.frames_seen += 1;
-                    return Next::Frame(f);
-                }
+            if let Some(f) = self.ready.pop_front() {
+                self.frames_seen += 1;
+                return Next::Frame(f);
             }
             match tokio::time::timeout_at(deadline, self.stream.next()).await {
                 Err(_) => return Next::Timeout,
                 Ok(None) => return Next::End,
                 Ok(Some(Err(e))) => panic!("event stream failed: {e:?}"),
-                Ok(Some(Ok(chunk))) => self.buf.extend_from_slice(&chunk),
+                Ok(Some(Ok(chunk))) => self.feed(&chunk),
             }
         }
     }

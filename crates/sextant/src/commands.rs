@@ -1,19 +1,25 @@
-//! The client commands: each one HTTP call to a running node, printed for a human.
+//! The commands that talk to a running node, printed for a human. Most are one HTTP call.
+//! `register` goes through the Rust SDK (`sextant-client`) over gRPC, so that the CLI
+//! validates and keeps a lease alive exactly as an application does, and `watch` reads the
+//! HTTP watch with the SDK's SSE parser.
 
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use futures::StreamExt;
 use serde_json::{json, Value};
+use sextant_client::sse::SseParser;
+use sextant_client::{Health, Location, Registration, ServiceName};
 
 use crate::cli::{Command, RegisterArgs};
 
-struct Client {
+/// The node's HTTP API (the SDK speaks gRPC only, and has no operator commands).
+struct Http {
     base: String,
     http: reqwest::Client,
 }
 
-impl Client {
+impl Http {
     fn new(base: &str) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
@@ -54,11 +60,13 @@ fn instance_path(service: &str, id: &str) -> anyhow::Result<String> {
     Ok(format!("/v1/namespaces/{ns}/services/{svc}/instances/{id}"))
 }
 
-pub async fn run(server: &str, cmd: Command) -> anyhow::Result<()> {
-    let c = Client::new(server)?;
+/// Runs one command against the node whose HTTP API is at `server` (and gRPC API at `grpc`,
+/// for `register`).
+pub async fn run(server: &str, grpc: &str, cmd: Command) -> anyhow::Result<()> {
+    let c = Http::new(server)?;
     match cmd {
         Command::Serve(_) => unreachable!("serve is handled by main"),
-        Command::Register(args) => register(&c, args).await,
+        Command::Register(args) => register(grpc, args).await,
         Command::Deregister { service, id } => {
             let v = c
                 .send(c.http.delete(c.url(&instance_path(&service, &id)?)))
@@ -204,70 +212,58 @@ pub async fn run(server: &str, cmd: Command) -> anyhow::Result<()> {
     }
 }
 
-async fn register(c: &Client, a: RegisterArgs) -> anyhow::Result<()> {
-    let (ns, svc) = split_service(&a.service)?;
-    let mut metadata = serde_json::Map::new();
+async fn register(grpc: &str, a: RegisterArgs) -> anyhow::Result<()> {
+    let service: ServiceName = a.service.parse()?;
+    let port = u16::try_from(a.port).with_context(|| format!("--port {} is not a port", a.port))?;
+    let mut r = Registration::new(service, &a.host, port)
+        .version(&a.version)
+        .location(Location {
+            region: a.region.as_str().into(),
+            zone: a.zone.as_str().into(),
+            idc: a.idc.as_str().into(),
+        })
+        .cell(&a.cell)
+        .lane(&a.lane);
+    if let Some(id) = &a.id {
+        r = r.id(id);
+    }
+    if let Some(p) = &a.protocol {
+        r = r.protocol(p);
+    }
+    if a.ttl > 0 {
+        r = r.ttl(Duration::from_secs(u64::from(a.ttl)));
+    }
     for m in &a.meta {
         let (k, v) = m
             .split_once('=')
             .with_context(|| format!("--meta {m:?} is not of the form key=value"))?;
-        metadata.insert(k.into(), json!(v));
+        r = r.metadata(k, v);
     }
-    let mut status = serde_json::Map::new();
     if let Some(w) = a.weight {
-        status.insert("weight".into(), json!(w));
+        r = r.weight(w);
     }
     if let Some(h) = &a.health {
-        status.insert("health".into(), json!(h));
+        r = r.health(Health::parse(h)?);
     }
     if a.disabled {
-        status.insert("enabled".into(), json!(false));
+        r = r.enabled(false);
     }
-    let id =
-        a.id.clone()
-            .unwrap_or_else(|| format!("{}:{}", a.host, a.port));
-    let mut body = json!({
-        "host": a.host, "port": a.port, "version": a.version,
-        "location": {"region": a.region, "zone": a.zone, "idc": a.idc},
-        "cell": a.cell, "lane": a.lane, "metadata": metadata, "ttl_seconds": a.ttl,
-    });
-    if let Some(p) = &a.protocol {
-        body["protocol"] = json!(p);
-    }
-    if !status.is_empty() {
-        body["status"] = Value::Object(status);
-    }
-    let path = format!("/v1/namespaces/{ns}/services/{svc}/instances/{id}");
-    let v = c.send(c.http.put(c.url(&path)).json(&body)).await?;
-    println!(
-        "registered {}/{id} at revision {}",
-        a.service, v["revision"]
-    );
+    let client = sextant_client::Client::builder().servers([grpc]).build()?;
+    let key = client
+        .register(r)
+        .await
+        .with_context(|| format!("cannot register at {grpc} (the node's gRPC API)"))?;
+    println!("registered {key}");
     if !a.keepalive {
+        // Dropping the client stops its tasks and leaves the instance registered.
         return Ok(());
     }
-    // Renew a third of the TTL at a time; re-register if the server forgot us.
-    let every = Duration::from_millis(u64::from(a.ttl) * 1000 / 3).max(Duration::from_millis(200));
-    let beat = json!([{ "namespace": ns, "service": svc, "id": id }]);
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = tokio::signal::ctrl_c() => break,
-        }
-        match c
-            .send(c.http.post(c.url("/v1/heartbeats")).json(&beat))
-            .await
-        {
-            Ok(r) if r["unknown"].as_array().is_some_and(|u| !u.is_empty()) => {
-                eprintln!("server does not know {id}; registering again");
-                c.send(c.http.put(c.url(&path)).json(&body)).await?;
-            }
-            Ok(_) => {}
-            Err(e) => eprintln!("heartbeat failed: {e:#}"),
-        }
-    }
-    c.send(c.http.delete(c.url(&path))).await?;
-    println!("deregistered {}/{id}", a.service);
+    // The SDK renews the lease (a third of the TTL at a time) and registers again if the
+    // server forgot the instance; shutdown deregisters it.
+    println!("keeping {key} alive; Ctrl-C deregisters it");
+    tokio::signal::ctrl_c().await?;
+    client.shutdown().await?;
+    println!("deregistered {key}");
     Ok(())
 }
 
@@ -307,7 +303,7 @@ fn print_service(v: &Value) {
 }
 
 /// Reads the SSE stream and prints one line per event, as it arrives.
-async fn watch(c: &Client, services: &[String], since: Option<u64>) -> anyhow::Result<()> {
+async fn watch(c: &Http, services: &[String], since: Option<u64>) -> anyhow::Result<()> {
     let mut q: Vec<(&str, String)> = services.iter().map(|s| ("service", s.clone())).collect();
     if let Some(s) = since {
         q.push(("since", s.to_string()));
@@ -329,22 +325,15 @@ async fn watch(c: &Client, services: &[String], since: Option<u64>) -> anyhow::R
         );
     }
     let mut stream = resp.bytes_stream();
-    let mut buf = String::new();
-    let mut event = String::new();
+    let mut parser = SseParser::new();
+    let mut frames = Vec::new();
     while let Some(chunk) = stream.next().await {
-        let chunk: bytes::Bytes = chunk?;
-        buf.push_str(&String::from_utf8_lossy(&chunk));
-        while let Some(pos) = buf.find('\n') {
-            let line: String = buf.drain(..=pos).collect();
-            let line = line.trim_end();
-            if let Some(e) = line.strip_prefix("event: ") {
-                event = e.to_string();
-            } else if let Some(d) = line.strip_prefix("data: ") {
-                let v: Value = serde_json::from_str(d).unwrap_or(Value::Null);
-                print_event(&event, &v);
-                if event == "close" {
-                    return Ok(());
-                }
+        parser.push(&chunk?, &mut frames);
+        for f in frames.drain(..) {
+            let v: Value = serde_json::from_str(&f.data).unwrap_or(Value::Null);
+            print_event(&f.event, &v);
+            if f.event == "close" {
+                return Ok(());
             }
         }
     }

@@ -20,7 +20,7 @@ mod metrics;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -256,12 +256,7 @@ pub(crate) async fn commit_ignoring_missing(
     Ok(())
 }
 
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
+pub(crate) use sextant_core::model::now_ms;
 
 /// Seconds of a lease, at least one.
 pub(crate) fn lease_seconds(d: Duration) -> u32 {

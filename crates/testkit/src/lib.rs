@@ -15,22 +15,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Settings a developer's shell might carry that would change the server under test.
-const SEXTANT_VARS: &[&str] = &[
-    "SEXTANT_LOG",
-    "SEXTANT_CONFIG",
-    "SEXTANT_STORE",
-    "SEXTANT_HTTP_ADDR",
-    "SEXTANT_GRPC_ADDR",
-    "SEXTANT_DATA_DIR",
-    "SEXTANT_EVENT_LOG_PER_SERVICE",
-    "SEXTANT_MAX_BATCH_OPS",
-    "SEXTANT_NACOS_HTTP_ADDR",
-    "SEXTANT_NACOS_GRPC_ADDR",
-    "SEXTANT_NO_NACOS",
-    "SEXTANT_NACOS_CONNECTION_GRACE_SECONDS",
-];
-
 /// A started server process and its addresses. The caller owns killing it.
 pub struct Spawned {
     pub child: Child,
@@ -74,8 +58,12 @@ pub fn serve_command<S: AsRef<OsStr>>(bin: &OsStr, args: &[S]) -> Command {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    for var in SEXTANT_VARS {
-        cmd.env_remove(var);
+    // Every setting has a `SEXTANT_*` variable: a developer's shell must not change the server
+    // under test, whatever settings exist now or are added later.
+    for (var, _) in std::env::vars_os() {
+        if var.to_string_lossy().starts_with("SEXTANT_") {
+            cmd.env_remove(var);
+        }
     }
     cmd
 }

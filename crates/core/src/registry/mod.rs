@@ -525,14 +525,6 @@ impl Registry {
     }
 }
 
-/// Wall-clock time for drain stamps (leases use tokio's monotonic clock instead).
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 /// A release usually removes a vacant entry at once; the sweep only catches the ones a
 /// concurrent reader's clone kept alive, so it can be rare.
 const VACANT_SWEEP_TICKS: u64 = 20;

@@ -397,7 +397,7 @@ impl Writer {
         let Some(old) = st.instances.get(id).cloned() else {
             return Err(CoreError::NotFound(format!("instance {service}/{id}")));
         };
-        let status = old.status.patched(patch, super::now_ms());
+        let status = old.status.patched(patch, sextant_model::now_ms());
         if status == old.status {
             return Ok(Outcome::Unchanged(old.revision()));
         }

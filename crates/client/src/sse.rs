@@ -1,5 +1,5 @@
 //! An incremental parser of `text/event-stream` bodies, the framing of the native HTTP watch
-//! (`GET /v1/watch`). The SDK itself watches over gRPC; this is here so that every Rust reader
+//! (`GET /v1/watch`). The SDK's own watch does not use it; it is here so that every Rust reader
 //! of the HTTP watch (the `sextant watch` command, the integration tests, the bench) parses it
 //! the same way from one dependency that knows nothing of the server. It does no I/O: feed it
 //! the body's chunks as they arrive, however they are split.

@@ -427,60 +427,6 @@ async fn blocking_queries_do_not_miss_changes_made_before_a_restart() {
     assert!(problems.is_empty(), "{problems:#?}");
 }
 
-/// A tmpfs of a fixed size mounted for one test (root only), unmounted when dropped.
-struct Tmpfs {
-    dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    /// `None` (after saying why) when it cannot be mounted: not root, or no `mount`.
-    fn mount(size: &str) -> Option<Tmpfs> {
-        let dir = tempfile::tempdir().ok()?;
-        let out = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "sextant-test"])
-            .arg(dir.path())
-            .output();
-        match out {
-            Ok(o) if o.status.success() => Some(Tmpfs { dir }),
-            Ok(o) => {
-                eprintln!(
-                    "SKIPPED: cannot mount a tmpfs (needs root): {}",
-                    String::from_utf8_lossy(&o.stderr).trim()
-                );
-                None
-            }
-            Err(e) => {
-                eprintln!("SKIPPED: cannot run mount: {e}");
-                None
-            }
-        }
-    }
-
-    fn resize(&self, size: &str) {
-        let st = std::process::Command::new("mount")
-            .args(["-o", &format!("remount,size={size}")])
-            .arg(self.dir.path())
-            .status()
-            .unwrap();
-        assert!(st.success(), "remount failed");
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let umount = |lazy: bool| {
-            let mut c = std::process::Command::new("umount");
-            if lazy {
-                c.arg("-l");
-            }
-            c.arg(self.dir.path()).status().is_ok_and(|s| s.success())
-        };
-        if !umount(false) && !umount(true) {
-            eprintln!("cannot unmount {}", self.dir.path().display());
-        }
-    }
-}
-
 /// One sample from `/metrics` (0 when absent).
 async fn metric(api: &Api, name: &str) -> f64 {
     let text = api.get("/metrics").await.text;
@@ -495,10 +441,10 @@ async fn metric(api: &Api, name: &str) -> f64 {
 /// acknowledged registration is there.
 #[tokio::test]
 async fn a_full_disk_refuses_writes_then_recovers_without_a_restart() {
-    let Some(fs) = Tmpfs::mount("8m") else {
+    let Some(fs) = sextant_testkit::Tmpfs::mount("8m") else {
         return;
     };
-    let data = fs.dir.path().join("data");
+    let data = fs.path().join("data");
     let mut server = Server::start_in(&data);
     let api = server.api();
     // ~15 KiB of metadata a registration, so a few hundred fill the disk.

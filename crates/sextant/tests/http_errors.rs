@@ -565,55 +565,24 @@ fn serve_with_vars(
     vars: &[(&str, &str)],
     flags: &[&str],
 ) -> (std::process::Child, std::net::SocketAddr) {
-    use std::io::BufRead;
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sextant"));
-    cmd.arg("serve")
-        .arg("--config")
-        .arg(file)
-        .args([
-            "--store",
-            "memory",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--no-nacos",
-        ])
-        .args(flags)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped());
+    let mut args = vec![
+        "--config".to_string(),
+        file.display().to_string(),
+        "--store".into(),
+        "memory".into(),
+        "--http-addr".into(),
+        "127.0.0.1:0".into(),
+        "--grpc-addr".into(),
+        "127.0.0.1:0".into(),
+        "--no-nacos".into(),
+    ];
+    args.extend(flags.iter().map(|f| f.to_string()));
+    let mut cmd = sextant_testkit::serve_command(env!("CARGO_BIN_EXE_sextant").as_ref(), &args);
     for (k, v) in vars {
         cmd.env(k, v);
     }
-    let mut child = cmd.spawn().expect("spawn sextant");
-    let stderr = child.stderr.take().expect("piped stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut log = Vec::new();
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if let Some((http, _)) = sextant_testkit::parse_serving_line(&line) {
-                let _ = tx.send(Ok(http));
-            }
-            log.push(line);
-            let _ = tx.send(Err(log.join("\n")));
-        }
-    });
-    let deadline = std::time::Instant::now() + STARTUP_TIMEOUT;
-    let mut last = String::new();
-    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
-        match rx.recv_timeout(left) {
-            Ok(Ok(http)) => return (child, http),
-            Ok(Err(log)) => last = log,
-            Err(_) => break,
-        }
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    panic!("sextant did not start; stderr:\n{last}");
+    let s = sextant_testkit::spawn(cmd, STARTUP_TIMEOUT);
+    (s.child, s.http)
 }
 
 /// A `SEXTANT_*` variable overrides the config file, and a flag overrides the variable.

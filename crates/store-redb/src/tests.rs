@@ -325,60 +325,6 @@ fn a_registry_dropped_with_its_runtime_releases_the_store() {
     drop(registry);
 }
 
-/// A tmpfs of a fixed size mounted for one test (root only), unmounted when dropped.
-struct Tmpfs {
-    dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    /// `None` (after saying why) when it cannot be mounted: not root, or no `mount`.
-    fn mount(size: &str) -> Option<Tmpfs> {
-        let dir = tempfile::tempdir().ok()?;
-        let out = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "sextant-test"])
-            .arg(dir.path())
-            .output();
-        match out {
-            Ok(o) if o.status.success() => Some(Tmpfs { dir }),
-            Ok(o) => {
-                eprintln!(
-                    "SKIPPED: cannot mount a tmpfs (needs root): {}",
-                    String::from_utf8_lossy(&o.stderr).trim()
-                );
-                None
-            }
-            Err(e) => {
-                eprintln!("SKIPPED: cannot run mount: {e}");
-                None
-            }
-        }
-    }
-
-    fn resize(&self, size: &str) {
-        let st = std::process::Command::new("mount")
-            .args(["-o", &format!("remount,size={size}")])
-            .arg(self.dir.path())
-            .status()
-            .unwrap();
-        assert!(st.success(), "remount failed");
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let umount = |lazy: bool| {
-            let mut c = std::process::Command::new("umount");
-            if lazy {
-                c.arg("-l");
-            }
-            c.arg(self.dir.path()).status().is_ok_and(|s| s.success())
-        };
-        if !umount(false) && !umount(true) {
-            eprintln!("cannot unmount {}", self.dir.path().display());
-        }
-    }
-}
-
 fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) -> Duration {
     let started = Instant::now();
     while !cond() {
@@ -397,10 +343,10 @@ fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) -> Du
 /// writes are taken again, and every acknowledged batch is there after a final reopen.
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn checkpoints_resume_after_a_full_disk_is_grown() {
-    let Some(fs) = Tmpfs::mount("8m") else {
+    let Some(fs) = sextant_testkit::Tmpfs::mount("8m") else {
         return;
     };
-    let data = fs.dir.path().join("data");
+    let data = fs.path().join("data");
     let metrics = StoreMetrics::default();
     let s = RedbStore::open_with_metrics(&data, metrics.clone()).unwrap();
     let value = vec![7u8; 64 * 1024];

@@ -15,6 +15,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod tmpfs;
+pub use tmpfs::Tmpfs;
+
 /// A started server process and its addresses. The caller owns killing it.
 pub struct Spawned {
     pub child: Child,
@@ -80,7 +83,12 @@ where
         .into_iter()
         .map(|a| a.as_ref().to_os_string())
         .collect();
-    let mut cmd = serve_command(bin, &args);
+    spawn(serve_command(bin, &args), startup)
+}
+
+/// Runs a [`serve_command`] the caller adjusted (e.g. with variables in its environment) and
+/// waits up to `startup` for its `sextant serving` line, as [`spawn_serve`] does.
+pub fn spawn(mut cmd: Command, startup: Duration) -> Spawned {
     let mut child = cmd.spawn().expect("spawn the sextant binary");
     let stderr = child.stderr.take().expect("piped stderr");
     let log = Arc::new(Mutex::new(Vec::new()));

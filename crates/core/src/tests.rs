@@ -665,3 +665,43 @@ async fn a_service_emptied_loses_its_record_and_stays_gone_after_a_restart() {
     assert_eq!(r.service_entries(), 1);
     assert_eq!(r.services("ns").len(), 1);
 }
+
+#[tokio::test]
+async fn a_default_check_never_replaces_a_check_or_other_settings() {
+    let r = open().await;
+    let tcp = HealthCheck {
+        kind: CheckKind::Tcp,
+        ..HealthCheck::default()
+    };
+    // No check yet: it gets the default one, and keeps its protection threshold.
+    r.configure(
+        svc("a"),
+        ServiceConfig {
+            protect_threshold: 0.5,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let rev = r.default_check(svc("a"), tcp.clone()).await.unwrap();
+    assert!(rev > 0);
+    let c = r.service_config(&svc("a"));
+    assert_eq!(c.check.kind, CheckKind::Tcp);
+    assert_eq!(c.protect_threshold, 0.5);
+    // A check set natively stays, whatever the caller read before.
+    let http = HealthCheck {
+        kind: CheckKind::Http,
+        ..HealthCheck::default()
+    };
+    r.configure(
+        svc("b"),
+        ServiceConfig {
+            check: http.clone(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.default_check(svc("b"), tcp).await.unwrap(), 0);
+    assert_eq!(r.service_config(&svc("b")).check, http);
+}

@@ -229,16 +229,19 @@ pub(crate) async fn ensure_checked(
     key: &sextant_core::model::ServiceKey,
 ) -> Result<(), NacosError> {
     use sextant_core::model::{CheckKind, HealthCheck};
-    let mut config = registry.service_config(key);
-    if config.check.kind != CheckKind::None {
+    // Cheap read first: nearly always the service has its check already.
+    if registry.service_config(key).check.kind != CheckKind::None {
         return Ok(());
     }
-    config.check = HealthCheck {
+    // Decided by the writer against the latest state, so a check set in between (natively or
+    // by an operator) is kept, and so are the service's other settings.
+    let tcp = HealthCheck {
         kind: CheckKind::Tcp,
         ..HealthCheck::default()
     };
-    registry.configure(key.clone(), config).await?;
-    tracing::info!(service = %key, "persistent Nacos instance registered: service gets a TCP health check");
+    if registry.default_check(key.clone(), tcp).await? > 0 {
+        tracing::info!(service = %key, "persistent Nacos instance registered: service gets a TCP health check");
+    }
     Ok(())
 }
 

@@ -110,6 +110,12 @@ pub enum Op {
         service: ServiceKey,
         config: ServiceConfig,
     },
+    /// Gives the service `check` if it has none, decided against the latest state (a check
+    /// set meanwhile, natively or by an operator, is never replaced); other settings stay.
+    DefaultCheck {
+        service: ServiceKey,
+        check: sextant_model::HealthCheck,
+    },
     /// Internal: remove an instance whose lease lapsed, if it is still lapsed.
     Expire {
         service: ServiceKey,
@@ -127,6 +133,7 @@ impl Op {
                 patch.validate()?;
             }
             Op::Configure { config, .. } => config.validate()?,
+            Op::DefaultCheck { check, .. } => check.validate()?,
             Op::Expire { .. } => {}
         }
         Ok(())
@@ -305,6 +312,16 @@ impl Registry {
         config: ServiceConfig,
     ) -> Result<Revision, CoreError> {
         self.apply_one(Op::Configure { service, config }).await
+    }
+
+    /// Gives `service` the health check `check` unless it already has one (see
+    /// [`Op::DefaultCheck`]). Returns the revision of the change, or 0 when a check was there.
+    pub async fn default_check(
+        &self,
+        service: ServiceKey,
+        check: sextant_model::HealthCheck,
+    ) -> Result<Revision, CoreError> {
+        self.apply_one(Op::DefaultCheck { service, check }).await
     }
 
     /// Renews leases. In memory only: a heartbeat costs no disk write.

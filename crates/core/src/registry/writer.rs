@@ -12,8 +12,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use sextant_model::{
-    DeleteReason, Event, EventKind, Instance, InstanceStatus, Registration, Revision,
-    ServiceConfig, ServiceKey, StatusPatch,
+    CheckKind, DeleteReason, Event, EventKind, HealthCheck, Instance, InstanceStatus, Registration,
+    Revision, ServiceConfig, ServiceKey, StatusPatch,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -247,6 +247,7 @@ impl Writer {
             Op::Expire { service, id } => Ok(self.expire(service, id, p, rev, now)),
             Op::Status { service, id, patch } => self.status(service, id, patch, p, rev),
             Op::Configure { service, config } => Ok(self.configure(service, config, p, rev)),
+            Op::DefaultCheck { service, check } => Ok(self.default_check(service, check, p, rev)),
         }?;
         match outcome {
             Outcome::Changed(event) => {
@@ -439,6 +440,25 @@ impl Writer {
         st.config = config.clone();
         st.revision = rev;
         Outcome::Silent
+    }
+
+    /// A check for a service that has none; 0 (nothing done) when it has one.
+    fn default_check(
+        &self,
+        service: &ServiceKey,
+        check: &HealthCheck,
+        p: &mut Pending,
+        rev: Revision,
+    ) -> Outcome {
+        let current = &self.state(p, service).config;
+        if current.check.kind != CheckKind::None {
+            return Outcome::Unchanged(0);
+        }
+        let config = ServiceConfig {
+            check: check.clone(),
+            ..current.clone()
+        };
+        self.configure(service, &config, p, rev)
     }
 
     fn remove(

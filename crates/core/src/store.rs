@@ -104,6 +104,7 @@ pub trait Store: Send + Sync + 'static {
 pub struct MemStore {
     data: Mutex<(Revision, BTreeMap<String, Vec<u8>>)>,
     failing: AtomicBool,
+    closed: AtomicBool,
 }
 
 impl MemStore {
@@ -114,6 +115,12 @@ impl MemStore {
     /// While `true`, every commit fails as if the disk were gone.
     pub fn set_failing(&self, failing: bool) {
         self.failing.store(failing, Ordering::SeqCst);
+    }
+
+    /// Opens it again after `close`, over the same data: what a restart of the process would
+    /// find if memory survived it (tests of restarts use it).
+    pub fn reopen(&self) {
+        self.closed.store(false, Ordering::SeqCst);
     }
 
     pub fn len(&self) -> usize {
@@ -128,6 +135,9 @@ impl MemStore {
 #[async_trait::async_trait]
 impl Store for MemStore {
     async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("the store is closed".into()));
+        }
         if self.failing.load(Ordering::SeqCst) {
             return Err(StoreError::disk(
                 "injected failure",
@@ -165,6 +175,7 @@ impl Store for MemStore {
     }
 
     async fn close(&self) -> Result<(), StoreError> {
+        self.closed.store(true, Ordering::SeqCst);
         Ok(())
     }
 
@@ -191,6 +202,7 @@ mod tests {
     #[async_trait::async_trait]
     impl conformance::Harness for MemHarness {
         async fn open(&mut self) -> Arc<dyn Store> {
+            self.0.reopen();
             self.0.clone()
         }
     }

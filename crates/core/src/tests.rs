@@ -214,6 +214,7 @@ async fn restart_reloads_everything_and_gives_leases_a_fresh_grace() {
 
     // Long after the old lease would have lapsed.
     tokio::time::sleep(Duration::from_secs(60)).await;
+    store.reopen();
     let r2 = open_with(store, paused()).await;
     assert_eq!(r2.revision(), 4);
     let v = r2.get(&svc("a"), false);
@@ -659,6 +660,7 @@ async fn a_service_emptied_loses_its_record_and_stays_gone_after_a_restart() {
     r.register(reg("b", "y", 0)).await.unwrap();
     r.deregister(svc("a"), "x".into()).await.unwrap();
     r.shutdown("restart").await;
+    store.reopen();
     // b's spec, status and service record; nothing of a.
     assert_eq!(store.len(), 3);
     let r = open_with(store, CoreConfig::default()).await;

@@ -34,6 +34,7 @@ pub async fn run<H: Harness>(mut new: impl FnMut() -> H) {
     survives_reopen(&mut new()).await;
     large_values_and_keys(&mut new()).await;
     revision_fencing(&mut new()).await;
+    closed_store_refuses_commits(&mut new()).await;
 }
 
 fn put(k: &str, v: &[u8]) -> Mutation {
@@ -349,5 +350,28 @@ pub async fn revision_fencing<H: Harness>(h: &mut H) {
             ("b".to_string(), b"2".to_vec())
         ],
         "a fenced batch wrote nothing"
+    );
+}
+
+/// After `close`, a commit fails and writes nothing: a write the registry sends during or
+/// after shutdown is never acknowledged as durable.
+pub async fn closed_store_refuses_commits<H: Harness>(h: &mut H) {
+    let store = h.open().await;
+    commit(&*store, 1, vec![put("a", b"1")]).await;
+    store.close().await.expect("close");
+    let late = Batch {
+        revision: 2,
+        mutations: vec![put("b", b"late")],
+    };
+    assert!(
+        store.commit(late).await.is_err(),
+        "a closed store must refuse commits"
+    );
+    drop(store);
+    let store = h.open().await;
+    assert_eq!(
+        dump(&*store),
+        (1, vec![("a".to_string(), b"1".to_vec())]),
+        "a refused commit wrote nothing"
     );
 }

@@ -79,6 +79,17 @@ pub struct ServerConfig {
     /// Most headers in one HTTP/1 request, on both HTTP listeners; more is answered 431.
     #[arg(long, env = "SEXTANT_MAX_HEADERS", default_value_t = 100)]
     pub max_headers: usize,
+    /// A client that has not sent a whole request head this long after connecting, or after
+    /// its previous answer on a kept-alive HTTP/1 connection, is disconnected, in seconds, on
+    /// both HTTP listeners; 0 turns the limit off. The default is longer than common
+    /// clients keep an idle pooled connection (reqwest and Go: 90 s), so that the client, not
+    /// the server, closes an idle one, and never races a request into a closing socket.
+    #[arg(
+        long,
+        env = "SEXTANT_HEADER_READ_TIMEOUT_SECONDS",
+        default_value_t = 120
+    )]
+    pub header_read_timeout_seconds: u64,
     /// An SSE watcher that does not read for this long is disconnected, in seconds.
     #[arg(
         long,
@@ -145,6 +156,10 @@ impl Default for ServerConfig {
 
 /// The smallest `max_header_bytes`: hyper's HTTP/1 read buffer cannot be smaller.
 pub const MIN_HEADER_BYTES: usize = 8192;
+
+/// The longest `header_read_timeout_seconds` (a day): hyper adds it to the current instant,
+/// which must not overflow.
+pub const MAX_HEADER_READ_TIMEOUT_SECONDS: u64 = 24 * 60 * 60;
 
 /// A configuration file that could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -233,6 +248,14 @@ impl ServerConfig {
                 message: format!("must be between {MIN_HEADER_BYTES} and {}", u32::MAX),
             });
         }
+        if self.header_read_timeout_seconds > MAX_HEADER_READ_TIMEOUT_SECONDS {
+            return Err(ConfigError::Invalid {
+                field: "header_read_timeout_seconds",
+                message: format!(
+                    "must be at most {MAX_HEADER_READ_TIMEOUT_SECONDS} (0 turns the limit off)"
+                ),
+            });
+        }
         positive(
             "slow_subscriber_timeout_seconds",
             self.slow_subscriber_timeout_seconds,
@@ -276,6 +299,14 @@ impl ServerConfig {
 
     pub fn slow_subscriber_timeout(&self) -> Duration {
         Duration::from_secs(self.slow_subscriber_timeout_seconds)
+    }
+
+    /// How long a client may take to send a request head; `None` when the limit is off.
+    pub fn header_read_timeout(&self) -> Option<Duration> {
+        match self.header_read_timeout_seconds {
+            0 => None,
+            s => Some(Duration::from_secs(s)),
+        }
     }
 }
 
@@ -415,6 +446,24 @@ mod tests {
         assert!(c.validate().is_err());
     }
 
+    #[test]
+    fn header_read_timeout_is_bounded_and_0_is_off() {
+        let d = ServerConfig::default();
+        assert_eq!(d.header_read_timeout(), Some(Duration::from_secs(120)));
+        let off = ServerConfig {
+            header_read_timeout_seconds: 0,
+            ..ServerConfig::default()
+        };
+        off.validate().unwrap();
+        assert_eq!(off.header_read_timeout(), None);
+        let huge = ServerConfig {
+            header_read_timeout_seconds: u64::MAX,
+            ..ServerConfig::default()
+        };
+        let e = huge.validate().unwrap_err().to_string();
+        assert!(e.contains("header_read_timeout_seconds"), "{e}");
+    }
+
     /// A TOML value of any type (or not quite TOML).
     fn toml_value() -> BoxedStrategy<String> {
         prop_oneof![
@@ -461,6 +510,7 @@ mod tests {
                 if c.validate().is_ok() {
                     prop_assert!(c.max_header_bytes >= MIN_HEADER_BYTES);
                     prop_assert!(c.max_headers > 0 && c.max_body_bytes > 0);
+                    prop_assert!(c.header_read_timeout_seconds <= MAX_HEADER_READ_TIMEOUT_SECONDS);
                     let _ = c.nacos_grpc_addr();
                 }
             }

@@ -141,6 +141,7 @@ impl Server {
         let limits = HttpLimits {
             max_header_bytes: node.config.max_header_bytes,
             max_headers: node.config.max_headers,
+            header_read_timeout: node.config.header_read_timeout(),
         };
         let app = http::router(node.clone());
         let mut s1 = stopped.clone();

@@ -629,3 +629,159 @@ async fn variables_override_the_config_file() {
         "--max-headers did not override SEXTANT_MAX_HEADERS"
     );
 }
+
+/// Reads from `tcp` until the server closes it: `Some` with the time it took and what was
+/// received, or `None` if it is still open after `within`. A reset counts as closed.
+async fn closed_within(
+    tcp: &mut tokio::net::TcpStream,
+    within: std::time::Duration,
+) -> Option<(std::time::Duration, Vec<u8>)> {
+    use tokio::io::AsyncReadExt;
+    let start = std::time::Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at(
+            tokio::time::Instant::from_std(start + within),
+            tcp.read(&mut buf),
+        )
+        .await
+        {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some((start.elapsed(), got)),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// Sends `GET path` on `tcp` and reads the answer (which has a content-length); returns its
+/// status.
+async fn get_over(tcp: &mut tokio::net::TcpStream, path: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tcp.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .expect("send a request");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = async {
+        loop {
+            let text = String::from_utf8_lossy(&got).into_owned();
+            if let Some(end) = text.find("\r\n\r\n") {
+                let head = text[..end].to_ascii_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .unwrap_or_else(|| panic!("no content-length in {head}"))
+                    .trim()
+                    .parse()
+                    .unwrap();
+                if got.len() >= end + 4 + len {
+                    return head[9..12].parse::<u16>().unwrap();
+                }
+            }
+            let n = tcp.read(&mut buf).await.expect("read the answer");
+            assert!(n > 0, "closed before the answer: {text:?}");
+            got.extend_from_slice(&buf[..n]);
+        }
+    };
+    tokio::time::timeout(CALL_TIMEOUT, read)
+        .await
+        .expect("the answer in time")
+}
+
+/// Slowloris: with `--header-read-timeout-seconds 1`, a client that sends part of a request
+/// head and then nothing — on the native and the Nacos HTTP listener, as its first request or
+/// after a first answer on a kept-alive connection — or that sends nothing at all, is
+/// disconnected after about a second, while ordinary requests are served.
+#[tokio::test]
+async fn slow_request_heads_are_cut_off() {
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpStream;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(dir.path(), &["--header-read-timeout-seconds", "1"]);
+    let (nacos, _) = server.nacos.expect("the Nacos adapter is on");
+    let partial = b"GET /healthz HTTP/1.1\r\nHost: x\r\n";
+    let mut slow = Vec::new();
+    let targets = [
+        (server.http, "/healthz"),
+        (nacos, "/nacos/v1/ns/instance/list?serviceName=svc"),
+    ];
+    for (addr, path) in targets {
+        // Part of a first request head.
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(partial).await.unwrap();
+        slow.push((format!("{addr}: a partial first head"), tcp));
+        // Nothing at all.
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        slow.push((format!("{addr}: a silent connection"), tcp));
+        // One whole request, then part of the next on the same connection.
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(get_over(&mut tcp, path).await, 200);
+        tcp.write_all(partial).await.unwrap();
+        slow.push((format!("{addr}: a partial second head"), tcp));
+    }
+    // Ordinary requests are served meanwhile.
+    let api = server.api();
+    assert_eq!(api.get("/healthz").await.status, 200);
+    let closes = slow.into_iter().map(|(what, mut tcp)| async move {
+        let closed = closed_within(&mut tcp, std::time::Duration::from_secs(3)).await;
+        (what, closed)
+    });
+    for (what, closed) in futures::future::join_all(closes).await {
+        let (after, got) = closed.unwrap_or_else(|| panic!("{what}: still open after 3 s"));
+        assert!(
+            after >= std::time::Duration::from_millis(500),
+            "{what}: closed after only {after:?}"
+        );
+        assert!(
+            got.is_empty(),
+            "{what}: answered {:?}",
+            String::from_utf8_lossy(&got)
+        );
+    }
+    assert_eq!(api.get("/healthz").await.status, 200);
+}
+
+/// hyper starts the header-read timer as soon as it has written an answer on a kept-alive
+/// HTTP/1 connection, so the timeout is also the idle limit of keep-alive: a connection idle
+/// for less than it serves the next request, one idle for longer is closed (without an answer).
+#[tokio::test]
+async fn idle_keep_alive_lasts_the_header_read_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(
+        dir.path(),
+        &["--header-read-timeout-seconds", "1", "--no-nacos"],
+    );
+    let mut tcp = tokio::net::TcpStream::connect(server.http).await.unwrap();
+    assert_eq!(get_over(&mut tcp, "/healthz").await, 200);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(get_over(&mut tcp, "/healthz").await, 200, "idle for 0.3 s");
+    // Idle for 2 s: closed at about 1 s, nothing written.
+    let (after, got) = closed_within(&mut tcp, std::time::Duration::from_secs(3))
+        .await
+        .expect("an idle keep-alive connection is closed after the timeout");
+    assert!(
+        after >= std::time::Duration::from_millis(500),
+        "closed after only {after:?}"
+    );
+    assert!(
+        got.is_empty(),
+        "answered {:?}",
+        String::from_utf8_lossy(&got)
+    );
+
+    // With the limit off, a connection idle for 2 s still serves the next request.
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(
+        dir.path(),
+        &["--header-read-timeout-seconds", "0", "--no-nacos"],
+    );
+    let mut tcp = tokio::net::TcpStream::connect(server.http).await.unwrap();
+    assert_eq!(get_over(&mut tcp, "/healthz").await, 200);
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    assert_eq!(
+        get_over(&mut tcp, "/healthz").await,
+        200,
+        "idle for 2 s with no limit"
+    );
+}

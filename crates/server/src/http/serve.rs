@@ -1,12 +1,16 @@
 //! Serving an axum router on a TCP listener with the limits a production HTTP server sets, for
 //! both HTTP listeners of a node (the native API and the Nacos 1.x API): the size of a request
 //! head and the number of its headers (hyper answers more with 431), no Nagle, the peer address
-//! for `ConnectInfo`, a close that lets the client read an early answer, and graceful shutdown.
+//! for `ConnectInfo`, a close that lets the client read an early answer, a deadline on reading
+//! a request head (slowloris), and graceful shutdown.
 //! `axum::serve` does the same but does not expose hyper's limits.
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -14,7 +18,7 @@ use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::Router;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -29,6 +33,14 @@ pub struct HttpLimits {
     pub max_header_bytes: usize,
     /// Most headers in one HTTP/1 request.
     pub max_headers: usize,
+    /// How long a client may take to send a whole request head; `None` for no limit. HTTP/1:
+    /// hyper's timer runs from the moment it waits for a head — when the connection opens, and
+    /// again as soon as an answer is written on a kept-alive connection, so an idle
+    /// keep-alive connection is closed after this long too. Any connection (also one that
+    /// sends nothing, or an HTTP/2 one) whose first request has not arrived this long after
+    /// it was accepted is closed, since hyper-util reads the protocol preface before hyper's
+    /// timer starts.
+    pub header_read_timeout: Option<Duration>,
 }
 
 /// How much unread input, and for how long, is read and thrown away after the server ended a
@@ -52,7 +64,10 @@ pub(crate) async fn serve(
     builder
         .http1()
         .max_buf_size(limits.max_header_bytes)
-        .max_headers(limits.max_headers);
+        .max_headers(limits.max_headers)
+        // hyper's own default is 30 s, but only with a timer; without one it never fires.
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
     builder
         .http2()
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
@@ -72,7 +87,10 @@ pub(crate) async fn serve(
         // No Nagle: SSE frames and answers written in pieces must not wait for delayed ACKs.
         let _ = tcp.set_nodelay(true);
         let app = app.clone();
+        let started = Arc::new(AtomicBool::new(false));
+        let seen = started.clone();
         let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+            seen.store(true, Ordering::Relaxed);
             req.extensions_mut().insert(ConnectInfo(peer));
             app.clone().call(req.map(Body::new))
         });
@@ -80,14 +98,37 @@ pub(crate) async fn serve(
             .serve_connection_with_upgrades(TokioIo::new(LingerOnClose(Some(tcp))), service)
             .into_owned();
         let conn = graceful.watch(conn);
+        let first_request_deadline = limits.header_read_timeout;
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(listener = name, %peer, error = %e, "connection ended with an error");
+            tokio::pin!(conn);
+            // hyper's header timer starts only once hyper-util has read enough of the input to
+            // tell HTTP/1 from HTTP/2; a client that sends nothing (or a slow HTTP/2 preface)
+            // would be held open for ever without this deadline on the first request.
+            if let Some(limit) = first_request_deadline {
+                let ended = tokio::select! {
+                    r = &mut conn => Some(r),
+                    _ = tokio::time::sleep(limit) => None,
+                };
+                match ended {
+                    Some(r) => return log_end(name, peer, r),
+                    None if !started.load(Ordering::Relaxed) => {
+                        tracing::debug!(listener = name, %peer, "no request head in time; closing");
+                        return;
+                    }
+                    None => {}
+                }
             }
+            log_end(name, peer, conn.await);
         });
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+fn log_end<E: std::fmt::Display>(name: &'static str, peer: SocketAddr, r: Result<(), E>) {
+    if let Err(e) = r {
+        tracing::debug!(listener = name, %peer, error = %e, "connection ended with an error");
+    }
 }
 
 /// Accept errors are the listener's, not a reason to stop serving: a peer that reset before

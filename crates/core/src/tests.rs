@@ -41,6 +41,10 @@ async fn open_with(store: Arc<dyn Store>, config: CoreConfig) -> Registry {
         .unwrap()
 }
 
+async fn configure(r: &Registry, service: &str, config: ServiceConfig) {
+    r.configure(svc(service), config).await.unwrap();
+}
+
 async fn open() -> Registry {
     open_with(Arc::new(MemStore::new()), CoreConfig::default()).await
 }
@@ -190,15 +194,15 @@ async fn restart_reloads_everything_and_gives_leases_a_fresh_grace() {
     let r = open_with(store.clone(), paused()).await;
     r.register(reg("a", "p", 0)).await.unwrap();
     r.register(reg("a", "e", 3)).await.unwrap();
-    r.configure(
-        svc("a"),
+    configure(
+        &r,
+        "a",
         ServiceConfig {
             protect_threshold: 0.5,
             ..Default::default()
         },
     )
-    .await
-    .unwrap();
+    .await;
     r.update_status(
         svc("a"),
         "p".into(),
@@ -676,15 +680,15 @@ async fn a_default_check_never_replaces_a_check_or_other_settings() {
         ..HealthCheck::default()
     };
     // No check yet: it gets the default one, and keeps its protection threshold.
-    r.configure(
-        svc("a"),
+    configure(
+        &r,
+        "a",
         ServiceConfig {
             protect_threshold: 0.5,
             ..Default::default()
         },
     )
-    .await
-    .unwrap();
+    .await;
     let rev = r.default_check(svc("a"), tcp.clone()).await.unwrap();
     assert!(rev > 0);
     let c = r.service_config(&svc("a"));
@@ -695,15 +699,15 @@ async fn a_default_check_never_replaces_a_check_or_other_settings() {
         kind: CheckKind::Http,
         ..HealthCheck::default()
     };
-    r.configure(
-        svc("b"),
+    configure(
+        &r,
+        "b",
         ServiceConfig {
             check: http.clone(),
             ..Default::default()
         },
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(r.default_check(svc("b"), tcp).await.unwrap(), 0);
     assert_eq!(r.service_config(&svc("b")).check, http);
 }

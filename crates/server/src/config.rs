@@ -63,6 +63,12 @@ pub struct ServerConfig {
     /// Events kept per service for watchers that resume.
     #[arg(long, env = "SEXTANT_EVENT_LOG_PER_SERVICE", default_value_t = 1024)]
     pub event_log_per_service: usize,
+    /// How long a service that a write emptied (no instances, default settings) keeps its
+    /// change log when nobody watches it, in seconds, so a watcher that reconnects meanwhile
+    /// resumes with exact events; after that it leaves memory (names only read or watched,
+    /// never written, leave at once).
+    #[arg(long, env = "SEXTANT_VACANT_RETENTION_SECONDS", default_value_t = 60)]
+    pub vacant_retention_seconds: u64,
     /// Most writes in one durable (group) commit.
     #[arg(long, env = "SEXTANT_MAX_BATCH_OPS", default_value_t = 4096)]
     pub max_batch_ops: usize,

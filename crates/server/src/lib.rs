@@ -93,6 +93,7 @@ impl Server {
         let nacos_metrics = NacosMetrics::register(&mut prometheus);
         let core_config = CoreConfig {
             event_log_per_service: config.event_log_per_service,
+            vacant_retention: std::time::Duration::from_secs(config.vacant_retention_seconds),
             max_batch_ops: config.max_batch_ops,
             ..CoreConfig::default()
         };

@@ -427,14 +427,6 @@ async fn blocking_queries_do_not_miss_changes_made_before_a_restart() {
     assert!(problems.is_empty(), "{problems:#?}");
 }
 
-/// One sample from `/metrics` (0 when absent).
-async fn metric(api: &Api, name: &str) -> f64 {
-    let text = api.get("/metrics").await.text;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 /// The real binary with its data dir on a small tmpfs: registrations get 503 once it is full
 /// and `/readyz` says why; after the disk grows, readiness and checkpoints come back with no
 /// restart (the log is folded and emptied), writes are taken again, and after a kill -9 every

@@ -660,3 +660,47 @@ async fn json_bodies_without_a_json_content_type() {
     assert_eq!(ids(&svc), ["form", "json", "none"]);
     assert_eq!(find(&svc, "none").unwrap()["status"]["weight"], 5);
 }
+
+/// Blocking reads of names nobody registered leave nothing behind, and a service a write
+/// emptied leaves memory after `--vacant-retention-seconds` (0 here) when nobody watches it.
+#[tokio::test]
+async fn unknown_names_and_emptied_services_leave_memory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start_with(tmp.path(), &["--vacant-retention-seconds", "0"]);
+    let api = server.api();
+    // 2,000 made-up names, 100 blocking reads in flight at a time, each waiting 50 ms.
+    for chunk in 0..20 {
+        let reads: Vec<_> = (0..100)
+            .map(|i| {
+                let api = api.clone();
+                let path = format!(
+                    "{}?index=1&wait=50ms",
+                    service_path("ghosts", &format!("g{chunk}-{i}"))
+                );
+                tokio::spawn(async move { api.get(&path).await.ok() })
+            })
+            .collect();
+        for r in reads {
+            assert_eq!(ids(&r.await.unwrap()), Vec::<String>::new());
+        }
+    }
+    api.register("prod", "orders", "o-1", &inst("10.0.0.1", 80))
+        .await;
+    api.deregister("prod", "orders", "o-1").await;
+    // The gauge is refreshed every lease tick (250 ms); wait for it to show nothing held.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let entries = metric(&api, "sextant_service_entries").await;
+        if entries == 0.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{entries} service entries still held"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Listing never showed the ghosts, and the emptied service is gone from it too.
+    let list = api.get("/v1/namespaces/ghosts/services").await.ok();
+    assert_eq!(list["services"].as_array().map(Vec::len), Some(0), "{list}");
+}

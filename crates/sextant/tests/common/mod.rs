@@ -303,6 +303,15 @@ impl Api {
     }
 }
 
+/// One sample from `/metrics` (0 when absent).
+#[allow(dead_code)]
+pub async fn metric(api: &Api, name: &str) -> f64 {
+    let text = api.get("/metrics").await.text;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 pub fn service_path(ns: &str, svc: &str) -> String {
     format!("/v1/namespaces/{ns}/services/{svc}")
 }

@@ -41,6 +41,20 @@ async fn open_with(store: Arc<dyn Store>, config: CoreConfig) -> Registry {
         .unwrap()
 }
 
+fn threshold(t: f32) -> ServiceConfig {
+    ServiceConfig {
+        protect_threshold: t,
+        ..Default::default()
+    }
+}
+
+fn check(kind: CheckKind) -> HealthCheck {
+    HealthCheck {
+        kind,
+        ..HealthCheck::default()
+    }
+}
+
 async fn configure(r: &Registry, service: &str, config: ServiceConfig) {
     r.configure(svc(service), config).await.unwrap();
 }
@@ -194,15 +208,7 @@ async fn restart_reloads_everything_and_gives_leases_a_fresh_grace() {
     let r = open_with(store.clone(), paused()).await;
     r.register(reg("a", "p", 0)).await.unwrap();
     r.register(reg("a", "e", 3)).await.unwrap();
-    configure(
-        &r,
-        "a",
-        ServiceConfig {
-            protect_threshold: 0.5,
-            ..Default::default()
-        },
-    )
-    .await;
+    configure(&r, "a", threshold(0.5)).await;
     r.update_status(
         svc("a"),
         "p".into(),
@@ -269,15 +275,7 @@ async fn protection_threshold_keeps_the_full_list() {
     for i in 0..4 {
         r.register(reg("a", &format!("i{i}"), 0)).await.unwrap();
     }
-    r.configure(
-        svc("a"),
-        ServiceConfig {
-            protect_threshold: 0.6,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    r.configure(svc("a"), threshold(0.6)).await.unwrap();
     let down = StatusPatch {
         health: Some(Health::Unhealthy),
         ..Default::default()
@@ -602,10 +600,7 @@ async fn point_lookups_read_the_published_state() {
         .unwrap();
     assert_eq!(found.spec.id, "i2");
     assert!(r.find_instance(&svc("a"), |_| false).is_none());
-    let config = ServiceConfig {
-        protect_threshold: 0.5,
-        ..ServiceConfig::default()
-    };
+    let config = threshold(0.5);
     r.configure(svc("a"), config.clone()).await.unwrap();
     assert_eq!(r.service_config(&svc("a")), config);
 }
@@ -675,30 +670,16 @@ async fn a_service_emptied_loses_its_record_and_stays_gone_after_a_restart() {
 #[tokio::test]
 async fn a_default_check_never_replaces_a_check_or_other_settings() {
     let r = open().await;
-    let tcp = HealthCheck {
-        kind: CheckKind::Tcp,
-        ..HealthCheck::default()
-    };
+    let tcp = check(CheckKind::Tcp);
     // No check yet: it gets the default one, and keeps its protection threshold.
-    configure(
-        &r,
-        "a",
-        ServiceConfig {
-            protect_threshold: 0.5,
-            ..Default::default()
-        },
-    )
-    .await;
+    configure(&r, "a", threshold(0.5)).await;
     let rev = r.default_check(svc("a"), tcp.clone()).await.unwrap();
     assert!(rev > 0);
     let c = r.service_config(&svc("a"));
     assert_eq!(c.check.kind, CheckKind::Tcp);
     assert_eq!(c.protect_threshold, 0.5);
     // A check set natively stays, whatever the caller read before.
-    let http = HealthCheck {
-        kind: CheckKind::Http,
-        ..HealthCheck::default()
-    };
+    let http = check(CheckKind::Http);
     configure(
         &r,
         "b",

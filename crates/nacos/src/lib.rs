@@ -129,6 +129,7 @@ impl NacosServer {
             config,
             metrics,
             infos: InfoCache::default(),
+            cpu: http::operator::host::CpuMeter::new(),
         });
         let http = serve_http(http::router(adapter.clone()));
         let grpc = tokio::spawn(grpc::serve(adapter, grpc, stop));
@@ -148,6 +149,8 @@ pub(crate) struct Adapter {
     pub config: NacosConfig,
     pub metrics: NacosMetrics,
     pub infos: InfoCache,
+    /// The host's CPU use for `/operator/metrics`, measured between its calls.
+    pub cpu: http::operator::host::CpuMeter,
 }
 
 impl Adapter {
@@ -281,6 +284,7 @@ pub(crate) async fn test_adapter() -> Arc<Adapter> {
         config: NacosConfig::default(),
         metrics: NacosMetrics::default(),
         infos: InfoCache::default(),
+        cpu: http::operator::host::CpuMeter::new(),
     })
 }
 

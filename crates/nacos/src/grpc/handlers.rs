@@ -113,6 +113,18 @@ impl Api {
             .iter()
             .map(WireInstance::registration)
             .collect::<Result<Vec<_>, _>>()?;
+        // The type is checked before anything else, so an empty batch of a bad type is
+        // refused too.
+        let registering = match kind {
+            "batchRegisterInstance" => true,
+            "batchDeregisterInstance" => false,
+            other => {
+                return Err(NacosError::invalid(
+                    "type",
+                    format!("{other:?} is not batchRegisterInstance or batchDeregisterInstance"),
+                ))
+            }
+        };
         let registry = &self.conns.adapter.registry;
         let ttl_seconds = lease_seconds(self.conns.adapter.config.connection_grace);
         let mut ops = Vec::new();
@@ -120,37 +132,23 @@ impl Api {
         for reg in &regs {
             let existing = mapping::find_instance(registry, &key, &reg.ip, reg.port, &reg.cluster)
                 .map(|i| i.spec.id.to_string());
-            match kind {
-                "batchRegisterInstance" => {
-                    let (spec, status) = reg.to_sextant(existing.as_deref())?;
-                    ids.insert(spec.id.to_string());
-                    ops.push(Op::Register(Registration {
-                        service: key.clone(),
-                        spec,
-                        status: Some(status),
-                        ttl_seconds,
-                    }));
-                }
-                "batchDeregisterInstance" => {
-                    if let Some(id) = existing {
-                        ids.insert(id.clone());
-                        ops.push(Op::Deregister {
-                            service: key.clone(),
-                            id,
-                        });
-                    }
-                }
-                other => {
-                    return Err(NacosError::invalid(
-                        "type",
-                        format!(
-                            "{other:?} is not batchRegisterInstance or batchDeregisterInstance"
-                        ),
-                    ))
-                }
+            if registering {
+                let (spec, status) = reg.to_sextant(existing.as_deref())?;
+                ids.insert(spec.id.to_string());
+                ops.push(Op::Register(Registration {
+                    service: key.clone(),
+                    spec,
+                    status: Some(status),
+                    ttl_seconds,
+                }));
+            } else if let Some(id) = existing {
+                ids.insert(id.clone());
+                ops.push(Op::Deregister {
+                    service: key.clone(),
+                    id,
+                });
             }
         }
-        let registering = kind == "batchRegisterInstance";
         let dropped: Vec<String> = if registering {
             let st = conn.state.lock();
             st.instances

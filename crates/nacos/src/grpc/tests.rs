@@ -207,3 +207,30 @@ fn unknown_request_types_do_not_become_metric_labels() {
     assert!(!text.contains("Made-Up-Type-12345"), "{text}");
     assert!(text.contains("request=\"unsupported\""), "{text}");
 }
+
+/// A batch of an unknown type is refused even when it names no instance (an empty batch
+/// used to skip the check and answer success).
+#[tokio::test]
+async fn an_empty_batch_of_an_unknown_type_is_refused() {
+    let (_stop_tx, stop) = watch::channel(false);
+    let api = Api::new(test_adapter().await, stop);
+    let body = json!({
+        "requestId": "1",
+        "namespace": "public",
+        "serviceName": "svc",
+        "groupName": "DEFAULT_GROUP",
+        "type": "batchFrobnicate",
+        "instances": [],
+    });
+    let addr = SocketAddr::from(([127, 0, 0, 1], 40000));
+    let answer = api
+        .handle(
+            addr,
+            "BatchInstanceRequest",
+            &serde_json::to_vec(&body).unwrap(),
+        )
+        .await;
+    assert_eq!(answer.kind(), "ErrorResponse");
+    let v: Value = serde_json::from_slice(answer.body_bytes()).unwrap();
+    assert_eq!(v["errorCode"], 400, "{v}");
+}

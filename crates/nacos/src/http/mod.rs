@@ -7,7 +7,7 @@
 //! (service CRUD and listing) and [`operator`] (metrics, switches, servers, namespaces).
 
 mod instance;
-mod operator;
+pub(crate) mod operator;
 mod params;
 pub(crate) mod service;
 

@@ -28,7 +28,7 @@ pub(super) async fn metrics(State(s): AppState) -> Response {
     // Nacos' figures are the host's: cpu in use (0-1), 1-minute load average, memory in use
     // (0-1). Where the platform does not tell them they are left out, not reported as 0.
     if let Some(m) = body.as_object_mut() {
-        if let Some(cpu) = host::cpu_busy().await {
+        if let Some(cpu) = s.cpu.busy() {
             m.insert("cpu".into(), json!(cpu));
         }
         if let Some(load) = host::load_average() {
@@ -59,8 +59,8 @@ pub(super) async fn switches(State(s): AppState) -> Response {
 }
 
 /// The host's figures, read from Linux' `/proc`; `None` elsewhere or when unreadable.
-mod host {
-    use std::time::Duration;
+pub(crate) mod host {
+    use parking_lot::Mutex;
 
     /// The 1-minute load average.
     pub fn load_average() -> Option<f64> {
@@ -96,14 +96,44 @@ mod host {
         Some((total.saturating_sub(idle), total))
     }
 
-    /// The fraction of CPU time busy over a short sample (a figure since boot would hide
-    /// what is happening now).
-    pub async fn cpu_busy() -> Option<f64> {
-        let (b0, t0) = cpu_times()?;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let (b1, t1) = cpu_times()?;
-        let dt = t1.checked_sub(t0).filter(|d| *d > 0)?;
-        Some((b1.saturating_sub(b0) as f64 / dt as f64).clamp(0.0, 1.0))
+    /// The fraction of CPU time busy between two readings, without sleeping in a request:
+    /// each call measures since the previous one (the first since the meter was made, which
+    /// starts from the figure since boot). A figure since boot alone would hide what is
+    /// happening now.
+    pub struct CpuMeter(Mutex<CpuReading>);
+
+    #[derive(Clone, Copy)]
+    struct CpuReading {
+        busy: u64,
+        total: u64,
+        fraction: Option<f64>,
+    }
+
+    impl CpuMeter {
+        pub fn new() -> Self {
+            let (busy, total) = cpu_times().unwrap_or((0, 0));
+            let fraction = (total > 0).then(|| busy as f64 / total as f64);
+            Self(Mutex::new(CpuReading {
+                busy,
+                total,
+                fraction,
+            }))
+        }
+
+        pub fn busy(&self) -> Option<f64> {
+            let (busy, total) = cpu_times()?;
+            let mut last = self.0.lock();
+            // Within one clock tick of the last reading: nothing new to measure.
+            if let Some(dt) = total.checked_sub(last.total).filter(|d| *d > 0) {
+                let f = busy.saturating_sub(last.busy) as f64 / dt as f64;
+                *last = CpuReading {
+                    busy,
+                    total,
+                    fraction: Some(f.clamp(0.0, 1.0)),
+                };
+            }
+            last.fraction
+        }
     }
 }
 

@@ -93,25 +93,23 @@ pub(crate) fn parse_json_body<T: DeserializeOwned>(
 /// or an empty type; parameters (`; charset=...`) and case do not matter.
 fn is_json_or_undeclared(ct: &HeaderValue) -> bool {
     let Ok(ct) = ct.to_str() else { return false };
-    let essence = ct
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
+    let essence = ct.split(';').next().unwrap_or("").trim().as_bytes();
+    let is = |t: &str| essence.eq_ignore_ascii_case(t.as_bytes());
+    let starts =
+        |p: &str| essence.len() >= p.len() && essence[..p.len()].eq_ignore_ascii_case(p.as_bytes());
+    let ends = |p: &str| {
+        essence.len() >= p.len()
+            && essence[essence.len() - p.len()..].eq_ignore_ascii_case(p.as_bytes())
+    };
     essence.is_empty()
-        || essence == "application/json"
-        || essence == "application/x-www-form-urlencoded"
-        || (essence.starts_with("application/") && essence.ends_with("+json"))
+        || is("application/json")
+        || is("application/x-www-form-urlencoded")
+        || (starts("application/") && ends("+json"))
 }
 
+/// `Json::from_bytes` only fails on syntax (400) or data (422): both are bad input.
 fn json_rejection(r: JsonRejection) -> ApiError {
-    let code = match r.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
-        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
-        _ => "invalid_argument",
-    };
-    ApiError::new(r.status(), code, r.body_text())
+    ApiError::new(r.status(), "invalid_argument", r.body_text())
 }
 
 /// Query parameters whose parse errors become JSON 400s.

@@ -108,7 +108,10 @@ pub enum ErrorKind {
 mod grpc_code {
     pub const INVALID_ARGUMENT: i32 = 3;
     pub const NOT_FOUND: i32 = 5;
+    pub const ALREADY_EXISTS: i32 = 6;
     pub const RESOURCE_EXHAUSTED: i32 = 8;
+    pub const FAILED_PRECONDITION: i32 = 9;
+    pub const OUT_OF_RANGE: i32 = 11;
     pub const UNIMPLEMENTED: i32 = 12;
     pub const INTERNAL: i32 = 13;
     pub const UNAVAILABLE: i32 = 14;
@@ -189,9 +192,11 @@ impl ErrorKind {
             grpc_code::RESOURCE_EXHAUSTED => ErrorKind::TooLarge,
             grpc_code::UNIMPLEMENTED => ErrorKind::Unsupported,
             grpc_code::UNAVAILABLE => ErrorKind::Unavailable,
-            // INVALID_ARGUMENT, FAILED_PRECONDITION, OUT_OF_RANGE, ALREADY_EXISTS: the
-            // caller's request was wrong.
-            3 | 6 | 9 | 11 => ErrorKind::Invalid,
+            // The caller's request was wrong.
+            grpc_code::INVALID_ARGUMENT
+            | grpc_code::ALREADY_EXISTS
+            | grpc_code::FAILED_PRECONDITION
+            | grpc_code::OUT_OF_RANGE => ErrorKind::Invalid,
             _ => ErrorKind::Internal,
         }
     }

@@ -55,7 +55,8 @@ use crate::target::Target;
 )]
 struct Cli {
     /// Start this `sextant` binary (`serve` on 127.0.0.1:0) with a temporary data dir, and stop
-    /// it at the end.
+    /// it at the end. It starts with every `SEXTANT_*` variable cleared, so the shell cannot
+    /// change the server under test; configure it with --server-arg.
     #[arg(help_heading = "Server under test", long, global = true, conflicts_with_all = ["http", "grpc", "server_pid"])]
     spawn: Option<PathBuf>,
     /// Base URL of a running node's HTTP API.

@@ -470,25 +470,6 @@ async fn deregister_all(
     .await
 }
 
-fn row(
-    scenario: String,
-    params: String,
-    out: &load::Outcome,
-    unit: &'static str,
-    cpu: crate::stats::CpuUsed,
-) -> Row {
-    Row {
-        scenario,
-        params,
-        ops: out.ops,
-        errors: out.errors,
-        secs: out.elapsed.as_secs_f64(),
-        unit,
-        latency: out.latency.clone(),
-        cpu: Some(cpu),
-    }
-}
-
 /// Runs every phase of `w` against `t`; a failed phase is recorded and the next one runs.
 pub(crate) async fn measure(t: &NacosTarget, w: &NacosWork) -> NacosResult {
     let mut r = NacosResult::default();
@@ -547,12 +528,11 @@ async fn register_phase(
         metadata(None),
     )
     .await;
-    let reg = row(
+    let reg = out.row(
         format!("{p}register: POST /nacos/v1/ns/instance"),
         params.clone(),
-        &out,
         "inst/s",
-        meter.stop(),
+        Some(meter.stop()),
     );
     r.notes.extend(out.notes(&format!("{p}register")));
     r.rows.push(reg.clone());
@@ -567,12 +547,11 @@ async fn register_phase(
         name("", run.to_string()),
     )
     .await;
-    let dereg = row(
+    let dereg = out.row(
         format!("{p}deregister: DELETE /nacos/v1/ns/instance"),
         params,
-        &out,
         "inst/s",
-        meter.stop(),
+        Some(meter.stop()),
     );
     r.notes.extend(out.notes(&format!("{p}deregister")));
     r.rows.push(dereg.clone());
@@ -622,12 +601,11 @@ async fn query_phase(
         metadata(None),
     )
     .await;
-    r.rows.push(row(
+    r.rows.push(out.row(
         format!("{p}query setup: POST /nacos/v1/ns/instance"),
         format!("S={services} I={per} C={}", w.query_clients),
-        &out,
         "inst/s",
-        meter.stop(),
+        Some(meter.stop()),
     ));
     r.notes.extend(out.notes(&format!("{p}query setup")));
     anyhow::ensure!(out.errors == 0, "could not register the queried registry");
@@ -664,15 +642,14 @@ async fn query_phase(
         },
     )
     .await;
-    let query = row(
+    let query = out.row(
         format!("{p}query: GET /nacos/v1/ns/instance/list"),
         format!(
             "S={services} I={per} C={} for {:?}",
             w.query_clients, w.query_duration
         ),
-        &out,
         "queries/s",
-        meter.stop(),
+        Some(meter.stop()),
     );
     if let Some(e) = &out.first_error {
         r.notes.push(format!(
@@ -723,12 +700,11 @@ async fn push_phase(
     )
     .await;
     notes.extend(out.notes("push setup"));
-    let setup = row(
+    let setup = out.row(
         format!("{prefix}push setup: POST /nacos/v1/ns/instance"),
         format!("I={} (8 in flight)", a.instances),
-        &out,
         "inst/s",
-        meter.stop(),
+        Some(meter.stop()),
     );
     anyhow::ensure!(out.errors == 0, "could not register the watched service");
     let all: Arc<Vec<Inst>> = Arc::new((0..a.instances).map(&inst).collect());

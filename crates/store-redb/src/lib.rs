@@ -292,7 +292,11 @@ impl Drop for RedbStore {
 
 /// The revision of the last batch redb holds (0 when empty).
 fn stored_revision(db: &Database) -> Result<Revision, StoreError> {
-    let txn = db.begin_read().map_err(db_err)?;
+    revision_in(&db.begin_read().map_err(db_err)?)
+}
+
+/// The revision of the last batch as `txn` sees it (0 when empty).
+fn revision_in(txn: &redb::ReadTransaction) -> Result<Revision, StoreError> {
     let meta = txn.open_table(META).map_err(db_err)?;
     let rev = meta.get(REVISION).map_err(db_err)?.map(|g| g.value());
     Ok(rev.unwrap_or(0))
@@ -647,13 +651,7 @@ impl Store for RedbStore {
             let (k, v) = item.map_err(db_err)?;
             visit(k.value(), v.value())?;
         }
-        let meta = txn.open_table(META).map_err(db_err)?;
-        let rev = meta
-            .get(REVISION)
-            .map_err(db_err)?
-            .map(|g| g.value())
-            .unwrap_or(0);
-        Ok(rev)
+        revision_in(&txn)
     }
 
     async fn close(&self) -> Result<(), StoreError> {

@@ -20,7 +20,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use sextant_proto::v1 as pb;
 use tokio::sync::{watch, Semaphore};
 
 use crate::load::{self, NAMESPACE};
@@ -86,16 +85,10 @@ pub(crate) async fn measure(t: &Target, a: &PushArgs, prefix: &str) -> anyhow::R
     let (svc, total) = (service.clone(), a.instances);
     let batch = 500u64;
     let out = load::drive(2, total.div_ceil(batch), a.deadline, move |w, n| {
-        let mut c = grpc[w].clone();
         let instances: Vec<_> = (n * batch..((n + 1) * batch).min(total))
             .map(|i| load::grpc_request(&svc, format!("i{i}"), i))
             .collect();
-        let len = instances.len() as u64;
-        async move {
-            c.batch_register(pb::BatchRegisterRequest { instances })
-                .await?;
-            Ok(len)
-        }
+        load::batch_register(grpc[w].clone(), instances)
     })
     .await;
     notes.extend(out.notes("push setup"));

@@ -17,6 +17,18 @@ use crate::mapping::{self, InfoOptions};
 use crate::{commit_ignoring_missing, lease_seconds, now_ms, NacosError};
 
 impl Api {
+    /// How a service is rendered for a 2.x client: ungrouped name, push cache time.
+    fn info_options(&self, clusters: Option<&str>, healthy_only: bool) -> InfoOptions {
+        InfoOptions {
+            grouped_name: false,
+            clusters: mapping::cluster_filter(clusters),
+            healthy_only,
+            cache_millis: PUSH_CACHE_MILLIS,
+            now_ms: now_ms(),
+            beat_timeout_ms: self.conns.adapter.beat_timeout_ms(),
+        }
+    }
+
     pub(super) async fn instance(
         &self,
         conn: &Arc<Conn>,
@@ -183,14 +195,10 @@ impl Api {
     pub(super) fn query(&self, req: &NamingRequest) -> Result<Value, NacosError> {
         let (_, key) = req.service()?;
         let view = self.conns.adapter.registry.get(&key, false);
-        let opts = InfoOptions {
-            grouped_name: false,
-            clusters: mapping::cluster_filter(req.cluster.as_deref().or(req.clusters.as_deref())),
-            healthy_only: req.healthy_only.unwrap_or(false),
-            cache_millis: PUSH_CACHE_MILLIS,
-            now_ms: now_ms(),
-            beat_timeout_ms: self.conns.adapter.beat_timeout_ms(),
-        };
+        let opts = self.info_options(
+            req.cluster.as_deref().or(req.clusters.as_deref()),
+            req.healthy_only.unwrap_or(false),
+        );
         Ok(json!({"serviceInfo": mapping::service_info(&view, &opts)}))
     }
 
@@ -217,14 +225,7 @@ impl Api {
         let adapter = &self.conns.adapter;
         let clusters = req.clusters.clone().unwrap_or_default();
         let view = adapter.registry.get(&key, false);
-        let opts = InfoOptions {
-            grouped_name: false,
-            clusters: mapping::cluster_filter(Some(&clusters)),
-            healthy_only: false,
-            cache_millis: PUSH_CACHE_MILLIS,
-            now_ms: now_ms(),
-            beat_timeout_ms: self.conns.adapter.beat_timeout_ms(),
-        };
+        let opts = self.info_options(Some(&clusters), false);
         let info = mapping::service_info(&view, &opts);
         let sub_key = (key.clone(), clusters);
         let mut st = conn.state.lock();

@@ -95,13 +95,23 @@ impl Api {
     pub(crate) async fn handle(&self, addr: SocketAddr, kind: &str, body: &[u8]) -> Payload {
         let adapter = &self.conns.adapter;
         let metrics = &adapter.metrics;
-        // A metrics label from the client's bytes only if it is a type we know: anything
-        // else would let a client grow the label set without bound.
-        let label = if response_type(kind).is_some() {
-            kind
-        } else {
-            "unsupported"
+        // The type first: an unknown one is answered "no handler" whatever its body, and
+        // only a known type becomes a metrics label (a client's bytes would let it grow the
+        // label set without bound).
+        let Some(response) = response_type(kind) else {
+            metrics.request("grpc", "unsupported", "unsupported");
+            let request_id = wire::decode_request(kind, body)
+                .ok()
+                .and_then(|r| r.request_id)
+                .unwrap_or_default();
+            let msg = if kind.starts_with("Config") {
+                format!("{kind}: the Nacos config center is not part of Sextant (naming only)")
+            } else {
+                format!("{kind:?} is not a request type Sextant's Nacos adapter handles")
+            };
+            return wire::error_payload_code(metrics, &request_id, NO_HANDLER, &msg);
         };
+        let label = kind;
         let req = match wire::decode_request(kind, body) {
             Ok(r) => r,
             Err(e) => {
@@ -110,15 +120,6 @@ impl Api {
             }
         };
         let request_id = req.request_id.clone().unwrap_or_default();
-        let Some(response) = response_type(kind) else {
-            metrics.request("grpc", label, "unsupported");
-            let msg = if kind.starts_with("Config") {
-                format!("{kind}: the Nacos config center is not part of Sextant (naming only)")
-            } else {
-                format!("{kind:?} is not a request type Sextant's Nacos adapter handles")
-            };
-            return wire::error_payload_code(metrics, &request_id, NO_HANDLER, &msg);
-        };
         let conn = self.conns.get(addr);
         let result = match kind {
             "ServerCheckRequest" => Ok(json!({

@@ -272,19 +272,25 @@ fn assert_client_error(what: &str, r: &Result<Response, NacosError>) {
     }
 }
 
-/// Arbitrary parameter maps against every 1.x handler that takes parameters.
-#[test]
-fn arbitrary_parameters_never_get_a_server_error() {
+/// A runtime, an adapter on an in-memory registry and a runner of `CASES` cases.
+fn prop_harness() -> (tokio::runtime::Runtime, Arc<Adapter>, TestRunner) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     let a = rt.block_on(test_adapter());
-    let mut runner = TestRunner::new(Config {
+    let runner = TestRunner::new(Config {
         cases: CASES,
         failure_persistence: None,
         ..Config::default()
     });
+    (rt, a, runner)
+}
+
+/// Arbitrary parameter maps against every 1.x handler that takes parameters.
+#[test]
+fn arbitrary_parameters_never_get_a_server_error() {
+    let (rt, a, mut runner) = prop_harness();
     let strategy = (prop::collection::hash_map(key(), value(), 0..8), 0usize..12);
     runner
         .run(&strategy, |(map, which)| {
@@ -316,16 +322,7 @@ fn arbitrary_parameters_never_get_a_server_error() {
 /// the registration handler: no panic, no server error.
 #[test]
 fn arbitrary_bytes_never_get_a_server_error() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let a = rt.block_on(test_adapter());
-    let mut runner = TestRunner::new(Config {
-        cases: CASES,
-        failure_persistence: None,
-        ..Config::default()
-    });
+    let (rt, a, mut runner) = prop_harness();
     let strategy = (
         prop::collection::vec(any::<u8>(), 0..200),
         prop::collection::vec(any::<u8>(), 0..400),
@@ -353,7 +350,7 @@ fn arbitrary_bytes_never_get_a_server_error() {
                     Ok(p) => instance::register(State(a.clone()), p).await,
                     Err(resp) => {
                         assert!(resp.status().is_client_error(), "{}", resp.status());
-                        Ok(resp_ok())
+                        Ok(super::ok())
                     }
                 }
             });
@@ -361,10 +358,6 @@ fn arbitrary_bytes_never_get_a_server_error() {
             Ok(())
         })
         .unwrap();
-}
-
-fn resp_ok() -> Response {
-    super::ok()
 }
 
 /// Parameters as an axum request would carry them survive the extractor unchanged.

@@ -214,6 +214,11 @@ impl ServerConfig {
             Some(path) => Self::from_file(path)?,
             None => Self::default(),
         };
+        // Each layer is checked on its own first: JSON, the merge's medium, cannot hold a
+        // non-finite float, so `nan` would otherwise surface as a baffling merge error
+        // instead of the field's own message.
+        base.validate()?;
+        flags.validate()?;
         let combine = |e: serde_json::Error| ConfigError::Combine(e.to_string());
         // Through serde's map of the keys, so that a new setting needs no line here.
         let mut merged = serde_json::to_value(&base).map_err(combine)?;
@@ -435,6 +440,37 @@ mod tests {
         assert_eq!(c.max_body_bytes, 1234);
         assert_eq!(c.max_wait_seconds, 300);
         assert!(c.nacos);
+    }
+
+    /// `nan` is refused with the field's own message, from a file or a flag (the merge goes
+    /// through JSON, which has no NaN, and used to fail with "cannot combine ...").
+    #[test]
+    fn a_non_finite_fraction_names_its_field() {
+        let dir = std::env::temp_dir().join(format!("sextant-config-nan-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("sextant.toml");
+        std::fs::write(&file, "health_mass_failure_fraction = nan\n").unwrap();
+        let no_flags = command()
+            .mut_args(|a| a.env(None))
+            .try_get_matches_from(Vec::<&str>::new())
+            .unwrap();
+        let defaults = ServerConfig::from_arg_matches(&no_flags).unwrap();
+        let from_file = ServerConfig::layered(Some(&file), &defaults, &no_flags);
+        let _ = std::fs::remove_dir_all(&dir);
+        let flag = command()
+            .mut_args(|a| a.env(None))
+            .try_get_matches_from(["--health-mass-failure-fraction", "NaN"])
+            .unwrap();
+        let from_flag =
+            ServerConfig::layered(None, &ServerConfig::from_arg_matches(&flag).unwrap(), &flag);
+        for r in [from_file, from_flag] {
+            match r {
+                Err(ConfigError::Invalid { field, .. }) => {
+                    assert_eq!(field, "health_mass_failure_fraction")
+                }
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -5,14 +5,15 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
-use sextant_core::model::{ServiceConfig, ServiceKey};
+use sextant_core::model::ServiceConfig;
+use sextant_core::ServiceView;
 
 use super::{ok, track, AppState, Params};
 use crate::mapping::{self, NacosService};
 use crate::{Adapter, NacosError};
 
-fn service_exists(s: &Adapter, key: &ServiceKey) -> bool {
-    let view = s.registry.get(key, false);
+/// A service exists for Nacos when it has instances or settings.
+fn exists(view: &ServiceView) -> bool {
     !view.instances.is_empty() || view.config != ServiceConfig::default()
 }
 
@@ -51,7 +52,7 @@ pub(super) async fn create_service(State(s): AppState, p: Params) -> Result<Resp
         let (svc, key) = p.service()?;
         refuse_service_extras(&p)?;
         let t = threshold(&p)?.unwrap_or(0.0);
-        if service_exists(&s, &key) {
+        if exists(&s.registry.get(&key, false)) {
             return Err(NacosError::Conflict(format!(
                 "specified service already exists, serviceName : {}",
                 svc.grouped()
@@ -73,13 +74,14 @@ pub(super) async fn update_service(State(s): AppState, p: Params) -> Result<Resp
     let r = async {
         let (svc, key) = p.service()?;
         refuse_service_extras(&p)?;
-        if !service_exists(&s, &key) {
+        let view = s.registry.get(&key, false);
+        if !exists(&view) {
             return Err(NacosError::NotFound(format!(
                 "service {} not found",
                 svc.grouped()
             )));
         }
-        let mut config = s.registry.get(&key, false).config;
+        let mut config = view.config;
         if let Some(t) = threshold(&p)? {
             config.protect_threshold = t;
         }
@@ -118,13 +120,13 @@ pub(super) async fn delete_service(State(s): AppState, p: Params) -> Result<Resp
 pub(super) async fn get_service(State(s): AppState, p: Params) -> Result<Response, NacosError> {
     let r = (|| {
         let (svc, key) = p.service()?;
-        if !service_exists(&s, &key) {
+        let view = s.registry.get(&key, false);
+        if !exists(&view) {
             return Err(NacosError::NotFound(format!(
                 "service {} not found",
                 svc.grouped()
             )));
         }
-        let view = s.registry.get(&key, false);
         let mut clusters: Vec<&str> = view
             .instances
             .iter()

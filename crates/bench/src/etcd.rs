@@ -222,12 +222,8 @@ async fn subscriber(
                 );
             }
             if r.created && seen.connect.is_none() {
-                seen.connect = Some(t0.elapsed());
-                seen.snapshot_rev = rev as u64;
-                seen.snapshot_instances = list.kvs.len();
                 permit.take();
-                live.ready
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                live.snapshot_arrived(&mut seen, t0, rev as u64, list.kvs.len());
             }
             for e in &r.events {
                 let rev = e.kv.as_ref().map(|kv| kv.mod_revision).unwrap_or(0) as u64;

@@ -455,9 +455,7 @@ pub async fn subscriber(
                         serde_json::from_value(v).context("SubscribeServiceResponse JSON")?;
                     let hosts = info.service_info.and_then(|i| i.hosts).unwrap_or_default();
                     let seq = max_seq_of(&hosts).unwrap_or(0);
-                    seen.connect = Some(t0.elapsed());
-                    seen.snapshot_instances = hosts.len();
-                    seen.snapshot_rev = seq;
+                    live.snapshot_arrived(&mut seen, t0, seq, hosts.len());
                     // Changes the snapshot already shows were delivered by it.
                     let now = Instant::now();
                     for k in have + 1..=seq {
@@ -466,7 +464,6 @@ pub async fn subscriber(
                     have = have.max(seq);
                     live.max_rev[n].fetch_max(have, Ordering::Relaxed);
                     permit.take();
-                    live.ready.fetch_add(1, Ordering::Relaxed);
                 }
                 m = inbound.message() => {
                     let Some(p) = m.context("reading the bi-stream")? else {

@@ -126,11 +126,8 @@ async fn subscriber(
             .await
             .context("addWatch")?;
         let children = client.list_children(&dir).await.context("getChildren")?;
-        seen.connect = Some(t0.elapsed());
-        seen.snapshot_instances = children.len();
         drop(permit);
-        live.ready
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        live.snapshot_arrived(&mut seen, t0, 0, children.len());
         let mut occurrences = vec![0u64; instances as usize];
         loop {
             let event = tokio::select! {

@@ -42,6 +42,21 @@ pub(crate) struct Live {
 }
 
 impl Live {
+    /// Records a subscriber's first snapshot — how long it took since `t0`, the revision and
+    /// size it had — and counts the subscriber as ready.
+    pub(crate) fn snapshot_arrived(
+        &self,
+        seen: &mut Seen,
+        t0: Instant,
+        rev: u64,
+        instances: usize,
+    ) {
+        seen.connect = Some(t0.elapsed());
+        seen.snapshot_rev = rev;
+        seen.snapshot_instances = instances;
+        self.ready.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Records that subscriber `n` stopped, and why if it failed (every system's subscriber
     /// ends through here, so they are all accounted the same way).
     pub(crate) fn subscriber_ended(&self, n: usize, seen: &mut Seen, result: anyhow::Result<()>) {

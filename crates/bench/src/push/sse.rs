@@ -80,11 +80,8 @@ pub(super) async fn subscriber(
                         let d: SnapshotData =
                             serde_json::from_str(&f.data).context("snapshot JSON")?;
                         if seen.connect.is_none() {
-                            seen.connect = Some(t0.elapsed());
-                            seen.snapshot_rev = rev;
-                            seen.snapshot_instances = d.instances.len();
                             permit.take();
-                            live.ready.fetch_add(1, Ordering::Relaxed);
+                            live.snapshot_arrived(&mut seen, t0, rev, d.instances.len());
                         } else {
                             seen.resyncs += 1;
                             if d.resync {

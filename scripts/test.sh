@@ -68,6 +68,21 @@ make_venv() {
 make_venv .venv/nacos-v2 tests/nacos/requirements-v2.txt v2.nacos
 make_venv .venv/nacos-v1 tests/nacos/requirements-v1.txt nacos
 
+# --- dig (Debian's dnsutils) for crates/sextant/tests/dns.rs -----------------------------------
+if ! command -v dig >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1; then
+    SUDO=""
+    if [ "$(id -u)" != 0 ]; then SUDO=sudo; fi
+    echo "== installing dnsutils (dig) with apt-get"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dnsutils >/dev/null
+  fi
+  if ! command -v dig >/dev/null 2>&1; then
+    echo "dig is needed by the DNS tests (Debian: apt-get install dnsutils)" >&2
+    exit 1
+  fi
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

@@ -149,6 +149,18 @@ pub struct ServerConfig {
     /// burst of changes becomes one push; 0 pushes every change at once.
     #[arg(long, env = "SEXTANT_XDS_DEBOUNCE_MS", default_value_t = 10)]
     pub xds_debounce_ms: u64,
+    /// Serve DNS (Consul's `<svc>.service.consul` names and `<svc>.<namespace>.sextant`).
+    #[arg(long, env = "SEXTANT_DNS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub dns: bool,
+    /// Address of the DNS server, UDP and TCP (Consul's default port).
+    #[arg(long, env = "SEXTANT_DNS_ADDR", default_value = "127.0.0.1:8600")]
+    pub dns_addr: SocketAddr,
+    /// TTL of DNS answers, and how long resolvers may cache a negative answer, in seconds.
+    #[arg(long, env = "SEXTANT_DNS_TTL_SECONDS", default_value_t = 5)]
+    pub dns_ttl_seconds: u32,
+    /// The datacenter in Consul names (`web.service.<dc>.consul`) and SRV targets.
+    #[arg(long, env = "SEXTANT_DNS_DATACENTER", default_value = "dc1")]
+    pub dns_datacenter: String,
 }
 
 impl Default for ServerConfig {
@@ -293,6 +305,18 @@ impl ServerConfig {
                 message:
                     "its port + 1000 (the Nacos gRPC port) is above 65535; set nacos_grpc_addr"
                         .into(),
+            });
+        }
+        if self.dns_datacenter.is_empty()
+            || self.dns_datacenter.len() > 63
+            || !self
+                .dns_datacenter
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return Err(ConfigError::Invalid {
+                field: "dns_datacenter",
+                message: "must be one DNS label: 1-63 of A-Z a-z 0-9 -".into(),
             });
         }
         if self.xds_debounce_ms > MAX_XDS_DEBOUNCE_MS {

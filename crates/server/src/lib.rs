@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sextant_core::{CoreConfig, CoreError, CoreMetrics, MemStore, Registry, Store, StoreError};
+use sextant_dns::{DnsConfig, DnsMetrics, DnsServer};
 use sextant_health::{HealthMetrics, Scanner, ScannerConfig};
 use sextant_nacos::{NacosConfig, NacosMetrics, NacosServer};
 use sextant_store_redb::{RedbStore, StoreMetrics};
@@ -49,6 +50,13 @@ pub enum ServerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(
+        "cannot listen for DNS on {addr} (move it with --dns-addr, or turn it off with --no-dns)"
+    )]
+    DnsBind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("cannot open the store: {0}")]
     Store(#[from] StoreError),
     #[error("cannot load the registry: {0}")]
@@ -78,6 +86,9 @@ pub struct Server {
     http: JoinHandle<()>,
     grpc: JoinHandle<()>,
     nacos: Option<NacosServer>,
+    dns: Option<DnsServer>,
+    /// Where DNS answers (UDP and TCP), unless it is off.
+    pub dns_addr: Option<SocketAddr>,
     grace: Duration,
 }
 
@@ -97,6 +108,7 @@ impl Server {
         let health_metrics = HealthMetrics::register(&mut prometheus);
         let nacos_metrics = NacosMetrics::register(&mut prometheus);
         let xds_metrics = XdsMetrics::register(&mut prometheus);
+        let dns_metrics = DnsMetrics::register(&mut prometheus);
         let core_config = CoreConfig {
             event_log_per_service: config.event_log_per_service,
             vacant_retention: std::time::Duration::from_secs(config.vacant_retention_seconds),
@@ -127,6 +139,20 @@ impl Server {
             Some((h, g))
         } else {
             None
+        };
+        let dns_sockets = if config.dns {
+            let addr = config.dns_addr;
+            Some(
+                sextant_dns::bind(addr)
+                    .await
+                    .map_err(|source| ServerError::DnsBind { addr, source })?,
+            )
+        } else {
+            None
+        };
+        let dns_config = DnsConfig {
+            ttl_seconds: config.dns_ttl_seconds,
+            datacenter: config.dns_datacenter.clone(),
         };
         let nacos_config = NacosConfig {
             connection_grace: Duration::from_secs(config.nacos_connection_grace_seconds),
@@ -195,9 +221,23 @@ impl Server {
                 tracing::error!(error = %e, "grpc server failed");
             }
         });
+        let (dns, dns_addr) = match dns_sockets {
+            Some((udp, tcp, addr)) => (
+                Some(DnsServer::start(
+                    registry.clone(),
+                    dns_config,
+                    dns_metrics,
+                    udp,
+                    tcp,
+                )),
+                Some(addr),
+            ),
+            None => (None, None),
+        };
+        let dns_shown = dns_addr.map_or_else(|| "off".to_string(), |a| a.to_string());
         let mut nacos = None;
         if let Some(((h, nacos_http_addr), (g, nacos_grpc_addr))) = nacos_listeners {
-            tracing::info!(%http_addr, %grpc_addr, %nacos_http_addr, %nacos_grpc_addr, "sextant serving");
+            tracing::info!(%http_addr, %grpc_addr, %nacos_http_addr, %nacos_grpc_addr, dns_addr = %dns_shown, "sextant serving");
             let mut s3 = stop.subscribe();
             // The Nacos 1.x listener is served like the native one, with the same limits.
             let serve_http = move |app| {
@@ -221,7 +261,7 @@ impl Server {
             ));
         }
         if nacos.is_none() {
-            tracing::info!(%http_addr, %grpc_addr, nacos = "off", "sextant serving");
+            tracing::info!(%http_addr, %grpc_addr, nacos = "off", dns_addr = %dns_shown, "sextant serving");
         }
         Ok(Server {
             http_addr,
@@ -231,6 +271,8 @@ impl Server {
             http,
             grpc,
             nacos,
+            dns,
+            dns_addr,
             grace,
         })
     }
@@ -244,6 +286,9 @@ impl Server {
     pub async fn shutdown(self) {
         tracing::info!("shutting down");
         let _ = self.stop.send(true);
+        if let Some(d) = self.dns {
+            d.shutdown().await;
+        }
         self.registry.shutdown("server shutting down").await;
         let drain = async {
             let _ = self.http.await;

@@ -4,8 +4,10 @@
 #
 # What the tests need today: the Rust toolchain with rustfmt and clippy, and Python 3 with venv
 # for the Nacos Python SDKs that crates/sextant/tests/nacos_python.rs drives (installed below
-# into .venv/, pinned by tests/nacos/requirements-*.txt). No external server: integration tests
-# start the real `sextant` binary on loopback ports with temporary data dirs.
+# into .venv/, pinned by tests/nacos/requirements-*.txt), and etcd (Debian's etcd-server,
+# installed below when `etcd` is not on the PATH) for the etcd store's tests, which start their
+# own throwaway member (crates/testkit/src/etcd.rs). Integration tests start the real `sextant`
+# binary on loopback ports with temporary data dirs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -67,6 +69,23 @@ make_venv() {
 }
 make_venv .venv/nacos-v2 tests/nacos/requirements-v2.txt v2.nacos
 make_venv .venv/nacos-v1 tests/nacos/requirements-v1.txt nacos
+
+# --- etcd for the etcd store's tests (crates/store-etcd/tests, crates/sextant/tests/etcd_store.rs)
+# They fail, not skip, without it. SEXTANT_TEST_ETCD may name another etcd binary.
+if [ -z "${SEXTANT_TEST_ETCD:-}" ] && ! command -v etcd >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1; then
+    SUDO=""
+    if [ "$(id -u)" != 0 ]; then SUDO=sudo; fi
+    echo "== installing etcd-server (apt-get)"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq etcd-server >/dev/null
+  fi
+  if ! command -v etcd >/dev/null 2>&1; then
+    echo "etcd is needed by the etcd store's tests (Debian: apt-get install etcd-server)" >&2
+    exit 1
+  fi
+fi
+echo "== $("${SEXTANT_TEST_ETCD:-etcd}" --version | head -n 1)"
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -114,3 +114,31 @@ async fn acknowledged_writes_survive_kill_9_on_etcd() {
         "revision {next} after the restart, {highest} before"
     );
 }
+
+/// With etcd unreachable the node does not start: it exits non-zero, naming etcd and the
+/// endpoints, within a bounded time.
+#[test]
+fn an_unreachable_etcd_stops_the_start_naming_the_endpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let endpoint = format!("http://127.0.0.1:{}", sextant_testkit::free_port());
+    let mut args = sextant_testkit::loopback_args(dir.path(), 0);
+    args.extend(["--store", "etcd", "--etcd-endpoints", &endpoint].map(Into::into));
+    let mut child = sextant_testkit::serve_command(env!("CARGO_BIN_EXE_sextant").as_ref(), &args)
+        .spawn()
+        .expect("spawn sextant");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("sextant kept running without etcd");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    assert!(err.contains("etcd") && err.contains(&endpoint), "{err}");
+}

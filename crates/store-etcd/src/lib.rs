@@ -23,14 +23,17 @@
 //! after a restart, like a write whose answer was lost. So that a restart never reuses a
 //! revision such a part carries, the first transaction of a split batch also records its
 //! revision in `{prefix}meta/attempted`, and [`Store::load`] returns the higher of the two.
-//! (The core's group commit caps batches at `max_batch_ops`, so at the defaults a single
-//! registration, or any batch of up to 63 instance changes, is never split.)
+//! A batch of up to 127 mutations is never split (a registration writes two or three: the
+//! instance's spec and status, and its service's record), so only a large group commit or
+//! batch registration is.
 //!
 //! A single key and value must fit in one request: a larger value is refused
 //! ([`StoreError::Io`] naming the key), not split.
 //!
 //! **Load** reads the revision keys and then the keys in pages of [`EtcdConfig::page_keys`],
 //! every page at the etcd revision of the first read, so the scan is one consistent snapshot.
+//! If etcd compacts that revision away during the scan, the scan starts again (three times at
+//! most).
 //!
 //! **Failures.** Every call is bounded by [`EtcdConfig::request_timeout`]; an endpoint that does
 //! not answer is left for the next one. When no endpoint answers, the error is
@@ -561,8 +564,28 @@ impl Inner {
         self.txn(&req).await.map(|_| ())
     }
 
-    /// A consistent scan: the revision keys, then every page at the etcd revision of that read.
+    /// [`Inner::scan`], again from the start when etcd compacted its revision meanwhile.
     async fn load(&self) -> Result<(Revision, Vec<(String, Vec<u8>)>), StoreError> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self.scan().await {
+                Err(ScanError::Compacted(m)) if tries < 3 => {
+                    tracing::warn!(error = %m, "etcd compacted the revision of a load; loading again");
+                }
+                Err(ScanError::Compacted(m)) => {
+                    return Err(StoreError::Io(format!(
+                        "etcd compacted the revision of every load ({tries} tries): {m}"
+                    )))
+                }
+                Err(ScanError::Store(e)) => return Err(e),
+                Ok(r) => return Ok(r),
+            }
+        }
+    }
+
+    /// A consistent scan: the revision keys, then every page at the etcd revision of that read.
+    async fn scan(&self) -> Result<(Revision, Vec<(String, Vec<u8>)>), ScanError> {
         let (revision, at) = self.read_revision(&self.keys.revision, 0).await?;
         let (attempted, _) = self.read_revision(&self.keys.attempted, at).await?;
         let end = prefix_end(&self.keys.data);
@@ -597,7 +620,10 @@ impl Inner {
                     limit = (limit / 2).max(1);
                     continue;
                 }
-                Err(e) => return Err(self.map(e, "read")),
+                Err(CallError::Refused(s)) if s.message().contains("compacted") => {
+                    return Err(ScanError::Compacted(s.message().to_string()))
+                }
+                Err(e) => return Err(self.map(e, "read").into()),
             };
             for kv in &page.kvs {
                 let key = kv
@@ -622,6 +648,19 @@ impl Inner {
             }
         }
         Ok((revision.max(attempted), out))
+    }
+}
+
+/// Why a scan stopped.
+enum ScanError {
+    /// etcd no longer has the revision the scan reads at.
+    Compacted(String),
+    Store(StoreError),
+}
+
+impl From<StoreError> for ScanError {
+    fn from(e: StoreError) -> Self {
+        ScanError::Store(e)
     }
 }
 

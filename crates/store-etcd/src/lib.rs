@@ -1,6 +1,8 @@
 //! The etcd store: the core's [`Store`] on an etcd v3 cluster, so that a node's registry lives
 //! in etcd instead of on its own disk (the first step of cluster mode; one writer per registry
-//! still, the node's own, which assigns the revisions).
+//! still, the node's own, which assigns the revisions). Only one node may use a prefix at a
+//! time: the revision fence refuses a batch below the stored revision, but two live writers
+//! that both count upwards would interleave; electing the one writer is the cluster's job.
 //!
 //! **Keys.** Everything lives under a prefix (default `/sextant/`, so several Sextant
 //! registries can share one etcd): the store's keys under `{prefix}k/`, and

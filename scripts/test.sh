@@ -4,8 +4,10 @@
 #
 # What the tests need today: the Rust toolchain with rustfmt and clippy, and Python 3 with venv
 # for the Nacos Python SDKs that crates/sextant/tests/nacos_python.rs drives (installed below
-# into .venv/, pinned by tests/nacos/requirements-*.txt). No external server: integration tests
-# start the real `sextant` binary on loopback ports with temporary data dirs.
+# into .venv/, pinned by tests/nacos/requirements-*.txt), and etcd (Debian's etcd-server,
+# installed below when `etcd` is not on the PATH) for the etcd store's tests, which start their
+# own throwaway member (crates/testkit/src/etcd.rs). Integration tests start the real `sextant`
+# binary on loopback ports with temporary data dirs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +18,16 @@ fi
 if command -v rustup >/dev/null 2>&1; then
   rustup component add rustfmt clippy >/dev/null 2>&1 || true
 fi
+
+# apt_install PACKAGE...: installs Debian packages (sudo only when not root), quietly.
+apt_install() {
+  command -v apt-get >/dev/null 2>&1 || return 0
+  local sudo=""
+  if [ "$(id -u)" != 0 ]; then sudo=sudo; fi
+  echo "== installing $* (apt-get)"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
+}
 
 # --- Python venvs with the Nacos Python SDKs (crates/sextant/tests/nacos_python.rs) ----------
 # .venv/nacos-v2: nacos-sdk-python 3.x (Nacos 2.x gRPC), .venv/nacos-v1: the old 1.x-line client
@@ -35,13 +47,7 @@ find_venv_python() {
 
 if ! PYTHON=$(find_venv_python); then
   # A fresh Debian has python3 without its venv module (package python3-venv), or no python3.
-  if command -v apt-get >/dev/null 2>&1; then
-    SUDO=""
-    if [ "$(id -u)" != 0 ]; then SUDO=sudo; fi
-    echo "== installing python3 and python3-venv (apt-get)"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3 python3-venv >/dev/null
-  fi
+  apt_install python3 python3-venv
   if ! PYTHON=$(find_venv_python); then
     echo "python3 with the venv module is needed (Debian: apt-get install python3-venv)" >&2
     exit 1
@@ -68,20 +74,24 @@ make_venv() {
 make_venv .venv/nacos-v2 tests/nacos/requirements-v2.txt v2.nacos
 make_venv .venv/nacos-v1 tests/nacos/requirements-v1.txt nacos
 
-# --- dig (Debian's dnsutils) for crates/sextant/tests/dns.rs -----------------------------------
-if ! command -v dig >/dev/null 2>&1; then
-  if command -v apt-get >/dev/null 2>&1; then
-    SUDO=""
-    if [ "$(id -u)" != 0 ]; then SUDO=sudo; fi
-    echo "== installing dnsutils (dig) with apt-get"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dnsutils >/dev/null
-  fi
-  if ! command -v dig >/dev/null 2>&1; then
-    echo "dig is needed by the DNS tests (Debian: apt-get install dnsutils)" >&2
+# need COMMAND PACKAGE WHY: installs PACKAGE when COMMAND is missing; fails when it still is.
+need() {
+  command -v "$1" >/dev/null 2>&1 && return 0
+  apt_install "$2"
+  if ! command -v "$1" >/dev/null 2>&1; then
+    echo "$1 is needed by $3 (Debian: apt-get install $2)" >&2
     exit 1
   fi
+}
+
+# dig for crates/sextant/tests/dns.rs.
+need dig dnsutils "the DNS tests"
+# etcd for the etcd store's tests (crates/store-etcd/tests, crates/sextant/tests/etcd_store.rs):
+# they fail, not skip, without it. SEXTANT_TEST_ETCD may name another etcd binary.
+if [ -z "${SEXTANT_TEST_ETCD:-}" ]; then
+  need etcd etcd-server "the etcd store's tests"
 fi
+echo "== $("${SEXTANT_TEST_ETCD:-etcd}" --version | head -n 1)"
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -19,6 +19,7 @@ use sextant_core::{CoreConfig, CoreError, CoreMetrics, MemStore, Registry, Store
 use sextant_dns::{DnsConfig, DnsMetrics, DnsServer};
 use sextant_health::{HealthMetrics, Scanner, ScannerConfig};
 use sextant_nacos::{NacosConfig, NacosMetrics, NacosServer};
+use sextant_store_etcd::{EtcdConfig, EtcdStore};
 use sextant_store_redb::{RedbStore, StoreMetrics};
 use sextant_xds::{XdsMetrics, XdsServer};
 use tokio::net::TcpListener;
@@ -102,6 +103,16 @@ impl Server {
                 StoreMetrics::register(&mut prometheus),
             )?),
             StoreKind::Memory => Arc::new(MemStore::new()),
+            // An etcd that does not answer fails the start (naming the endpoints): a
+            // supervisor's restart policy retries, and a typo does not look like a slow etcd.
+            StoreKind::Etcd => Arc::new(
+                EtcdStore::open(EtcdConfig {
+                    endpoints: config.etcd_endpoints(),
+                    prefix: config.etcd_prefix.clone(),
+                    ..EtcdConfig::default()
+                })
+                .await?,
+            ),
         };
         let core_metrics = CoreMetrics::register(&mut prometheus);
         let api_metrics = ApiMetrics::register(&mut prometheus);

@@ -3,8 +3,8 @@
 //! the same start with tokio): the command with a clean environment, the parser of the
 //! start-up line that names the addresses, and free loopback ports. [`spawn_serve`] also
 //! drains stderr for the whole life of the process (so it never blocks on a full pipe) and
-//! waits, bounded, for that line. Nothing here is linked into the server, the SDK or the
-//! binary.
+//! waits, bounded, for that line. [`Etcd`] starts a throwaway etcd member for the etcd store's
+//! tests. Nothing here is linked into the server, the SDK or the binary.
 #![forbid(unsafe_code)]
 
 use std::ffi::{OsStr, OsString};
@@ -15,7 +15,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod etcd;
 mod tmpfs;
+pub use etcd::{etcd_binary, etcd_version, Etcd};
 pub use tmpfs::Tmpfs;
 
 /// A started server process and its addresses. The caller owns killing it.

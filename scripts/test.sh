@@ -84,6 +84,27 @@ need() {
   fi
 }
 
+# --- Node.js packages the tests drive, each dir exactly as its package-lock.json says ---------
+# npm_ci DIR: `npm ci` in DIR unless DIR/node_modules is current (stamped with a copy of the
+# lock file, like the venvs).
+npm_ci() {
+  local dir=$1
+  local stamp="$dir/node_modules/.sextant-package-lock.json"
+  if [ -f "$stamp" ] && cmp -s "$dir/package-lock.json" "$stamp"; then
+    echo "== $dir/node_modules is current"
+    return 0
+  fi
+  echo "== npm ci in $dir"
+  rm -rf "$dir/node_modules"
+  (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error)
+  cp "$dir/package-lock.json" "$stamp"
+}
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  apt_install nodejs npm
+fi
+# The Nacos Node.js SDK (crates/sextant/tests/nacos_node.rs: 1.x UDP push).
+npm_ci tests/nacos/node
+
 # dig for crates/sextant/tests/dns.rs.
 need dig dnsutils "the DNS tests"
 # etcd for the etcd store's tests (crates/store-etcd/tests, crates/sextant/tests/etcd_store.rs):

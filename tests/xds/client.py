@@ -3,8 +3,9 @@
 It opens ONE channel to the target (e.g. `xds:///echo.prod`, resolved by grpcio's built-in xds
 resolver from the bootstrap named by GRPC_XDS_BOOTSTRAP) and keeps it for its whole life, so
 the test sees what Sextant pushes to a connected client. It reads commands from stdin, one a
-line: a number N makes up to N calls of `/echo.Echo/Who` one after another (each with a
-deadline of --deadline-ms, all of them within --batch-seconds) and prints one JSON line:
+line: `N` makes up to N calls of `/echo.Echo/Who` one after another (each with a deadline of
+--deadline-ms, or of D ms for a line `N D`; all of them within --batch-seconds) and prints one
+JSON line:
 
     {"calls": 30, "ok": 29, "counts": {"e1": 15, "e2": 14}, "errors": {"UNAVAILABLE": 1},
      "elapsed_ms": 41}
@@ -67,11 +68,11 @@ def main():
     who = channel.unary_unary("/echo.Echo/Who")
     deadline_s = args.deadline_ms / 1000.0
 
-    def run(n):
-        print(json.dumps(batch(who, n, deadline_s, args.batch_seconds)), flush=True)
+    def run(n, deadline):
+        print(json.dumps(batch(who, n, deadline, args.batch_seconds)), flush=True)
 
     if args.calls is not None:
-        run(args.calls)
+        run(args.calls, deadline_s)
     else:
         print("READY", flush=True)
         for line in sys.stdin:
@@ -79,11 +80,13 @@ def main():
             if not line:
                 continue
             try:
-                n = int(line)
+                words = [int(w) for w in line.split()]
+                if len(words) not in (1, 2):
+                    raise ValueError(line)
             except ValueError:
-                print(f"FAIL: not a number of calls: {line!r}", flush=True)
+                print(f"FAIL: not 'CALLS [DEADLINE_MS]': {line!r}", flush=True)
                 sys.exit(2)
-            run(n)
+            run(words[0], words[1] / 1000.0 if len(words) == 2 else deadline_s)
     channel.close()
 
 

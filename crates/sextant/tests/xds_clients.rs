@@ -12,6 +12,8 @@
 //! backend; after each change the test polls (bounded) until the counts show it, then checks
 //! one more batch:
 //!
+//! 0. the clients dial before the service has any instance: no call is answered (and the
+//!    subscription to a name that does not exist yet must be answered once it does);
 //! 1. three instances (two in zone `a`, one in zone `b`): the calls spread over all three, the
 //!    zone-`a` client uses only zone `a`;
 //! 2. deregister one: no further traffic to it;
@@ -377,8 +379,17 @@ impl Driver {
 
     /// Makes up to `n` calls on the driver's channel and reads their counts.
     fn batch(&mut self, n: u32) -> Batch {
+        self.command(&n.to_string())
+    }
+
+    /// Makes up to `n` calls, each with a deadline of `deadline`.
+    fn batch_with_deadline(&mut self, n: u32, deadline: Duration) -> Batch {
+        self.command(&format!("{n} {}", deadline.as_millis()))
+    }
+
+    fn command(&mut self, line: &str) -> Batch {
         let stdin = self.proc.stdin.as_mut().expect("the driver's stdin");
-        if let Err(e) = writeln!(stdin, "{n}").and_then(|()| stdin.flush()) {
+        if let Err(e) = writeln!(stdin, "{line}").and_then(|()| stdin.flush()) {
             panic!(
                 "{}: write a command: {e}; its output:\n{}",
                 self.label,
@@ -479,13 +490,6 @@ async fn flow(lang: Lang) {
     let api = server.api();
     let tmp = tempfile::tempdir().expect("a temp dir");
 
-    let e1 = Echo::start("e1");
-    let e2 = Echo::start("e2");
-    let e3 = Echo::start("e3");
-    register(&api, &e1, "a").await;
-    register(&api, &e2, "a").await;
-    register(&api, &e3, "b").await;
-
     // `anywhere` states no locality: every locality is as near as any other.
     let anywhere = write_bootstrap(tmp.path(), server.grpc, "anywhere", None);
     let zone_a = Zone {
@@ -495,6 +499,25 @@ async fn flow(lang: Lang) {
     let in_a = write_bootstrap(tmp.path(), server.grpc, "in-zone-a", Some(zone_a));
     let mut all = Driver::start(lang, "anywhere", TARGET, &anywhere);
     let mut near = Driver::start(lang, "in zone a", TARGET, &in_a);
+
+    // 0. The clients subscribe before the service has any instance (a channel resolves on its
+    //    first call): nothing answers yet.
+    for driver in [&mut all, &mut near] {
+        let b = driver.batch_with_deadline(2, Duration::from_millis(300));
+        assert_eq!(
+            b.ok, 0,
+            "{}: answered before any instance: {}",
+            driver.label, b.raw
+        );
+        println!("{}: before any instance: {}", driver.label, b.raw);
+    }
+
+    let e1 = Echo::start("e1");
+    let e2 = Echo::start("e2");
+    let e3 = Echo::start("e3");
+    register(&api, &e1, "a").await;
+    register(&api, &e2, "a").await;
+    register(&api, &e3, "b").await;
 
     // 1. Spread over all three; the zone-a client stays in zone a.
     all.settle("three instances", &["e1", "e2", "e3"], FIRST, &server);

@@ -3,8 +3,9 @@
 // the bootstrap in GRPC_XDS_BOOTSTRAP (or GRPC_XDS_BOOTSTRAP_CONFIG).
 //
 // Same protocol as ../client.py: ONE client (channel) for the whole life of the process; each
-// stdin line N makes up to N calls of /echo.Echo/Who one after another (each with a deadline of
-// --deadline-ms, all within --batch-seconds) and prints one JSON line
+// stdin line `N` makes up to N calls of /echo.Echo/Who one after another (each with a deadline
+// of --deadline-ms, or of D ms for a line `N D`; all within --batch-seconds) and prints one JSON
+// line
 //   {"calls": 30, "ok": 29, "counts": {"e1": 15, "e2": 14}, "errors": {"UNAVAILABLE": 1},
 //    "elapsed_ms": 41}
 // counts per backend id (what the echo server answered), errors per status code. With
@@ -48,15 +49,15 @@ function call(client, deadlineMs) {
   });
 }
 
-async function batch(client, n, args) {
+async function batch(client, n, deadlineMs, batchSeconds) {
   const counts = {};
   const errors = {};
   let ok = 0;
   let calls = 0;
   const started = Date.now();
-  while (calls < n && Date.now() - started < args.batchSeconds * 1000) {
+  while (calls < n && Date.now() - started < batchSeconds * 1000) {
     calls++;
-    const { err, answer } = await call(client, args.deadlineMs);
+    const { err, answer } = await call(client, deadlineMs);
     if (err) {
       const code = codeNames[err.code] || String(err.code);
       errors[code] = (errors[code] || 0) + 1;
@@ -79,21 +80,22 @@ async function main() {
     process.exit(2);
   }
   const client = new grpc.Client(args.target, grpc.credentials.createInsecure());
-  const run = async (n) => console.log(JSON.stringify(await batch(client, n, args)));
+  const run = async (n, deadlineMs) =>
+    console.log(JSON.stringify(await batch(client, n, deadlineMs, args.batchSeconds)));
   if (args.calls !== null) {
-    await run(args.calls);
+    await run(args.calls, args.deadlineMs);
   } else {
     console.log('READY');
     const lines = readline.createInterface({ input: process.stdin, terminal: false });
     for await (const raw of lines) {
       const line = raw.trim();
       if (!line) continue;
-      const n = Number.parseInt(line, 10);
-      if (!Number.isInteger(n)) {
-        console.log(`FAIL: not a number of calls: ${JSON.stringify(line)}`);
+      const words = line.split(/\s+/).map((w) => Number(w));
+      if (words.length > 2 || !words.every(Number.isInteger)) {
+        console.log(`FAIL: not 'CALLS [DEADLINE_MS]': ${JSON.stringify(line)}`);
         process.exit(2);
       }
-      await run(n);
+      await run(words[0], words.length === 2 ? words[1] : args.deadlineMs);
     }
   }
   client.close();

@@ -141,6 +141,14 @@ pub struct ServerConfig {
         default_value_t = 5
     )]
     pub nacos_connection_grace_seconds: u64,
+    /// Serve xDS (Envoy's aggregated discovery service) on the native gRPC listener, for
+    /// proxyless gRPC clients (`xds:///{service}.{namespace}`) and Envoy.
+    #[arg(long, env = "SEXTANT_XDS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub xds: bool,
+    /// How long xDS waits after a service changes before it pushes, in milliseconds, so a
+    /// burst of changes becomes one push; 0 pushes every change at once.
+    #[arg(long, env = "SEXTANT_XDS_DEBOUNCE_MS", default_value_t = 10)]
+    pub xds_debounce_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -166,6 +174,9 @@ pub const MIN_HEADER_BYTES: usize = 8192;
 /// The longest `header_read_timeout_seconds` (a day): hyper adds it to the current instant,
 /// which must not overflow.
 pub const MAX_HEADER_READ_TIMEOUT_SECONDS: u64 = 24 * 60 * 60;
+
+/// The longest xDS debounce: a push held back longer than this is a misconfiguration.
+pub const MAX_XDS_DEBOUNCE_MS: u64 = 10_000;
 
 /// A configuration file that could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -282,6 +293,12 @@ impl ServerConfig {
                 message:
                     "its port + 1000 (the Nacos gRPC port) is above 65535; set nacos_grpc_addr"
                         .into(),
+            });
+        }
+        if self.xds_debounce_ms > MAX_XDS_DEBOUNCE_MS {
+            return Err(ConfigError::Invalid {
+                field: "xds_debounce_ms",
+                message: format!("must be at most {MAX_XDS_DEBOUNCE_MS}"),
             });
         }
         if !(0.0..=1.0).contains(&self.health_mass_failure_fraction) {

@@ -19,6 +19,7 @@ use sextant_core::{CoreConfig, CoreError, CoreMetrics, MemStore, Registry, Store
 use sextant_health::{HealthMetrics, Scanner, ScannerConfig};
 use sextant_nacos::{NacosConfig, NacosMetrics, NacosServer};
 use sextant_store_redb::{RedbStore, StoreMetrics};
+use sextant_xds::{XdsMetrics, XdsServer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -27,6 +28,8 @@ pub use config::{ConfigError, ServerConfig, StoreKind};
 pub use error::ApiError;
 use http::HttpLimits;
 pub use metrics::ApiMetrics;
+/// The bootstrap file of proxyless gRPC clients, for the CLI.
+pub use sextant_xds::bootstrap as xds_bootstrap;
 
 /// Concurrent HTTP/2 streams one gRPC connection may hold.
 const MAX_STREAMS_PER_CONNECTION: u32 = 10_000;
@@ -62,6 +65,8 @@ pub(crate) struct Node {
     pub prometheus: prometheus_client::registry::Registry,
     /// Asked by `/readyz` whether the disk takes writes.
     pub store: Arc<dyn Store>,
+    /// `None` when xDS is turned off.
+    pub xds: Option<XdsServer>,
 }
 
 /// A running node.
@@ -91,6 +96,7 @@ impl Server {
         let api_metrics = ApiMetrics::register(&mut prometheus);
         let health_metrics = HealthMetrics::register(&mut prometheus);
         let nacos_metrics = NacosMetrics::register(&mut prometheus);
+        let xds_metrics = XdsMetrics::register(&mut prometheus);
         let core_config = CoreConfig {
             event_log_per_service: config.event_log_per_service,
             vacant_retention: std::time::Duration::from_secs(config.vacant_retention_seconds),
@@ -129,6 +135,13 @@ impl Server {
             ..NacosConfig::default()
         };
         let grace = Duration::from_secs(config.shutdown_grace_seconds);
+        let xds = config.xds.then(|| {
+            XdsServer::new(
+                registry.clone(),
+                Duration::from_millis(config.xds_debounce_ms),
+                xds_metrics,
+            )
+        });
         let node = Arc::new(Node {
             registry: registry.clone(),
             scanner,
@@ -136,6 +149,7 @@ impl Server {
             api_metrics,
             prometheus,
             store,
+            xds,
         });
         let (stop, stopped) = watch::channel(false);
 
@@ -156,6 +170,10 @@ impl Server {
             "http",
         ));
         let mut s2 = stopped;
+        let xds_service = node
+            .xds
+            .as_ref()
+            .map(|x| x.service(node.config.max_body_bytes));
         let grpc_service = grpc::service(node);
         let grpc = tokio::spawn(async move {
             // No Nagle: a watch frame larger than one HTTP/2 frame would otherwise wait for
@@ -168,6 +186,7 @@ impl Server {
                 // agent multiplexes its host's); bounded so one peer cannot open millions.
                 .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
                 .add_service(grpc_service)
+                .add_optional_service(xds_service)
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = s2.wait_for(|v| *v).await;
                 })

@@ -107,6 +107,39 @@ pub enum Command {
         #[arg(long)]
         since: Option<u64>,
     },
+    /// xDS for proxyless gRPC clients and Envoy: their bootstrap file, and who is connected.
+    #[command(subcommand)]
+    Xds(XdsCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum XdsCommand {
+    /// Print a GRPC_XDS_BOOTSTRAP file that points a gRPC client at this node's xDS server
+    /// (the --grpc-server address). Save it, set GRPC_XDS_BOOTSTRAP=FILE and dial
+    /// `xds:///{service}.{namespace}`.
+    Bootstrap {
+        /// The client's node id (shown by `sextant xds clients`).
+        #[arg(long)]
+        node_id: String,
+        /// The client's node cluster (informational).
+        #[arg(long, default_value = "")]
+        cluster: String,
+        /// The client's region: endpoints in it are preferred over others.
+        #[arg(long, default_value = "")]
+        region: String,
+        /// The client's zone: endpoints in it are preferred over the rest of the region.
+        #[arg(long, default_value = "")]
+        zone: String,
+        #[arg(long, default_value = "")]
+        sub_zone: String,
+    },
+    /// List the connected xDS clients: node, locality, subscriptions, versions sent and
+    /// acknowledged, NACKs.
+    Clients {
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Settings of `serve`: every setting of the node (`ServerConfig`: each a flag, a

@@ -11,7 +11,8 @@ use serde_json::{json, Value};
 use sextant_client::sse::SseParser;
 use sextant_client::{Health, Location, Registration, ServiceName};
 
-use crate::cli::{Command, RegisterArgs};
+use crate::cli::{Command, RegisterArgs, XdsCommand};
+use sextant_server::xds_bootstrap::{self, BootstrapNode};
 
 /// The node's HTTP API (the SDK speaks gRPC only, and has no operator commands).
 struct Http {
@@ -198,6 +199,57 @@ pub async fn run(server: &str, grpc: &str, cmd: Command) -> anyhow::Result<()> {
             let path = format!("/v1/namespaces/{ns}/services/{svc}");
             let v = c.send(c.http.put(c.url(&path)).json(&body)).await?;
             println!("check of {} set at revision {}", a.service, v["revision"]);
+            Ok(())
+        }
+        Command::Xds(XdsCommand::Bootstrap {
+            node_id,
+            cluster,
+            region,
+            zone,
+            sub_zone,
+        }) => {
+            let node = BootstrapNode {
+                id: node_id,
+                cluster,
+                region,
+                zone,
+                sub_zone,
+            };
+            let b = xds_bootstrap::render(xds_bootstrap::server_uri(grpc), &node);
+            println!("{}", serde_json::to_string_pretty(&b)?);
+            Ok(())
+        }
+        Command::Xds(XdsCommand::Clients { json }) => {
+            let v = c.send(c.http.get(c.url("/v1/xds/clients"))).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            let clients = v["clients"].as_array().cloned().unwrap_or_default();
+            if clients.is_empty() {
+                println!("no xDS clients connected");
+            }
+            for cl in clients {
+                println!(
+                    "{} ({} stream {}, zone {:?}, from {})",
+                    cl["node_id"].as_str().unwrap_or("?"),
+                    cl["protocol"].as_str().unwrap_or("?"),
+                    cl["stream"],
+                    cl["zone"].as_str().unwrap_or(""),
+                    cl["peer"].as_str().unwrap_or("?"),
+                );
+                if let Some(types) = cl["types"].as_object() {
+                    for (t, st) in types {
+                        println!(
+                            "  {t}: sent {} acked {} nacks {} {}",
+                            st["sent_version"].as_str().unwrap_or(""),
+                            st["acked_version"].as_str().unwrap_or(""),
+                            st["nacks"],
+                            st["subscribed"],
+                        );
+                    }
+                }
+            }
             Ok(())
         }
         Command::Suspect { service, id } => {

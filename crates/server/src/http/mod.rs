@@ -173,6 +173,7 @@ pub(crate) fn router(node: Arc<Node>) -> Router {
         .route("/v1/heartbeats", post(heartbeats))
         .route("/v1/discover", post(discover))
         .route("/v1/watch", get(watch))
+        .route("/v1/xds/clients", get(xds_clients))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -588,6 +589,15 @@ pub(crate) fn parse_watch_query(
             .and_then(|v| v.trim().parse().ok());
     }
     Ok((services, since))
+}
+
+/// `GET /v1/xds/clients`: every open ADS stream — its node, locality, and per resource type
+/// what it subscribed to, the versions sent and acknowledged, its NACKs.
+async fn xds_clients(State(s): State<AppState>) -> Result<Response, ApiError> {
+    let xds = s.node.xds.as_ref().ok_or_else(|| {
+        ApiError::not_found("xDS is turned off on this node (see the xds setting)")
+    })?;
+    Ok(axum::Json(serde_json::json!({ "clients": xds.clients() })).into_response())
 }
 
 /// Not ready while shutting down, or while the store refuses writes (a full disk): reads would

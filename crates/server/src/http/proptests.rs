@@ -293,6 +293,7 @@ fn test_router(rt: &tokio::runtime::Runtime) -> Router {
             api_metrics,
             prometheus,
             store,
+            xds: None,
         }))
     })
 }

@@ -23,8 +23,13 @@
 //!    its zone;
 //! 5. undrain: the drained instance takes traffic again.
 //!
-//! Negative control: with a bootstrap naming a gRPC server that does not serve ADS (the echo
-//! server itself), every call of both clients fails and none reaches a backend.
+//! Negative control: against a Sextant started with `--xds false`, every call of both clients
+//! fails and none reaches the registered, running backend.
+//!
+//! A failure prints the last batches, the client's output, the server's log and
+//! `GET /v1/xds/clients` (versions sent and acknowledged per stream). To see more, run with
+//! `XDS_TEST_DUMP=DIR` (every child's whole output is written there) and the clients' own
+//! tracing, e.g. `GRPC_TRACE=xds_client,priority GRPC_VERBOSITY=DEBUG`.
 
 mod common;
 
@@ -220,6 +225,15 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        if let Some(dir) = std::env::var_os("XDS_TEST_DUMP") {
+            let log = self
+                .log
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .join("\n");
+            let file = format!("{}-{}.log", self.name.replace(' ', "_"), self.child.id());
+            let _ = std::fs::write(Path::new(&dir).join(file), log);
+        }
         drop(self.stdin.take());
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -276,26 +290,52 @@ struct Zone {
     zone: &'static str,
 }
 
-/// A `GRPC_XDS_BOOTSTRAP` file naming the xDS server at `server` (insecure, as
-/// `sextant xds bootstrap` prints it). `locality` is always present, `{}` when the client
-/// states none: `@grpc/grpc-js-xds` refuses a bootstrap whose `node` has no `locality`
-/// (`validateNode` in its `xds-bootstrap.ts`: "locality field missing in node element").
+/// The `GRPC_XDS_BOOTSTRAP` file that `sextant xds bootstrap` prints for a client with id
+/// `node_id` in `zone` (none: the client states no locality), pointing at the xDS server
+/// `server`, written to `dir`.
 fn write_bootstrap(dir: &Path, server: SocketAddr, node_id: &str, zone: Option<Zone>) -> PathBuf {
-    let locality = match zone {
-        Some(z) => json!({"region": z.region, "zone": z.zone}),
-        None => json!({}),
-    };
-    let bootstrap = json!({
-        "xds_servers": [{
-            "server_uri": server.to_string(),
-            "channel_creds": [{"type": "insecure"}],
-            "server_features": ["ignore_resource_deletion"],
-        }],
-        "node": {"id": node_id, "cluster": "sextant-xds-test", "locality": locality},
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sextant"));
+    cmd.arg("--grpc-server")
+        .arg(format!("http://{server}"))
+        .args(["xds", "bootstrap", "--node-id", node_id]);
+    if let Some(z) = zone {
+        cmd.args(["--region", z.region, "--zone", z.zone]);
+    }
+    for (var, _) in std::env::vars_os() {
+        if var.to_string_lossy().starts_with("SEXTANT_") {
+            cmd.env_remove(var);
+        }
+    }
+    let out = cmd.output().expect("run sextant xds bootstrap");
+    assert!(
+        out.status.success(),
+        "sextant xds bootstrap failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bootstrap: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "sextant xds bootstrap printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
     });
+    // What the clients need of it: the server, and a `node.locality` that is always there
+    // (`@grpc/grpc-js-xds` refuses a node without one: `validateNode` in its
+    // `xds-bootstrap.ts`, "locality field missing in node element").
+    assert_eq!(
+        bootstrap["xds_servers"][0]["server_uri"],
+        server.to_string(),
+        "{bootstrap}"
+    );
+    assert_eq!(bootstrap["node"]["id"], node_id, "{bootstrap}");
+    let locality = &bootstrap["node"]["locality"];
+    assert!(locality.is_object(), "no node.locality: {bootstrap}");
+    if let Some(z) = zone {
+        assert_eq!(locality["region"], z.region, "{bootstrap}");
+        assert_eq!(locality["zone"], z.zone, "{bootstrap}");
+    }
     let path = dir.join(format!("{node_id}.json"));
-    std::fs::write(&path, serde_json::to_vec_pretty(&bootstrap).unwrap())
-        .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    std::fs::write(&path, &out.stdout).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
     path
 }
 
@@ -429,12 +469,14 @@ impl Driver {
             if started.elapsed() > within {
                 panic!(
                     "{}: {step}: wanted traffic to exactly {want:?}, still not so after {:.1?}; \
-                     last batches:\n{}\n--- client output ---\n{}\n--- sextant log (tail) ---\n{}",
+                     last batches:\n{}\n--- client output ---\n{}\n--- sextant log (tail) ---\n{}\n\
+                     --- GET /v1/xds/clients ---\n{}",
                     self.label,
                     started.elapsed(),
                     seen.join("\n"),
                     self.proc.output(),
-                    log_tail(server, 40)
+                    log_tail(server, 40),
+                    xds_clients(server)
                 );
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -456,6 +498,19 @@ impl Driver {
         );
         b
     }
+}
+
+/// What Sextant says of its xDS clients (`GET /v1/xds/clients`), for diagnostics.
+fn xds_clients(server: &Server) -> String {
+    let r = raw_http(
+        server.http,
+        "GET",
+        "/v1/xds/clients",
+        "application/json",
+        b"",
+        Framing::ContentLength,
+    );
+    format!("{} {}", r.status, r.text)
 }
 
 fn log_tail(server: &Server, n: usize) -> String {
@@ -568,22 +623,20 @@ async fn node_grpc_js_xds_client_follows_the_registry() {
     flow(Lang::Node).await;
 }
 
-/// The flows can fail: with a bootstrap that names a gRPC server that does not serve ADS (the
-/// echo server itself, which answers UNIMPLEMENTED), neither client gets a single call through,
-/// although a backend is running; the direct target to the same backend works.
-#[test]
-fn without_an_xds_server_no_call_gets_through() {
-    let echo = Echo::start("e1");
+/// The flows can fail: against a Sextant started with `--xds false` (no ADS service on its gRPC
+/// listener), with an echo server registered and running, neither client gets a single call
+/// through, while a direct call to the same echo server works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_xds_no_call_gets_through() {
+    let server = Server::start_with_args(&["--xds", "false"]);
+    let api = server.api();
     let tmp = tempfile::tempdir().expect("a temp dir");
-    let not_xds: SocketAddr = ([127, 0, 0, 1], echo.port).into();
-    let bootstrap = write_bootstrap(tmp.path(), not_xds, "nowhere", None);
+    let echo = Echo::start("e1");
+    register(&api, &echo, "a").await;
+    let bootstrap = write_bootstrap(tmp.path(), server.grpc, "no-xds", None);
     for lang in [Lang::Python, Lang::Node] {
-        let mut direct = Driver::start(
-            lang,
-            "direct",
-            &format!("127.0.0.1:{}", echo.port),
-            &bootstrap,
-        );
+        let direct = format!("127.0.0.1:{}", echo.port);
+        let mut direct = Driver::start(lang, "direct", &direct, &bootstrap);
         let b = direct.batch(3);
         assert!(
             b.is(&["e1"], 0.0),
@@ -592,13 +645,14 @@ fn without_an_xds_server_no_call_gets_through() {
         );
 
         let mut client = Driver::start(lang, "without xDS", TARGET, &bootstrap);
-        let b = client.batch(3);
+        let b = client.batch_with_deadline(3, Duration::from_millis(500));
         assert_eq!(b.calls, 3, "{lang:?}: {}", b.raw);
         assert_eq!(
             b.ok, 0,
-            "{lang:?}: calls got through without an xDS server: {}",
+            "{lang:?}: calls got through without xDS: {}",
             b.raw
         );
         assert!(!b.errors.is_empty(), "{lang:?}: {}", b.raw);
+        println!("{lang:?} client without xDS: {}", b.raw);
     }
 }

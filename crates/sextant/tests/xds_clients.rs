@@ -23,6 +23,11 @@
 //!    its zone;
 //! 5. undrain: the drained instance takes traffic again.
 //!
+//! The Node driver loads `@grpc/grpc-js-xds`'s xxhash module before it opens its channel: without
+//! that, that client can apply its first two xDS updates out of order when they come within a
+//! few tens of ms of each other, and keep the older endpoint list (a race in the client, seen in
+//! this test; `tests/xds/node/client.js` explains it).
+//!
 //! Negative control: against a Sextant started with `--xds false`, every call of both clients
 //! fails and none reaches the registered, running backend.
 //!

@@ -72,8 +72,28 @@ async function batch(client, n, deadlineMs, batchSeconds) {
   return { calls, ok, counts, errors, elapsed_ms: Date.now() - started };
 }
 
+// Works around a race in @grpc/grpc-js-xds (seen in 1.14.1, `handleXdsConfig` in
+// src/resolver-xds.ts): each xDS config update starts with `await loadXxhashApi()`, and until
+// the xxhash WebAssembly module has loaded once, every update starts loading it anew, so two
+// updates that arrive within the first few tens of ms of a channel (e.g. EDS with two
+// endpoints, then with three) can be applied out of order: the older endpoint list wins and
+// stays until the next update. Loading the module before the channel exists keeps updates in
+// order. XDS_NODE_NO_PRELOAD=1 turns this off (to see the race).
+async function preloadXxhash() {
+  if (process.env.XDS_NODE_NO_PRELOAD === '1') return;
+  let xxhash;
+  try {
+    xxhash = require('@grpc/grpc-js-xds/build/src/xxhash');
+  } catch (e) {
+    process.stderr.write(`note: cannot preload @grpc/grpc-js-xds's xxhash module: ${e.message}\n`);
+    return;
+  }
+  await xxhash.loadXxhashApi();
+}
+
 async function main() {
   const args = parseArgs(process.argv.slice(2));
+  await preloadXxhash();
   if (args.target.startsWith('xds:')
     && !process.env.GRPC_XDS_BOOTSTRAP && !process.env.GRPC_XDS_BOOTSTRAP_CONFIG) {
     console.log('FAIL: GRPC_XDS_BOOTSTRAP is not set');

@@ -6,9 +6,11 @@
 # the Nacos Python SDKs that crates/sextant/tests/nacos_python.rs drives and for grpcio, the
 # Python xDS client of crates/sextant/tests/xds_clients.rs (installed below into .venv/, pinned
 # by tests/nacos/requirements-*.txt and tests/xds/requirements.txt); Node.js with npm for the
-# Node xDS client of the same test (installed into tests/xds/node/node_modules from its
-# package-lock.json). No external server: integration tests start the real `sextant` binary on
-# loopback ports with temporary data dirs.
+# Node clients (the Nacos SDK, and @grpc/grpc-js with @grpc/grpc-js-xds for xds_clients.rs,
+# installed by npm ci from each package-lock.json); and etcd (Debian's etcd-server,
+# installed below when `etcd` is not on the PATH) for the etcd store's tests, which start their
+# own throwaway member (crates/testkit/src/etcd.rs). Integration tests start the real `sextant`
+# binary on loopback ports with temporary data dirs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +21,16 @@ fi
 if command -v rustup >/dev/null 2>&1; then
   rustup component add rustfmt clippy >/dev/null 2>&1 || true
 fi
+
+# apt_install PACKAGE...: installs Debian packages (sudo only when not root), quietly.
+apt_install() {
+  command -v apt-get >/dev/null 2>&1 || return 0
+  local sudo=""
+  if [ "$(id -u)" != 0 ]; then sudo=sudo; fi
+  echo "== installing $* (apt-get)"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
+}
 
 # --- Python venvs with the Nacos Python SDKs (crates/sextant/tests/nacos_python.rs) ----------
 # .venv/nacos-v2: nacos-sdk-python 3.x (Nacos 2.x gRPC), .venv/nacos-v1: the old 1.x-line client
@@ -38,13 +50,7 @@ find_venv_python() {
 
 if ! PYTHON=$(find_venv_python); then
   # A fresh Debian has python3 without its venv module (package python3-venv), or no python3.
-  if command -v apt-get >/dev/null 2>&1; then
-    SUDO=""
-    if [ "$(id -u)" != 0 ]; then SUDO=sudo; fi
-    echo "== installing python3 and python3-venv (apt-get)"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3 python3-venv >/dev/null
-  fi
+  apt_install python3 python3-venv
   if ! PYTHON=$(find_venv_python); then
     echo "python3 with the venv module is needed (Debian: apt-get install python3-venv)" >&2
     exit 1
@@ -73,38 +79,47 @@ make_venv .venv/nacos-v1 tests/nacos/requirements-v1.txt nacos
 # .venv/xds: grpcio, whose built-in xds resolver crates/sextant/tests/xds_clients.rs drives.
 make_venv .venv/xds tests/xds/requirements.txt grpc
 
-# --- Node gRPC with its xDS plug-in (crates/sextant/tests/xds_clients.rs) ---------------------
-# tests/xds/node/node_modules: @grpc/grpc-js + @grpc/grpc-js-xds, exactly as package-lock.json
-# says (npm ci). Stamped with a copy of the lock file like the venvs: a current install is left
-# alone, any other is made again from scratch. Debian's nodejs and npm are installed with apt-get
-# when node or npm is missing.
-if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
-  if command -v apt-get >/dev/null 2>&1; then
-    SUDO=""
-    if [ "$(id -u)" != 0 ]; then SUDO=sudo; fi
-    echo "== installing nodejs and npm (apt-get)"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nodejs npm >/dev/null
-  fi
-  if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
-    echo "node and npm are needed (Debian: apt-get install nodejs npm)" >&2
+# need COMMAND PACKAGE WHY: installs PACKAGE when COMMAND is missing; fails when it still is.
+need() {
+  command -v "$1" >/dev/null 2>&1 && return 0
+  apt_install "$2"
+  if ! command -v "$1" >/dev/null 2>&1; then
+    echo "$1 is needed by $3 (Debian: apt-get install $2)" >&2
     exit 1
   fi
-fi
-make_node_modules() {
+}
+
+# --- Node.js packages the tests drive, each dir exactly as its package-lock.json says ---------
+# npm_ci DIR: `npm ci` in DIR unless DIR/node_modules is current (stamped with a copy of the
+# lock file, like the venvs).
+npm_ci() {
   local dir=$1
   local stamp="$dir/node_modules/.sextant-package-lock.json"
-  if [ -f "$stamp" ] && cmp -s "$dir/package-lock.json" "$stamp" \
-    && (cd "$dir" && node -e "require('@grpc/grpc-js-xds')") >/dev/null 2>&1; then
+  if [ -f "$stamp" ] && cmp -s "$dir/package-lock.json" "$stamp"; then
     echo "== $dir/node_modules is current"
     return 0
   fi
-  echo "== npm ci in $dir with node $(node --version)"
+  echo "== npm ci in $dir"
+  rm -rf "$dir/node_modules"
   (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error)
-  (cd "$dir" && node -e "require('@grpc/grpc-js-xds')")
   cp "$dir/package-lock.json" "$stamp"
 }
-make_node_modules tests/xds/node
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  apt_install nodejs npm
+fi
+# The Nacos Node.js SDK (crates/sextant/tests/nacos_node.rs: 1.x UDP push).
+npm_ci tests/nacos/node
+# @grpc/grpc-js with its xDS plug-in @grpc/grpc-js-xds (crates/sextant/tests/xds_clients.rs).
+npm_ci tests/xds/node
+
+# dig for crates/sextant/tests/dns.rs.
+need dig dnsutils "the DNS tests"
+# etcd for the etcd store's tests (crates/store-etcd/tests, crates/sextant/tests/etcd_store.rs):
+# they fail, not skip, without it. SEXTANT_TEST_ETCD may name another etcd binary.
+if [ -z "${SEXTANT_TEST_ETCD:-}" ]; then
+  need etcd etcd-server "the etcd store's tests"
+fi
+echo "== $("${SEXTANT_TEST_ETCD:-etcd}" --version | head -n 1)"
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -19,6 +19,8 @@ pub enum StoreKind {
     Embedded,
     /// Nothing on disk; everything is lost on exit. For tests and demos.
     Memory,
+    /// An etcd cluster at `etcd_endpoints`, keys under `etcd_prefix`.
+    Etcd,
 }
 
 impl std::str::FromStr for StoreKind {
@@ -27,7 +29,10 @@ impl std::str::FromStr for StoreKind {
         match s {
             "embedded" => Ok(StoreKind::Embedded),
             "memory" => Ok(StoreKind::Memory),
-            other => Err(format!("unknown store {other:?}: use embedded or memory")),
+            "etcd" => Ok(StoreKind::Etcd),
+            other => Err(format!(
+                "unknown store {other:?}: use embedded, memory or etcd"
+            )),
         }
     }
 }
@@ -37,6 +42,7 @@ impl std::fmt::Display for StoreKind {
         f.write_str(match self {
             StoreKind::Embedded => "embedded",
             StoreKind::Memory => "memory",
+            StoreKind::Etcd => "etcd",
         })
     }
 }
@@ -53,13 +59,24 @@ pub struct ServerConfig {
     /// Address of the native gRPC API.
     #[arg(long, env = "SEXTANT_GRPC_ADDR", default_value = "127.0.0.1:8471")]
     pub grpc_addr: SocketAddr,
-    /// `embedded` (write-ahead log + redb under data_dir, durable) or `memory` (nothing kept on
-    /// exit).
+    /// `embedded` (write-ahead log + redb under data_dir, durable), `memory` (nothing kept on
+    /// exit) or `etcd` (an etcd cluster at etcd_endpoints).
     #[arg(long, env = "SEXTANT_STORE", default_value = "embedded")]
     pub store: StoreKind,
     /// Directory of the embedded store.
     #[arg(long, env = "SEXTANT_DATA_DIR", default_value = "./sextant-data")]
     pub data_dir: PathBuf,
+    /// Client URLs of the etcd members, comma-separated (`http://` only), for `store = etcd`.
+    #[arg(
+        long,
+        env = "SEXTANT_ETCD_ENDPOINTS",
+        default_value = "http://127.0.0.1:2379"
+    )]
+    pub etcd_endpoints: String,
+    /// Prefix of every etcd key of this registry, for `store = etcd` (several registries can
+    /// share one etcd under different prefixes).
+    #[arg(long, env = "SEXTANT_ETCD_PREFIX", default_value = "/sextant/")]
+    pub etcd_prefix: String,
     /// Events kept per service for watchers that resume.
     #[arg(long, env = "SEXTANT_EVENT_LOG_PER_SERVICE", default_value_t = 1024)]
     pub event_log_per_service: usize,
@@ -141,6 +158,10 @@ pub struct ServerConfig {
         default_value_t = 5
     )]
     pub nacos_connection_grace_seconds: u64,
+    /// Push changes over UDP to Nacos 1.x clients that ask for it (`udpPort` in their list
+    /// queries), as Nacos does; off, they learn changes by polling.
+    #[arg(long, env = "SEXTANT_NACOS_UDP_PUSH", default_value_t = true, action = clap::ArgAction::Set)]
+    pub nacos_udp_push: bool,
     /// Serve xDS (Envoy's aggregated discovery service) on the native gRPC listener, for
     /// proxyless gRPC clients (`xds:///{service}.{namespace}`) and Envoy.
     #[arg(long, env = "SEXTANT_XDS", default_value_t = true, action = clap::ArgAction::Set)]
@@ -149,6 +170,18 @@ pub struct ServerConfig {
     /// burst of changes becomes one push; 0 pushes every change at once.
     #[arg(long, env = "SEXTANT_XDS_DEBOUNCE_MS", default_value_t = 10)]
     pub xds_debounce_ms: u64,
+    /// Serve DNS (Consul's `<svc>.service.consul` names and `<svc>.<namespace>.sextant`).
+    #[arg(long, env = "SEXTANT_DNS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub dns: bool,
+    /// Address of the DNS server, UDP and TCP (Consul's default port).
+    #[arg(long, env = "SEXTANT_DNS_ADDR", default_value = "127.0.0.1:8600")]
+    pub dns_addr: SocketAddr,
+    /// TTL of DNS answers, and how long resolvers may cache a negative answer, in seconds.
+    #[arg(long, env = "SEXTANT_DNS_TTL_SECONDS", default_value_t = 5)]
+    pub dns_ttl_seconds: u32,
+    /// The datacenter in Consul names (`web.service.<dc>.consul`) and SRV targets.
+    #[arg(long, env = "SEXTANT_DNS_DATACENTER", default_value = "dc1")]
+    pub dns_datacenter: String,
 }
 
 impl Default for ServerConfig {
@@ -295,11 +328,47 @@ impl ServerConfig {
                         .into(),
             });
         }
+        if self.dns_datacenter.is_empty()
+            || self.dns_datacenter.len() > 63
+            || !self
+                .dns_datacenter
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return Err(ConfigError::Invalid {
+                field: "dns_datacenter",
+                message: "must be one DNS label: 1-63 of A-Z a-z 0-9 -".into(),
+            });
+        }
         if self.xds_debounce_ms > MAX_XDS_DEBOUNCE_MS {
             return Err(ConfigError::Invalid {
                 field: "xds_debounce_ms",
                 message: format!("must be at most {MAX_XDS_DEBOUNCE_MS}"),
             });
+        }
+        if self.store == StoreKind::Etcd {
+            let endpoints = self.etcd_endpoints();
+            if endpoints.is_empty() {
+                return Err(ConfigError::Invalid {
+                    field: "etcd_endpoints",
+                    message: "no endpoint given (e.g. http://127.0.0.1:2379)".into(),
+                });
+            }
+            if let Some(bad) = endpoints.iter().find(|e| {
+                e.strip_prefix("http://")
+                    .is_none_or(|rest| rest.is_empty() || rest.contains(['/', ' ']))
+            }) {
+                return Err(ConfigError::Invalid {
+                    field: "etcd_endpoints",
+                    message: format!("{bad:?} is not an http://host:port URL (no TLS yet)"),
+                });
+            }
+            if self.etcd_prefix.is_empty() {
+                return Err(ConfigError::Invalid {
+                    field: "etcd_prefix",
+                    message: "must not be empty".into(),
+                });
+            }
         }
         if !(0.0..=1.0).contains(&self.health_mass_failure_fraction) {
             return Err(ConfigError::Invalid {
@@ -319,6 +388,16 @@ impl ServerConfig {
             }
             a
         })
+    }
+
+    /// `etcd_endpoints` split at commas, blanks dropped.
+    pub fn etcd_endpoints(&self) -> Vec<String> {
+        self.etcd_endpoints
+            .split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .map(String::from)
+            .collect()
     }
 
     pub fn max_wait(&self) -> Duration {
@@ -488,6 +567,43 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn etcd_settings() {
+        let c = ServerConfig::from_toml(
+            "store = \"etcd\"\netcd_endpoints = \"http://10.0.0.1:2379, http://10.0.0.2:2379\"\netcd_prefix = \"/a/\"",
+        )
+        .unwrap();
+        assert_eq!(c.store, StoreKind::Etcd);
+        assert_eq!(
+            c.etcd_endpoints(),
+            ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]
+        );
+        c.validate().unwrap();
+        for (endpoints, prefix, field) in [
+            ("", "/s/", "etcd_endpoints"),
+            ("https://x:2379", "/s/", "etcd_endpoints"),
+            ("127.0.0.1:2379", "/s/", "etcd_endpoints"),
+            ("http://x:2379", "", "etcd_prefix"),
+        ] {
+            let c = ServerConfig {
+                store: StoreKind::Etcd,
+                etcd_endpoints: endpoints.into(),
+                etcd_prefix: prefix.into(),
+                ..ServerConfig::default()
+            };
+            match c.validate() {
+                Err(ConfigError::Invalid { field: f, .. }) => assert_eq!(f, field, "{endpoints}"),
+                other => panic!("{endpoints:?} {prefix:?}: {other:?}"),
+            }
+        }
+        // Not checked unless the etcd store is chosen.
+        let c = ServerConfig {
+            etcd_endpoints: String::new(),
+            ..ServerConfig::default()
+        };
+        c.validate().unwrap();
     }
 
     #[test]

@@ -16,8 +16,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sextant_core::{CoreConfig, CoreError, CoreMetrics, MemStore, Registry, Store, StoreError};
+use sextant_dns::{DnsConfig, DnsMetrics, DnsServer};
 use sextant_health::{HealthMetrics, Scanner, ScannerConfig};
 use sextant_nacos::{NacosConfig, NacosMetrics, NacosServer};
+use sextant_store_etcd::{EtcdConfig, EtcdStore};
 use sextant_store_redb::{RedbStore, StoreMetrics};
 use sextant_xds::{XdsMetrics, XdsServer};
 use tokio::net::TcpListener;
@@ -46,6 +48,13 @@ pub enum ServerError {
     },
     #[error("cannot listen for Nacos clients on {addr} (move it with --nacos-http-addr / --nacos-grpc-addr, or turn it off with --no-nacos)")]
     NacosBind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(
+        "cannot listen for DNS on {addr} (move it with --dns-addr, or turn it off with --no-dns)"
+    )]
+    DnsBind {
         addr: SocketAddr,
         source: std::io::Error,
     },
@@ -78,6 +87,9 @@ pub struct Server {
     http: JoinHandle<()>,
     grpc: JoinHandle<()>,
     nacos: Option<NacosServer>,
+    dns: Option<DnsServer>,
+    /// Where DNS answers (UDP and TCP), unless it is off.
+    pub dns_addr: Option<SocketAddr>,
     grace: Duration,
 }
 
@@ -91,12 +103,23 @@ impl Server {
                 StoreMetrics::register(&mut prometheus),
             )?),
             StoreKind::Memory => Arc::new(MemStore::new()),
+            // An etcd that does not answer fails the start (naming the endpoints): a
+            // supervisor's restart policy retries, and a typo does not look like a slow etcd.
+            StoreKind::Etcd => Arc::new(
+                EtcdStore::open(EtcdConfig {
+                    endpoints: config.etcd_endpoints(),
+                    prefix: config.etcd_prefix.clone(),
+                    ..EtcdConfig::default()
+                })
+                .await?,
+            ),
         };
         let core_metrics = CoreMetrics::register(&mut prometheus);
         let api_metrics = ApiMetrics::register(&mut prometheus);
         let health_metrics = HealthMetrics::register(&mut prometheus);
         let nacos_metrics = NacosMetrics::register(&mut prometheus);
         let xds_metrics = XdsMetrics::register(&mut prometheus);
+        let dns_metrics = DnsMetrics::register(&mut prometheus);
         let core_config = CoreConfig {
             event_log_per_service: config.event_log_per_service,
             vacant_retention: std::time::Duration::from_secs(config.vacant_retention_seconds),
@@ -128,10 +151,25 @@ impl Server {
         } else {
             None
         };
+        let dns_sockets = if config.dns {
+            let addr = config.dns_addr;
+            Some(
+                sextant_dns::bind(addr)
+                    .await
+                    .map_err(|source| ServerError::DnsBind { addr, source })?,
+            )
+        } else {
+            None
+        };
+        let dns_config = DnsConfig {
+            ttl_seconds: config.dns_ttl_seconds,
+            datacenter: config.dns_datacenter.clone(),
+        };
         let nacos_config = NacosConfig {
             connection_grace: Duration::from_secs(config.nacos_connection_grace_seconds),
             max_body_bytes: config.max_body_bytes,
             health_checks: config.health_scanner,
+            udp_push: config.nacos_udp_push.then_some(config.nacos_http_addr.ip()),
             ..NacosConfig::default()
         };
         let grace = Duration::from_secs(config.shutdown_grace_seconds);
@@ -195,9 +233,23 @@ impl Server {
                 tracing::error!(error = %e, "grpc server failed");
             }
         });
+        let (dns, dns_addr) = match dns_sockets {
+            Some((udp, tcp, addr)) => (
+                Some(DnsServer::start(
+                    registry.clone(),
+                    dns_config,
+                    dns_metrics,
+                    udp,
+                    tcp,
+                )),
+                Some(addr),
+            ),
+            None => (None, None),
+        };
+        let dns_shown = dns_addr.map_or_else(|| "off".to_string(), |a| a.to_string());
         let mut nacos = None;
         if let Some(((h, nacos_http_addr), (g, nacos_grpc_addr))) = nacos_listeners {
-            tracing::info!(%http_addr, %grpc_addr, %nacos_http_addr, %nacos_grpc_addr, "sextant serving");
+            tracing::info!(%http_addr, %grpc_addr, %nacos_http_addr, %nacos_grpc_addr, dns_addr = %dns_shown, "sextant serving");
             let mut s3 = stop.subscribe();
             // The Nacos 1.x listener is served like the native one, with the same limits.
             let serve_http = move |app| {
@@ -221,7 +273,7 @@ impl Server {
             ));
         }
         if nacos.is_none() {
-            tracing::info!(%http_addr, %grpc_addr, nacos = "off", "sextant serving");
+            tracing::info!(%http_addr, %grpc_addr, nacos = "off", dns_addr = %dns_shown, "sextant serving");
         }
         Ok(Server {
             http_addr,
@@ -231,6 +283,8 @@ impl Server {
             http,
             grpc,
             nacos,
+            dns,
+            dns_addr,
             grace,
         })
     }
@@ -244,6 +298,9 @@ impl Server {
     pub async fn shutdown(self) {
         tracing::info!("shutting down");
         let _ = self.stop.send(true);
+        if let Some(d) = self.dns {
+            d.shutdown().await;
+        }
         self.registry.shutdown("server shutting down").await;
         let drain = async {
             let _ = self.http.await;

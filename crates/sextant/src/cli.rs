@@ -156,6 +156,9 @@ pub struct ServeArgs {
     /// Do not serve the Nacos adapter (the same as --nacos false).
     #[arg(long, env = "SEXTANT_NO_NACOS")]
     pub no_nacos: bool,
+    /// Do not serve DNS (the same as --dns false).
+    #[arg(long, env = "SEXTANT_NO_DNS")]
+    pub no_dns: bool,
     /// Log filter (tracing syntax); SEXTANT_LOG overrides it.
     #[arg(long, default_value = "info")]
     pub log: String,
@@ -168,6 +171,9 @@ impl ServeArgs {
         let mut c = ServerConfig::layered(self.config.as_deref(), &self.settings, matches)?;
         if self.no_nacos {
             c.nacos = false;
+        }
+        if self.no_dns {
+            c.dns = false;
         }
         c.validate()?;
         Ok(c)

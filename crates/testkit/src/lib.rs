@@ -3,8 +3,8 @@
 //! the same start with tokio): the command with a clean environment, the parser of the
 //! start-up line that names the addresses, and free loopback ports. [`spawn_serve`] also
 //! drains stderr for the whole life of the process (so it never blocks on a full pipe) and
-//! waits, bounded, for that line. Nothing here is linked into the server, the SDK or the
-//! binary.
+//! waits, bounded, for that line. [`Etcd`] starts a throwaway etcd member for the etcd store's
+//! tests. Nothing here is linked into the server, the SDK or the binary.
 #![forbid(unsafe_code)]
 
 use std::ffi::{OsStr, OsString};
@@ -15,7 +15,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod etcd;
 mod tmpfs;
+pub use etcd::{etcd_binary, etcd_version, Etcd};
 pub use tmpfs::Tmpfs;
 
 /// A started server process and its addresses. The caller owns killing it.
@@ -25,6 +27,8 @@ pub struct Spawned {
     pub grpc: SocketAddr,
     /// The Nacos adapter's HTTP and gRPC addresses, unless it is off.
     pub nacos: Option<(SocketAddr, SocketAddr)>,
+    /// The DNS adapter's address (UDP and TCP), unless it is off.
+    pub dns: Option<SocketAddr>,
     /// Every stderr line so far, for diagnostics.
     pub log: Arc<Mutex<Vec<String>>>,
 }
@@ -46,7 +50,8 @@ pub fn loopback_args(data_dir: &Path, grpc_port: u16) -> Vec<OsString> {
 /// `bin serve <args>` with the `SEXTANT_*` settings of the caller's environment removed, stdin
 /// and stdout closed and stderr piped (the start-up line is logged there). Unless `args` give
 /// `--nacos-http-addr` or `--no-nacos`, the Nacos adapter listens on a port of its own
-/// choosing, so parallel servers do not fight over 8848.
+/// choosing, so parallel servers do not fight over 8848; DNS likewise (`--dns-addr`,
+/// `--no-dns`) over 8600.
 pub fn serve_command<S: AsRef<OsStr>>(bin: &OsStr, args: &[S]) -> Command {
     let mut cmd = Command::new(bin);
     cmd.arg("serve").args(args);
@@ -57,6 +62,14 @@ pub fn serve_command<S: AsRef<OsStr>>(bin: &OsStr, args: &[S]) -> Command {
     });
     if !placed {
         cmd.args(["--nacos-http-addr", "127.0.0.1:0"]);
+    }
+    // Likewise DNS, off 8600.
+    let dns_placed = args.iter().any(|a| {
+        let a = a.as_ref().to_string_lossy();
+        a.starts_with("--dns-addr") || a == "--no-dns"
+    });
+    if !dns_placed {
+        cmd.args(["--dns-addr", "127.0.0.1:0"]);
     }
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -104,13 +117,18 @@ pub fn spawn(mut cmd: Command, startup: Duration) -> Spawned {
         });
     }
     let deadline = Instant::now() + startup;
-    let (http, grpc, nacos) = loop {
+    let (http, grpc, nacos, dns) = loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
             Ok(line) => {
                 if let Some((http, grpc)) = parse_serving_line(&line) {
                     assert!(http.ip().is_loopback() && grpc.ip().is_loopback(), "{line}");
-                    break (http, grpc, parse_nacos_addrs(&line));
+                    break (
+                        http,
+                        grpc,
+                        parse_nacos_addrs(&line),
+                        field(&line, "dns_addr="),
+                    );
                 }
             }
             Err(e) => {
@@ -126,6 +144,7 @@ pub fn spawn(mut cmd: Command, startup: Duration) -> Spawned {
         http,
         grpc,
         nacos,
+        dns,
         log,
     }
 }

@@ -1,5 +1,5 @@
 //! The store conformance suite: what every [`Store`] backend must do, written once against the
-//! trait and run by each backend's own tests (the in-memory store, redb, later etcd).
+//! trait and run by each backend's own tests (the in-memory store, redb, etcd).
 //!
 //! A backend supplies a [`Harness`] that opens a store over its own data (a temp dir, a key
 //! prefix); [`run`] makes a fresh harness per case. Reopening is close, drop, open again over
@@ -23,6 +23,12 @@ pub trait Harness: Send {
     async fn crash(&mut self, store: Arc<dyn Store>) {
         store.close().await.expect("close");
     }
+
+    /// The largest key plus value the backend takes in one mutation, when it has a limit
+    /// (etcd: one request, 1.5 MiB by default); a larger one must be refused, writing nothing.
+    fn max_mutation_bytes(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// Runs every case, each against a fresh harness from `new`.
@@ -34,6 +40,7 @@ pub async fn run<H: Harness>(mut new: impl FnMut() -> H) {
     survives_reopen(&mut new()).await;
     large_values_and_keys(&mut new()).await;
     revision_fencing(&mut new()).await;
+    large_batches_fence_whole_and_keep_the_last_write(&mut new()).await;
     closed_store_refuses_commits(&mut new()).await;
 }
 
@@ -269,7 +276,8 @@ pub async fn survives_reopen<H: Harness>(h: &mut H) {
     assert_eq!(keys(&*store), ["a", "b", "c"]);
 }
 
-/// Values from empty to several MiB and long keys round-trip byte for byte, across a reopen.
+/// Values from empty to several MiB and long keys round-trip byte for byte, across a reopen;
+/// a backend with a size limit ([`Harness::max_mutation_bytes`]) refuses the larger ones whole.
 pub async fn large_values_and_keys<H: Harness>(h: &mut H) {
     let pattern = |n: usize, seed: u8| -> Vec<u8> {
         (0..n)
@@ -286,12 +294,29 @@ pub async fn large_values_and_keys<H: Harness>(h: &mut H) {
         ("big", pattern(6 << 20, 4)),
         (long_key.as_str(), pattern(100, 5)),
     ];
+    let limit = h.max_mutation_bytes().unwrap_or(usize::MAX);
+    let fits = |k: &str, v: &[u8]| k.len() + v.len() <= limit;
     let store = h.open().await;
-    for (i, (k, v)) in values.iter().enumerate() {
-        commit(&*store, i as Revision + 1, vec![put(k, v)]).await;
+    let mut rev = 0;
+    for (k, v) in &values {
+        rev += 1;
+        if fits(k, v) {
+            commit(&*store, rev, vec![put(k, v)]).await;
+        } else {
+            let batch = Batch {
+                revision: rev,
+                mutations: vec![put("small", b"1"), put(k, v)],
+            };
+            assert!(
+                store.commit(batch).await.is_err(),
+                "{} bytes under {k:.40} are over the backend's limit of {limit}: refused",
+                k.len() + v.len()
+            );
+        }
     }
     let mut want: Vec<(String, Vec<u8>)> = values
         .iter()
+        .filter(|(k, v)| fits(k, v))
         .map(|(k, v)| (k.to_string(), v.clone()))
         .collect();
     want.sort();
@@ -310,14 +335,59 @@ pub async fn large_values_and_keys<H: Harness>(h: &mut H) {
     };
     check(&*store, &want, "before reopening");
     // A large value overwritten by a small one leaves no trace of the old one.
-    commit(&*store, 100, vec![put("big", b"small")]).await;
+    let largest = want
+        .iter()
+        .max_by_key(|(_, v)| v.len())
+        .map(|(k, _)| k.clone())
+        .expect("values");
+    commit(&*store, 100, vec![put(&largest, b"small")]).await;
     let store = reopen(h, store).await;
     for w in &mut want {
-        if w.0 == "big" {
+        if w.0 == largest {
             w.1 = b"small".to_vec();
         }
     }
     check(&*store, &want, "after reopening");
+}
+
+/// A batch of hundreds of mutations (more than etcd's default 128 operations per transaction)
+/// commits whole and keeps, for a key written several times far apart in it, the last write;
+/// a stale batch of hundreds is fenced whole: none of its keys is written.
+pub async fn large_batches_fence_whole_and_keep_the_last_write<H: Harness>(h: &mut H) {
+    const N: usize = 300;
+    let store = h.open().await;
+    let mut ms = vec![put("dup", b"first"), del("back"), put("gone", b"x")];
+    ms.extend((0..N).map(|i| put(&format!("k{i:04}"), format!("{i}").as_bytes())));
+    ms.extend([put("dup", b"last"), put("back", b"y"), del("gone")]);
+    commit(&*store, 5, ms).await;
+    let stale = Batch {
+        revision: 4,
+        mutations: (0..N)
+            .map(|i| put(&format!("a-stale{i:04}"), b"stale"))
+            .chain([put("dup", b"stale"), put("z-stale", b"stale")])
+            .collect(),
+    };
+    match store.commit(stale).await {
+        Err(StoreError::Fenced { revision, last }) => assert_eq!((revision, last), (4, 5)),
+        other => panic!("a large stale batch must be fenced, got {other:?}"),
+    }
+    h.crash(store).await;
+    let store = h.open().await;
+    let (rev, kv) = dump(&*store);
+    assert_eq!(rev, 5);
+    assert_eq!(
+        kv.len(),
+        N + 2,
+        "the large batch whole, nothing of the stale one"
+    );
+    assert_eq!(kv[0], ("back".to_string(), b"y".to_vec()));
+    assert_eq!(kv[1], ("dup".to_string(), b"last".to_vec()));
+    for (i, (k, v)) in kv[2..].iter().enumerate() {
+        assert_eq!(
+            (k.as_str(), v.as_slice()),
+            (format!("k{i:04}").as_str(), format!("{i}").as_bytes())
+        );
+    }
 }
 
 /// Revisions never go backwards: the revision loaded after a reopen is the last committed

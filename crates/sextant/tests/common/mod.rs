@@ -32,6 +32,8 @@ pub struct Server {
     pub grpc: SocketAddr,
     /// The Nacos adapter's HTTP and gRPC addresses, unless started with `--no-nacos`.
     pub nacos: Option<(SocketAddr, SocketAddr)>,
+    /// The DNS adapter's address (UDP and TCP), unless started with `--no-dns`.
+    pub dns: Option<SocketAddr>,
     pub data_dir: PathBuf,
     log: Arc<Mutex<Vec<String>>>,
     /// Keeps a private data directory alive for as long as the server runs.
@@ -70,6 +72,7 @@ impl Server {
             http,
             grpc,
             nacos,
+            dns,
             log,
         } = sextant_testkit::spawn_serve(
             std::ffi::OsStr::new(env!("CARGO_BIN_EXE_sextant")),
@@ -81,6 +84,7 @@ impl Server {
             http,
             grpc,
             nacos,
+            dns,
             data_dir: dir.to_owned(),
             log,
             _tmp: None,

@@ -1,0 +1,760 @@
+//! The etcd store: the core's [`Store`] on an etcd v3 cluster, so that a node's registry lives
+//! in etcd instead of on its own disk (the first step of cluster mode; one writer per registry
+//! still, the node's own, which assigns the revisions). Only one node may use a prefix at a
+//! time: the revision fence refuses a batch below the stored revision, but two live writers
+//! that both count upwards would interleave; electing the one writer is the cluster's job.
+//!
+//! **Keys.** Everything lives under a prefix (default `/sextant/`, so several Sextant
+//! registries can share one etcd): the store's keys under `{prefix}k/`, and
+//! `{prefix}meta/revision`, the revision of the last acknowledged batch as 20 zero-padded
+//! decimal digits (so etcd's byte-wise value comparison is numeric).
+//!
+//! **Commit** is one etcd transaction: if the stored revision is below the batch's revision + 1
+//! (that is, at most the batch's), write the batch's puts and deletes and the revision key;
+//! otherwise read the stored revision and answer [`StoreError::Fenced`]. Within a batch the last
+//! mutation of a key wins (etcd refuses a transaction that writes a key twice).
+//!
+//! **Split batches.** etcd refuses a transaction of more than `--max-txn-ops` operations
+//! (default 128) or a request above `--max-request-bytes` (default 1.5 MiB). A larger batch is
+//! written as several transactions of at most [`EtcdConfig::max_txn_ops`] operations and
+//! [`EtcdConfig::max_txn_bytes`] bytes, in key order, each fenced the same way; the revision
+//! key is written by the last one, so the batch is acknowledged only when all of them are.
+//! What a split gives up is atomicity under failure: if the node dies, or etcd becomes
+//! unreachable, between two of them, part of the batch is in etcd and the rest is not. That
+//! batch was never acknowledged (every caller got an error), but its written part is there
+//! after a restart, like a write whose answer was lost. So that a restart never reuses a
+//! revision such a part carries, the first transaction of a split batch also records its
+//! revision in `{prefix}meta/attempted`, and [`Store::load`] returns the higher of the two.
+//! A batch of up to 127 mutations is never split (a registration writes two or three: the
+//! instance's spec and status, and its service's record), so only a large group commit or
+//! batch registration is.
+//!
+//! A single key and value must fit in one request: a larger value is refused
+//! ([`StoreError::Io`] naming the key), not split.
+//!
+//! **Load** reads the revision keys and then the keys in pages of [`EtcdConfig::page_keys`],
+//! every page at the etcd revision of the first read, so the scan is one consistent snapshot.
+//! If etcd compacts that revision away during the scan, the scan starts again (three times at
+//! most).
+//!
+//! **Failures.** Every call is bounded by [`EtcdConfig::request_timeout`]; an endpoint that does
+//! not answer is left for the next one. When no endpoint answers, the error is
+//! [`StoreError::Unavailable`] naming etcd and the endpoints, and [`Store::write_outage`]
+//! reports it (for `/readyz`) until a commit gets through again. All I/O runs on the store's
+//! own small runtime (thread `sextant-etcd`), so the store works from any runtime, and
+//! [`Store::load`] (blocking) from any thread.
+#![forbid(unsafe_code)]
+
+mod pb;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use sextant_core::model::Revision;
+use sextant_core::store::Visit;
+use sextant_core::{Batch, Store, StoreError};
+use tonic::transport::{Channel, Endpoint};
+
+use pb::etcdserverpb::{
+    compare, kv_client::KvClient, request_op, response_op, Compare, DeleteRangeRequest, PutRequest,
+    RangeRequest, RangeResponse, RequestOp, TxnRequest, TxnResponse,
+};
+
+/// Where the store is and how it talks to etcd.
+#[derive(Debug, Clone)]
+pub struct EtcdConfig {
+    /// Client URLs of the etcd members, `http://host:port` (no TLS yet).
+    pub endpoints: Vec<String>,
+    /// Every key of this registry starts with it.
+    pub prefix: String,
+    /// Longest wait for one etcd call (connect included) on one endpoint.
+    pub request_timeout: Duration,
+    /// Most operations in one transaction; etcd's `--max-txn-ops` (default 128).
+    pub max_txn_ops: usize,
+    /// Most key and value bytes in one transaction, below etcd's `--max-request-bytes`
+    /// (default 1.5 MiB) with room for the request's framing.
+    pub max_txn_bytes: usize,
+    /// Keys per page when loading.
+    pub page_keys: i64,
+}
+
+impl Default for EtcdConfig {
+    fn default() -> Self {
+        EtcdConfig {
+            endpoints: vec!["http://127.0.0.1:2379".into()],
+            prefix: "/sextant/".into(),
+            request_timeout: Duration::from_secs(5),
+            max_txn_ops: 128,
+            max_txn_bytes: 1_400_000,
+            page_keys: 1000,
+        }
+    }
+}
+
+/// Why an [`EtcdConfig`] cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("no etcd endpoint given")]
+    NoEndpoints,
+    #[error("etcd endpoint {0:?} is not an http:// URL (TLS is not supported yet)")]
+    Endpoint(String),
+    #[error("the etcd key prefix must not be empty")]
+    EmptyPrefix,
+    #[error("max_txn_ops must be at least 2 (a key and the revision), got {0}")]
+    TxnOps(usize),
+}
+
+impl EtcdConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.endpoints.is_empty() {
+            return Err(ConfigError::NoEndpoints);
+        }
+        for e in &self.endpoints {
+            let ok = e
+                .strip_prefix("http://")
+                .is_some_and(|rest| !rest.is_empty());
+            if !ok || Endpoint::from_shared(e.clone()).is_err() {
+                return Err(ConfigError::Endpoint(e.clone()));
+            }
+        }
+        if self.prefix.is_empty() {
+            return Err(ConfigError::EmptyPrefix);
+        }
+        if self.max_txn_ops < 2 {
+            return Err(ConfigError::TxnOps(self.max_txn_ops));
+        }
+        Ok(())
+    }
+}
+
+/// Width of a stored revision: `u64::MAX` has 20 digits.
+const REVISION_WIDTH: usize = 20;
+
+/// Largest decoded message (a page of a load); etcd itself allows up to 2 GiB.
+const MAX_DECODE_BYTES: usize = 256 * 1024 * 1024;
+
+/// Bytes of framing counted per operation besides its key and value.
+const OP_OVERHEAD: usize = 64;
+
+fn encode_revision(r: Revision) -> Vec<u8> {
+    format!("{r:0width$}", width = REVISION_WIDTH).into_bytes()
+}
+
+fn decode_revision(key: &[u8], v: &[u8]) -> Result<Revision, StoreError> {
+    std::str::from_utf8(v)
+        .ok()
+        .filter(|s| s.len() == REVISION_WIDTH)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| StoreError::Corrupt {
+            key: String::from_utf8_lossy(key).into_owned(),
+            reason: format!(
+                "not a {REVISION_WIDTH}-digit revision: {:?}",
+                String::from_utf8_lossy(v)
+            ),
+        })
+}
+
+/// The first key after every key that starts with `prefix` (etcd's `range_end` for a prefix).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // All 0xff (or empty): to the end of the keyspace.
+    vec![0]
+}
+
+/// How one call failed.
+enum CallError {
+    /// No answer (refused, reset, timed out): try another endpoint, count as an outage.
+    Unreachable(String),
+    /// etcd answered with an error.
+    Refused(tonic::Status),
+}
+
+fn classify(status: tonic::Status) -> CallError {
+    use tonic::Code;
+    match status.code() {
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => {
+            CallError::Unreachable(status.message().to_string())
+        }
+        Code::Unknown if status.message().contains("transport") => {
+            CallError::Unreachable(status.message().to_string())
+        }
+        _ => CallError::Refused(status),
+    }
+}
+
+/// The connections: one lazily connected channel per endpoint, and which one answered last.
+struct Conn {
+    endpoints: Vec<String>,
+    channels: Vec<KvClient<Channel>>,
+    current: AtomicUsize,
+    timeout: Duration,
+}
+
+impl Conn {
+    /// Builds the channels; must run inside the runtime that will drive them.
+    fn new(config: &EtcdConfig) -> Result<Conn, StoreError> {
+        let mut channels = Vec::with_capacity(config.endpoints.len());
+        for e in &config.endpoints {
+            let ep = Endpoint::from_shared(e.clone())
+                .map_err(|err| StoreError::Unavailable(format!("bad etcd endpoint {e}: {err}")))?
+                .connect_timeout(config.request_timeout)
+                .timeout(config.request_timeout)
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(config.request_timeout)
+                .keep_alive_while_idle(true);
+            channels.push(
+                KvClient::new(ep.connect_lazy())
+                    .max_decoding_message_size(MAX_DECODE_BYTES)
+                    .max_encoding_message_size(MAX_DECODE_BYTES),
+            );
+        }
+        Ok(Conn {
+            endpoints: config.endpoints.clone(),
+            channels,
+            current: AtomicUsize::new(0),
+            timeout: config.request_timeout,
+        })
+    }
+
+    /// Runs `f` on the endpoint that answered last, then on each other one while they do not
+    /// answer; each try bounded by the request timeout. Every call made through here is
+    /// idempotent (a read, or a fenced transaction of fixed values), so a try whose answer was
+    /// lost may be repeated elsewhere.
+    async fn call<T, F, Fut>(&self, f: F) -> Result<T, CallError>
+    where
+        F: Fn(KvClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let n = self.channels.len();
+        let first = self.current.load(Ordering::Relaxed) % n;
+        let mut last = String::new();
+        for i in 0..n {
+            let idx = (first + i) % n;
+            let attempt = tokio::time::timeout(self.timeout, f(self.channels[idx].clone())).await;
+            match attempt {
+                Ok(Ok(r)) => {
+                    self.current.store(idx, Ordering::Relaxed);
+                    return Ok(r.into_inner());
+                }
+                Ok(Err(status)) => match classify(status) {
+                    CallError::Unreachable(m) => last = format!("{}: {m}", self.endpoints[idx]),
+                    refused => return Err(refused),
+                },
+                Err(_) => {
+                    last = format!(
+                        "{}: no answer within {:?}",
+                        self.endpoints[idx], self.timeout
+                    )
+                }
+            }
+        }
+        Err(CallError::Unreachable(last))
+    }
+}
+
+/// The keys and names one store uses.
+struct Keys {
+    data: Vec<u8>,
+    revision: Vec<u8>,
+    attempted: Vec<u8>,
+}
+
+/// The shared state, owned by the store and borrowed by the tasks on its runtime.
+struct Inner {
+    config: EtcdConfig,
+    keys: Keys,
+    conn: Conn,
+    closed: AtomicBool,
+    outage: Mutex<Option<String>>,
+    /// The highest revision recorded in `{prefix}meta/attempted` (0: none).
+    attempted: AtomicU64,
+}
+
+/// The etcd-backed [`Store`]. See the crate docs.
+pub struct EtcdStore {
+    inner: Arc<Inner>,
+    /// `None` only while dropping.
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl EtcdStore {
+    /// Connects to etcd and checks that it answers (a read of the revision key, bounded by the
+    /// request timeout per endpoint): an unreachable etcd fails here, with
+    /// [`StoreError::Unavailable`] naming the endpoints, not at the first write.
+    pub async fn open(config: EtcdConfig) -> Result<EtcdStore, StoreError> {
+        config
+            .validate()
+            .map_err(|e| StoreError::Unavailable(format!("etcd store: {e}")))?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("sextant-etcd")
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::disk("start the etcd store's runtime", e))?;
+        let conn = {
+            let _guard = runtime.enter();
+            Conn::new(&config)?
+        };
+        let p = config.prefix.as_bytes();
+        let keys = Keys {
+            data: [p, b"k/"].concat(),
+            revision: [p, b"meta/revision"].concat(),
+            attempted: [p, b"meta/attempted"].concat(),
+        };
+        let inner = Arc::new(Inner {
+            config,
+            keys,
+            conn,
+            closed: AtomicBool::new(false),
+            outage: Mutex::new(None),
+            attempted: AtomicU64::new(0),
+        });
+        let store = EtcdStore {
+            inner: inner.clone(),
+            runtime: Some(runtime),
+        };
+        store
+            .run(async move {
+                let attempted = inner.read_revision(&inner.keys.attempted, 0).await?;
+                inner.attempted.store(attempted.0, Ordering::SeqCst);
+                Ok(())
+            })
+            .await?;
+        Ok(store)
+    }
+
+    /// Runs `f` on the store's runtime and waits for it from any runtime.
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl Future<Output = Result<T, StoreError>> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let rt = self
+            .runtime
+            .as_ref()
+            .ok_or_else(|| StoreError::Unavailable("the etcd store is closed".into()))?;
+        rt.spawn(f)
+            .await
+            .map_err(|e| StoreError::Io(format!("etcd store task failed: {e}")))?
+    }
+
+    /// The configuration it was opened with.
+    pub fn config(&self) -> &EtcdConfig {
+        &self.inner.config
+    }
+}
+
+impl Drop for EtcdStore {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks, which panics on an async thread; this does not.
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Inner {
+    fn unavailable(&self, detail: &str) -> StoreError {
+        StoreError::Unavailable(format!(
+            "etcd is unreachable at {} ({detail})",
+            self.config.endpoints.join(",")
+        ))
+    }
+
+    fn map(&self, e: CallError, what: &str) -> StoreError {
+        match e {
+            CallError::Unreachable(m) => self.unavailable(&m),
+            CallError::Refused(s) => StoreError::Io(format!(
+                "etcd at {} refused the {what}: {} ({:?})",
+                self.config.endpoints.join(","),
+                s.message(),
+                s.code()
+            )),
+        }
+    }
+
+    /// Reads a revision key (absent: 0) at `at` (0: the latest) and the etcd revision of the
+    /// read.
+    async fn read_revision(&self, key: &[u8], at: i64) -> Result<(Revision, i64), StoreError> {
+        let req = RangeRequest {
+            key: key.to_vec(),
+            revision: at,
+            ..Default::default()
+        };
+        let resp: RangeResponse = self
+            .conn
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.range(req).await }
+            })
+            .await
+            .map_err(|e| self.map(e, "read"))?;
+        let header_rev = resp.header.map(|h| h.revision).unwrap_or(at);
+        let rev = match resp.kvs.first() {
+            Some(kv) => decode_revision(key, &kv.value)?,
+            None => 0,
+        };
+        Ok((rev, header_rev))
+    }
+
+    async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("the etcd store is closed".into()));
+        }
+        // The last mutation of a key wins; etcd refuses a transaction writing a key twice.
+        let mut last: BTreeMap<String, Option<Vec<u8>>> = BTreeMap::new();
+        for m in batch.mutations {
+            last.insert(m.key, m.value);
+        }
+        let max_value = self.config.max_txn_bytes;
+        let mut chunks: Vec<Vec<RequestOp>> = vec![Vec::new()];
+        let mut bytes = 0usize;
+        // Each chunk leaves room for the revision put (last chunk) or the attempted put (first).
+        let per_chunk = self.config.max_txn_ops - 1;
+        for (key, value) in last {
+            let size = key.len() + value.as_ref().map_or(0, Vec::len) + OP_OVERHEAD;
+            if size > max_value {
+                return Err(StoreError::Io(format!(
+                    "key {key:.60?} with its value ({size} bytes) does not fit in one etcd request (at most {max_value})"
+                )));
+            }
+            let full = chunks.last().is_some_and(|c| {
+                !c.is_empty() && (c.len() >= per_chunk || bytes + size > max_value)
+            });
+            if full {
+                chunks.push(Vec::new());
+                bytes = 0;
+            }
+            bytes += size;
+            let k = [self.keys.data.as_slice(), key.as_bytes()].concat();
+            let op = match value {
+                Some(value) => request_op::Request::RequestPut(PutRequest {
+                    key: k,
+                    value,
+                    ..Default::default()
+                }),
+                None => request_op::Request::RequestDeleteRange(DeleteRangeRequest {
+                    key: k,
+                    ..Default::default()
+                }),
+            };
+            if let Some(c) = chunks.last_mut() {
+                c.push(RequestOp { request: Some(op) });
+            }
+        }
+        let revision = batch.revision;
+        let n = chunks.len();
+        if n > 1 {
+            // See the crate docs: a restart must not reuse a revision a part carries.
+            let high = self
+                .attempted
+                .fetch_max(revision, Ordering::SeqCst)
+                .max(revision);
+            chunks[0].push(put_op(self.keys.attempted.clone(), encode_revision(high)));
+        }
+        for (i, mut ops) in chunks.into_iter().enumerate() {
+            if i + 1 == n {
+                ops.push(put_op(
+                    self.keys.revision.clone(),
+                    encode_revision(revision),
+                ));
+            }
+            self.fenced_txn(revision, ops).await?;
+        }
+        Ok(())
+    }
+
+    /// One transaction: `ops` if the stored revision is at most `revision`, else Fenced.
+    async fn fenced_txn(&self, revision: Revision, ops: Vec<RequestOp>) -> Result<(), StoreError> {
+        // No "less or equal" in etcd: stored < revision + 1. Above every 20-digit value: "~".
+        let bound = match revision.checked_add(1) {
+            Some(r) => encode_revision(r),
+            None => b"~".to_vec(),
+        };
+        let req = TxnRequest {
+            compare: vec![Compare {
+                result: compare::CompareResult::Less as i32,
+                target: compare::CompareTarget::Value as i32,
+                key: self.keys.revision.clone(),
+                range_end: Vec::new(),
+                target_union: Some(compare::TargetUnion::Value(bound)),
+            }],
+            success: ops,
+            failure: vec![RequestOp {
+                request: Some(request_op::Request::RequestRange(RangeRequest {
+                    key: self.keys.revision.clone(),
+                    ..Default::default()
+                })),
+            }],
+        };
+        // A missing revision key fails a value comparison: create it (0) once and try again.
+        for _ in 0..2 {
+            let resp = self.txn(&req).await?;
+            if resp.succeeded {
+                return Ok(());
+            }
+            let stored = resp
+                .responses
+                .first()
+                .and_then(|r| match &r.response {
+                    Some(response_op::Response::ResponseRange(rr)) => Some(rr),
+                    _ => None,
+                })
+                .and_then(|rr| rr.kvs.first());
+            match stored {
+                Some(kv) => {
+                    let last = decode_revision(&self.keys.revision, &kv.value)?;
+                    return Err(StoreError::Fenced { revision, last });
+                }
+                None => self.create_revision_key().await?,
+            }
+        }
+        Err(StoreError::Io(format!(
+            "etcd revision key {} keeps disappearing",
+            String::from_utf8_lossy(&self.keys.revision)
+        )))
+    }
+
+    async fn txn(&self, req: &TxnRequest) -> Result<TxnResponse, StoreError> {
+        let r = self
+            .conn
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.txn(req).await }
+            })
+            .await;
+        match r {
+            Ok(resp) => {
+                *self.outage.lock() = None;
+                Ok(resp)
+            }
+            Err(e) => {
+                let err = self.map(e, "transaction");
+                if let StoreError::Unavailable(m) = &err {
+                    *self.outage.lock() = Some(m.clone());
+                } else {
+                    *self.outage.lock() = None;
+                }
+                Err(err)
+            }
+        }
+    }
+
+    /// Writes revision 0 unless the revision key exists.
+    async fn create_revision_key(&self) -> Result<(), StoreError> {
+        let req = TxnRequest {
+            compare: vec![Compare {
+                result: compare::CompareResult::Equal as i32,
+                target: compare::CompareTarget::Create as i32,
+                key: self.keys.revision.clone(),
+                range_end: Vec::new(),
+                target_union: Some(compare::TargetUnion::CreateRevision(0)),
+            }],
+            success: vec![put_op(self.keys.revision.clone(), encode_revision(0))],
+            failure: Vec::new(),
+        };
+        self.txn(&req).await.map(|_| ())
+    }
+
+    /// [`Inner::scan`], again from the start when etcd compacted its revision meanwhile.
+    async fn load(&self) -> Result<(Revision, Vec<(String, Vec<u8>)>), StoreError> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self.scan().await {
+                Err(ScanError::Compacted(m)) if tries < 3 => {
+                    tracing::warn!(error = %m, "etcd compacted the revision of a load; loading again");
+                }
+                Err(ScanError::Compacted(m)) => {
+                    return Err(StoreError::Io(format!(
+                        "etcd compacted the revision of every load ({tries} tries): {m}"
+                    )))
+                }
+                Err(ScanError::Store(e)) => return Err(e),
+                Ok(r) => return Ok(r),
+            }
+        }
+    }
+
+    /// A consistent scan: the revision keys, then every page at the etcd revision of that read.
+    async fn scan(&self) -> Result<(Revision, Vec<(String, Vec<u8>)>), ScanError> {
+        let (revision, at) = self.read_revision(&self.keys.revision, 0).await?;
+        let (attempted, _) = self.read_revision(&self.keys.attempted, at).await?;
+        let end = prefix_end(&self.keys.data);
+        let mut from = self.keys.data.clone();
+        let mut out = Vec::new();
+        let mut limit = self.config.page_keys.max(1);
+        loop {
+            let req = RangeRequest {
+                key: from.clone(),
+                range_end: end.clone(),
+                limit,
+                revision: at,
+                ..Default::default()
+            };
+            let r = self
+                .conn
+                .call(|mut c| {
+                    let req = req.clone();
+                    async move { c.range(req).await }
+                })
+                .await;
+            let page = match r {
+                Ok(p) => p,
+                // A page too large to decode: smaller pages.
+                Err(CallError::Refused(s))
+                    if matches!(
+                        s.code(),
+                        tonic::Code::ResourceExhausted | tonic::Code::OutOfRange
+                    ) && limit > 1
+                        && !s.message().contains("compacted") =>
+                {
+                    limit = (limit / 2).max(1);
+                    continue;
+                }
+                Err(CallError::Refused(s)) if s.message().contains("compacted") => {
+                    return Err(ScanError::Compacted(s.message().to_string()))
+                }
+                Err(e) => return Err(self.map(e, "read").into()),
+            };
+            for kv in &page.kvs {
+                let key = kv
+                    .key
+                    .strip_prefix(self.keys.data.as_slice())
+                    .ok_or_else(|| StoreError::Corrupt {
+                        key: String::from_utf8_lossy(&kv.key).into_owned(),
+                        reason: "outside the store's prefix".into(),
+                    })?;
+                let key = String::from_utf8(key.to_vec()).map_err(|_| StoreError::Corrupt {
+                    key: String::from_utf8_lossy(&kv.key).into_owned(),
+                    reason: "the key is not UTF-8".into(),
+                })?;
+                out.push((key, kv.value.clone()));
+            }
+            match page.kvs.last() {
+                Some(kv) if page.more => {
+                    from = kv.key.clone();
+                    from.push(0);
+                }
+                _ => break,
+            }
+        }
+        Ok((revision.max(attempted), out))
+    }
+}
+
+/// Why a scan stopped.
+enum ScanError {
+    /// etcd no longer has the revision the scan reads at.
+    Compacted(String),
+    Store(StoreError),
+}
+
+impl From<StoreError> for ScanError {
+    fn from(e: StoreError) -> Self {
+        ScanError::Store(e)
+    }
+}
+
+fn put_op(key: Vec<u8>, value: Vec<u8>) -> RequestOp {
+    RequestOp {
+        request: Some(request_op::Request::RequestPut(PutRequest {
+            key,
+            value,
+            ..Default::default()
+        })),
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for EtcdStore {
+    async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+        if self.inner.closed.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("the etcd store is closed".into()));
+        }
+        let inner = self.inner.clone();
+        self.run(async move { inner.commit(batch).await }).await
+    }
+
+    fn load(&self, visit: &mut Visit<'_>) -> Result<Revision, StoreError> {
+        let rt = self
+            .runtime
+            .as_ref()
+            .ok_or_else(|| StoreError::Unavailable("the etcd store is closed".into()))?;
+        let inner = self.inner.clone();
+        // Blocking by contract: wait on a plain channel, so this works on any thread (the
+        // caller's runtime, if any, is not the one doing the I/O).
+        let (tx, rx) = std::sync::mpsc::channel();
+        rt.spawn(async move {
+            let _ = tx.send(inner.load().await);
+        });
+        let (revision, kvs) = rx
+            .recv()
+            .map_err(|_| StoreError::Io("the etcd store's runtime stopped during load".into()))??;
+        for (k, v) in &kvs {
+            visit(k, v)?;
+        }
+        Ok(revision)
+    }
+
+    async fn close(&self) -> Result<(), StoreError> {
+        self.inner.closed.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn write_outage(&self) -> Option<String> {
+        self.inner.outage.lock().clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn revisions_compare_as_numbers() {
+        let mut revs = vec![0u64, 9, 10, 99, 100, 12345, u64::MAX - 1, u64::MAX];
+        let enc: Vec<Vec<u8>> = revs.iter().map(|r| encode_revision(*r)).collect();
+        let mut sorted = enc.clone();
+        sorted.sort();
+        assert_eq!(enc, sorted);
+        for (r, e) in revs.drain(..).zip(&enc) {
+            assert_eq!(e.len(), REVISION_WIDTH);
+            assert_eq!(decode_revision(b"k", e).unwrap(), r);
+        }
+        assert!(decode_revision(b"k", b"12").is_err());
+        assert!(b"~".as_slice() > encode_revision(u64::MAX).as_slice());
+    }
+
+    #[test]
+    fn prefix_end_is_the_next_key() {
+        assert_eq!(prefix_end(b"/sextant/k/"), b"/sextant/k0".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b"\xff"), vec![0]);
+    }
+
+    #[test]
+    fn config_is_checked() {
+        assert!(EtcdConfig::default().validate().is_ok());
+        let bad = |f: fn(&mut EtcdConfig)| {
+            let mut c = EtcdConfig::default();
+            f(&mut c);
+            c.validate().is_err()
+        };
+        assert!(bad(|c| c.endpoints.clear()));
+        assert!(bad(|c| c.endpoints = vec!["https://x:2379".into()]));
+        assert!(bad(|c| c.endpoints = vec!["127.0.0.1:2379".into()]));
+        assert!(bad(|c| c.prefix.clear()));
+        assert!(bad(|c| c.max_txn_ops = 1));
+    }
+}

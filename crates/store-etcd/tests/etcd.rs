@@ -1,0 +1,181 @@
+//! The etcd store against a real etcd (a throwaway member from `sextant_testkit::Etcd`; the
+//! test fails, never skips, when etcd is not installed): the store conformance suite, an
+//! unreachable etcd, an etcd that goes away and comes back, and commit latencies.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sextant_core::store::conformance;
+use sextant_core::{Batch, Mutation, Store, StoreError};
+use sextant_store_etcd::{EtcdConfig, EtcdStore};
+use sextant_testkit::{etcd_binary, etcd_version, Etcd};
+
+fn config(endpoint: &str, prefix: &str) -> EtcdConfig {
+    EtcdConfig {
+        endpoints: vec![endpoint.to_string()],
+        prefix: prefix.to_string(),
+        request_timeout: Duration::from_secs(2),
+        ..EtcdConfig::default()
+    }
+}
+
+struct Harness {
+    endpoint: String,
+    /// Its own key prefix: every case starts empty on the one shared etcd.
+    prefix: String,
+}
+
+#[async_trait::async_trait]
+impl conformance::Harness for Harness {
+    async fn open(&mut self) -> Arc<dyn Store> {
+        Arc::new(
+            EtcdStore::open(config(&self.endpoint, &self.prefix))
+                .await
+                .expect("open the etcd store"),
+        )
+    }
+
+    async fn crash(&mut self, store: Arc<dyn Store>) {
+        // Nothing is buffered: a crash is a drop without close.
+        drop(store);
+    }
+
+    fn max_mutation_bytes(&self) -> Option<usize> {
+        Some(EtcdConfig::default().max_txn_bytes - 64)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conforms_against_a_real_etcd() {
+    let etcd = Etcd::start();
+    let bin = etcd_binary().expect("found above");
+    eprintln!("{}", etcd_version(&bin).expect("etcd --version"));
+    let n = AtomicUsize::new(0);
+    conformance::run(|| Harness {
+        endpoint: etcd.endpoint.clone(),
+        prefix: format!("/conformance/{}/", n.fetch_add(1, Ordering::SeqCst)),
+    })
+    .await;
+}
+
+fn put(k: &str, v: &[u8]) -> Mutation {
+    Mutation {
+        key: k.into(),
+        value: Some(v.to_vec()),
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_etcd_fails_the_open_naming_the_endpoints() {
+    let port = sextant_testkit::free_port();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let started = Instant::now();
+    let err = match EtcdStore::open(config(&endpoint, "/x/")).await {
+        Ok(_) => panic!("nothing listens on {endpoint}"),
+        Err(e) => e,
+    };
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    let msg = err.to_string();
+    assert!(msg.contains("etcd") && msg.contains(&endpoint), "{msg}");
+    assert!(started.elapsed() < Duration::from_secs(10), "bounded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_outage_fails_commits_and_reports_until_it_returns() {
+    let mut etcd = Etcd::start();
+    let store = EtcdStore::open(config(&etcd.endpoint, "/outage/"))
+        .await
+        .expect("open");
+    store
+        .commit(Batch {
+            revision: 1,
+            mutations: vec![put("a", b"1")],
+        })
+        .await
+        .expect("commit");
+    assert_eq!(store.write_outage(), None);
+    etcd.kill();
+    let started = Instant::now();
+    let err = store
+        .commit(Batch {
+            revision: 2,
+            mutations: vec![put("b", b"2")],
+        })
+        .await
+        .expect_err("etcd is gone");
+    assert!(started.elapsed() < Duration::from_secs(10), "bounded");
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    assert!(err.to_string().contains(&etcd.endpoint), "{err}");
+    let outage = store.write_outage().expect("an outage is reported");
+    assert!(outage.contains("etcd"), "{outage}");
+    etcd.restart().expect("etcd comes back");
+    // The channel reconnects on its own; allow it a few tries.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = store
+            .commit(Batch {
+                revision: 3,
+                mutations: vec![put("c", b"3")],
+            })
+            .await;
+        match r {
+            Ok(()) => break,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("not yet: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("etcd came back but commits still fail: {e}"),
+        }
+    }
+    assert_eq!(store.write_outage(), None, "cleared by the next success");
+    let mut keys = Vec::new();
+    let store = Arc::new(store);
+    let s = store.clone();
+    let rev = tokio::task::spawn_blocking(move || {
+        s.load(&mut |k, _| {
+            keys.push(k.to_string());
+            Ok(())
+        })
+        .map(|r| (r, keys))
+    })
+    .await
+    .expect("join")
+    .expect("load");
+    assert_eq!(rev, (3, vec!["a".to_string(), "c".to_string()]));
+}
+
+/// Commit latency to a local etcd for a 1-op and a 128-op batch (printed; run with
+/// `--nocapture` to see them). Asserts only that they are bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_latency() {
+    let etcd = Etcd::start();
+    let store = EtcdStore::open(config(&etcd.endpoint, "/latency/"))
+        .await
+        .expect("open");
+    let mut rev = 0;
+    for ops in [1usize, 127, 128, 1000] {
+        let mut times = Vec::new();
+        for round in 0..20 {
+            rev += 1;
+            let mutations = (0..ops)
+                .map(|i| put(&format!("i/ns/svc/{round}-{i:05}/spec"), &[7u8; 200]))
+                .collect();
+            let t = Instant::now();
+            store
+                .commit(Batch {
+                    revision: rev,
+                    mutations,
+                })
+                .await
+                .expect("commit");
+            times.push(t.elapsed());
+        }
+        times.sort();
+        eprintln!(
+            "etcd commit, {ops} ops of 200 B: median {:?}, max {:?} (20 commits)",
+            times[10], times[19]
+        );
+        assert!(times[19] < Duration::from_secs(10));
+    }
+}

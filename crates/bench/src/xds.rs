@@ -234,8 +234,7 @@ async fn measure(t: &Target, a: &XdsArgs, p: Protocol) -> anyhow::Result<(Vec<Ro
         }
     }
     let deadline = Instant::now() + a.ready_timeout;
-    while shared.ready.load(Ordering::Relaxed) + shared.failed.load(Ordering::Relaxed) < a.streams
-    {
+    while shared.ready.load(Ordering::Relaxed) + shared.failed.load(Ordering::Relaxed) < a.streams {
         if Instant::now() >= deadline {
             let _ = stop_tx.send(true);
             anyhow::bail!(
@@ -416,7 +415,10 @@ async fn measure(t: &Target, a: &XdsArgs, p: Protocol) -> anyhow::Result<(Vec<Ro
         });
     }
     rows.push(Row {
-        scenario: format!("xds {}: write ack -> last stream has it (per change)", label(p)),
+        scenario: format!(
+            "xds {}: write ack -> last stream has it (per change)",
+            label(p)
+        ),
         params: format!("{} changes", writes.len()),
         ops: last_latency.count(),
         errors: 0,
@@ -451,7 +453,9 @@ async fn measure(t: &Target, a: &XdsArgs, p: Protocol) -> anyhow::Result<(Vec<Ro
         ));
     }
     if let Some(e) = first_stream_error {
-        notes.push(format!("{stream_errors} streams ended with an error; first: {e}"));
+        notes.push(format!(
+            "{stream_errors} streams ended with an error; first: {e}"
+        ));
     }
     Ok((rows, notes))
 }
@@ -557,18 +561,21 @@ impl Stream {
         let mut log = StreamLog::default();
         let (tx, rx) = futures::channel::mpsc::unbounded();
         let resource = self.resource.clone();
-        let request = |version_info: String, response_nonce: String, node: Option<Node>| {
-            DiscoveryRequest {
+        let request =
+            |version_info: String, response_nonce: String, node: Option<Node>| DiscoveryRequest {
                 version_info,
                 node,
                 resource_names: vec![resource.clone()],
                 type_url: CLA_TYPE.into(),
                 response_nonce,
                 ..Default::default()
-            }
-        };
+            };
         if tx
-            .unbounded_send(request(String::new(), String::new(), Some(self.node.clone())))
+            .unbounded_send(request(
+                String::new(),
+                String::new(),
+                Some(self.node.clone()),
+            ))
             .is_err()
         {
             self.failed(&mut log, "request channel closed".into());

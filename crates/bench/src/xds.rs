@@ -250,7 +250,10 @@ async fn measure(t: &Target, a: &XdsArgs, p: Protocol) -> anyhow::Result<(Vec<Ro
     let open_cpu = meter.stop();
     let live = shared.ready.load(Ordering::Relaxed);
     rows.push(Row {
-        scenario: format!("xds {}: open streams (to 1st EDS response)", label(p)),
+        scenario: format!(
+            "xds {}: open streams to 1st EDS response (latency: HTTP/2 connects)",
+            label(p)
+        ),
         params: format!(
             "N={} on {connections} HTTP/2 connections, I={}",
             a.streams, a.instances

@@ -231,9 +231,18 @@ impl RequestHandler for Handler {
 }
 
 /// Binds UDP and TCP on `addr`; with port 0, both on the same port the kernel picked for UDP.
+/// That port may already be taken for TCP (by a client connection's local port, say): then
+/// another one is tried, a few times.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<(UdpSocket, TcpListener, SocketAddr)> {
-    let udp = UdpSocket::bind(addr).await?;
-    let local = udp.local_addr()?;
-    let tcp = TcpListener::bind(local).await?;
-    Ok((udp, tcp, local))
+    let attempts = if addr.port() == 0 { 16 } else { 1 };
+    let mut last = None;
+    for _ in 0..attempts {
+        let udp = UdpSocket::bind(addr).await?;
+        let local = udp.local_addr()?;
+        match TcpListener::bind(local).await {
+            Ok(tcp) => return Ok((udp, tcp, local)),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no port for DNS")))
 }

@@ -8,8 +8,8 @@
 //! per variant). A client is remembered for [`CLIENT_TTL`] after its last list query (clients
 //! keep polling, every `cacheMillis`); there are at most [`MAX_CLIENTS`] of them. An unacked
 //! push is sent again up to [`RETRIES`] times, [`ACK_TIMEOUT`] apart; pending pushes are
-//! bounded by [`MAX_PENDING`]. Nothing per client grows with the rate of changes: the pending
-//! entry of a newer push replaces the older one's.
+//! bounded by [`MAX_PENDING`]. Nothing per client grows with the rate of changes: a newer push
+//! supersedes an older unacked one, which is never resent and leaves within one timeout.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -49,6 +49,9 @@ struct Pending {
     packet: Bytes,
     sent: Instant,
     tries: u32,
+    /// A newer push to the same client went out: this one is never sent again (it would
+    /// undo the newer state), but its ack still counts until it times out.
+    superseded: bool,
 }
 
 /// The UDP push of one adapter.
@@ -150,7 +153,9 @@ impl UdpPush {
         adapter.metrics.udp_pushes.inc();
         let mut pending = self.pending.lock();
         if let Some(old) = self.latest.lock().insert(to, last_ref) {
-            pending.remove(&old);
+            if let Some(p) = pending.get_mut(&old) {
+                p.superseded = true;
+            }
         }
         if pending.len() < MAX_PENDING {
             pending.insert(
@@ -160,6 +165,7 @@ impl UdpPush {
                     packet,
                     sent: Instant::now(),
                     tries: 0,
+                    superseded: false,
                 },
             );
         }
@@ -276,6 +282,9 @@ async fn resend(adapter: Weak<Adapter>) {
             pending.retain(|r, p| {
                 if p.sent.elapsed() < ACK_TIMEOUT {
                     return true;
+                }
+                if p.superseded {
+                    return false;
                 }
                 if p.tries >= RETRIES {
                     a.metrics.udp_unacked.inc();

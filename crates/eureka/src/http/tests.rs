@@ -1,0 +1,1 @@
+//! Unit tests of the HTTP handlers, through the router without a network.

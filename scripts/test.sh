@@ -6,7 +6,9 @@
 # for the Nacos Python SDKs that crates/sextant/tests/nacos_python.rs drives (installed below
 # into .venv/, pinned by tests/nacos/requirements-*.txt), and etcd (Debian's etcd-server,
 # installed below when `etcd` is not on the PATH) for the etcd store's tests, which start their
-# own throwaway member (crates/testkit/src/etcd.rs). Integration tests start the real `sextant`
+# own throwaway member (crates/testkit/src/etcd.rs), and node with npm for the real
+# eureka-js-client (tests/eureka, installed below with npm ci) that
+# crates/sextant/tests/eureka_js.rs drives. Integration tests start the real `sextant`
 # binary on loopback ports with temporary data dirs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -92,6 +94,25 @@ if [ -z "${SEXTANT_TEST_ETCD:-}" ]; then
   need etcd etcd-server "the etcd store's tests"
 fi
 echo "== $("${SEXTANT_TEST_ETCD:-etcd}" --version | head -n 1)"
+
+# node and the pinned eureka-js-client (tests/eureka/package-lock.json) for
+# crates/sextant/tests/eureka_js.rs. node_modules is stamped with a copy of the lock it was
+# installed from; `npm ci` runs only when the stamp does not match.
+need node nodejs "the Eureka client tests"
+need npm npm "the Eureka client tests"
+# npm_ci DIR: installs DIR/node_modules from DIR/package-lock.json unless it is current.
+npm_ci() {
+  local dir=$1
+  local stamp="$dir/node_modules/.sextant-package-lock.json"
+  if [ -f "$stamp" ] && cmp -s "$dir/package-lock.json" "$stamp"; then
+    echo "== $dir/node_modules is current"
+    return 0
+  fi
+  echo "== npm ci in $dir"
+  (cd "$dir" && npm ci --no-audit --no-fund --ignore-scripts --loglevel=error)
+  cp "$dir/package-lock.json" "$stamp"
+}
+npm_ci tests/eureka
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -45,7 +45,10 @@ pub(crate) fn routes<S: Clone + Send + Sync + 'static>(eureka: Eureka) -> Router
                 &format!("{p}/apps/{{app}}/{{id}}/status"),
                 put(put_status).delete(delete_status),
             )
-            .route(&format!("{p}/apps/{{app}}/{{id}}/metadata"), any(unsupported))
+            .route(
+                &format!("{p}/apps/{{app}}/{{id}}/metadata"),
+                any(unsupported),
+            )
             .route(&format!("{p}/instances/{{id}}"), get(get_instance_by_id))
             .route(&format!("{p}/vips/{{*rest}}"), any(unsupported))
             .route(&format!("{p}/svips/{{*rest}}"), any(unsupported))
@@ -190,7 +193,9 @@ async fn renew(
         let key = service_key(&app)?;
         let unknown = || EurekaError::NotFound(format!("instance {id} of {app} is not registered"));
         // A client whose registration is newer than ours must register again (Eureka's 404).
-        if let Some(theirs) = query_param(&q, "lastDirtyTimestamp").and_then(|s| s.parse::<u64>().ok()) {
+        if let Some(theirs) =
+            query_param(&q, "lastDirtyTimestamp").and_then(|s| s.parse::<u64>().ok())
+        {
             if let Some(inst) = e.registry.instance(&key, &id) {
                 if mapping::last_dirty(&inst.spec).is_some_and(|ours| theirs > ours) {
                     return Err(EurekaError::NotFound(format!(
@@ -275,10 +280,9 @@ async fn put_status(
         let (app, id) = path(p)?;
         let key = service_key(&app)?;
         let value = status_value(&q, true)?.unwrap_or(EurekaStatus::Unknown);
-        let inst = e
-            .registry
-            .instance(&key, &id)
-            .ok_or_else(|| EurekaError::NotFound(format!("instance {id} of {app} is not registered")))?;
+        let inst = e.registry.instance(&key, &id).ok_or_else(|| {
+            EurekaError::NotFound(format!("instance {id} of {app} is not registered"))
+        })?;
         // UNKNOWN as an override means "no override", as in Eureka.
         let overridden = (value != EurekaStatus::Unknown).then_some(value);
         let spec = mapping::with_override(&inst.spec, overridden);
@@ -302,10 +306,9 @@ async fn delete_status(
         let (app, id) = path(p)?;
         let key = service_key(&app)?;
         let value = status_value(&q, false)?;
-        let inst = e
-            .registry
-            .instance(&key, &id)
-            .ok_or_else(|| EurekaError::NotFound(format!("instance {id} of {app} is not registered")))?;
+        let inst = e.registry.instance(&key, &id).ok_or_else(|| {
+            EurekaError::NotFound(format!("instance {id} of {app} is not registered"))
+        })?;
         let mut spec = mapping::with_override(&inst.spec, None);
         let mut status = InstanceStatus {
             enabled: true,
@@ -390,10 +393,9 @@ async fn get_instance(
     let r = (|| {
         let (app, id) = path(p)?;
         let key = service_key(&app)?;
-        let inst = e
-            .registry
-            .instance(&key, &id)
-            .ok_or_else(|| EurekaError::NotFound(format!("instance {id} of {app} is not registered")))?;
+        let inst = e.registry.instance(&key, &id).ok_or_else(|| {
+            EurekaError::NotFound(format!("instance {id} of {app} is not registered"))
+        })?;
         let protected = e.registry.get(&key, true).protected;
         let inner =
             mapping::render_instance(&app.to_ascii_uppercase(), &key.service, &inst, protected);

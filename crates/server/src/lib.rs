@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use sextant_core::{CoreConfig, CoreError, CoreMetrics, MemStore, Registry, Store, StoreError};
 use sextant_dns::{DnsConfig, DnsMetrics, DnsServer};
-use sextant_health::{HealthMetrics, Scanner, ScannerConfig};
 use sextant_eureka::{Eureka, EurekaMetrics};
+use sextant_health::{HealthMetrics, Scanner, ScannerConfig};
 use sextant_nacos::{NacosConfig, NacosMetrics, NacosServer};
 use sextant_store_etcd::{EtcdConfig, EtcdStore};
 use sextant_store_redb::{RedbStore, StoreMetrics};

@@ -41,9 +41,11 @@ fn eureka_dir() -> PathBuf {
 fn check_install() {
     let dir = eureka_dir();
     let module = dir.join("node_modules/eureka-js-client/package.json");
-    let lock = std::fs::read(dir.join("package-lock.json")).expect("tests/eureka/package-lock.json");
+    let lock =
+        std::fs::read(dir.join("package-lock.json")).expect("tests/eureka/package-lock.json");
     // scripts/test.sh stamps node_modules with the lock file it installed.
-    let stamp = std::fs::read(dir.join("node_modules/.sextant-package-lock.json")).unwrap_or_default();
+    let stamp =
+        std::fs::read(dir.join("node_modules/.sextant-package-lock.json")).unwrap_or_default();
     assert!(
         module.exists() && stamp == lock,
         "eureka-js-client is not installed from the current tests/eureka/package-lock.json: run \
@@ -123,7 +125,13 @@ impl EurekaClient {
 
     fn dump(&self) -> String {
         let ev = self.events.lock().unwrap();
-        let tail: Vec<String> = ev.iter().rev().take(40).rev().map(|v| v.to_string()).collect();
+        let tail: Vec<String> = ev
+            .iter()
+            .rev()
+            .take(40)
+            .rev()
+            .map(|v| v.to_string())
+            .collect();
         tail.join("\n")
     }
 
@@ -152,12 +160,20 @@ impl EurekaClient {
     }
 
     /// Waits for a registry fetch (after event `from`) whose `app` list `pred` accepts.
-    async fn wait_registry(&self, from: usize, what: &str, app: &str, pred: impl Fn(&[String]) -> bool) -> usize {
+    async fn wait_registry(
+        &self,
+        from: usize,
+        what: &str,
+        app: &str,
+        pred: impl Fn(&[String]) -> bool,
+    ) -> usize {
         self.wait_event(from, what, |e| {
             e["event"] == "registry"
                 && e["apps"][app].as_array().is_some_and(|l| {
-                    let ids: Vec<String> =
-                        l.iter().filter_map(|v| v.as_str().map(String::from)).collect();
+                    let ids: Vec<String> = l
+                        .iter()
+                        .filter_map(|v| v.as_str().map(String::from))
+                        .collect();
                     pred(&ids)
                 })
         })
@@ -170,9 +186,15 @@ impl EurekaClient {
         let mut stdin = self.stdin.take().expect("stdin");
         stdin.write_all(b"stop\n").expect("write stop");
         stdin.flush().expect("flush");
-        let i = self.wait_event(from, "stopped", |e| e["event"] == "stopped").await;
+        let i = self
+            .wait_event(from, "stopped", |e| e["event"] == "stopped")
+            .await;
         let e = self.events.lock().unwrap()[i].clone();
-        assert!(e["error"].is_null(), "client {} failed to deregister: {e}", self.name);
+        assert!(
+            e["error"].is_null(),
+            "client {} failed to deregister: {e}",
+            self.name
+        );
     }
 
     fn kill9(&mut self) {
@@ -200,7 +222,10 @@ async fn wait_native(api: &Api, what: &str, pred: impl Fn(&Value) -> bool) -> Va
         if pred(&v) {
             return v;
         }
-        assert!(Instant::now() < deadline, "native: no {what} within {WAIT:?}: {v}");
+        assert!(
+            Instant::now() < deadline,
+            "native: no {what} within {WAIT:?}: {v}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -225,12 +250,14 @@ async fn eureka_js_client_against_sextant() {
 
     // Client A registers (app given in lower case, as applications often do) and fetches.
     let a = EurekaClient::start(&server, "/eureka/v2/apps/", "billing", "billing-a", 9101);
-    a.wait_event(0, "registered (204)", |e| e["event"] == "registered").await;
+    a.wait_event(0, "registered (204)", |e| e["event"] == "registered")
+        .await;
     a.wait_registry(0, "ORDERS with the native instance", "ORDERS", |l| {
         has(l, "orders-native-1")
     })
     .await;
-    a.wait_registry(0, "its own instance", "BILLING", |l| has(l, "billing-a")).await;
+    a.wait_registry(0, "its own instance", "BILLING", |l| has(l, "billing-a"))
+        .await;
 
     // Eureka → native: the instance, its lease and what the client sent.
     let v = wait_native(&api, "billing-a", |v| find(v, "billing-a").is_some()).await;
@@ -261,15 +288,22 @@ async fn eureka_js_client_against_sextant() {
     );
 
     // Heartbeats keep the lease: still there well past one lease.
-    let hb = a.wait_event(0, "a heartbeat", |e| e["event"] == "heartbeat").await;
+    let hb = a
+        .wait_event(0, "a heartbeat", |e| e["event"] == "heartbeat")
+        .await;
     tokio::time::sleep(Duration::from_secs(LEASE_SECONDS + 1)).await;
-    a.wait_event(hb + 1, "another heartbeat", |e| e["event"] == "heartbeat").await;
+    a.wait_event(hb + 1, "another heartbeat", |e| e["event"] == "heartbeat")
+        .await;
     let v = api.service("public", "billing").await;
-    assert!(find(&v, "billing-a").is_some(), "the lease lapsed despite heartbeats: {v}");
+    assert!(
+        find(&v, "billing-a").is_some(),
+        "the lease lapsed despite heartbeats: {v}"
+    );
 
     // Client B (Spring's path, /eureka/apps/) appears in A's registry.
     let mut b = EurekaClient::start(&server, "/eureka/apps/", "BILLING", "billing-b", 9102);
-    b.wait_event(0, "registered", |e| e["event"] == "registered").await;
+    b.wait_event(0, "registered", |e| e["event"] == "registered")
+        .await;
     let from = a.len();
     a.wait_registry(from, "both billing instances", "BILLING", |l| {
         has(l, "billing-a") && has(l, "billing-b")
@@ -279,7 +313,9 @@ async fn eureka_js_client_against_sextant() {
     // A status override takes billing-b out (Eureka clients keep UP instances only) and stays
     // across its heartbeats until it is deleted.
     let r = http
-        .put(format!("{eureka}/BILLING/billing-b/status?value=OUT_OF_SERVICE"))
+        .put(format!(
+            "{eureka}/BILLING/billing-b/status?value=OUT_OF_SERVICE"
+        ))
         .send()
         .await
         .expect("PUT status");
@@ -290,9 +326,13 @@ async fn eureka_js_client_against_sextant() {
     })
     .await;
     let from_b = b.len();
-    b.wait_event(from_b, "a heartbeat", |e| e["event"] == "heartbeat").await;
-    let hb = b.wait_event(from_b, "a heartbeat", |e| e["event"] == "heartbeat").await;
-    b.wait_event(hb + 1, "a second heartbeat", |e| e["event"] == "heartbeat").await;
+    b.wait_event(from_b, "a heartbeat", |e| e["event"] == "heartbeat")
+        .await;
+    let hb = b
+        .wait_event(from_b, "a heartbeat", |e| e["event"] == "heartbeat")
+        .await;
+    b.wait_event(hb + 1, "a second heartbeat", |e| e["event"] == "heartbeat")
+        .await;
     let v = api.service("public", "billing").await;
     let bi = find(&v, "billing-b").expect("billing-b registered");
     assert_eq!(bi["status"]["enabled"], false, "override lost: {bi}");
@@ -304,21 +344,29 @@ async fn eureka_js_client_against_sextant() {
         .expect("DELETE status");
     assert_eq!(r.status(), 200);
     let from = a.len();
-    a.wait_registry(from, "billing-b back", "BILLING", |l| has(l, "billing-b")).await;
+    a.wait_registry(from, "billing-b back", "BILLING", |l| has(l, "billing-b"))
+        .await;
 
     // Stop: the client deregisters; gone at once, natively and from A's registry.
     b.stop().await;
     let v = api.service("public", "billing").await;
-    assert!(find(&v, "billing-b").is_none(), "billing-b still registered after stop: {v}");
+    assert!(
+        find(&v, "billing-b").is_none(),
+        "billing-b still registered after stop: {v}"
+    );
     let from = a.len();
-    a.wait_registry(from, "billing-b gone", "BILLING", |l| !has(l, "billing-b")).await;
+    a.wait_registry(from, "billing-b gone", "BILLING", |l| !has(l, "billing-b"))
+        .await;
 
     // A killed client's instance expires with its lease (no deregistration).
     let mut a = a;
     a.kill9();
     let killed = Instant::now();
     let v = api.service("public", "billing").await;
-    assert!(find(&v, "billing-a").is_some(), "billing-a gone before its lease ran out");
+    assert!(
+        find(&v, "billing-a").is_some(),
+        "billing-a gone before its lease ran out"
+    );
     wait_native(&api, "billing-a expired", |v| ids(v).is_empty()).await;
     let expired_after = killed.elapsed();
     assert!(
@@ -329,7 +377,8 @@ async fn eureka_js_client_against_sextant() {
     // The adapter counted the requests.
     let metrics = api.get("/metrics").await.text;
     for endpoint in ["register", "renew", "cancel", "apps", "status_override"] {
-        let line = format!("sextant_eureka_requests_total{{endpoint=\"{endpoint}\",outcome=\"ok\"}}");
+        let line =
+            format!("sextant_eureka_requests_total{{endpoint=\"{endpoint}\",outcome=\"ok\"}}");
         assert!(metrics.contains(&line), "no {line} in /metrics");
     }
     println!(

@@ -2,9 +2,12 @@
 # Runs every check and test of the workspace, installing what they need first. Idempotent:
 # safe to run again and again, on a fresh machine or in CI (.ci/run calls it).
 #
-# What the tests need today: the Rust toolchain with rustfmt and clippy, and Python 3 with venv
-# for the Nacos Python SDKs that crates/sextant/tests/nacos_python.rs drives (installed below
-# into .venv/, pinned by tests/nacos/requirements-*.txt), and etcd (Debian's etcd-server,
+# What the tests need today: the Rust toolchain with rustfmt and clippy; Python 3 with venv for
+# the Nacos Python SDKs that crates/sextant/tests/nacos_python.rs drives and for grpcio, the
+# Python xDS client of crates/sextant/tests/xds_clients.rs (installed below into .venv/, pinned
+# by tests/nacos/requirements-*.txt and tests/xds/requirements.txt); Node.js with npm for the
+# Node clients (the Nacos SDK, and @grpc/grpc-js with @grpc/grpc-js-xds for xds_clients.rs,
+# installed by npm ci from each package-lock.json); and etcd (Debian's etcd-server,
 # installed below when `etcd` is not on the PATH) for the etcd store's tests, which start their
 # own throwaway member (crates/testkit/src/etcd.rs), and node with npm for the real
 # eureka-js-client (tests/eureka, installed below with npm ci) that
@@ -75,6 +78,8 @@ make_venv() {
 }
 make_venv .venv/nacos-v2 tests/nacos/requirements-v2.txt v2.nacos
 make_venv .venv/nacos-v1 tests/nacos/requirements-v1.txt nacos
+# .venv/xds: grpcio, whose built-in xds resolver crates/sextant/tests/xds_clients.rs drives.
+make_venv .venv/xds tests/xds/requirements.txt grpc
 
 # need COMMAND PACKAGE WHY: installs PACKAGE when COMMAND is missing; fails when it still is.
 need() {
@@ -85,6 +90,29 @@ need() {
     exit 1
   fi
 }
+
+# --- Node.js packages the tests drive, each dir exactly as its package-lock.json says ---------
+# npm_ci DIR: `npm ci` in DIR unless DIR/node_modules is current (stamped with a copy of the
+# lock file, like the venvs).
+npm_ci() {
+  local dir=$1
+  local stamp="$dir/node_modules/.sextant-package-lock.json"
+  if [ -f "$stamp" ] && cmp -s "$dir/package-lock.json" "$stamp"; then
+    echo "== $dir/node_modules is current"
+    return 0
+  fi
+  echo "== npm ci in $dir"
+  rm -rf "$dir/node_modules"
+  (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error)
+  cp "$dir/package-lock.json" "$stamp"
+}
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  apt_install nodejs npm
+fi
+# The Nacos Node.js SDK (crates/sextant/tests/nacos_node.rs: 1.x UDP push).
+npm_ci tests/nacos/node
+# @grpc/grpc-js with its xDS plug-in @grpc/grpc-js-xds (crates/sextant/tests/xds_clients.rs).
+npm_ci tests/xds/node
 
 # dig for crates/sextant/tests/dns.rs.
 need dig dnsutils "the DNS tests"

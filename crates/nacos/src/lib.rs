@@ -6,7 +6,8 @@
 //! translates both to the registry core ([`mapping`] holds every rule). It owns no registry
 //! state of its own, only what is bound to a live gRPC connection: which ephemeral instances the
 //! connection registered (their leases are renewed while it lives, so they lapse a short grace
-//! after it drops) and which services it subscribed to (pushed through the core's own fan-out).
+//! after it drops) and which services it subscribed to (pushed through the core's own fan-out),
+//! and the 1.x clients that asked for UDP push (`udp`, remembered while they keep polling).
 //!
 //! This file owns what both protocol halves share: the settings, the error type and its class
 //! (through the core's [`ErrorKind`] table), the [`Adapter`] state handed to every handler, the
@@ -17,6 +18,7 @@ pub mod grpc;
 pub mod http;
 pub mod mapping;
 mod metrics;
+mod udp;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -46,6 +48,9 @@ pub struct NacosConfig {
     /// Whether the health scanner runs (what `/operator/switches` reports as
     /// `healthCheckEnabled`).
     pub health_checks: bool,
+    /// Push changes to 1.x clients over UDP from a socket on this address (the Nacos
+    /// listener's); `None` leaves them to polling.
+    pub udp_push: Option<std::net::IpAddr>,
 }
 
 impl Default for NacosConfig {
@@ -55,6 +60,7 @@ impl Default for NacosConfig {
             http_beat_timeout: Duration::from_secs(15),
             max_body_bytes: 4 * 1024 * 1024,
             health_checks: true,
+            udp_push: None,
         }
     }
 }
@@ -124,13 +130,22 @@ impl NacosServer {
         grpc: TcpListener,
         stop: watch::Receiver<bool>,
     ) -> Self {
+        let udp = config.udp_push.and_then(|ip| match udp::UdpPush::bind(ip) {
+            Ok(u) => Some(u),
+            Err(e) => {
+                tracing::warn!(%ip, error = %e, "no UDP socket for Nacos 1.x push; 1.x clients will poll");
+                None
+            }
+        });
         let adapter = Arc::new(Adapter {
             registry,
             config,
             metrics,
             infos: InfoCache::default(),
             cpu: http::operator::host::CpuMeter::new(),
+            udp,
         });
+        udp::UdpPush::start(&adapter);
         let http = serve_http(http::router(adapter.clone()));
         let grpc = tokio::spawn(grpc::serve(adapter, grpc, stop));
         Self { http, grpc }
@@ -151,6 +166,8 @@ pub(crate) struct Adapter {
     pub infos: InfoCache,
     /// The host's CPU use for `/operator/metrics`, measured between its calls.
     pub cpu: http::operator::host::CpuMeter,
+    /// Nacos 1.x UDP push, when on.
+    pub udp: Option<udp::UdpPush>,
 }
 
 impl Adapter {
@@ -285,6 +302,7 @@ pub(crate) async fn test_adapter() -> Arc<Adapter> {
         metrics: NacosMetrics::default(),
         infos: InfoCache::default(),
         cpu: http::operator::host::CpuMeter::new(),
+        udp: None,
     })
 }
 

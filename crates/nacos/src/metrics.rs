@@ -28,6 +28,17 @@ pub struct NacosMetrics {
     pub push_latency: Histogram,
     /// Answers that failed to encode (a bug; each was answered with a 500-class error).
     pub encode_failures: Counter,
+    /// 1.x clients remembered for UDP push.
+    pub udp_clients: Gauge,
+    pub udp_pushes: Counter,
+    pub udp_acks: Counter,
+    pub udp_retries: Counter,
+    /// Pushes given up on after every retry went unacknowledged.
+    pub udp_unacked: Counter,
+    /// Clients not taken because the client table was full (they poll).
+    pub udp_refused: Counter,
+    /// Services too large for one datagram (their clients poll).
+    pub udp_too_large: Counter,
 }
 
 impl Default for NacosMetrics {
@@ -41,6 +52,13 @@ impl Default for NacosMetrics {
             push_acks: Counter::default(),
             push_latency: Histogram::new(exponential_buckets(0.00005, 2.0, 18)),
             encode_failures: Counter::default(),
+            udp_clients: Gauge::default(),
+            udp_pushes: Counter::default(),
+            udp_acks: Counter::default(),
+            udp_retries: Counter::default(),
+            udp_unacked: Counter::default(),
+            udp_refused: Counter::default(),
+            udp_too_large: Counter::default(),
         }
     }
 }
@@ -53,6 +71,37 @@ impl NacosMetrics {
             "requests",
             "Nacos requests by protocol, request and outcome",
             m.requests.clone(),
+        );
+        for (name, help, c) in [
+            ("udp_pushes", "Nacos 1.x UDP pushes sent", &m.udp_pushes),
+            ("udp_acks", "Nacos 1.x UDP pushes acknowledged", &m.udp_acks),
+            (
+                "udp_retries",
+                "Nacos 1.x UDP pushes sent again for want of an ack",
+                &m.udp_retries,
+            ),
+            (
+                "udp_unacked",
+                "Nacos 1.x UDP pushes given up after every retry",
+                &m.udp_unacked,
+            ),
+            (
+                "udp_refused",
+                "Nacos 1.x clients not taken for UDP push: the table was full",
+                &m.udp_refused,
+            ),
+            (
+                "udp_too_large",
+                "Nacos 1.x UDP pushes not sent: larger than a datagram",
+                &m.udp_too_large,
+            ),
+        ] {
+            r.register(name, help, c.clone());
+        }
+        r.register(
+            "udp_clients",
+            "Nacos 1.x clients remembered for UDP push",
+            m.udp_clients.clone(),
         );
         r.register(
             "connections",

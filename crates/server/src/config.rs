@@ -158,6 +158,10 @@ pub struct ServerConfig {
         default_value_t = 5
     )]
     pub nacos_connection_grace_seconds: u64,
+    /// Push changes over UDP to Nacos 1.x clients that ask for it (`udpPort` in their list
+    /// queries), as Nacos does; off, they learn changes by polling.
+    #[arg(long, env = "SEXTANT_NACOS_UDP_PUSH", default_value_t = true, action = clap::ArgAction::Set)]
+    pub nacos_udp_push: bool,
     /// Serve xDS (Envoy's aggregated discovery service) on the native gRPC listener, for
     /// proxyless gRPC clients (`xds:///{service}.{namespace}`) and Envoy.
     #[arg(long, env = "SEXTANT_XDS", default_value_t = true, action = clap::ArgAction::Set)]

@@ -173,6 +173,7 @@ impl Server {
             connection_grace: Duration::from_secs(config.nacos_connection_grace_seconds),
             max_body_bytes: config.max_body_bytes,
             health_checks: config.health_scanner,
+            udp_push: config.nacos_udp_push.then_some(config.nacos_http_addr.ip()),
             ..NacosConfig::default()
         };
         let grace = Duration::from_secs(config.shutdown_grace_seconds);

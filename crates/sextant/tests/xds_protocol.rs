@@ -3,7 +3,7 @@
 //! never answered with the same resources in a loop), stale nonces, a name that does not
 //! exist yet answered when its service appears, every subscribed listener in each LDS answer,
 //! a reconnect with a previous version, delta subscribe / unsubscribe / wildcard / removal,
-//! and many resources on one stream. (The real gRPC clients have their own suite.)
+//! and many resources on one stream. The real gRPC clients are in `xds_clients.rs`.
 
 mod common;
 

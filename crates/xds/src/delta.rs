@@ -63,6 +63,8 @@ impl Engine for Delta {
         };
         let t = &mut self.types[kind.index()];
         let first = !t.sub.requested;
+        let changes =
+            !req.resource_names_subscribe.is_empty() || !req.resource_names_unsubscribe.is_empty();
         if first {
             t.pending = true;
             for (name, v) in req.initial_resource_versions {
@@ -101,13 +103,15 @@ impl Engine for Delta {
                 self.session.nacked(kind, &v, &err.message);
             } else {
                 let v = t.version.to_string();
-                self.session.acked(kind, &v, &t.sub);
+                self.session.acked(kind, &v);
             }
-        } else {
-            self.session.subscribed(kind, &t.sub);
         }
-        let subs = self.subs();
-        self.session.cover(&subs);
+        // A plain ACK changes no subscription.
+        if first || changes {
+            self.session.subscribed(kind, &t.sub);
+            let subs = self.subs();
+            self.session.cover(&subs);
+        }
     }
 
     fn on_change(&mut self) {
@@ -170,7 +174,7 @@ impl Engine for Delta {
             t.version += 1;
             t.nonce = nonce.clone();
             let version = t.version.to_string();
-            self.session.sent(kind, &version, &t.sub);
+            self.session.sent(kind, &version);
             return Some(DeltaDiscoveryResponse {
                 system_version_info: version,
                 resources,

@@ -20,6 +20,7 @@ use crate::hub::{Hub, Slot};
 use crate::metrics::{StreamLabels, TypeLabels};
 use crate::resources::{self, ClientLocality, Kind};
 use crate::status::ClientStatus;
+use prometheus_client::metrics::counter::Counter;
 
 /// A stream's subscriptions to one resource type, as both variants keep them.
 #[derive(Debug, Default)]
@@ -42,6 +43,10 @@ pub(crate) struct Session {
     catalog: Option<Arc<BTreeMap<String, ServiceKey>>>,
     status: Arc<Mutex<ClientStatus>>,
     nonce: u64,
+    /// This stream's response and NACK counters per type, looked up once (a labelled
+    /// lookup per response was a measurable share of a push).
+    responses: [Counter; 4],
+    nacks: [Counter; 4],
 }
 
 impl Session {
@@ -58,6 +63,12 @@ impl Session {
             .streams
             .get_or_create(&StreamLabels { protocol })
             .inc();
+        let labels = |kind: Kind| TypeLabels {
+            protocol,
+            r#type: kind.label(),
+        };
+        let responses = Kind::ALL.map(|k| hub.metrics.responses.get_or_create(&labels(k)).clone());
+        let nacks = Kind::ALL.map(|k| hub.metrics.nacks.get_or_create(&labels(k)).clone());
         Self {
             hub,
             id,
@@ -69,6 +80,8 @@ impl Session {
             catalog: None,
             status,
             nonce: 0,
+            responses,
+            nacks,
         }
     }
 
@@ -186,6 +199,26 @@ impl Session {
             .collect()
     }
 
+    /// Whether [`Session::versions`] would differ from `sent`, without building it: what
+    /// every wake of every stream asks.
+    pub fn changed_since(
+        &self,
+        kind: Kind,
+        sub: &Subscribed,
+        sent: &BTreeMap<String, Revision>,
+    ) -> bool {
+        let mut existing = 0;
+        for n in self.covered(kind, sub) {
+            if let Some(v) = self.slot(n).and_then(|s| s.version(kind)) {
+                existing += 1;
+                if sent.get(n) != Some(&v) {
+                    return true;
+                }
+            }
+        }
+        existing != sent.len()
+    }
+
     /// The resource as this client should get it now, encoded once per version and shared.
     pub fn resource(&self, kind: Kind, name: &str) -> Option<(Revision, Any)> {
         self.slot(name)?.resource(kind, &self.locality)
@@ -202,34 +235,23 @@ impl Session {
         }
     }
 
-    pub fn sent(&self, kind: Kind, version: &str, sub: &Subscribed) {
-        self.hub
-            .metrics
-            .responses
-            .get_or_create(&self.labels(kind))
-            .inc();
+    pub fn sent(&self, kind: Kind, version: &str) {
+        self.responses[kind.index()].inc();
         let mut s = self.status.lock();
         let t = s.types.entry(kind.label()).or_default();
         t.sent_version = version.to_string();
         t.sent_at_ms = Some(now_ms());
-        t.subscribed = subscribed(sub);
     }
 
-    pub fn acked(&self, kind: Kind, version: &str, sub: &Subscribed) {
+    pub fn acked(&self, kind: Kind, version: &str) {
         let mut s = self.status.lock();
-        let t = s.types.entry(kind.label()).or_default();
-        t.acked_version = version.to_string();
-        t.subscribed = subscribed(sub);
+        s.types.entry(kind.label()).or_default().acked_version = version.to_string();
     }
 
     /// A NACK: logged and counted; the stream does not send the same resources again (it
     /// sends again when they change).
     pub fn nacked(&self, kind: Kind, version: &str, message: &str) {
-        self.hub
-            .metrics
-            .nacks
-            .get_or_create(&self.labels(kind))
-            .inc();
+        self.nacks[kind.index()].inc();
         let mut s = self.status.lock();
         tracing::warn!(stream = self.id, node = %s.node_id, r#type = kind.label(), version, message, "xds client rejected a response (NACK)");
         let t = s.types.entry(kind.label()).or_default();
@@ -240,13 +262,6 @@ impl Session {
     pub fn subscribed(&self, kind: Kind, sub: &Subscribed) {
         let mut s = self.status.lock();
         s.types.entry(kind.label()).or_default().subscribed = subscribed(sub);
-    }
-
-    fn labels(&self, kind: Kind) -> TypeLabels {
-        TypeLabels {
-            protocol: self.protocol,
-            r#type: kind.label(),
-        }
     }
 }
 

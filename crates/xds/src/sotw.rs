@@ -75,6 +75,8 @@ impl Engine for Sotw {
         if req.response_nonce.is_empty() || added {
             t.pending = true;
         }
+        // An ACK nearly always repeats the names: then nothing about the subscription moves.
+        let same = t.sub.requested && t.sub.names == names && t.sub.wildcard == wildcard;
         t.sub = Subscribed {
             requested: true,
             names,
@@ -83,12 +85,13 @@ impl Engine for Sotw {
         if let Some(err) = &req.error_detail {
             self.session.nacked(kind, &req.version_info, &err.message);
         } else if !req.response_nonce.is_empty() {
-            self.session.acked(kind, &req.version_info, &t.sub);
-        } else {
-            self.session.subscribed(kind, &t.sub);
+            self.session.acked(kind, &req.version_info);
         }
-        let subs = self.subs();
-        self.session.cover(&subs);
+        if !same {
+            self.session.subscribed(kind, &t.sub);
+            let subs = self.subs();
+            self.session.cover(&subs);
+        }
     }
 
     fn on_change(&mut self) {
@@ -104,10 +107,10 @@ impl Engine for Sotw {
             if !t.sub.requested {
                 continue;
             }
-            let current = self.session.versions(kind, &t.sub);
-            if !t.pending && current == t.sent {
+            if !t.pending && !self.session.changed_since(kind, &t.sub, &t.sent) {
                 continue;
             }
+            let current = self.session.versions(kind, &t.sub);
             if current.is_empty() && t.version == 0 && !t.sub.wildcard {
                 // Nothing asked for exists yet: stay silent (the client waits) and answer when
                 // a service appears, rather than tell it "does not exist".
@@ -131,7 +134,7 @@ impl Engine for Sotw {
             t.sent = sent;
             t.pending = false;
             let version_info = t.version.to_string();
-            self.session.sent(kind, &version_info, &t.sub);
+            self.session.sent(kind, &version_info);
             return Some(DiscoveryResponse {
                 version_info,
                 resources,

@@ -3,6 +3,8 @@
 //! beats renew. Deregistration, beats and modify find an instance by ip:port within the
 //! service whatever its cluster when the client names none (as Nacos 2.x servers do).
 
+use std::net::{IpAddr, SocketAddr};
+
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
@@ -15,7 +17,7 @@ use super::{ok, track, AppState, Params, LIST_CACHE_MILLIS};
 use crate::mapping::{
     self, InfoOptions, NacosInstance, NacosRegistration, NacosService, BEAT_INTERVAL_MILLIS,
 };
-use crate::{commit_ignoring_missing, lease_seconds, Adapter, NacosError};
+use crate::{commit_ignoring_missing, lease_seconds, udp, Adapter, NacosError};
 
 /// Nacos' beat answer codes: renewed, and "unknown instance, register again".
 const BEAT_OK: u32 = 10200;
@@ -195,7 +197,7 @@ pub(super) async fn get_instance(State(s): AppState, p: Params) -> Result<Respon
 pub(super) async fn list(State(s): AppState, p: Params) -> Result<Response, NacosError> {
     let r = (|| {
         let (_, key) = p.service()?;
-        let opts = InfoOptions {
+        let mut opts = InfoOptions {
             grouped_name: true,
             clusters: mapping::cluster_filter(p.get("clusters")),
             healthy_only: p.flag("healthyOnly")?.unwrap_or(false),
@@ -203,6 +205,19 @@ pub(super) async fn list(State(s): AppState, p: Params) -> Result<Response, Naco
             now_ms: 0,
             beat_timeout_ms: s.beat_timeout_ms(),
         };
+        // A 1.x client that gives a UDP port and its address is pushed to (and told to poll
+        // less, as Nacos does); without them it polls.
+        let udp_port = p.get("udpPort").and_then(|v| v.trim().parse::<u16>().ok());
+        let client_ip = p
+            .get("clientIP")
+            .and_then(|v| v.trim().parse::<IpAddr>().ok());
+        if let (Some(port), Some(ip)) = (udp_port.filter(|p| *p > 0), client_ip) {
+            let mut pushed = opts.clone();
+            pushed.cache_millis = crate::grpc::PUSH_CACHE_MILLIS;
+            if udp::UdpPush::refresh(&s, &key, SocketAddr::new(ip, port), pushed.clone()) {
+                opts = pushed;
+            }
+        }
         let body = s.infos.get(&s.registry, &s.metrics, &key, &opts)?;
         Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
     })();

@@ -51,9 +51,9 @@ pub(super) async fn switches(State(s): AppState) -> Response {
         "distroEnabled": false,
         "healthCheckEnabled": s.config.health_checks,
         "lightBeatEnabled": true,
-        // This switch governs Nacos' UDP push to 1.x HTTP clients, which Sextant does not
-        // do (they poll their lists); 2.x gRPC subscribers are always pushed to.
-        "pushEnabled": false,
+        // Nacos' UDP push to 1.x HTTP clients (which give a udpPort): on unless the adapter
+        // has no UDP socket; 2.x gRPC subscribers are always pushed to.
+        "pushEnabled": s.udp.is_some(),
     }))
     .into_response()
 }

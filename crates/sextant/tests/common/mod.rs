@@ -49,6 +49,14 @@ impl Server {
         s
     }
 
+    /// Starts a server on a fresh temporary data directory with extra `serve` flags.
+    pub fn start_with_args(extra: &[&str]) -> Server {
+        let tmp = tempfile::tempdir().expect("create a temp dir");
+        let mut s = Server::start_with(tmp.path(), extra);
+        s._tmp = Some(tmp);
+        s
+    }
+
     /// Starts a server on `dir` (which the caller keeps alive), e.g. to restart on the same data.
     pub fn start_in(dir: &Path) -> Server {
         Server::start_with(dir, &[])

@@ -6,13 +6,11 @@
 # the Nacos Python SDKs that crates/sextant/tests/nacos_python.rs drives and for grpcio, the
 # Python xDS client of crates/sextant/tests/xds_clients.rs (installed below into .venv/, pinned
 # by tests/nacos/requirements-*.txt and tests/xds/requirements.txt); Node.js with npm for the
-# Node clients (the Nacos SDK, and @grpc/grpc-js with @grpc/grpc-js-xds for xds_clients.rs,
-# installed by npm ci from each package-lock.json); and etcd (Debian's etcd-server,
-# installed below when `etcd` is not on the PATH) for the etcd store's tests, which start their
-# own throwaway member (crates/testkit/src/etcd.rs), and node with npm for the real
-# eureka-js-client (tests/eureka, installed below with npm ci) that
-# crates/sextant/tests/eureka_js.rs drives. Integration tests start the real `sextant`
-# binary on loopback ports with temporary data dirs.
+# Node clients (the Nacos SDK, @grpc/grpc-js with @grpc/grpc-js-xds for xds_clients.rs, and
+# eureka-js-client for eureka_js.rs, installed by npm ci from each package-lock.json); and etcd
+# (Debian's etcd-server, installed below when `etcd` is not on the PATH) for the etcd store's
+# tests, which start their own throwaway member (crates/testkit/src/etcd.rs). Integration tests
+# start the real `sextant` binary on loopback ports with temporary data dirs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -113,6 +111,8 @@ fi
 npm_ci tests/nacos/node
 # @grpc/grpc-js with its xDS plug-in @grpc/grpc-js-xds (crates/sextant/tests/xds_clients.rs).
 npm_ci tests/xds/node
+# eureka-js-client (crates/sextant/tests/eureka_js.rs: the Eureka REST API).
+npm_ci tests/eureka
 
 # dig for crates/sextant/tests/dns.rs.
 need dig dnsutils "the DNS tests"
@@ -122,25 +122,6 @@ if [ -z "${SEXTANT_TEST_ETCD:-}" ]; then
   need etcd etcd-server "the etcd store's tests"
 fi
 echo "== $("${SEXTANT_TEST_ETCD:-etcd}" --version | head -n 1)"
-
-# node and the pinned eureka-js-client (tests/eureka/package-lock.json) for
-# crates/sextant/tests/eureka_js.rs. node_modules is stamped with a copy of the lock it was
-# installed from; `npm ci` runs only when the stamp does not match.
-need node nodejs "the Eureka client tests"
-need npm npm "the Eureka client tests"
-# npm_ci DIR: installs DIR/node_modules from DIR/package-lock.json unless it is current.
-npm_ci() {
-  local dir=$1
-  local stamp="$dir/node_modules/.sextant-package-lock.json"
-  if [ -f "$stamp" ] && cmp -s "$dir/package-lock.json" "$stamp"; then
-    echo "== $dir/node_modules is current"
-    return 0
-  fi
-  echo "== npm ci in $dir"
-  (cd "$dir" && npm ci --no-audit --no-fund --ignore-scripts --loglevel=error)
-  cp "$dir/package-lock.json" "$stamp"
-}
-npm_ci tests/eureka
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

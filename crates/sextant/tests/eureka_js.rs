@@ -180,6 +180,23 @@ impl EurekaClient {
         .await
     }
 
+    /// Waits for the client's registration (204); its start failing ends the wait at once.
+    async fn wait_registered(&self) {
+        let i = self
+            .wait_event(0, "registered (204)", |e| {
+                e["event"] == "registered" || (e["event"] == "started" && !e["error"].is_null())
+            })
+            .await;
+        let e = self.events.lock().unwrap()[i].clone();
+        assert_eq!(
+            e["event"],
+            "registered",
+            "client {} failed to start: {e}; its events:\n{}",
+            self.name,
+            self.dump()
+        );
+    }
+
     /// Asks the client to stop (it deregisters) and waits for it to say so.
     async fn stop(&mut self) {
         let from = self.len();
@@ -250,8 +267,7 @@ async fn eureka_js_client_against_sextant() {
 
     // Client A registers (app given in lower case, as applications often do) and fetches.
     let a = EurekaClient::start(&server, "/eureka/v2/apps/", "billing", "billing-a", 9101);
-    a.wait_event(0, "registered (204)", |e| e["event"] == "registered")
-        .await;
+    a.wait_registered().await;
     a.wait_registry(0, "ORDERS with the native instance", "ORDERS", |l| {
         has(l, "orders-native-1")
     })
@@ -302,8 +318,7 @@ async fn eureka_js_client_against_sextant() {
 
     // Client B (Spring's path, /eureka/apps/) appears in A's registry.
     let mut b = EurekaClient::start(&server, "/eureka/apps/", "BILLING", "billing-b", 9102);
-    b.wait_event(0, "registered", |e| e["event"] == "registered")
-        .await;
+    b.wait_registered().await;
     let from = a.len();
     a.wait_registry(from, "both billing instances", "BILLING", |l| {
         has(l, "billing-a") && has(l, "billing-b")

@@ -2,7 +2,8 @@
 //! (durable registration throughput and latency over HTTP, gRPC and gRPC batches), `push`
 //! (watch push latency and completeness over SSE, every event accounted for) and `scale`
 //! (a million instances: load throughput, memory, restart time), `health` (the scanner probing
-//! many endpoints: probes/s, cycle lag), `compare` (register and push side by side against
+//! many endpoints: probes/s, cycle lag), `xds` (ADS streams subscribed to one service's EDS:
+//! push latency, delivery, memory and CPU per push), `compare` (register and push side by side against
 //! ZooKeeper and etcd, which it starts itself) — and their measurement:
 //! latency percentiles, and the CPU seconds the server and this tool each used, read from
 //! `/proc`, because both usually share one small machine.
@@ -33,6 +34,7 @@ mod register;
 mod scale;
 mod stats;
 mod target;
+mod xds;
 mod zk;
 
 use std::path::PathBuf;
@@ -113,6 +115,9 @@ enum Scenario {
     Health(health::HealthArgs),
     /// C concurrent gRPC watch streams on one node: server RSS per stream, push latency at that count.
     Connections(connections::ConnectionsArgs),
+    /// N ADS streams (SotW and/or delta) subscribed to one service's EDS while it changes at
+    /// R/s: push latency from the write, delivery of every change, RSS per stream, CPU per push.
+    Xds(xds::XdsArgs),
     /// Sextant, ZooKeeper and etcd one after another in this run, same work, native protocols:
     /// register throughput and push latency side by side, with ratios. Starts the peers itself.
     Compare(Box<compare::CompareArgs>),
@@ -224,6 +229,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Scenario::Scale(_) => "scale",
             Scenario::Health(_) => "health",
             Scenario::Connections(_) => "connections",
+            Scenario::Xds(_) => "xds",
             Scenario::Compare(_) => "compare",
             Scenario::Nacos(_) | Scenario::NacosCompare(_) => unreachable!("handled above"),
         },
@@ -243,6 +249,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Scenario::Scale(a) => scale::run(&mut target, a).await,
         Scenario::Health(a) => health::run(&mut target, a).await,
         Scenario::Connections(a) => connections::run(&target, a).await,
+        Scenario::Xds(a) => xds::run(&target, a).await,
         Scenario::Compare(a) => compare::run(&target, a).await,
         Scenario::Nacos(_) | Scenario::NacosCompare(_) => unreachable!("handled above"),
     };

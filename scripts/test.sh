@@ -6,11 +6,11 @@
 # the Nacos Python SDKs that crates/sextant/tests/nacos_python.rs drives and for grpcio, the
 # Python xDS client of crates/sextant/tests/xds_clients.rs (installed below into .venv/, pinned
 # by tests/nacos/requirements-*.txt and tests/xds/requirements.txt); Node.js with npm for the
-# Node clients (the Nacos SDK, and @grpc/grpc-js with @grpc/grpc-js-xds for xds_clients.rs,
-# installed by npm ci from each package-lock.json); and etcd (Debian's etcd-server,
-# installed below when `etcd` is not on the PATH) for the etcd store's tests, which start their
-# own throwaway member (crates/testkit/src/etcd.rs). Integration tests start the real `sextant`
-# binary on loopback ports with temporary data dirs.
+# Node clients (the Nacos SDK, @grpc/grpc-js with @grpc/grpc-js-xds for xds_clients.rs, and
+# eureka-js-client for eureka_js.rs, installed by npm ci from each package-lock.json); and etcd
+# (Debian's etcd-server, installed below when `etcd` is not on the PATH) for the etcd store's
+# tests, which start their own throwaway member (crates/testkit/src/etcd.rs). Integration tests
+# start the real `sextant` binary on loopback ports with temporary data dirs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -111,6 +111,8 @@ fi
 npm_ci tests/nacos/node
 # @grpc/grpc-js with its xDS plug-in @grpc/grpc-js-xds (crates/sextant/tests/xds_clients.rs).
 npm_ci tests/xds/node
+# eureka-js-client (crates/sextant/tests/eureka_js.rs: the Eureka REST API).
+npm_ci tests/eureka
 
 # dig for crates/sextant/tests/dns.rs.
 need dig dnsutils "the DNS tests"

@@ -170,6 +170,9 @@ pub struct ServerConfig {
     /// burst of changes becomes one push; 0 pushes every change at once.
     #[arg(long, env = "SEXTANT_XDS_DEBOUNCE_MS", default_value_t = 10)]
     pub xds_debounce_ms: u64,
+    /// Serve Eureka's REST API on the native HTTP listener, under `/eureka/` and `/eureka/v2/`.
+    #[arg(long, env = "SEXTANT_EUREKA", default_value_t = true, action = clap::ArgAction::Set)]
+    pub eureka: bool,
     /// Serve DNS (Consul's `<svc>.service.consul` names and `<svc>.<namespace>.sextant`).
     #[arg(long, env = "SEXTANT_DNS", default_value_t = true, action = clap::ArgAction::Set)]
     pub dns: bool,

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use sextant_core::{CoreConfig, CoreError, CoreMetrics, MemStore, Registry, Store, StoreError};
 use sextant_dns::{DnsConfig, DnsMetrics, DnsServer};
+use sextant_eureka::{Eureka, EurekaMetrics};
 use sextant_health::{HealthMetrics, Scanner, ScannerConfig};
 use sextant_nacos::{NacosConfig, NacosMetrics, NacosServer};
 use sextant_store_etcd::{EtcdConfig, EtcdStore};
@@ -76,6 +77,8 @@ pub(crate) struct Node {
     pub store: Arc<dyn Store>,
     /// `None` when xDS is turned off.
     pub xds: Option<XdsServer>,
+    /// The Eureka REST API under `/eureka` on the native listener; `None` when turned off.
+    pub eureka: Option<Eureka>,
 }
 
 /// A running node.
@@ -120,6 +123,7 @@ impl Server {
         let nacos_metrics = NacosMetrics::register(&mut prometheus);
         let xds_metrics = XdsMetrics::register(&mut prometheus);
         let dns_metrics = DnsMetrics::register(&mut prometheus);
+        let eureka_metrics = EurekaMetrics::register(&mut prometheus);
         let core_config = CoreConfig {
             event_log_per_service: config.event_log_per_service,
             vacant_retention: std::time::Duration::from_secs(config.vacant_retention_seconds),
@@ -180,6 +184,9 @@ impl Server {
                 xds_metrics,
             )
         });
+        let eureka = config
+            .eureka
+            .then(|| Eureka::new(registry.clone(), eureka_metrics));
         let node = Arc::new(Node {
             registry: registry.clone(),
             scanner,
@@ -188,6 +195,7 @@ impl Server {
             prometheus,
             store,
             xds,
+            eureka,
         });
         let (stop, stopped) = watch::channel(false);
 

@@ -149,6 +149,7 @@ impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath
 
 pub(crate) fn router(node: Arc<Node>) -> Router {
     let limit = node.config.max_body_bytes;
+    let eureka = node.eureka.as_ref().map(|e| e.router());
     let state = AppState { node };
     let instance = "/v1/namespaces/{ns}/services/{svc}/instances/{id}";
     Router::new()
@@ -177,6 +178,7 @@ pub(crate) fn router(node: Arc<Node>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .merge(eureka.unwrap_or_default())
         .fallback(|| async { ApiError::not_found("no such endpoint; see the README for the API") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(

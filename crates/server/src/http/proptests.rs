@@ -294,6 +294,7 @@ fn test_router(rt: &tokio::runtime::Runtime) -> Router {
             prometheus,
             store,
             xds: None,
+            eureka: None,
         }))
     })
 }

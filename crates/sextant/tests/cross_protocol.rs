@@ -1,8 +1,8 @@
-//! One registry behind every protocol: an instance registered through the native API and one
-//! registered through the Nacos 1.x API, in the `public` namespace where the adapters meet, are
-//! both seen through the native API, Nacos' instance list, DNS (Consul's names, with `dig`)
-//! and xDS (a gRPC client's load assignment); a deregistration through one protocol leaves
-//! every other.
+//! One registry behind every protocol: instances registered through the native API, the
+//! Nacos 1.x API and the Eureka API, in the `public` namespace where the adapters meet, are all
+//! seen through the native API, Nacos' instance list, Eureka's registry (`ORDERS`), DNS
+//! (Consul's names, with `dig`) and xDS (a gRPC client's load assignment); a deregistration
+//! through one protocol leaves every other.
 
 mod common;
 
@@ -103,6 +103,26 @@ async fn nacos_list(nacos: std::net::SocketAddr) -> Vec<String> {
     out
 }
 
+async fn eureka_list(server: &Server) -> Vec<String> {
+    let v: Value = http_client()
+        .get(format!("{}/eureka/apps/ORDERS", server.base()))
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut out: Vec<String> = v["application"]["instance"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| format!("{}:{}", i["ipAddr"].as_str().unwrap(), i["port"]["$"]))
+        .collect();
+    out.sort();
+    out
+}
+
 #[tokio::test]
 async fn an_instance_registered_through_one_protocol_is_seen_through_every_other() {
     let server = Server::start();
@@ -121,7 +141,22 @@ async fn an_instance_registered_through_one_protocol_is_seen_through_every_other
         .unwrap();
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
 
-    let both = ["10.7.0.1:8080", "10.7.0.2:8080"];
+    // Eureka: app ORDERS is public/orders.
+    let r = http_client()
+        .post(format!("{}/eureka/apps/ORDERS", server.base()))
+        .json(&serde_json::json!({"instance": {
+            "instanceId": "eureka-3", "app": "ORDERS", "hostName": "orders-3",
+            "ipAddr": "10.7.0.3", "status": "UP",
+            "port": {"$": 8080, "@enabled": "true"},
+            "dataCenterInfo": {"@class": "com.netflix.appinfo.InstanceInfo$DefaultDataCenterInfo", "name": "MyOwn"},
+            "leaseInfo": {"durationInSecs": 60}
+        }}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204, "{}", r.text().await.unwrap_or_default());
+
+    let both = ["10.7.0.1:8080", "10.7.0.2:8080", "10.7.0.3:8080"];
     let native: Vec<String> = {
         let svc = api.service("public", "orders").await;
         let mut v: Vec<String> = svc["instances"]
@@ -135,7 +170,8 @@ async fn an_instance_registered_through_one_protocol_is_seen_through_every_other
     };
     assert_eq!(native, both);
     assert_eq!(nacos_list(nacos).await, both);
-    assert_eq!(dns_addresses(&server), ["10.7.0.1", "10.7.0.2"]);
+    assert_eq!(eureka_list(&server).await, both);
+    assert_eq!(dns_addresses(&server), ["10.7.0.1", "10.7.0.2", "10.7.0.3"]);
     assert_eq!(xds_endpoints(&server).await, both);
 
     // Deregistered through Nacos: gone from every protocol.
@@ -147,8 +183,13 @@ async fn an_instance_registered_through_one_protocol_is_seen_through_every_other
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(nacos_list(nacos).await, ["10.7.0.1:8080"]);
-    assert_eq!(dns_addresses(&server), ["10.7.0.1"]);
-    assert_eq!(xds_endpoints(&server).await, ["10.7.0.1:8080"]);
-    assert_eq!(ids(&api.service("public", "orders").await), ["native-1"]);
+    let rest = ["10.7.0.1:8080", "10.7.0.3:8080"];
+    assert_eq!(nacos_list(nacos).await, rest);
+    assert_eq!(eureka_list(&server).await, rest);
+    assert_eq!(dns_addresses(&server), ["10.7.0.1", "10.7.0.3"]);
+    assert_eq!(xds_endpoints(&server).await, rest);
+    assert_eq!(
+        ids(&api.service("public", "orders").await),
+        ["eureka-3", "native-1"]
+    );
 }

@@ -23,7 +23,8 @@ pub struct Cli {
         default_value = "http://127.0.0.1:8470"
     )]
     pub server: String,
-    /// Base URL of the node's gRPC API, for `register` (which uses the Rust SDK).
+    /// Base URL of the node's gRPC API, for `register` (which uses the Rust SDK) and as the
+    /// xDS server in the file `xds bootstrap` prints.
     #[arg(
         long,
         global = true,
@@ -130,6 +131,7 @@ pub enum XdsCommand {
         /// The client's zone: endpoints in it are preferred over the rest of the region.
         #[arg(long, default_value = "")]
         zone: String,
+        /// The client's sub-zone (Sextant's idc), reported to the server.
         #[arg(long, default_value = "")]
         sub_zone: String,
     },

@@ -1,5 +1,5 @@
-//! The etcd side of the comparison, over etcd's native v3 gRPC API (a trimmed copy of its
-//! protos in `proto/etcd`): `register` is one `Put` per instance of `/services/<svc>/<id>`
+//! The etcd side of the comparison, over etcd's native v3 gRPC API (the client `sextant-store-etcd`
+//! generates from the vendored protos in `proto/etcd`): `register` is one `Put` per instance of `/services/<svc>/<id>`
 //! with a lease attached (one lease per client, granted before the clock starts); `push` is W
 //! watchers, each on its own connection with a `Watch` on the prefix `/services/<svc>/`
 //! (after a `Range` of it, as a list-then-watch client does), while the tool `Put`s a changed
@@ -19,11 +19,9 @@ use crate::push::{self, Labels, Live, PushArgs, PushResult, Seen};
 use crate::register::RegisterArgs;
 use crate::stats::{CpuMeter, Row};
 
-/// Generated client stubs of the trimmed etcd v3 API.
-pub mod pb {
-    #![allow(clippy::all, missing_docs)]
-    tonic::include_proto!("etcdserverpb");
-}
+/// etcd's v3 API, as the etcd store generates it.
+pub use sextant_store_etcd::pb::etcdserverpb as pb;
+pub use sextant_store_etcd::prefix_end;
 
 use pb::kv_client::KvClient;
 use pb::lease_client::LeaseClient;
@@ -45,18 +43,6 @@ async fn channel(url: &str) -> anyhow::Result<Channel> {
 
 fn kv(ch: Channel) -> KvClient<Channel> {
     KvClient::new(ch).max_decoding_message_size(64 << 20)
-}
-
-/// The end of the range of every key starting with `prefix` (etcd's `WithPrefix`).
-pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0]
 }
 
 /// Answers when etcd serves reads.

@@ -45,7 +45,7 @@
 //! [`Store::load`] (blocking) from any thread.
 #![forbid(unsafe_code)]
 
-mod pb;
+pub mod pb;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -159,7 +159,7 @@ fn decode_revision(key: &[u8], v: &[u8]) -> Result<Revision, StoreError> {
 }
 
 /// The first key after every key that starts with `prefix` (etcd's `range_end` for a prefix).
-fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();
     while let Some(last) = end.pop() {
         if last < 0xff {

@@ -37,14 +37,6 @@ impl Delta {
             types: Default::default(),
         }
     }
-
-    fn subs(&self) -> [Subscribed; 4] {
-        std::array::from_fn(|i| Subscribed {
-            requested: self.types[i].sub.requested,
-            names: self.types[i].sub.names.clone(),
-            wildcard: self.types[i].sub.wildcard,
-        })
-    }
 }
 
 impl Engine for Delta {
@@ -109,15 +101,13 @@ impl Engine for Delta {
         // A plain ACK changes no subscription.
         if first || changes {
             self.session.subscribed(kind, &t.sub);
-            let subs = self.subs();
-            self.session.cover(&subs);
+            self.session.cover(self.types.each_ref().map(|t| &t.sub));
         }
     }
 
     fn on_change(&mut self) {
         if self.session.catalog_moved() {
-            let subs = self.subs();
-            self.session.cover(&subs);
+            self.session.cover(self.types.each_ref().map(|t| &t.sub));
         }
     }
 

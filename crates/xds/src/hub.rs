@@ -52,6 +52,17 @@ impl Content {
         }
     }
 
+    /// The version of the resource of `kind` in this content; `None` when it does not exist
+    /// (a listener or cluster of a service without instances). Listener, route and cluster
+    /// never change for a name, so they are version 1 while they exist.
+    fn version_of(&self, kind: Kind) -> Option<Revision> {
+        match kind {
+            Kind::Listener | Kind::Cluster => self.exists.then_some(1),
+            Kind::Route => Some(1),
+            Kind::Endpoint => Some(self.version),
+        }
+    }
+
     fn load_assignment(&self, name: &str, locality: &ClientLocality) -> Any {
         self.encoded
             .lock()
@@ -87,23 +98,19 @@ impl Slot {
     /// `None` when it does not exist (a listener or cluster of a service without instances).
     pub fn resource(&self, kind: Kind, locality: &ClientLocality) -> Option<(Revision, Any)> {
         let c = self.content();
-        match kind {
-            Kind::Listener if c.exists => Some((1, self.listener.clone())),
-            Kind::Cluster if c.exists => Some((1, self.cluster.clone())),
-            Kind::Listener | Kind::Cluster => None,
-            Kind::Route => Some((1, self.route.clone())),
-            Kind::Endpoint => Some((c.version, c.load_assignment(&self.name, locality))),
-        }
+        let version = c.version_of(kind)?;
+        let any = match kind {
+            Kind::Listener => self.listener.clone(),
+            Kind::Cluster => self.cluster.clone(),
+            Kind::Route => self.route.clone(),
+            Kind::Endpoint => c.load_assignment(&self.name, locality),
+        };
+        Some((version, any))
     }
 
     /// The version `resource` would carry, without encoding anything.
     pub fn version(&self, kind: Kind) -> Option<Revision> {
-        let c = self.content.read();
-        match kind {
-            Kind::Listener | Kind::Cluster => c.exists.then_some(1),
-            Kind::Route => Some(1),
-            Kind::Endpoint => Some(c.version),
-        }
+        self.content.read().version_of(kind)
     }
 
     pub fn watch(&self, stream: u64, wake: Arc<Notify>) {

@@ -4,7 +4,7 @@
 //! what is due. The response stream is polled by the connection itself: no task and no queue
 //! per stream, so a client that does not read holds back only its own stream.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -120,39 +120,31 @@ impl Session {
 
     /// Watches exactly the services that `subs` cover (each type's names, and the catalog
     /// for a wildcard CDS).
-    pub fn cover(&mut self, subs: &[Subscribed; 4]) {
-        let wildcard = subs
-            .iter()
-            .zip(Kind::ALL)
-            .any(|(s, k)| s.wildcard && k == Kind::Cluster);
+    pub fn cover(&mut self, subs: [&Subscribed; 4]) {
+        let wildcard = subs[Kind::Cluster.index()].wildcard;
         match (wildcard, self.catalog.is_some()) {
             (true, false) => self.hub.catalog.watch(self.id, self.wake.clone()),
             (false, true) => self.hub.catalog.unwatch(self.id),
             _ => {}
         }
         self.catalog = wildcard.then(|| self.hub.catalog.names());
-        let mut wanted: HashMap<ServiceKey, ()> = HashMap::new();
-        for s in subs {
-            for n in &s.names {
-                if let Some(k) = resources::parse_name(n) {
-                    wanted.insert(k, ());
-                }
-            }
-        }
+        let mut wanted: HashSet<ServiceKey> = subs
+            .iter()
+            .flat_map(|s| &s.names)
+            .filter_map(|n| resources::parse_name(n))
+            .collect();
         if let Some(c) = &self.catalog {
-            for k in c.values() {
-                wanted.insert(k.clone(), ());
-            }
+            wanted.extend(c.values().cloned());
         }
         let id = self.id;
         self.slots.retain(|k, slot| {
-            let keep = wanted.contains_key(k);
+            let keep = wanted.contains(k);
             if !keep {
                 slot.unwatch(id);
             }
             keep
         });
-        for k in wanted.into_keys() {
+        for k in wanted {
             if !self.slots.contains_key(&k) {
                 let slot = self.hub.slot(&k);
                 slot.watch(id, self.wake.clone());

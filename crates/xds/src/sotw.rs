@@ -36,14 +36,6 @@ impl Sotw {
             types: Default::default(),
         }
     }
-
-    fn subs(&self) -> [Subscribed; 4] {
-        std::array::from_fn(|i| Subscribed {
-            requested: self.types[i].sub.requested,
-            names: self.types[i].sub.names.clone(),
-            wildcard: self.types[i].sub.wildcard,
-        })
-    }
 }
 
 impl Engine for Sotw {
@@ -89,15 +81,13 @@ impl Engine for Sotw {
         }
         if !same {
             self.session.subscribed(kind, &t.sub);
-            let subs = self.subs();
-            self.session.cover(&subs);
+            self.session.cover(self.types.each_ref().map(|t| &t.sub));
         }
     }
 
     fn on_change(&mut self) {
         if self.session.catalog_moved() {
-            let subs = self.subs();
-            self.session.cover(&subs);
+            self.session.cover(self.types.each_ref().map(|t| &t.sub));
         }
     }
 

@@ -44,6 +44,14 @@ struct Client {
     seen: Instant,
 }
 
+/// Per service, its clients by address, and how many there are in all (kept, not summed on
+/// every list query).
+#[derive(Default)]
+struct Clients {
+    by_service: HashMap<ServiceKey, HashMap<SocketAddr, Client>>,
+    total: usize,
+}
+
 struct Pending {
     to: SocketAddr,
     packet: Bytes,
@@ -57,8 +65,7 @@ struct Pending {
 /// The UDP push of one adapter.
 pub(crate) struct UdpPush {
     socket: Arc<UdpSocket>,
-    /// Per service, its clients by address.
-    services: Mutex<HashMap<ServiceKey, HashMap<SocketAddr, Client>>>,
+    services: Mutex<Clients>,
     /// By `lastRefTime`.
     pending: Mutex<HashMap<u64, Pending>>,
     /// The latest push per client, so a newer one replaces an unacked older one.
@@ -74,7 +81,7 @@ impl UdpPush {
         let socket = UdpSocket::from_std(socket)?;
         Ok(Self {
             socket: Arc::new(socket),
-            services: Mutex::new(HashMap::new()),
+            services: Mutex::new(Clients::default()),
             pending: Mutex::new(HashMap::new()),
             latest: Mutex::new(HashMap::new()),
             // Unique per push and rising. Microseconds, not nanoseconds: clients parse it as a
@@ -104,29 +111,24 @@ impl UdpPush {
             return false;
         };
         let mut services = udp.services.lock();
-        let total: usize = services.values().map(HashMap::len).sum();
-        let clients = services.entry(key.clone()).or_default();
+        let Clients { by_service, total } = &mut *services;
+        let clients = by_service.entry(key.clone()).or_default();
         let new_service = clients.is_empty();
-        if !clients.contains_key(&addr) && total >= MAX_CLIENTS {
+        if !clients.contains_key(&addr) && *total >= MAX_CLIENTS {
             adapter.metrics.udp_refused.inc();
             if new_service {
-                services.remove(key);
+                by_service.remove(key);
             }
             return false;
         }
-        let added = clients
-            .insert(
-                addr,
-                Client {
-                    options,
-                    seen: Instant::now(),
-                },
-            )
-            .is_none();
-        adapter
-            .metrics
-            .udp_clients
-            .set((total + usize::from(added)) as i64);
+        let client = Client {
+            options,
+            seen: Instant::now(),
+        };
+        if clients.insert(addr, client).is_none() {
+            *total += 1;
+            adapter.metrics.udp_clients.set(*total as i64);
+        }
         if new_service {
             tokio::spawn(follow(Arc::downgrade(adapter), key.clone()));
         }
@@ -189,19 +191,21 @@ impl UdpPush {
         metrics: &NacosMetrics,
     ) -> Vec<(SocketAddr, InfoOptions)> {
         let mut services = self.services.lock();
-        let Some(clients) = services.get_mut(key) else {
+        let Clients { by_service, total } = &mut *services;
+        let Some(clients) = by_service.get_mut(key) else {
             return Vec::new();
         };
+        let before = clients.len();
         clients.retain(|_, c| c.seen.elapsed() < CLIENT_TTL);
+        *total -= before - clients.len();
+        metrics.udp_clients.set(*total as i64);
         let out: Vec<_> = clients
             .iter()
             .map(|(a, c)| (*a, c.options.clone()))
             .collect();
         if out.is_empty() {
-            services.remove(key);
+            by_service.remove(key);
         }
-        let total: usize = services.values().map(HashMap::len).sum();
-        metrics.udp_clients.set(total as i64);
         out
     }
 }

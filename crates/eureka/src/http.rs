@@ -191,7 +191,6 @@ async fn renew(
     let r = (|| {
         let (app, id) = path(p)?;
         let key = service_key(&app)?;
-        let unknown = || EurekaError::NotFound(format!("instance {id} of {app} is not registered"));
         // A client whose registration is newer than ours must register again (Eureka's 404).
         if let Some(theirs) =
             query_param(&q, "lastDirtyTimestamp").and_then(|s| s.parse::<u64>().ok())
@@ -209,7 +208,7 @@ async fn renew(
             Some(HeartbeatResult::Renewed | HeartbeatResult::Persistent) => {
                 Ok(StatusCode::OK.into_response())
             }
-            _ => Err(unknown()),
+            _ => Err(not_registered(&app, &id)),
         }
     })();
     answer(&e, "renew", r)
@@ -224,9 +223,7 @@ async fn cancel(
         let key = service_key(&app)?;
         match e.registry.deregister(key, id.clone()).await {
             Ok(_) => Ok(StatusCode::OK.into_response()),
-            Err(CoreError::NotFound(_)) => Err(EurekaError::NotFound(format!(
-                "instance {id} of {app} is not registered"
-            ))),
+            Err(CoreError::NotFound(_)) => Err(not_registered(&app, &id)),
             Err(err) => Err(err.into()),
         }
     }
@@ -250,6 +247,17 @@ fn status_value(q: &Option<String>, required: bool) -> Result<Option<EurekaStatu
         )),
         None => Ok(None),
     }
+}
+
+fn not_registered(app: &str, id: &str) -> EurekaError {
+    EurekaError::NotFound(format!("instance {id} of {app} is not registered"))
+}
+
+/// The instance `id` of `key` (app `app`), or the 404 a Eureka client expects.
+fn registered(e: &Eureka, key: &ServiceKey, app: &str, id: &str) -> Result<Instance, EurekaError> {
+    e.registry
+        .instance(key, id)
+        .ok_or_else(|| not_registered(app, id))
 }
 
 /// Re-registers `inst` with a new spec and status (the lease keeps its TTL).
@@ -280,9 +288,7 @@ async fn put_status(
         let (app, id) = path(p)?;
         let key = service_key(&app)?;
         let value = status_value(&q, true)?.unwrap_or(EurekaStatus::Unknown);
-        let inst = e.registry.instance(&key, &id).ok_or_else(|| {
-            EurekaError::NotFound(format!("instance {id} of {app} is not registered"))
-        })?;
+        let inst = registered(&e, &key, &app, &id)?;
         // UNKNOWN as an override means "no override", as in Eureka.
         let overridden = (value != EurekaStatus::Unknown).then_some(value);
         let spec = mapping::with_override(&inst.spec, overridden);
@@ -306,9 +312,7 @@ async fn delete_status(
         let (app, id) = path(p)?;
         let key = service_key(&app)?;
         let value = status_value(&q, false)?;
-        let inst = e.registry.instance(&key, &id).ok_or_else(|| {
-            EurekaError::NotFound(format!("instance {id} of {app} is not registered"))
-        })?;
+        let inst = registered(&e, &key, &app, &id)?;
         let mut spec = mapping::with_override(&inst.spec, None);
         let mut status = InstanceStatus {
             enabled: true,
@@ -393,9 +397,7 @@ async fn get_instance(
     let r = (|| {
         let (app, id) = path(p)?;
         let key = service_key(&app)?;
-        let inst = e.registry.instance(&key, &id).ok_or_else(|| {
-            EurekaError::NotFound(format!("instance {id} of {app} is not registered"))
-        })?;
+        let inst = registered(&e, &key, &app, &id)?;
         let protected = e.registry.get(&key, true).protected;
         let inner =
             mapping::render_instance(&app.to_ascii_uppercase(), &key.service, &inst, protected);

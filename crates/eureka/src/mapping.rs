@@ -354,26 +354,23 @@ pub fn override_of(spec: &InstanceSpec) -> Option<EurekaStatus> {
 
 /// `spec` with the status override set (`Some`) or removed (`None`).
 pub fn with_override(spec: &InstanceSpec, status: Option<EurekaStatus>) -> InstanceSpec {
-    let mut out = spec.clone();
-    out.metadata = spec
-        .metadata
-        .iter()
-        .filter(|(k, _)| *k != OVERRIDE_KEY)
-        .map(|(k, v)| (Text::from(k), Text::from(v)))
-        .chain(status.map(|s| (Text::from(OVERRIDE_KEY), Text::from(s.as_str()))))
-        .collect::<Metadata>();
-    out
+    with_meta(spec, OVERRIDE_KEY, status.map(EurekaStatus::as_str))
 }
 
 /// `spec` with its own status (the one the client reported) replaced.
 pub fn with_own_status(spec: &InstanceSpec, status: EurekaStatus) -> InstanceSpec {
+    with_meta(spec, STATUS_KEY, Some(status.as_str()))
+}
+
+/// `spec` with metadata `key` set to `value`, or removed when `None`.
+fn with_meta(spec: &InstanceSpec, key: &str, value: Option<&str>) -> InstanceSpec {
     let mut out = spec.clone();
     out.metadata = spec
         .metadata
         .iter()
-        .filter(|(k, _)| *k != STATUS_KEY)
+        .filter(|(k, _)| *k != key)
         .map(|(k, v)| (Text::from(k), Text::from(v)))
-        .chain([(Text::from(STATUS_KEY), Text::from(status.as_str()))])
+        .chain(value.map(|v| (Text::from(key), Text::from(v))))
         .collect::<Metadata>();
     out
 }

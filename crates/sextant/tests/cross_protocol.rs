@@ -82,6 +82,15 @@ fn dns_addresses(server: &Server) -> Vec<String> {
     v
 }
 
+/// Registers (POST) or deregisters (DELETE) 10.7.0.2:8080 in `orders` through Nacos 1.x.
+async fn nacos_instance(method: reqwest::Method, nacos: std::net::SocketAddr) {
+    let url = format!(
+        "http://{nacos}/nacos/v1/ns/instance?serviceName=orders&ip=10.7.0.2&port=8080&ephemeral=true"
+    );
+    let r = http_client().request(method, url).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+}
+
 async fn nacos_list(nacos: std::net::SocketAddr) -> Vec<String> {
     let v: Value = http_client()
         .get(format!(
@@ -132,14 +141,7 @@ async fn an_instance_registered_through_one_protocol_is_seen_through_every_other
     // Native: public/orders. Nacos 1.x: DEFAULT_GROUP's orders, the same service.
     api.register("public", "orders", "native-1", &inst("10.7.0.1", 8080))
         .await;
-    let r = http_client()
-        .post(format!(
-            "http://{nacos}/nacos/v1/ns/instance?serviceName=orders&ip=10.7.0.2&port=8080&ephemeral=true"
-        ))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+    nacos_instance(reqwest::Method::POST, nacos).await;
 
     // Eureka: app ORDERS is public/orders.
     let r = http_client()
@@ -175,14 +177,7 @@ async fn an_instance_registered_through_one_protocol_is_seen_through_every_other
     assert_eq!(xds_endpoints(&server).await, both);
 
     // Deregistered through Nacos: gone from every protocol.
-    let r = http_client()
-        .delete(format!(
-            "http://{nacos}/nacos/v1/ns/instance?serviceName=orders&ip=10.7.0.2&port=8080&ephemeral=true"
-        ))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    nacos_instance(reqwest::Method::DELETE, nacos).await;
     let rest = ["10.7.0.1:8080", "10.7.0.3:8080"];
     assert_eq!(nacos_list(nacos).await, rest);
     assert_eq!(eureka_list(&server).await, rest);

@@ -104,6 +104,11 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+async fn switches(nacos_http: std::net::SocketAddr) -> Value {
+    let url = format!("http://{nacos_http}/nacos/v1/ns/operator/switches");
+    reqwest::get(url).await.unwrap().json().await.unwrap()
+}
+
 fn host(i: u8) -> Value {
     json!({"host": format!("10.9.0.{i}"), "port": 80})
 }
@@ -144,14 +149,7 @@ async fn the_node_sdk_gets_changes_pushed_over_udp() {
     }
     assert!(metric(&api, "sextant_nacos_udp_acks_total").await >= 4.0);
     assert_eq!(metric(&api, "sextant_nacos_udp_clients").await, 1.0);
-    let switches: Value =
-        reqwest::get(format!("http://{nacos_http}/nacos/v1/ns/operator/switches"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-    assert_eq!(switches["pushEnabled"], true);
+    assert_eq!(switches(nacos_http).await["pushEnabled"], true);
 }
 
 #[tokio::test]
@@ -167,12 +165,5 @@ async fn without_udp_push_the_node_sdk_polls() {
     // Polling every 3 s (the list's cacheMillis without push).
     sub.expect_hosts(&["10.9.0.1:80", "10.9.0.2:80"], Duration::from_secs(8));
     assert_eq!(metric(&api, "sextant_nacos_udp_pushes_total").await, 0.0);
-    let switches: Value =
-        reqwest::get(format!("http://{nacos_http}/nacos/v1/ns/operator/switches"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-    assert_eq!(switches["pushEnabled"], false);
+    assert_eq!(switches(nacos_http).await["pushEnabled"], false);
 }

@@ -58,12 +58,7 @@ pub async fn run(t: &Target, a: &ConnectionsArgs) -> anyhow::Result<()> {
 
     // 1. The watched service.
     let mut c = load::grpc_clients(&t.grpc, 1).await?.remove(0);
-    let instances = (0..a.instances)
-        .map(|i| load::grpc_request(&service, format!("i{i}"), i))
-        .collect();
-    c.batch_register(pb::BatchRegisterRequest { instances })
-        .await
-        .context("registering the watched service")?;
+    load::register_service(c.clone(), &service, a.instances).await?;
     let rss_before = t
         .pid
         .and_then(|p| stats::proc_status_bytes(p, "VmRSS").ok());

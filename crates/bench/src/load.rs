@@ -176,6 +176,22 @@ pub fn http_client(timeout: Option<Duration>) -> anyhow::Result<reqwest::Client>
     b.build().context("cannot build the HTTP client")
 }
 
+/// Registers `service` with `n` instances (`i0`, `i1`, ...) in one `BatchRegister`: the watched
+/// service of the streaming scenarios.
+pub async fn register_service(
+    c: RegistryClient<Channel>,
+    service: &str,
+    n: u64,
+) -> anyhow::Result<()> {
+    let instances = (0..n)
+        .map(|i| grpc_request(service, format!("i{i}"), i))
+        .collect();
+    batch_register(c, instances)
+        .await
+        .with_context(|| format!("registering the watched service {service}"))?;
+    Ok(())
+}
+
 /// One `BatchRegister`, checked to answer one revision per instance; returns how many.
 pub async fn batch_register(
     mut c: RegistryClient<Channel>,

@@ -163,12 +163,7 @@ async fn measure(t: &Target, a: &XdsArgs, p: Protocol) -> anyhow::Result<(Vec<Ro
 
     // 1. The watched service, its marker at weight 1 (change 0).
     let mut c = load::grpc_clients(&t.grpc, 1).await?.remove(0);
-    let instances = (0..a.instances)
-        .map(|i| load::grpc_request(&service, format!("i{i}"), i))
-        .collect();
-    c.batch_register(pb::BatchRegisterRequest { instances })
-        .await
-        .context("registering the watched service")?;
+    load::register_service(c.clone(), &service, a.instances).await?;
     set_marker(&mut c, &service, 1)
         .await
         .context("setting the marker's first weight")?;

@@ -16,5 +16,5 @@ mod probe;
 mod scanner;
 
 pub use metrics::{HealthMetrics, OutcomeLabels, ProbeLabels};
-pub use probe::{probe, Failure};
+pub use probe::{probe, Failure, Verdict};
 pub use scanner::{Scanner, ScannerConfig, SuspectOutcome};

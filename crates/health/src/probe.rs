@@ -12,6 +12,15 @@ use tokio::time::timeout;
 /// Bytes of an HTTP check's body read at most (then the connection is dropped).
 const MAX_BODY: usize = 4096;
 
+/// What a probe that did not fail said.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Passing,
+    /// Alive but asking for less load: an HTTP check answered 429 Too Many Requests (Consul's
+    /// rule). The instance stays served, marked `warning`.
+    Warning,
+}
+
 /// Why a probe failed; the label of the failures metric.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Failure {
@@ -46,8 +55,8 @@ fn io_failure(e: &std::io::Error) -> Failure {
     }
 }
 
-/// Probes `host:port` as `check` says. `Ok` = healthy.
-pub async fn probe(check: &HealthCheck, host: &str, port: u16) -> Result<(), Failure> {
+/// Probes `host:port` as `check` says.
+pub async fn probe(check: &HealthCheck, host: &str, port: u16) -> Result<Verdict, Failure> {
     let t = Duration::from_millis(u64::from(check.timeout_ms));
     match timeout(t, probe_inner(check, host, port, t)).await {
         Ok(r) => r,
@@ -71,16 +80,16 @@ async fn probe_inner(
     host: &str,
     port: u16,
     t: Duration,
-) -> Result<(), Failure> {
+) -> Result<Verdict, Failure> {
     match check.kind {
-        CheckKind::None => Ok(()),
-        CheckKind::Tcp => connect(host, port).await.map(drop),
+        CheckKind::None => Ok(Verdict::Passing),
+        CheckKind::Tcp => connect(host, port).await.map(|_| Verdict::Passing),
         CheckKind::Http => http(check, host, port).await,
         CheckKind::Grpc => grpc(check, host, port, t).await,
     }
 }
 
-async fn http(check: &HealthCheck, host: &str, port: u16) -> Result<(), Failure> {
+async fn http(check: &HealthCheck, host: &str, port: u16) -> Result<Verdict, Failure> {
     let stream = connect(host, port).await?;
     let io = hyper_util::rt::TokioIo::new(stream);
     let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(io)
@@ -119,7 +128,9 @@ async fn http(check: &HealthCheck, host: &str, port: u16) -> Result<(), Failure>
             }
         }
         if (check.http_status_min..=check.http_status_max).contains(&status) {
-            Ok(())
+            Ok(Verdict::Passing)
+        } else if status == 429 {
+            Ok(Verdict::Warning)
         } else {
             Err(Failure::Unhealthy)
         }
@@ -129,7 +140,7 @@ async fn http(check: &HealthCheck, host: &str, port: u16) -> Result<(), Failure>
     result
 }
 
-async fn grpc(check: &HealthCheck, host: &str, port: u16, t: Duration) -> Result<(), Failure> {
+async fn grpc(check: &HealthCheck, host: &str, port: u16, t: Duration) -> Result<Verdict, Failure> {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;
     use tonic_health::pb::HealthCheckRequest;
@@ -160,7 +171,7 @@ async fn grpc(check: &HealthCheck, host: &str, port: u16, t: Duration) -> Result
             _ => Failure::Error,
         })?;
     if resp.into_inner().status == ServingStatus::Serving as i32 {
-        Ok(())
+        Ok(Verdict::Passing)
     } else {
         Err(Failure::Unhealthy)
     }

@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::time::Instant;
 
 use crate::metrics::{HealthMetrics, OutcomeLabels, ProbeLabels};
-use crate::probe::{probe, Failure};
+use crate::probe::{probe, Failure, Verdict};
 
 /// Tunables of the scanner.
 #[derive(Debug, Clone)]
@@ -138,7 +138,7 @@ struct Target {
 struct ProbeResult {
     key: TargetKey,
     kind: &'static str,
-    result: Result<(), Failure>,
+    result: Result<Verdict, Failure>,
     elapsed: Duration,
 }
 
@@ -423,7 +423,8 @@ impl Sched {
             .get_or_create(&ProbeLabels {
                 kind: r.kind,
                 result: match r.result {
-                    Ok(()) => "ok",
+                    Ok(Verdict::Passing) => "ok",
+                    Ok(Verdict::Warning) => "warning",
                     Err(f) => f.as_str(),
                 },
             })
@@ -437,12 +438,16 @@ impl Sched {
         let interval = Duration::from_millis(u64::from(t.check.interval_ms));
         let jitter = t.check.jitter_percent;
         let delay = match r.result {
-            Ok(()) => {
+            Ok(verdict) => {
                 t.successes += 1;
                 t.failures = 0;
                 t.backoff = 0;
-                if t.health != Health::Healthy && t.successes >= t.check.rise {
-                    self.pending_flips.push((r.key.clone(), Health::Healthy));
+                let health = match verdict {
+                    Verdict::Passing => Health::Healthy,
+                    Verdict::Warning => Health::Warning,
+                };
+                if t.health != health && t.successes >= t.check.rise {
+                    self.pending_flips.push((r.key.clone(), health));
                 }
                 interval
             }

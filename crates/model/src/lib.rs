@@ -21,7 +21,8 @@ pub use text::{Metadata, Text};
 pub use util::{now_ms, XorShift};
 pub use validate::{
     validate_host, validate_instance_id, validate_name, validate_registration,
-    validate_service_name, MAX_METADATA_BYTES, MAX_METADATA_ENTRIES, MAX_WEIGHT,
+    validate_service_name, MAX_METADATA_BYTES, MAX_METADATA_ENTRIES, MAX_METADATA_VALUE,
+    MAX_WEIGHT,
 };
 
 /// A position in the registry's single, strictly increasing sequence of changes.
@@ -114,6 +115,10 @@ pub enum Health {
     /// No check has reported yet. Served, as users of every registry expect.
     #[default]
     Unknown,
+    /// Alive but a check says something is off (Consul's `warning`: an HTTP check answered
+    /// 429, or a TTL check was marked warn). Still served; only-passing readers (Consul's
+    /// `?passing`) leave it out. Last, so records written before it decode unchanged.
+    Warning,
 }
 
 impl Health {
@@ -122,6 +127,7 @@ impl Health {
             Health::Healthy => "healthy",
             Health::Unhealthy => "unhealthy",
             Health::Unknown => "unknown",
+            Health::Warning => "warning",
         }
     }
 
@@ -130,9 +136,10 @@ impl Health {
             "healthy" => Ok(Health::Healthy),
             "unhealthy" => Ok(Health::Unhealthy),
             "unknown" => Ok(Health::Unknown),
+            "warning" => Ok(Health::Warning),
             other => Err(InvalidField::new(
                 "health",
-                format!("{other:?} is not one of healthy, unhealthy, unknown"),
+                format!("{other:?} is not one of healthy, unhealthy, unknown, warning"),
             )),
         }
     }

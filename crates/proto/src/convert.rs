@@ -23,6 +23,7 @@ pub fn health_to_pb(h: Health) -> i32 {
         Health::Unknown => pb::Health::Unknown as i32,
         Health::Healthy => pb::Health::Healthy as i32,
         Health::Unhealthy => pb::Health::Unhealthy as i32,
+        Health::Warning => pb::Health::Warning as i32,
     }
 }
 
@@ -33,6 +34,7 @@ pub fn health_from_pb(h: i32) -> Option<Health> {
         Ok(pb::Health::Unknown) => Some(Health::Unknown),
         Ok(pb::Health::Healthy) => Some(Health::Healthy),
         Ok(pb::Health::Unhealthy) => Some(Health::Unhealthy),
+        Ok(pb::Health::Warning) => Some(Health::Warning),
         Err(_) => None,
     }
 }
@@ -171,7 +173,12 @@ mod tests {
 
     #[test]
     fn health_and_status_round_trip() {
-        for h in [Health::Unknown, Health::Healthy, Health::Unhealthy] {
+        for h in [
+            Health::Unknown,
+            Health::Healthy,
+            Health::Unhealthy,
+            Health::Warning,
+        ] {
             assert_eq!(health_from_pb(health_to_pb(h)), Some(h));
         }
         assert_eq!(health_from_pb(99), None);

@@ -182,9 +182,28 @@ pub struct ServerConfig {
     /// TTL of DNS answers, and how long resolvers may cache a negative answer, in seconds.
     #[arg(long, env = "SEXTANT_DNS_TTL_SECONDS", default_value_t = 5)]
     pub dns_ttl_seconds: u32,
-    /// The datacenter in Consul names (`web.service.<dc>.consul`) and SRV targets.
+    /// The datacenter Consul clients see: in DNS names (`web.service.<dc>.consul`), SRV
+    /// targets and the Consul HTTP API (`/v1/agent/self`, `?dc=`).
     #[arg(long, env = "SEXTANT_DNS_DATACENTER", default_value = "dc1")]
     pub dns_datacenter: String,
+    /// Serve Consul's HTTP API (agent, catalog, health, status) for unchanged Consul clients.
+    #[arg(long, env = "SEXTANT_CONSUL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub consul: bool,
+    /// Address of the Consul HTTP API (Consul's default port).
+    #[arg(
+        long,
+        env = "SEXTANT_CONSUL_HTTP_ADDR",
+        default_value = "127.0.0.1:8500"
+    )]
+    pub consul_http_addr: SocketAddr,
+    /// The smallest `DeregisterCriticalServiceAfter` a Consul check may ask for, in seconds;
+    /// smaller values are raised to it (Consul's rule: one minute).
+    #[arg(
+        long,
+        env = "SEXTANT_CONSUL_DEREGISTER_MIN_SECONDS",
+        default_value_t = 60
+    )]
+    pub consul_deregister_min_seconds: u64,
 }
 
 impl Default for ServerConfig {
@@ -341,6 +360,12 @@ impl ServerConfig {
             return Err(ConfigError::Invalid {
                 field: "dns_datacenter",
                 message: "must be one DNS label: 1-63 of A-Z a-z 0-9 -".into(),
+            });
+        }
+        if !(1..=86_400).contains(&self.consul_deregister_min_seconds) {
+            return Err(ConfigError::Invalid {
+                field: "consul_deregister_min_seconds",
+                message: "must be 1-86400".into(),
             });
         }
         if self.xds_debounce_ms > MAX_XDS_DEBOUNCE_MS {

@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use sextant_consul::{Consul, ConsulConfig, ConsulMetrics};
 use sextant_core::{CoreConfig, CoreError, CoreMetrics, MemStore, Registry, Store, StoreError};
 use sextant_dns::{DnsConfig, DnsMetrics, DnsServer};
 use sextant_eureka::{Eureka, EurekaMetrics};
@@ -59,6 +60,11 @@ pub enum ServerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot listen for Consul clients on {addr} (move it with --consul-http-addr, or turn it off with --no-consul)")]
+    ConsulBind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("cannot open the store: {0}")]
     Store(#[from] StoreError),
     #[error("cannot load the registry: {0}")]
@@ -93,6 +99,9 @@ pub struct Server {
     dns: Option<DnsServer>,
     /// Where DNS answers (UDP and TCP), unless it is off.
     pub dns_addr: Option<SocketAddr>,
+    /// Where Consul's HTTP API is served, unless it is off.
+    pub consul_addr: Option<SocketAddr>,
+    consul_http: Option<JoinHandle<()>>,
     grace: Duration,
 }
 
@@ -124,6 +133,7 @@ impl Server {
         let xds_metrics = XdsMetrics::register(&mut prometheus);
         let dns_metrics = DnsMetrics::register(&mut prometheus);
         let eureka_metrics = EurekaMetrics::register(&mut prometheus);
+        let consul_metrics = ConsulMetrics::register(&mut prometheus);
         let core_config = CoreConfig {
             event_log_per_service: config.event_log_per_service,
             vacant_retention: std::time::Duration::from_secs(config.vacant_retention_seconds),
@@ -152,6 +162,15 @@ impl Server {
             let h = nacos_bind(config.nacos_http_addr).await?;
             let g = nacos_bind(config.nacos_grpc_addr()).await?;
             Some((h, g))
+        } else {
+            None
+        };
+        let consul_listener = if config.consul {
+            let addr = config.consul_http_addr;
+            Some(bind(addr).await.map_err(|e| match e {
+                ServerError::Bind { addr, source } => ServerError::ConsulBind { addr, source },
+                other => other,
+            })?)
         } else {
             None
         };
@@ -187,6 +206,20 @@ impl Server {
         let eureka = config
             .eureka
             .then(|| Eureka::new(registry.clone(), eureka_metrics));
+        let consul = consul_listener.map(|(listener, addr)| {
+            let consul = Consul::start(
+                registry.clone(),
+                ConsulConfig {
+                    datacenter: config.dns_datacenter.clone(),
+                    node_name: node_name(),
+                    addr,
+                    min_deregister_after: Duration::from_secs(config.consul_deregister_min_seconds),
+                    ..ConsulConfig::default()
+                },
+                consul_metrics,
+            );
+            (listener, addr, consul)
+        });
         let node = Arc::new(Node {
             registry: registry.clone(),
             scanner,
@@ -255,9 +288,25 @@ impl Server {
             None => (None, None),
         };
         let dns_shown = dns_addr.map_or_else(|| "off".to_string(), |a| a.to_string());
+        let mut consul_addr = None;
+        let mut consul_http = None;
+        if let Some((listener, addr, consul)) = consul {
+            let mut s4 = stop.subscribe();
+            consul_http = Some(tokio::spawn(http::serve(
+                listener,
+                consul.router(),
+                limits,
+                async move {
+                    let _ = s4.wait_for(|v| *v).await;
+                },
+                "consul-http",
+            )));
+            consul_addr = Some(addr);
+        }
+        let consul_shown = consul_addr.map_or_else(|| "off".to_string(), |a| a.to_string());
         let mut nacos = None;
         if let Some(((h, nacos_http_addr), (g, nacos_grpc_addr))) = nacos_listeners {
-            tracing::info!(%http_addr, %grpc_addr, %nacos_http_addr, %nacos_grpc_addr, dns_addr = %dns_shown, "sextant serving");
+            tracing::info!(%http_addr, %grpc_addr, %nacos_http_addr, %nacos_grpc_addr, dns_addr = %dns_shown, consul_http_addr = %consul_shown, "sextant serving");
             let mut s3 = stop.subscribe();
             // The Nacos 1.x listener is served like the native one, with the same limits.
             let serve_http = move |app| {
@@ -281,7 +330,7 @@ impl Server {
             ));
         }
         if nacos.is_none() {
-            tracing::info!(%http_addr, %grpc_addr, nacos = "off", dns_addr = %dns_shown, "sextant serving");
+            tracing::info!(%http_addr, %grpc_addr, nacos = "off", dns_addr = %dns_shown, consul_http_addr = %consul_shown, "sextant serving");
         }
         Ok(Server {
             http_addr,
@@ -293,6 +342,8 @@ impl Server {
             nacos,
             dns,
             dns_addr,
+            consul_addr,
+            consul_http,
             grace,
         })
     }
@@ -316,12 +367,24 @@ impl Server {
             if let Some(n) = self.nacos {
                 n.stopped().await;
             }
+            if let Some(c) = self.consul_http {
+                let _ = c.await;
+            }
         };
         if tokio::time::timeout(self.grace, drain).await.is_err() {
             tracing::warn!(grace = ?self.grace, "connections still open after the grace period; closing");
         }
         tracing::info!("stopped");
     }
+}
+
+/// This machine's host name (the Consul agent's node name), or `sextant`.
+fn node_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "sextant".into())
 }
 
 /// Binds a listener and reports the address it got (port 0 picks one).

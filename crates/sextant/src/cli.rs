@@ -161,6 +161,9 @@ pub struct ServeArgs {
     /// Do not serve DNS (the same as --dns false).
     #[arg(long, env = "SEXTANT_NO_DNS")]
     pub no_dns: bool,
+    /// Do not serve Consul's HTTP API (the same as --consul false).
+    #[arg(long, env = "SEXTANT_NO_CONSUL")]
+    pub no_consul: bool,
     /// Log filter (tracing syntax); SEXTANT_LOG overrides it.
     #[arg(long, default_value = "info")]
     pub log: String,
@@ -176,6 +179,9 @@ impl ServeArgs {
         }
         if self.no_dns {
             c.dns = false;
+        }
+        if self.no_consul {
+            c.consul = false;
         }
         c.validate()?;
         Ok(c)

@@ -29,6 +29,8 @@ pub struct Spawned {
     pub nacos: Option<(SocketAddr, SocketAddr)>,
     /// The DNS adapter's address (UDP and TCP), unless it is off.
     pub dns: Option<SocketAddr>,
+    /// The Consul HTTP API's address, unless it is off.
+    pub consul: Option<SocketAddr>,
     /// Every stderr line so far, for diagnostics.
     pub log: Arc<Mutex<Vec<String>>>,
 }
@@ -51,7 +53,7 @@ pub fn loopback_args(data_dir: &Path, grpc_port: u16) -> Vec<OsString> {
 /// and stdout closed and stderr piped (the start-up line is logged there). Unless `args` give
 /// `--nacos-http-addr` or `--no-nacos`, the Nacos adapter listens on a port of its own
 /// choosing, so parallel servers do not fight over 8848; DNS likewise (`--dns-addr`,
-/// `--no-dns`) over 8600.
+/// `--no-dns`) over 8600, and Consul's HTTP API (`--consul-http-addr`, `--no-consul`) over 8500.
 pub fn serve_command<S: AsRef<OsStr>>(bin: &OsStr, args: &[S]) -> Command {
     let mut cmd = Command::new(bin);
     cmd.arg("serve").args(args);
@@ -70,6 +72,13 @@ pub fn serve_command<S: AsRef<OsStr>>(bin: &OsStr, args: &[S]) -> Command {
     });
     if !dns_placed {
         cmd.args(["--dns-addr", "127.0.0.1:0"]);
+    }
+    let consul_placed = args.iter().any(|a| {
+        let a = a.as_ref().to_string_lossy();
+        a.starts_with("--consul-http-addr") || a == "--no-consul"
+    });
+    if !consul_placed {
+        cmd.args(["--consul-http-addr", "127.0.0.1:0"]);
     }
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -117,7 +126,7 @@ pub fn spawn(mut cmd: Command, startup: Duration) -> Spawned {
         });
     }
     let deadline = Instant::now() + startup;
-    let (http, grpc, nacos, dns) = loop {
+    let (http, grpc, nacos, dns, consul) = loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
             Ok(line) => {
@@ -128,6 +137,7 @@ pub fn spawn(mut cmd: Command, startup: Duration) -> Spawned {
                         grpc,
                         parse_nacos_addrs(&line),
                         field(&line, "dns_addr="),
+                        field(&line, "consul_http_addr="),
                     );
                 }
             }
@@ -145,6 +155,7 @@ pub fn spawn(mut cmd: Command, startup: Duration) -> Spawned {
         grpc,
         nacos,
         dns,
+        consul,
         log,
     }
 }

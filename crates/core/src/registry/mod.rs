@@ -154,6 +154,9 @@ pub(crate) struct RegistryCore {
     pub services: ServiceTable,
     pub publish_gate: RwLock<()>,
     pub published: AtomicU64,
+    /// The published revision again, for readers that wait on any change at all (blocking
+    /// queries over the whole catalog); sent after each batch's services are woken.
+    pub published_tx: watch::Sender<Revision>,
     pub leases: LeaseTable,
     pub metrics: CoreMetrics,
     /// `Some(reason)` once shutdown began.
@@ -228,6 +231,7 @@ impl Registry {
             services,
             publish_gate: RwLock::new(()),
             published: AtomicU64::new(revision),
+            published_tx: watch::Sender::new(revision),
             leases,
             metrics,
             closing: watch::Sender::new(None),
@@ -416,6 +420,18 @@ impl Registry {
             _ = closing.wait_for(|c| c.is_some()) => {}
         }
         ServiceView::build(service.clone(), &entry.state(), healthy_only)
+    }
+
+    /// Waits until the registry-wide revision exceeds `index` or `wait` passes (or shutdown
+    /// begins), then returns the latest revision: blocking queries over many services.
+    pub async fn wait_for_revision(&self, index: Revision, wait: Duration) -> Revision {
+        let mut rx = self.core.published_tx.subscribe();
+        let mut closing = self.core.closing.subscribe();
+        tokio::select! {
+            _ = tokio::time::timeout(wait, rx.wait_for(|r| *r > index)) => {}
+            _ = closing.wait_for(|c| c.is_some()) => {}
+        }
+        self.revision()
     }
 
     /// Several services in one consistent cut, with the revision of that cut (everything up to

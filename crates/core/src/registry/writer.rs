@@ -220,6 +220,7 @@ impl Writer {
             }
             self.core.services.release(entry);
         }
+        self.core.published_tx.send_replace(self.revision);
         m.instances.inc_by(p.instance_delta);
         m.services.inc_by(services_delta);
         m.revision.set(self.revision as i64);

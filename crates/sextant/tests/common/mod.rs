@@ -34,6 +34,8 @@ pub struct Server {
     pub nacos: Option<(SocketAddr, SocketAddr)>,
     /// The DNS adapter's address (UDP and TCP), unless started with `--no-dns`.
     pub dns: Option<SocketAddr>,
+    /// Consul's HTTP API address, unless started with `--no-consul`.
+    pub consul: Option<SocketAddr>,
     pub data_dir: PathBuf,
     log: Arc<Mutex<Vec<String>>>,
     /// Keeps a private data directory alive for as long as the server runs.
@@ -73,6 +75,7 @@ impl Server {
             grpc,
             nacos,
             dns,
+            consul,
             log,
         } = sextant_testkit::spawn_serve(
             std::ffi::OsStr::new(env!("CARGO_BIN_EXE_sextant")),
@@ -85,6 +88,7 @@ impl Server {
             grpc,
             nacos,
             dns,
+            consul,
             data_dir: dir.to_owned(),
             log,
             _tmp: None,

@@ -3,11 +3,12 @@
 # safe to run again and again, on a fresh machine or in CI (.ci/run calls it).
 #
 # What the tests need today: the Rust toolchain with rustfmt and clippy; Python 3 with venv for
-# the Nacos Python SDKs that crates/sextant/tests/nacos_python.rs drives and for grpcio, the
-# Python xDS client of crates/sextant/tests/xds_clients.rs (installed below into .venv/, pinned
-# by tests/nacos/requirements-*.txt and tests/xds/requirements.txt); Node.js with npm for the
-# Node clients (the Nacos SDK, @grpc/grpc-js with @grpc/grpc-js-xds for xds_clients.rs, and
-# eureka-js-client for eureka_js.rs, installed by npm ci from each package-lock.json); and etcd
+# the Nacos Python SDKs that crates/sextant/tests/nacos_python.rs drives, for grpcio, the
+# Python xDS client of crates/sextant/tests/xds_clients.rs, and for py-consul
+# (consul_clients.rs) (installed below into .venv/, pinned by tests/*/requirements*.txt);
+# Node.js with npm for the Node clients (the Nacos SDK, @grpc/grpc-js with @grpc/grpc-js-xds
+# for xds_clients.rs, eureka-js-client for eureka_js.rs and node-consul for consul_clients.rs,
+# installed by npm ci from each package-lock.json); and etcd
 # (Debian's etcd-server, installed below when `etcd` is not on the PATH) for the etcd store's
 # tests, which start their own throwaway member (crates/testkit/src/etcd.rs). Integration tests
 # start the real `sextant` binary on loopback ports with temporary data dirs.
@@ -78,6 +79,8 @@ make_venv .venv/nacos-v2 tests/nacos/requirements-v2.txt v2.nacos
 make_venv .venv/nacos-v1 tests/nacos/requirements-v1.txt nacos
 # .venv/xds: grpcio, whose built-in xds resolver crates/sextant/tests/xds_clients.rs drives.
 make_venv .venv/xds tests/xds/requirements.txt grpc
+# .venv/consul: py-consul for crates/sextant/tests/consul_clients.rs.
+make_venv .venv/consul tests/consul/requirements.txt consul
 
 # need COMMAND PACKAGE WHY: installs PACKAGE when COMMAND is missing; fails when it still is.
 need() {
@@ -113,6 +116,8 @@ npm_ci tests/nacos/node
 npm_ci tests/xds/node
 # eureka-js-client (crates/sextant/tests/eureka_js.rs: the Eureka REST API).
 npm_ci tests/eureka
+# node-consul (crates/sextant/tests/consul_clients.rs: Consul blocking queries).
+npm_ci tests/consul/node
 
 # dig for crates/sextant/tests/dns.rs.
 need dig dnsutils "the DNS tests"

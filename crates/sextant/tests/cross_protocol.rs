@@ -1,8 +1,8 @@
 //! One registry behind every protocol: instances registered through the native API, the
-//! Nacos 1.x API and the Eureka API, in the `public` namespace where the adapters meet, are all
-//! seen through the native API, Nacos' instance list, Eureka's registry (`ORDERS`), DNS
-//! (Consul's names, with `dig`) and xDS (a gRPC client's load assignment); a deregistration
-//! through one protocol leaves every other.
+//! Nacos 1.x API, the Eureka API and Consul's agent API, in the `public` namespace where the
+//! adapters meet, are all seen through the native API, Nacos' instance list, Eureka's registry
+//! (`ORDERS`), Consul's health API, DNS (Consul's names, with `dig`) and xDS (a gRPC client's
+//! load assignment); a deregistration through one protocol leaves every other.
 
 mod common;
 
@@ -132,6 +132,29 @@ async fn eureka_list(server: &Server) -> Vec<String> {
     out
 }
 
+async fn consul_list(server: &Server) -> Vec<String> {
+    let consul = server.consul.expect("the Consul API is on");
+    let v: Value = http_client()
+        .get(format!("http://{consul}/v1/health/service/orders?passing"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut out: Vec<String> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let s = &e["Service"];
+            format!("{}:{}", s["Address"].as_str().unwrap(), s["Port"])
+        })
+        .collect();
+    out.sort();
+    out
+}
+
 #[tokio::test]
 async fn an_instance_registered_through_one_protocol_is_seen_through_every_other() {
     let server = Server::start();
@@ -158,7 +181,25 @@ async fn an_instance_registered_through_one_protocol_is_seen_through_every_other
         .unwrap();
     assert_eq!(r.status(), 204, "{}", r.text().await.unwrap_or_default());
 
-    let both = ["10.7.0.1:8080", "10.7.0.2:8080", "10.7.0.3:8080"];
+    // Consul: service orders, a passing TTL check.
+    let consul = server.consul.expect("the Consul API is on");
+    let r = http_client()
+        .put(format!("http://{consul}/v1/agent/service/register"))
+        .json(
+            &serde_json::json!({"ID": "consul-4", "Name": "orders", "Address": "10.7.0.4",
+            "Port": 8080, "Check": {"TTL": "60s", "Status": "passing"}}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+
+    let both = [
+        "10.7.0.1:8080",
+        "10.7.0.2:8080",
+        "10.7.0.3:8080",
+        "10.7.0.4:8080",
+    ];
     let native: Vec<String> = {
         let svc = api.service("public", "orders").await;
         let mut v: Vec<String> = svc["instances"]
@@ -173,18 +214,39 @@ async fn an_instance_registered_through_one_protocol_is_seen_through_every_other
     assert_eq!(native, both);
     assert_eq!(nacos_list(nacos).await, both);
     assert_eq!(eureka_list(&server).await, both);
-    assert_eq!(dns_addresses(&server), ["10.7.0.1", "10.7.0.2", "10.7.0.3"]);
+    assert_eq!(consul_list(&server).await, both);
+    assert_eq!(
+        dns_addresses(&server),
+        ["10.7.0.1", "10.7.0.2", "10.7.0.3", "10.7.0.4"]
+    );
     assert_eq!(xds_endpoints(&server).await, both);
 
     // Deregistered through Nacos: gone from every protocol.
     nacos_instance(reqwest::Method::DELETE, nacos).await;
-    let rest = ["10.7.0.1:8080", "10.7.0.3:8080"];
+    let rest = ["10.7.0.1:8080", "10.7.0.3:8080", "10.7.0.4:8080"];
     assert_eq!(nacos_list(nacos).await, rest);
     assert_eq!(eureka_list(&server).await, rest);
-    assert_eq!(dns_addresses(&server), ["10.7.0.1", "10.7.0.3"]);
+    assert_eq!(consul_list(&server).await, rest);
+    assert_eq!(dns_addresses(&server), ["10.7.0.1", "10.7.0.3", "10.7.0.4"]);
     assert_eq!(xds_endpoints(&server).await, rest);
     assert_eq!(
         ids(&api.service("public", "orders").await),
-        ["eureka-3", "native-1"]
+        ["consul-4", "eureka-3", "native-1"]
     );
+
+    // Deregistered through Consul: gone from every protocol.
+    let r = http_client()
+        .put(format!(
+            "http://{consul}/v1/agent/service/deregister/consul-4"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let rest = ["10.7.0.1:8080", "10.7.0.3:8080"];
+    assert_eq!(nacos_list(nacos).await, rest);
+    assert_eq!(eureka_list(&server).await, rest);
+    assert_eq!(consul_list(&server).await, rest);
+    assert_eq!(dns_addresses(&server), ["10.7.0.1", "10.7.0.3"]);
+    assert_eq!(xds_endpoints(&server).await, rest);
 }

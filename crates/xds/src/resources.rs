@@ -128,7 +128,9 @@ pub fn endpoints(view: &ServiceView) -> Vec<Endpoint> {
                 ip,
                 port: i.spec.port,
                 weight: i.status.effective_weight(),
-                healthy: i.status.health == Health::Healthy,
+                // A Consul-style warning still serves: gRPC clients are not all sure to route
+                // to DEGRADED endpoints, so it is reported healthy.
+                healthy: matches!(i.status.health, Health::Healthy | Health::Warning),
                 region: i.spec.location.region.to_string(),
                 zone: i.spec.location.zone.to_string(),
                 sub_zone: i.spec.location.idc.to_string(),

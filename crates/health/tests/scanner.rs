@@ -220,6 +220,12 @@ async fn http_status_ranges_slow_bodies_and_flapping() {
     eventually(&r, "h", "x", Health::Unhealthy, Duration::from_secs(3)).await;
     code.store(204, Ordering::SeqCst);
     eventually(&r, "h", "x", Health::Healthy, Duration::from_secs(3)).await;
+    // 429 Too Many Requests: alive but overloaded, a warning that still serves (Consul's rule).
+    code.store(429, Ordering::SeqCst);
+    eventually(&r, "h", "x", Health::Warning, Duration::from_secs(3)).await;
+    assert!(r.instance(&svc("h"), "x").unwrap().is_serving());
+    code.store(200, Ordering::SeqCst);
+    eventually(&r, "h", "x", Health::Healthy, Duration::from_secs(3)).await;
     // Slow: answers after the timeout.
     code.store(0, Ordering::SeqCst);
     eventually(&r, "h", "x", Health::Unhealthy, Duration::from_secs(5)).await;

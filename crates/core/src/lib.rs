@@ -12,6 +12,7 @@ mod delivery;
 mod lease;
 pub mod metrics;
 mod registry;
+pub mod snapshot;
 pub mod store;
 
 use std::time::Duration;
@@ -20,6 +21,7 @@ pub use delivery::{Delivery, ServiceSnapshot, SharedEvent, Subscription, Subscri
 pub use metrics::CoreMetrics;
 pub use registry::{HeartbeatResult, NamespaceSummary, Op, Registry, ServiceSummary, ServiceView};
 pub use sextant_model as model;
+pub use snapshot::{Snapshot, SnapshotError};
 pub use store::{Batch, MemStore, Mutation, Store, StoreError};
 
 /// Tunables of the core. Passed in explicitly; no global state.

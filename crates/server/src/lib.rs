@@ -16,7 +16,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sextant_consul::{Consul, ConsulConfig, ConsulMetrics};
-use sextant_core::{CoreConfig, CoreError, CoreMetrics, MemStore, Registry, Store, StoreError};
+/// A registry's snapshot, for the CLI's `snapshot save` / `restore`.
+pub use sextant_core::Snapshot;
+use sextant_core::{
+    CoreConfig, CoreError, CoreMetrics, MemStore, Registry, SnapshotError, Store, StoreError,
+};
 use sextant_dns::{DnsConfig, DnsMetrics, DnsServer};
 use sextant_eureka::{Eureka, EurekaMetrics};
 use sextant_health::{HealthMetrics, Scanner, ScannerConfig};
@@ -109,23 +113,7 @@ impl Server {
     pub async fn start(config: ServerConfig) -> Result<Server, ServerError> {
         config.validate()?;
         let mut prometheus = prometheus_client::registry::Registry::default();
-        let store: Arc<dyn Store> = match config.store {
-            StoreKind::Embedded => Arc::new(RedbStore::open_with_metrics(
-                &config.data_dir,
-                StoreMetrics::register(&mut prometheus),
-            )?),
-            StoreKind::Memory => Arc::new(MemStore::new()),
-            // An etcd that does not answer fails the start (naming the endpoints): a
-            // supervisor's restart policy retries, and a typo does not look like a slow etcd.
-            StoreKind::Etcd => Arc::new(
-                EtcdStore::open(EtcdConfig {
-                    endpoints: config.etcd_endpoints(),
-                    prefix: config.etcd_prefix.clone(),
-                    ..EtcdConfig::default()
-                })
-                .await?,
-            ),
-        };
+        let store = open_store(&config, Some(&mut prometheus)).await?;
         let core_metrics = CoreMetrics::register(&mut prometheus);
         let api_metrics = ApiMetrics::register(&mut prometheus);
         let health_metrics = HealthMetrics::register(&mut prometheus);
@@ -376,6 +364,58 @@ impl Server {
         }
         tracing::info!("stopped");
     }
+}
+
+/// Opens the store `config` names (registering the embedded store's metrics when given a
+/// metrics registry).
+async fn open_store(
+    config: &ServerConfig,
+    prometheus: Option<&mut prometheus_client::registry::Registry>,
+) -> Result<Arc<dyn Store>, ServerError> {
+    Ok(match config.store {
+        StoreKind::Embedded => {
+            let metrics = match prometheus {
+                Some(p) => StoreMetrics::register(p),
+                None => StoreMetrics::default(),
+            };
+            Arc::new(RedbStore::open_with_metrics(&config.data_dir, metrics)?)
+        }
+        StoreKind::Memory => Arc::new(MemStore::new()),
+        // An etcd that does not answer fails the start (naming the endpoints): a
+        // supervisor's restart policy retries, and a typo does not look like a slow etcd.
+        StoreKind::Etcd => Arc::new(
+            EtcdStore::open(EtcdConfig {
+                endpoints: config.etcd_endpoints(),
+                prefix: config.etcd_prefix.clone(),
+                ..EtcdConfig::default()
+            })
+            .await?,
+        ),
+    })
+}
+
+/// Why a snapshot could not be restored.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error(transparent)]
+    Open(#[from] ServerError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+}
+
+/// Restores `snapshot` into the (empty) store `config` names, with no node running on it:
+/// `sextant snapshot restore`. Returns once the records are durable and the store is closed.
+pub async fn restore_snapshot(
+    config: &ServerConfig,
+    snapshot: Snapshot,
+) -> Result<(), RestoreError> {
+    config.validate().map_err(ServerError::from)?;
+    let store = open_store(config, None).await?;
+    let r = sextant_core::snapshot::restore(store.clone(), snapshot).await;
+    let closed = store.close().await;
+    r?;
+    closed.map_err(SnapshotError::from)?;
+    Ok(())
 }
 
 /// This machine's host name (the Consul agent's node name), or `sextant`.

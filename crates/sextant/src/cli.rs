@@ -111,6 +111,68 @@ pub enum Command {
     /// xDS for proxyless gRPC clients and Envoy: their bootstrap file, and who is connected.
     #[command(subcommand)]
     Xds(XdsCommand),
+    /// Back up a registry, or move it to another store (embedded ↔ etcd).
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SnapshotCommand {
+    /// Saves a consistent snapshot of the running node's registry (every instance, status and
+    /// setting at one revision) to FILE, over the HTTP API.
+    Save {
+        /// Where to write it (replaced atomically).
+        file: PathBuf,
+    },
+    /// Restores FILE into an empty store, with no node running on it: start the node on that
+    /// store afterwards. The store is chosen as `serve` chooses it (flags, variables or
+    /// --config); a non-empty store is refused.
+    Restore(RestoreArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    /// The snapshot to restore (from `sextant snapshot save`).
+    pub file: PathBuf,
+    /// TOML configuration file of the node that will serve the store (its store settings are
+    /// used).
+    #[arg(long, env = "SEXTANT_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// `embedded` or `etcd` [default: embedded, or the config file's].
+    #[arg(long, env = "SEXTANT_STORE")]
+    pub store: Option<sextant_server::StoreKind>,
+    /// Directory of the embedded store [default: ./sextant-data, or the config file's].
+    #[arg(long, env = "SEXTANT_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// etcd endpoints, comma-separated, for `--store etcd`.
+    #[arg(long, env = "SEXTANT_ETCD_ENDPOINTS")]
+    pub etcd_endpoints: Option<String>,
+    /// Prefix of the registry's etcd keys, for `--store etcd`.
+    #[arg(long, env = "SEXTANT_ETCD_PREFIX")]
+    pub etcd_prefix: Option<String>,
+}
+
+impl RestoreArgs {
+    /// The store settings: the config file (or the defaults), then the flags given.
+    pub fn config(&self) -> anyhow::Result<ServerConfig> {
+        let mut c = match &self.config {
+            Some(f) => ServerConfig::from_file(f)?,
+            None => ServerConfig::default(),
+        };
+        if let Some(s) = self.store {
+            c.store = s;
+        }
+        if let Some(d) = &self.data_dir {
+            c.data_dir = d.clone();
+        }
+        if let Some(e) = &self.etcd_endpoints {
+            c.etcd_endpoints = e.clone();
+        }
+        if let Some(p) = &self.etcd_prefix {
+            c.etcd_prefix = p.clone();
+        }
+        Ok(c)
+    }
 }
 
 #[derive(Subcommand, Debug)]

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use sextant_client::sse::SseParser;
 use sextant_client::{Health, Location, Registration, ServiceName};
 
-use crate::cli::{Command, RegisterArgs, XdsCommand};
+use crate::cli::{Command, RegisterArgs, RestoreArgs, SnapshotCommand, XdsCommand};
 use sextant_server::xds_bootstrap::{self, BootstrapNode};
 
 /// The node's HTTP API (the SDK speaks gRPC only, and has no operator commands).
@@ -49,6 +49,72 @@ impl Http {
         }
         Ok(body)
     }
+}
+
+/// `sextant snapshot save`: fetches the snapshot, checks it, writes it beside FILE and renames
+/// it over FILE once it is on disk, so FILE is always a whole snapshot.
+async fn snapshot_save(c: &Http, file: &std::path::Path) -> anyhow::Result<()> {
+    let resp = c
+        .http
+        .get(c.url("/v1/snapshot"))
+        .timeout(Duration::from_secs(600))
+        .send()
+        .await
+        .with_context(|| format!("cannot reach sextant at {}", c.base))?;
+    let status = resp.status();
+    let bytes = resp.bytes().await.context("the snapshot was cut short")?;
+    if !status.is_success() {
+        let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        let msg = body["error"]["message"].as_str().unwrap_or("no message");
+        bail!("{msg} (HTTP {})", status.as_u16());
+    }
+    let snap =
+        sextant_server::Snapshot::from_bytes(&bytes).context("the node sent a bad snapshot")?;
+    let tmp = file.with_extension("partial");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)
+            .with_context(|| format!("cannot create {}", tmp.display()))?;
+        f.write_all(&bytes)
+            .and_then(|_| f.sync_all())
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+    }
+    std::fs::rename(&tmp, file)
+        .with_context(|| format!("cannot move {} to {}", tmp.display(), file.display()))?;
+    let (services, instances) = snap.counts();
+    println!(
+        "saved revision {} ({services} services, {instances} instances, {} bytes) to {}",
+        snap.revision,
+        bytes.len(),
+        file.display()
+    );
+    Ok(())
+}
+
+/// `sextant snapshot restore`: reads and checks FILE, then writes it into the empty store.
+async fn snapshot_restore(args: &RestoreArgs) -> anyhow::Result<()> {
+    let config = args.config()?;
+    let snap = sextant_server::Snapshot::read_from(
+        &mut std::fs::File::open(&args.file)
+            .with_context(|| format!("cannot open {}", args.file.display()))?,
+    )
+    .with_context(|| format!("cannot use {}", args.file.display()))?;
+    let (services, instances) = snap.counts();
+    let revision = snap.revision;
+    sextant_server::restore_snapshot(&config, snap)
+        .await
+        .context("cannot restore")?;
+    let target = match config.store {
+        sextant_server::StoreKind::Etcd => format!(
+            "etcd {} under {}",
+            config.etcd_endpoints, config.etcd_prefix
+        ),
+        _ => format!("{}", config.data_dir.display()),
+    };
+    println!(
+        "restored revision {revision} ({services} services, {instances} instances) into {target}"
+    );
+    Ok(())
 }
 
 fn split_service(s: &str) -> anyhow::Result<(&str, &str)> {
@@ -219,6 +285,8 @@ pub async fn run(server: &str, grpc: &str, cmd: Command) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&b)?);
             Ok(())
         }
+        Command::Snapshot(SnapshotCommand::Save { file }) => snapshot_save(&c, &file).await,
+        Command::Snapshot(SnapshotCommand::Restore(args)) => snapshot_restore(&args).await,
         Command::Xds(XdsCommand::Clients { json }) => {
             let v = c.send(c.http.get(c.url("/v1/xds/clients"))).await?;
             if json {

@@ -434,6 +434,50 @@ impl Registry {
         self.revision()
     }
 
+    /// Every record of the registry at one revision (a consistent cut: taken under the
+    /// publish gate, so no batch is half in it), encoded as the store holds it: for backups
+    /// and for moving to another store (`snapshot::restore`).
+    pub fn snapshot(&self) -> crate::Snapshot {
+        // Only the cheap part under the gate (an Arc per service), so writers wait for a
+        // moment, not for the encoding.
+        let (revision, states) = {
+            let _cut = self.core.publish_gate.read();
+            let revision = self.core.published.load(Ordering::Acquire);
+            let states: Vec<(ServiceKey, Arc<ServiceState>)> = self
+                .core
+                .services
+                .read()
+                .iter()
+                .map(|(k, e)| (k.clone(), e.state()))
+                .collect();
+            (revision, states)
+        };
+        let mut records = BTreeMap::new();
+        for (key, st) in states {
+            if st.is_vacant() {
+                continue;
+            }
+            records.insert(
+                crate::codec::service_key(&key),
+                crate::codec::encode_service(&crate::codec::ServiceRecord {
+                    revision: st.revision,
+                    config: st.config.clone(),
+                }),
+            );
+            for (id, inst) in st.instances.iter() {
+                records.insert(
+                    crate::codec::spec_key(&key, id),
+                    crate::codec::encode_spec(&inst.spec, inst.ttl_seconds, inst.spec_revision),
+                );
+                records.insert(
+                    crate::codec::status_key(&key, id),
+                    crate::codec::encode_status(inst.status, inst.status_revision),
+                );
+            }
+        }
+        crate::Snapshot { revision, records }
+    }
+
     /// Several services in one consistent cut, with the revision of that cut (everything up to
     /// it is reflected, so it is a safe index for a following blocking query).
     pub fn discover(

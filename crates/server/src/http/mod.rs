@@ -175,6 +175,7 @@ pub(crate) fn router(node: Arc<Node>) -> Router {
         .route("/v1/discover", post(discover))
         .route("/v1/watch", get(watch))
         .route("/v1/xds/clients", get(xds_clients))
+        .route("/v1/snapshot", get(snapshot))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -491,6 +492,39 @@ async fn discover(
         "revision": revision,
         "services": services,
     })))
+}
+
+/// A consistent snapshot of the whole registry (`sextant snapshot save`): every store record
+/// at one revision, in the checksummed snapshot format `sextant snapshot restore` reads.
+async fn snapshot(State(s): State<AppState>) -> Response {
+    let registry = s.registry().clone();
+    // Encoding a large registry takes a while: off the request threads.
+    let snap = match tokio::task::spawn_blocking(move || registry.snapshot()).await {
+        Ok(snap) => snap,
+        Err(e) => {
+            return ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("the snapshot task stopped: {e}"),
+            )
+            .into_response()
+        }
+    };
+    let (services, instances) = snap.counts();
+    tracing::info!(
+        revision = snap.revision,
+        services,
+        instances,
+        "snapshot taken"
+    );
+    let mut resp = (
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        snap.to_bytes(),
+    )
+        .into_response();
+    resp.headers_mut()
+        .insert("x-sextant-revision", HeaderValue::from(snap.revision));
+    resp
 }
 
 async fn list_namespaces(State(s): State<AppState>) -> Json<serde_json::Value> {

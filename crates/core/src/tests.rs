@@ -692,3 +692,109 @@ async fn a_default_check_never_replaces_a_check_or_other_settings() {
     assert_eq!(r.default_check(svc("b"), tcp).await.unwrap(), 0);
     assert_eq!(r.service_config(&svc("b")).check, http);
 }
+
+/// Cluster roles over one shared store with a feed (the in-memory one): the leader's writes
+/// reach a follower's subscribers as the same events at the same revisions (a delete with its
+/// reason), a follower refuses writes naming the leader, and a promoted follower continues the
+/// revision sequence.
+#[tokio::test]
+async fn a_follower_applies_the_leaders_feed_and_takes_over() {
+    let store = Arc::new(MemStore::new());
+    let leader = open_with(store.clone(), CoreConfig::default()).await;
+    let follower = open_with(store.clone(), CoreConfig::default()).await;
+    follower.follow(Some("http://leader:1".into()));
+    assert_eq!(leader.lead(0).await.unwrap(), 0);
+    assert_eq!(leader.role(), Role::Leader);
+
+    let err = follower.register(reg("a", "x", 0)).await.unwrap_err();
+    assert!(matches!(err, CoreError::NotLeader(_)), "{err}");
+    assert!(err.to_string().contains("http://leader:1"), "{err}");
+    assert!(follower.writable().is_err());
+
+    let mut on_leader = leader.subscribe(vec![svc("a")], Some(0));
+    let mut on_follower = follower.subscribe(vec![svc("a")], Some(0));
+    let r1 = leader.register(reg("a", "x", 30)).await.unwrap();
+    let r2 = leader.register(reg("a", "y", 0)).await.unwrap();
+    let r3 = leader
+        .update_status(
+            svc("a"),
+            "y".into(),
+            StatusPatch {
+                enabled: Some(false),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let r4 = leader.deregister(svc("a"), "x".into()).await.unwrap();
+    let want = vec![
+        ("upsert", r1),
+        ("upsert", r2),
+        ("status", r3),
+        ("delete", r4),
+    ];
+    for (name, sub) in [("leader", &mut on_leader), ("follower", &mut on_follower)] {
+        let mut got = Vec::new();
+        while got.len() < want.len() {
+            let d = tokio::time::timeout(Duration::from_secs(5), sub.next())
+                .await
+                .unwrap_or_else(|_| panic!("{name}: no delivery"))
+                .unwrap();
+            got.extend(kinds(&d));
+        }
+        assert_eq!(got, want, "{name}");
+    }
+    let on_f = follower.get(&svc("a"), false);
+    let on_l = leader.get(&svc("a"), false);
+    assert_eq!(on_f.revision, on_l.revision);
+    assert_eq!(on_f.instances, on_l.instances);
+    assert_eq!(follower.revision(), r4);
+
+    // The leader goes; the follower is promoted at the store's head and writes go on.
+    leader.shutdown("test").await;
+    store.reopen();
+    assert_eq!(follower.lead(r4).await.unwrap(), r4);
+    let r5 = follower.register(reg("a", "z", 0)).await.unwrap();
+    assert_eq!(r5, r4 + 1);
+}
+
+/// A follower whose feed position is older than the store's history resyncs with a full load
+/// and its subscribers get snapshots, not a gap; then it follows the feed again.
+#[tokio::test]
+async fn a_follower_behind_compaction_resyncs_with_snapshots() {
+    let store = Arc::new(MemStore::new());
+    let leader = open_with(store.clone(), CoreConfig::default()).await;
+    let follower = open_with(store.clone(), CoreConfig::default()).await;
+    let mut sub = follower.subscribe(vec![svc("a")], Some(0));
+    leader.lead(0).await.unwrap();
+    // More batches than the in-memory store keeps for its feed, before the follower asks.
+    let mut last = 0;
+    for i in 0..1100 {
+        last = leader
+            .register(reg("a", &format!("i{i}"), 0))
+            .await
+            .unwrap();
+    }
+    follower.follow(None);
+    let mut got = None;
+    for _ in 0..10 {
+        let d = tokio::time::timeout(Duration::from_secs(5), sub.next())
+            .await
+            .unwrap()
+            .unwrap();
+        if !d.snapshots.is_empty() {
+            got = Some(d);
+            break;
+        }
+        assert!(d.events.is_empty(), "events across a compacted gap");
+    }
+    let d = got.expect("a snapshot");
+    assert_eq!(d.snapshots[0].view.instances.len(), 1100);
+    assert_eq!(d.revision, last);
+    let next = leader.register(reg("a", "after", 0)).await.unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(5), sub.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(kinds(&d), vec![("upsert", next)]);
+}

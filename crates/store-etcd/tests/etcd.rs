@@ -91,6 +91,7 @@ async fn an_etcd_outage_fails_commits_and_reports_until_it_returns() {
         .commit(Batch {
             revision: 1,
             mutations: vec![put("a", b"1")],
+            ..Default::default()
         })
         .await
         .expect("commit");
@@ -101,6 +102,7 @@ async fn an_etcd_outage_fails_commits_and_reports_until_it_returns() {
         .commit(Batch {
             revision: 2,
             mutations: vec![put("b", b"2")],
+            ..Default::default()
         })
         .await
         .expect_err("etcd is gone");
@@ -117,6 +119,7 @@ async fn an_etcd_outage_fails_commits_and_reports_until_it_returns() {
             .commit(Batch {
                 revision: 3,
                 mutations: vec![put("c", b"3")],
+                ..Default::default()
             })
             .await;
         match r {
@@ -166,6 +169,7 @@ async fn commit_latency() {
                 .commit(Batch {
                     revision: rev,
                     mutations,
+                    ..Default::default()
                 })
                 .await
                 .expect("commit");

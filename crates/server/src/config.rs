@@ -77,6 +77,15 @@ pub struct ServerConfig {
     /// share one etcd under different prefixes).
     #[arg(long, env = "SEXTANT_ETCD_PREFIX", default_value = "/sextant/")]
     pub etcd_prefix: String,
+    // Cluster mode (`store = etcd`): every node on one prefix is a member.
+    /// This node's name among the cluster's members (`store = etcd`); empty: derived from the
+    /// host and the HTTP and gRPC ports. Letters, digits and `.` `_` `-` `:`, at most 128.
+    #[arg(long, env = "SEXTANT_NODE_ID", default_value = "")]
+    pub node_id: String,
+    /// The etcd lease of a node's membership and leadership, in seconds (`store = etcd`): a
+    /// leader that dies is replaced about this long after its last renewal. 2 to 60.
+    #[arg(long, env = "SEXTANT_CLUSTER_LEASE_SECONDS", default_value_t = 3)]
+    pub cluster_lease_seconds: u64,
     /// Events kept per service for watchers that resume.
     #[arg(long, env = "SEXTANT_EVENT_LOG_PER_SERVICE", default_value_t = 1024)]
     pub event_log_per_service: usize,
@@ -370,6 +379,23 @@ impl ServerConfig {
                 return Err(ConfigError::Invalid {
                     field: "etcd_prefix",
                     message: "must not be empty".into(),
+                });
+            }
+            if self.node_id.len() > 128
+                || !self
+                    .node_id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b".-_:".contains(&b))
+            {
+                return Err(ConfigError::Invalid {
+                    field: "node_id",
+                    message: "at most 128 of A-Z a-z 0-9 . _ - :".into(),
+                });
+            }
+            if !(2..=60).contains(&self.cluster_lease_seconds) {
+                return Err(ConfigError::Invalid {
+                    field: "cluster_lease_seconds",
+                    message: "must be between 2 and 60".into(),
                 });
             }
         }

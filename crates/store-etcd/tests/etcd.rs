@@ -183,3 +183,182 @@ async fn commit_latency() {
         assert!(times[19] < Duration::from_secs(10));
     }
 }
+
+/// The feed of a revision etcd has compacted away ends with `Compacted`; so does one from a
+/// revision this store never saw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_feed_from_compacted_history_says_so() {
+    use sextant_core::FeedError;
+    let etcd = Etcd::start();
+    let store = EtcdStore::open(config(&etcd.endpoint, "/compact/"))
+        .await
+        .unwrap();
+    let r0 = store.load(&mut |_, _| Ok(())).unwrap();
+    for r in 1..=3 {
+        store
+            .commit(Batch {
+                revision: r0 + r,
+                mutations: vec![put("a", format!("{r}").as_bytes())],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let mut unknown = store.watch_from(r0 + 100).expect("a feed");
+    let got = tokio::time::timeout(Duration::from_secs(5), unknown.recv()).await;
+    assert!(
+        matches!(got, Ok(Some(Err(FeedError::Compacted(_))))),
+        "{got:?}"
+    );
+    // Compact etcd up to now: a feed from the first batch cannot be served.
+    compact(&etcd.endpoint).await;
+    let mut old = store.watch_from(r0 + 1).expect("a feed");
+    let got = tokio::time::timeout(Duration::from_secs(5), old.recv()).await;
+    assert!(
+        matches!(got, Ok(Some(Err(FeedError::Compacted(_))))),
+        "{got:?}"
+    );
+}
+
+/// Two nodes on one prefix: exactly one is elected; the other follows it. The leader's
+/// commits carry its fence, so once its key is gone (it resigned) it cannot write; the other
+/// node is elected within about a lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_leader_per_prefix_and_a_deposed_one_cannot_write() {
+    use sextant_store_etcd::cluster::{Election, Member, Status};
+    let etcd = Etcd::start();
+    let node = |id: &str| Member {
+        node_id: id.into(),
+        http: format!("http://{id}"),
+        grpc: id.into(),
+        role: String::new(),
+        revision: 0,
+        updated_ms: 0,
+    };
+    let status: Status = Arc::new(|| ("?".to_string(), 0));
+    let a = EtcdStore::open(config(&etcd.endpoint, "/elect/"))
+        .await
+        .unwrap();
+    let b = EtcdStore::open(config(&etcd.endpoint, "/elect/"))
+        .await
+        .unwrap();
+    let ttl = Duration::from_secs(2);
+    let mut ea = a.join(node("a"), ttl, status.clone());
+    let settled = |rx: &mut tokio::sync::watch::Receiver<Election>| {
+        let mut rx = rx.clone();
+        async move {
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                rx.wait_for(|e| *e != Election::Unknown),
+            )
+            .await
+            .expect("an election outcome")
+            .unwrap()
+            .clone()
+        }
+    };
+    assert_eq!(settled(&mut ea).await, Election::Leader { head: 0 });
+    let mut eb = b.join(node("b"), ttl, status.clone());
+    match settled(&mut eb).await {
+        Election::Follower { leader: Some(m) } => assert_eq!(m.node_id, "a"),
+        other => panic!("b: {other:?}"),
+    }
+    let members = b.members().await.unwrap();
+    let ids: Vec<&str> = members.iter().map(|m| m.node_id.as_str()).collect();
+    assert_eq!(ids, vec!["a", "b"]);
+    a.commit(Batch {
+        revision: 1,
+        mutations: vec![put("x", b"1")],
+        ..Default::default()
+    })
+    .await
+    .expect("the leader writes");
+
+    // The leader key goes (as when a's lease lapses): a's next commit is refused by the
+    // fence even before a notices, and b is elected.
+    delete(&etcd.endpoint, "/elect/cluster/leader").await;
+    let refused = a
+        .commit(Batch {
+            revision: 2,
+            mutations: vec![put("x", b"stale")],
+            ..Default::default()
+        })
+        .await;
+    assert!(
+        matches!(&refused, Err(StoreError::Unavailable(m)) if m.contains("no longer the cluster's leader")),
+        "{refused:?}"
+    );
+    let started = Instant::now();
+    let mut rx = eb.clone();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        rx.wait_for(|e| matches!(e, Election::Leader { .. })),
+    )
+    .await
+    .expect("b elected")
+    .unwrap();
+    eprintln!("b elected {:?} after the key went", started.elapsed());
+    assert_eq!(*eb.borrow_and_update(), Election::Leader { head: 1 });
+    b.commit(Batch {
+        revision: 2,
+        mutations: vec![put("x", b"2")],
+        ..Default::default()
+    })
+    .await
+    .expect("the new leader writes");
+    let mut rx = ea.clone();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        rx.wait_for(|e| matches!(e, Election::Follower { .. })),
+    )
+    .await
+    .expect("a steps down")
+    .unwrap();
+    // A clean close resigns: a's member record goes at once.
+    a.close().await.unwrap();
+    let ids: Vec<String> = b
+        .members()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.node_id)
+        .collect();
+    assert_eq!(ids, vec!["b"]);
+    assert_eq!(b.head().await.unwrap(), 2);
+}
+
+/// Compacts etcd's history up to its current revision.
+async fn compact(endpoint: &str) {
+    use sextant_store_etcd::pb::etcdserverpb::{
+        kv_client::KvClient, CompactionRequest, RangeRequest,
+    };
+    let mut kv = KvClient::connect(endpoint.to_string()).await.unwrap();
+    let now = kv
+        .range(RangeRequest {
+            key: b"/".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .header
+        .unwrap()
+        .revision;
+    kv.compact(CompactionRequest {
+        revision: now,
+        physical: true,
+    })
+    .await
+    .unwrap();
+}
+
+async fn delete(endpoint: &str, key: &str) {
+    use sextant_store_etcd::pb::etcdserverpb::{kv_client::KvClient, DeleteRangeRequest};
+    let mut kv = KvClient::connect(endpoint.to_string()).await.unwrap();
+    kv.delete_range(DeleteRangeRequest {
+        key: key.as_bytes().to_vec(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+}

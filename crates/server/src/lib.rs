@@ -3,6 +3,7 @@
 //! a reason, close the store).
 #![forbid(unsafe_code)]
 
+mod cluster;
 pub mod config;
 mod error;
 mod grpc;
@@ -79,6 +80,8 @@ pub(crate) struct Node {
     pub xds: Option<XdsServer>,
     /// The Eureka REST API under `/eureka` on the native listener; `None` when turned off.
     pub eureka: Option<Eureka>,
+    /// Cluster mode (`store = etcd`); `None` for a single node.
+    pub cluster: Option<cluster::Cluster>,
 }
 
 /// A running node.
@@ -100,6 +103,7 @@ impl Server {
     pub async fn start(config: ServerConfig) -> Result<Server, ServerError> {
         config.validate()?;
         let mut prometheus = prometheus_client::registry::Registry::default();
+        let mut etcd = None;
         let store: Arc<dyn Store> = match config.store {
             StoreKind::Embedded => Arc::new(RedbStore::open_with_metrics(
                 &config.data_dir,
@@ -108,14 +112,18 @@ impl Server {
             StoreKind::Memory => Arc::new(MemStore::new()),
             // An etcd that does not answer fails the start (naming the endpoints): a
             // supervisor's restart policy retries, and a typo does not look like a slow etcd.
-            StoreKind::Etcd => Arc::new(
-                EtcdStore::open(EtcdConfig {
-                    endpoints: config.etcd_endpoints(),
-                    prefix: config.etcd_prefix.clone(),
-                    ..EtcdConfig::default()
-                })
-                .await?,
-            ),
+            StoreKind::Etcd => {
+                let s = Arc::new(
+                    EtcdStore::open(EtcdConfig {
+                        endpoints: config.etcd_endpoints(),
+                        prefix: config.etcd_prefix.clone(),
+                        ..EtcdConfig::default()
+                    })
+                    .await?,
+                );
+                etcd = Some(s.clone());
+                s
+            }
         };
         let core_metrics = CoreMetrics::register(&mut prometheus);
         let api_metrics = ApiMetrics::register(&mut prometheus);
@@ -187,6 +195,20 @@ impl Server {
         let eureka = config
             .eureka
             .then(|| Eureka::new(registry.clone(), eureka_metrics));
+        // Cluster mode: a member of the cluster on the etcd prefix; its role is settled (or
+        // the wait bounded) before it serves.
+        let cluster = match etcd {
+            Some(store) => {
+                let c = cluster::Cluster {
+                    store,
+                    node_id: cluster::node_id(&config.node_id, http_addr, grpc_addr),
+                };
+                let lease = Duration::from_secs(config.cluster_lease_seconds);
+                cluster::join(&c, &registry, http_addr, grpc_addr, lease, lease * 2).await;
+                Some(c)
+            }
+            None => None,
+        };
         let node = Arc::new(Node {
             registry: registry.clone(),
             scanner,
@@ -196,6 +218,7 @@ impl Server {
             store,
             xds,
             eureka,
+            cluster,
         });
         let (stop, stopped) = watch::channel(false);
 

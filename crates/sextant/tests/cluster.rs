@@ -210,7 +210,7 @@ async fn writes_on_the_leader_reach_every_follower_at_the_same_revisions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_leader_is_replaced_and_a_moving_watcher_sees_no_gap() {
     let etcd = Etcd::start();
-    let mut nodes = vec![start_node(&etcd), start_node(&etcd), start_node(&etcd)];
+    let mut nodes = [start_node(&etcd), start_node(&etcd), start_node(&etcd)];
     let refs: Vec<&Server> = nodes.iter().collect();
     let l = leader_of(&refs, Duration::from_secs(15)).await;
     let (a, b) = match l {
@@ -265,7 +265,7 @@ async fn a_killed_leader_is_replaced_and_a_moving_watcher_sees_no_gap() {
     // Kill -9 the leader: another node is elected and takes writes.
     let killed = Instant::now();
     nodes[l].kill9();
-    let survivors: Vec<&Server> = vec![&nodes[a], &nodes[b]];
+    let survivors = [&nodes[a], &nodes[b]];
     let nl = leader_of(&survivors, Duration::from_secs(20)).await;
     let elected = killed.elapsed();
     let new_leader = survivors[nl].api();

@@ -97,11 +97,32 @@ impl EtcdStore {
                 })
                 .await
                 .map_err(|e| inner.map(e, "read"))?;
-            Ok(resp
+            let mut members: Vec<Member> = resp
                 .kvs
                 .iter()
                 .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
-                .collect())
+                .collect();
+            // A record's role is as of its last renewal; the leader key is the truth now.
+            let req = RangeRequest {
+                key: inner.keys.leader.clone(),
+                ..Default::default()
+            };
+            let leader = inner
+                .conn
+                .call(|mut c| {
+                    let req = req.clone();
+                    async move { c.range(req).await }
+                })
+                .await
+                .map_err(|e| inner.map(e, "read"))?
+                .kvs
+                .first()
+                .and_then(|kv| serde_json::from_slice::<Member>(&kv.value).ok());
+            for m in &mut members {
+                let leads = leader.as_ref().is_some_and(|l| l.node_id == m.node_id);
+                m.role = if leads { "leader" } else { "follower" }.to_string();
+            }
+            Ok(members)
         })
         .await
     }

@@ -439,18 +439,20 @@ impl Writer {
                 }
                 instances += state.instances.len() as i64;
                 services += i64::from(!state.instances.is_empty());
+                let rev = state.revision;
                 let mut inner = entry.inner.write();
                 inner.state = Arc::new(state);
                 inner.log.clear();
                 inner.compacted_through = revision;
                 drop(inner);
-                touched.push(entry);
+                touched.push((entry, rev));
             }
             self.revision = revision;
             self.core.published.store(revision, Ordering::Release);
         }
-        for entry in touched {
-            entry.changed.send_replace(revision);
+        for (entry, rev) in touched {
+            // The service's own revision: a blocking query at it must keep waiting.
+            entry.changed.send_replace(rev);
             for n in entry.subscribers.lock().values() {
                 n.notify_one();
             }

@@ -710,6 +710,11 @@ async fn a_follower_applies_the_leaders_feed_and_takes_over() {
     assert!(matches!(err, CoreError::NotLeader(_)), "{err}");
     assert!(err.to_string().contains("http://leader:1"), "{err}");
     assert!(follower.writable().is_err());
+    assert_eq!(
+        follower.heartbeat(&[(svc("a"), "x".into())]),
+        vec![HeartbeatResult::Unknown],
+        "a follower renews nothing"
+    );
 
     let mut on_leader = leader.subscribe(vec![svc("a")], Some(0));
     let mut on_follower = follower.subscribe(vec![svc("a")], Some(0));

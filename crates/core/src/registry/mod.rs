@@ -424,8 +424,13 @@ impl Registry {
         self.apply_one(Op::DefaultCheck { service, check }).await
     }
 
-    /// Renews leases. In memory only: a heartbeat costs no disk write.
+    /// Renews leases. In memory only: a heartbeat costs no disk write. On a follower nothing
+    /// is renewed (the leader keeps the leases) and every instance is `Unknown`, so a client
+    /// registers again, which the follower refuses naming the leader.
     pub fn heartbeat(&self, items: &[(ServiceKey, String)]) -> Vec<HeartbeatResult> {
+        if !self.core.role.borrow().takes_writes() {
+            return vec![HeartbeatResult::Unknown; items.len()];
+        }
         let now = Instant::now();
         items
             .iter()

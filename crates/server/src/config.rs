@@ -627,6 +627,23 @@ mod tests {
                 other => panic!("{endpoints:?} {prefix:?}: {other:?}"),
             }
         }
+        for (node_id, lease, field) in [
+            ("a b", 3, "node_id"),
+            ("n/1", 3, "node_id"),
+            ("n1", 1, "cluster_lease_seconds"),
+            ("n1", 61, "cluster_lease_seconds"),
+        ] {
+            let c = ServerConfig {
+                store: StoreKind::Etcd,
+                node_id: node_id.into(),
+                cluster_lease_seconds: lease,
+                ..ServerConfig::default()
+            };
+            match c.validate() {
+                Err(ConfigError::Invalid { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{node_id:?} {lease}: {other:?}"),
+            }
+        }
         // Not checked unless the etcd store is chosen.
         let c = ServerConfig {
             etcd_endpoints: String::new(),

@@ -1,7 +1,7 @@
 //! Cluster mode: one etcd (`sextant_testkit::Etcd`) and three real `sextant serve` nodes on
 //! one prefix. Exactly one node leads; writes on it reach both followers' APIs and watches at
 //! the same revisions (the lag is measured and printed); followers refuse writes and
-//! heartbeats with a 503 naming the leader; `/v1/cluster` lists the members. Killing the
+//! heartbeats with a 503 naming the leader (SSE and gRPC watches both checked); `/v1/cluster` lists the members. Killing the
 //! leader with SIGKILL elects another node, writes go on above the old revisions, nothing
 //! acknowledged is lost, and a watcher that moves from one node to another with its last
 //! revision gets exactly the events after it.
@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{json, Value};
+use sextant_proto::v1 as pb;
+use sextant_proto::v1::watch_event::Kind;
 use sextant_testkit::Etcd;
 
 const LEASE_SECONDS: &str = "2";
@@ -124,6 +126,22 @@ async fn writes_on_the_leader_reach_every_follower_at_the_same_revisions() {
         assert_eq!(sse.expect(FRAME).await.event, "snapshot");
         watches.push(sse);
     }
+    // And a gRPC watch on a follower.
+    let follower_grpc = nodes[(0..3).find(|&i| i != l).unwrap_or(0)].grpc;
+    let mut grpc_watch = grpc_client(follower_grpc)
+        .await
+        .watch(pb::WatchRequest {
+            services: vec![svc_ref("c", "s")],
+            since: None,
+        })
+        .await
+        .expect("gRPC watch")
+        .into_inner();
+    let first = bounded("the gRPC snapshot", FRAME, grpc_watch.message())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(first.kind, Some(Kind::Snapshot(_))), "{first:?}");
     let mut want = Vec::new();
     let mut lags = Vec::new();
     let mut from_sent = Vec::new();
@@ -153,6 +171,24 @@ async fn writes_on_the_leader_reach_every_follower_at_the_same_revisions() {
         let (got, _) = changes(sse, 2).await;
         assert_eq!(got, want[want.len() - 2..]);
     }
+    // The gRPC watcher on a follower got the same events at the same revisions.
+    let mut over_grpc = Vec::new();
+    while over_grpc.len() < want.len() {
+        let e = bounded("a gRPC event", FRAME, grpc_watch.message())
+            .await
+            .expect("gRPC watch failed")
+            .expect("gRPC watch ended");
+        let kind = match &e.kind {
+            Some(Kind::Upsert(_)) => "upsert",
+            Some(Kind::Status(_)) => "status",
+            Some(Kind::Delete(_)) => "delete",
+            _ => continue,
+        };
+        over_grpc.push((kind.to_string(), e.revision));
+    }
+    let want_kinds: Vec<(String, u64)> = want.iter().map(|(k, _, r)| (k.clone(), *r)).collect();
+    assert_eq!(over_grpc, want_kinds, "gRPC watch on a follower");
+
     lags.sort();
     from_sent.sort();
     eprintln!(

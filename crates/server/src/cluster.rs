@@ -68,7 +68,7 @@ pub(crate) async fn join(
             let act = async {
                 match outcome {
                     Election::Unknown => {}
-                    Election::Leader { head } => match reg.lead(head).await {
+                    Election::Leader { head, floor } => match reg.lead(head, floor).await {
                         Ok(from) => tracing::info!(revision = from, "this node leads the cluster"),
                         Err(e) => tracing::warn!(error = %e, "could not take the lead"),
                     },

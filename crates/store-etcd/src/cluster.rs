@@ -53,8 +53,9 @@ pub enum Election {
     /// Not decided yet (start-up).
     Unknown,
     /// This node leads; `head` is the store's revision when it won (what it must have applied
-    /// before it writes).
-    Leader { head: Revision },
+    /// before it writes); `floor` the highest revision a batch may have written part of
+    /// (`meta/attempted`): its first batch must be above it.
+    Leader { head: Revision, floor: Revision },
     /// Another node leads (`None`: none is known, e.g. this node lost its lease).
     Follower { leader: Option<Member> },
 }
@@ -277,13 +278,17 @@ async fn hold_lease(
                 let created = resp.header.map_or(0, |h| h.revision);
                 *inner.fence.lock() = Some(created);
                 leading = Some(created);
-                let head = inner
+                let (head, at) = inner
                     .read_revision(&inner.keys.revision, 0)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let floor = inner
+                    .read_revision(&inner.keys.attempted, at)
                     .await
                     .map_err(|e| e.to_string())?
                     .0;
-                tracing::info!(node = %node.node_id, head, "elected leader");
-                tx.send_replace(Election::Leader { head });
+                tracing::info!(node = %node.node_id, head, floor, "elected leader");
+                tx.send_replace(Election::Leader { head, floor });
             }
             None => {
                 let leader = resp

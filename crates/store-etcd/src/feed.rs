@@ -118,9 +118,10 @@ async fn watch(
         }
         Err(_) => return End::Broken(format!("{}: no answer", inner.conn.endpoints[idx])),
     };
-    // The mutations of a split batch's earlier transactions, until the one with the revision.
+    // The mutations of a split batch's earlier transactions, until the one with the revision,
+    // and the revision its first transaction recorded in `meta/attempted`.
     let mut pending: Vec<Mutation> = Vec::new();
-    let mut journal: Vec<u8> = Vec::new();
+    let mut pending_attempted: Option<Revision> = None;
     loop {
         let msg = tokio::select! {
             m = stream.message() => m,
@@ -137,55 +138,115 @@ async fn watch(
         if resp.canceled {
             return End::Broken(format!("watch canceled: {}", resp.cancel_reason));
         }
-        for ev in resp.events {
-            let Some(kv) = ev.kv else { continue };
-            let put = ev.r#type == EventType::Put as i32;
-            if kv.key == inner.keys.revision {
-                if !put {
-                    continue;
-                }
-                let revision = match decode_revision(&kv.key, &kv.value) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        let _ = tx.send(Err(FeedError::Store(e))).await;
-                        return End::Closed;
-                    }
-                };
-                let change = Change {
-                    revision,
-                    mutations: std::mem::take(&mut pending),
-                    journal: std::mem::take(&mut journal),
-                };
-                inner.remember(revision, kv.mod_revision);
-                pos.next = kv.mod_revision + 1;
-                // Not after the start (the revision key's creation at 0, a repeated empty
-                // batch): nothing to deliver.
-                if revision <= pos.revision && change.mutations.is_empty() {
-                    continue;
-                }
-                pos.revision = revision;
-                if tx.send(Ok(change)).await.is_err() {
-                    return End::Closed;
-                }
-            } else if kv.key == inner.keys.journal {
-                if put {
-                    journal = kv.value;
-                }
-            } else if let Some(k) = kv.key.strip_prefix(inner.keys.data.as_slice()) {
-                let Ok(key) = String::from_utf8(k.to_vec()) else {
-                    let e = StoreError::Corrupt {
-                        key: String::from_utf8_lossy(&kv.key).into_owned(),
-                        reason: "the key is not UTF-8".into(),
-                    };
-                    let _ = tx.send(Err(FeedError::Store(e))).await;
-                    return End::Closed;
-                };
-                pending.push(Mutation {
-                    key,
-                    value: put.then_some(kv.value),
-                });
+        // One transaction at a time: its events share a revision (etcd does not split a
+        // revision's events over responses).
+        let mut txn = Txn::default();
+        let mut events = resp.events.into_iter().filter_map(|e| {
+            let put = e.r#type == EventType::Put as i32;
+            e.kv.map(|kv| (put, kv))
+        });
+        let mut next = events.next();
+        while let Some((put, kv)) = next.take() {
+            let at = kv.mod_revision;
+            if let Err(e) = txn.add(inner, put, kv) {
+                let _ = tx.send(Err(FeedError::Store(e))).await;
+                return End::Closed;
             }
-            // `meta/attempted` and anything else: not part of the registry.
+            next = events.next();
+            if next.as_ref().is_some_and(|(_, kv)| kv.mod_revision == at) {
+                continue;
+            }
+            // The transaction is whole.
+            let t = std::mem::take(&mut txn);
+            if let Some(a) = t.attempted {
+                // The first part of a split batch: what was pending belongs to a batch whose
+                // writer died before its last part (never acknowledged; see the crate docs).
+                drop_abandoned(&mut pending, a);
+                pending_attempted = Some(a);
+            }
+            let Some(revision) = t.revision else {
+                pending.extend(t.mutations);
+                continue;
+            };
+            if revision <= pos.revision && t.mutations.is_empty() {
+                // Not after the start (the revision key's creation at 0, a repeated empty
+                // batch): nothing to deliver, and a batch in progress stays pending.
+                if pending.is_empty() {
+                    pos.next = at + 1;
+                }
+                continue;
+            }
+            // Earlier parts belong to this batch only if they recorded (at least) its revision.
+            if pending_attempted.is_none_or(|a| a < revision) {
+                drop_abandoned(&mut pending, revision);
+            }
+            pending_attempted = None;
+            pending.extend(t.mutations);
+            inner.remember(revision, at);
+            pos.next = at + 1;
+            pos.revision = pos.revision.max(revision);
+            let change = Change {
+                revision,
+                mutations: std::mem::take(&mut pending),
+                journal: t.journal,
+            };
+            if tx.send(Ok(change)).await.is_err() {
+                return End::Closed;
+            }
         }
+    }
+}
+
+/// What one etcd transaction of the registry's keys wrote.
+#[derive(Default)]
+struct Txn {
+    revision: Option<Revision>,
+    attempted: Option<Revision>,
+    journal: Vec<u8>,
+    mutations: Vec<Mutation>,
+}
+
+impl Txn {
+    fn add(
+        &mut self,
+        inner: &Inner,
+        put: bool,
+        kv: crate::pb::mvccpb::KeyValue,
+    ) -> Result<(), StoreError> {
+        if kv.key == inner.keys.revision {
+            if put {
+                self.revision = Some(decode_revision(&kv.key, &kv.value)?);
+            }
+        } else if kv.key == inner.keys.attempted {
+            if put {
+                self.attempted = Some(decode_revision(&kv.key, &kv.value)?);
+            }
+        } else if kv.key == inner.keys.journal {
+            if put {
+                self.journal = kv.value;
+            }
+        } else if let Some(k) = kv.key.strip_prefix(inner.keys.data.as_slice()) {
+            let key = String::from_utf8(k.to_vec()).map_err(|_| StoreError::Corrupt {
+                key: String::from_utf8_lossy(&kv.key).into_owned(),
+                reason: "the key is not UTF-8".into(),
+            })?;
+            self.mutations.push(Mutation {
+                key,
+                value: put.then_some(kv.value),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Drops the parts of a batch that was never finished (its writer died between parts).
+fn drop_abandoned(pending: &mut Vec<Mutation>, before: Revision) {
+    if !pending.is_empty() {
+        tracing::warn!(
+            mutations = pending.len(),
+            next = before,
+            "dropping the written part of a split batch that was never finished"
+        );
+        pending.clear();
     }
 }

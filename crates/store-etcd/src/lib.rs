@@ -48,7 +48,8 @@
 //! keys from the etcd revision that matches the asked Sextant revision. Each transaction's
 //! events carry `{prefix}meta/revision` (and `{prefix}meta/journal`, the core's journal), so the
 //! Sextant revision of every batch is known; a split batch's transactions are joined until the
-//! one that writes the revision. The store knows the etcd revision of each Sextant revision it
+//! one that writes the revision (parts of a batch whose writer died before its last part are
+//! dropped: their `meta/attempted` is below the next batch's revision). The store knows the etcd revision of each Sextant revision it
 //! loaded at, committed or delivered (the most recent thousands); any other start answers
 //! `Compacted`, as does a start etcd has compacted away.
 //!

@@ -134,9 +134,10 @@ pub(crate) enum Control {
     /// Stop taking writes; apply the store's feed from the applied revision.
     Follow,
     /// Catch up through the feed to `head` (the store's revision when this node was elected),
-    /// then take writes. Answers with the revision it leads from.
+    /// then take writes above `floor`. Answers with the revision it leads from.
     Lead {
         head: Revision,
+        floor: Revision,
         done: oneshot::Sender<Result<Revision, CoreError>>,
     },
 }
@@ -354,13 +355,15 @@ impl Registry {
     }
 
     /// Makes this node the leader once it has applied everything up to `head` (the store's
-    /// revision read after winning the election). Until then writes are still refused.
-    /// Returns the revision it leads from.
-    pub async fn lead(&self, head: Revision) -> Result<Revision, CoreError> {
+    /// revision read after winning the election). Until then writes are still refused. Its
+    /// first write gets a revision above `floor` too (the highest revision an unfinished batch
+    /// of a dead leader may have written part of), so no revision is used twice. Returns the
+    /// revision it leads from.
+    pub async fn lead(&self, head: Revision, floor: Revision) -> Result<Revision, CoreError> {
         let (done, rx) = oneshot::channel();
         self.core
             .control
-            .send(Control::Lead { head, done })
+            .send(Control::Lead { head, floor, done })
             .map_err(|_| CoreError::ShuttingDown)?;
         rx.await.map_err(|_| CoreError::ShuttingDown)?
     }

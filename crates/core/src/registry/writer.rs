@@ -67,7 +67,14 @@ pub(super) struct Writer {
     /// The store's feed while following.
     pub feed: Option<Feed>,
     /// A promotion waiting for the feed to reach the store's head.
-    pub promoting: Option<(Revision, oneshot::Sender<Result<Revision, CoreError>>)>,
+    pub promoting: Option<Promotion>,
+}
+
+/// A promotion under way: the head to reach, the floor to write above, the caller.
+pub(super) struct Promotion {
+    head: Revision,
+    floor: Revision,
+    done: oneshot::Sender<Result<Revision, CoreError>>,
 }
 
 /// How long a follower waits before reopening a feed that failed.
@@ -141,16 +148,16 @@ impl Writer {
     fn on_control(&mut self, c: Control, retry: &mut Option<Instant>) {
         match c {
             Control::Follow => {
-                if let Some((_, done)) = self.promoting.take() {
-                    let _ = done.send(Err(self.core.role.borrow().refusal()));
+                if let Some(p) = self.promoting.take() {
+                    let _ = p.done.send(Err(self.core.role.borrow().refusal()));
                 }
                 if self.feed.is_none() && retry.is_none() {
                     self.open_feed(retry);
                 }
             }
-            Control::Lead { head, done } => {
-                if let Some((_, old)) = self.promoting.replace((head, done)) {
-                    let _ = old.send(Err(CoreError::NotLeader(None)));
+            Control::Lead { head, floor, done } => {
+                if let Some(old) = self.promoting.replace(Promotion { head, floor, done }) {
+                    let _ = old.done.send(Err(CoreError::NotLeader(None)));
                 }
                 if self.feed.is_none() && retry.is_none() && self.revision < head {
                     self.open_feed(retry);
@@ -175,8 +182,8 @@ impl Writer {
             }
             None => {
                 tracing::error!("this store has no change feed: a follower cannot catch up");
-                if let Some((_, done)) = self.promoting.take() {
-                    let _ = done.send(Err(CoreError::Store(StoreError::Unavailable(
+                if let Some(p) = self.promoting.take() {
+                    let _ = p.done.send(Err(CoreError::Store(StoreError::Unavailable(
                         "the store has no change feed".into(),
                     ))));
                 }
@@ -221,16 +228,18 @@ impl Writer {
     /// Ends a promotion once everything up to the head is applied: the feed stops, every
     /// ephemeral instance gets a fresh lease (nobody renewed them here), writes are taken.
     fn check_promotion(&mut self) {
-        let Some((head, _)) = &self.promoting else {
+        let Some(p) = &self.promoting else {
             return;
         };
-        if self.revision < *head {
+        if self.revision < p.head {
             return;
         }
-        let Some((_, done)) = self.promoting.take() else {
+        let Some(Promotion { floor, done, .. }) = self.promoting.take() else {
             return;
         };
         self.feed = None;
+        // Revisions may skip; they must never repeat.
+        self.revision = self.revision.max(floor);
         let now = Instant::now();
         self.core.leases.clear();
         for (key, entry) in self.core.services.read().iter() {

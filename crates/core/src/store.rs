@@ -129,6 +129,14 @@ pub trait Store: Send + Sync + 'static {
         None
     }
 
+    /// The revision of the last batch the store holds, read from the store itself, or `None`
+    /// when only this process writes it (the registry knows). In a cluster the leader asks
+    /// after a commit whose outcome it does not know (the store may have applied it and lost
+    /// the answer); an error when the store cannot tell, or this writer may no longer write.
+    async fn committed_revision(&self) -> Option<Result<Revision, StoreError>> {
+        None
+    }
+
     /// Every batch committed (by any writer sharing this store) after `revision`, in order, or
     /// `None` when the store has no feed (one process uses it). `revision` must be one this
     /// handle loaded, committed or delivered; any other answers [`FeedError::Compacted`].
@@ -262,6 +270,10 @@ impl Store for MemStore {
         self.failing
             .load(Ordering::SeqCst)
             .then(|| "injected failure".to_string())
+    }
+
+    async fn committed_revision(&self) -> Option<Result<Revision, StoreError>> {
+        Some(Ok(self.data.lock().0))
     }
 
     fn watch_from(&self, revision: Revision) -> Option<Feed> {

@@ -804,3 +804,54 @@ async fn a_follower_behind_compaction_resyncs_with_snapshots() {
         .unwrap();
     assert_eq!(kinds(&d), vec![("upsert", next)]);
 }
+
+/// A shared store that applies each batch and then loses the answer (as etcd may, when a
+/// member fails after committing).
+struct LosesAnswers(Arc<MemStore>);
+
+#[async_trait::async_trait]
+impl Store for LosesAnswers {
+    async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+        self.0.commit(batch).await?;
+        Err(StoreError::Unavailable("the answer was lost".into()))
+    }
+    fn load(&self, visit: &mut crate::store::Visit<'_>) -> Result<Revision, StoreError> {
+        self.0.load(visit)
+    }
+    async fn close(&self) -> Result<(), StoreError> {
+        self.0.close().await
+    }
+    async fn committed_revision(&self) -> Option<Result<Revision, StoreError>> {
+        self.0.committed_revision().await
+    }
+    fn watch_from(&self, revision: Revision) -> Option<Feed> {
+        self.0.watch_from(revision)
+    }
+}
+
+/// A leader whose commit failed asks the shared store whether it applied the batch anyway, and
+/// if so publishes and acknowledges it, so it never differs from its followers (which get the
+/// batch from the feed) or reuses its revision.
+#[tokio::test]
+async fn a_leader_acknowledges_a_batch_the_store_applied_but_whose_answer_was_lost() {
+    let mem = Arc::new(MemStore::new());
+    let leader = open_with(Arc::new(LosesAnswers(mem.clone())), CoreConfig::default()).await;
+    let follower = open_with(mem.clone(), CoreConfig::default()).await;
+    follower.follow(None);
+    leader.lead(0, 0).await.unwrap();
+    let r1 = leader.register(reg("a", "x", 0)).await.unwrap();
+    let r2 = leader.register(reg("a", "y", 0)).await.unwrap();
+    assert_eq!((r1, r2), (1, 2));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while follower.revision() < r2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the follower did not catch up"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        follower.get(&svc("a"), false).instances,
+        leader.get(&svc("a"), false).instances
+    );
+}

@@ -339,6 +339,24 @@ async fn read_create_revision(inner: &Inner, key: &[u8]) -> Result<i64, String> 
     Ok(resp.kvs.first().map_or(0, |kv| kv.create_revision))
 }
 
+/// The leader key's create revision (0: none) at etcd revision `at`.
+pub(crate) async fn create_revision_at(inner: &Inner, at: i64) -> Result<i64, StoreError> {
+    let req = RangeRequest {
+        key: inner.keys.leader.clone(),
+        revision: at,
+        ..Default::default()
+    };
+    let resp = inner
+        .conn
+        .call(|mut c| {
+            let req = req.clone();
+            async move { c.range(req).await }
+        })
+        .await
+        .map_err(|e| inner.map(e, "read"))?;
+    Ok(resp.kvs.first().map_or(0, |kv| kv.create_revision))
+}
+
 fn put(key: Vec<u8>, value: Vec<u8>, lease: i64) -> RequestOp {
     RequestOp {
         request: Some(request_op::Request::RequestPut(PutRequest {

@@ -811,6 +811,27 @@ impl Store for EtcdStore {
         self.inner.outage.lock().clone()
     }
 
+    async fn committed_revision(&self) -> Option<Result<Revision, StoreError>> {
+        let inner = self.inner.clone();
+        Some(
+            self.run(async move {
+                let (revision, at) = inner.read_revision(&inner.keys.revision, 0).await?;
+                // Only while this node still leads is a batch at that revision its own.
+                let fence = *inner.fence.lock();
+                if let Some(created) = fence {
+                    let now = cluster::create_revision_at(&inner, at).await?;
+                    if now != created {
+                        return Err(StoreError::Unavailable(
+                            "this node is no longer the cluster's leader".into(),
+                        ));
+                    }
+                }
+                Ok(revision)
+            })
+            .await,
+        )
+    }
+
     fn watch_from(&self, revision: Revision) -> Option<Feed> {
         let (tx, rx) = tokio::sync::mpsc::channel(feed::CHANNEL);
         let start = self.inner.positions.lock().get(&revision).copied();

@@ -300,6 +300,7 @@ impl Registry {
             revision,
             feed: None,
             promoting: None,
+            uncertain: false,
         };
         // The writer gets a thread and a runtime of its own: on the shared runtime its wake-up
         // after each commit queued behind request handlers, which stretched every group-commit

@@ -68,6 +68,9 @@ pub(super) struct Writer {
     pub feed: Option<Feed>,
     /// A promotion waiting for the feed to reach the store's head.
     pub promoting: Option<Promotion>,
+    /// A leader's commit failed and the store could not say whether it applied it: before the
+    /// next commit, ask again (and reload if it did).
+    pub uncertain: bool,
 }
 
 /// A promotion under way: the head to reach, the floor to write above, the caller.
@@ -223,6 +226,27 @@ impl Writer {
             }
         }
         self.check_promotion();
+    }
+
+    /// Resolves an unknown commit outcome: `true` once the store says what it holds (reloading
+    /// everything if it holds more than this node published).
+    async fn settle(&mut self) -> bool {
+        match self.store.committed_revision().await {
+            Some(Ok(h)) if h > self.revision => {
+                tracing::warn!(
+                    store = h,
+                    published = self.revision,
+                    "the store applied a write whose answer was lost; reloading"
+                );
+                if !self.resync().await {
+                    return false;
+                }
+            }
+            Some(Ok(_)) | None => {}
+            Some(Err(_)) => return false,
+        }
+        self.uncertain = false;
+        true
     }
 
     /// Ends a promotion once everything up to the head is applied: the feed stops, every
@@ -498,6 +522,15 @@ impl Writer {
             }
             return;
         }
+        if self.uncertain && !self.settle().await {
+            let e = StoreError::Unavailable(
+                "the outcome of an earlier write is not known yet; retry".into(),
+            );
+            for req in requests {
+                let _ = req.reply.send(Err(CoreError::Store(copy_of(&e))));
+            }
+            return;
+        }
         let mut p = Pending::default();
         let mut next = self.revision + 1;
         let now = Instant::now();
@@ -557,13 +590,26 @@ impl Writer {
                 journal,
             };
             if let Err(e) = self.store.commit(batch).await {
-                tracing::error!(error = %e, ops = n_ops, "store commit failed; writes not acknowledged");
-                self.core.metrics.commit_failures.inc();
-                self.release(p.states);
-                for req in requests {
-                    let _ = req.reply.send(Err(CoreError::Store(copy_of(&e))));
+                // A shared store may have applied it and lost the answer; followers would
+                // then have it and this node not. Ask the store (while still leading).
+                let landed = match self.store.committed_revision().await {
+                    Some(Ok(h)) if role == Role::Leader => h >= last,
+                    Some(Err(_)) if role == Role::Leader => {
+                        self.uncertain = true;
+                        false
+                    }
+                    _ => false,
+                };
+                if !landed {
+                    tracing::error!(error = %e, ops = n_ops, "store commit failed; writes not acknowledged");
+                    self.core.metrics.commit_failures.inc();
+                    self.release(p.states);
+                    for req in requests {
+                        let _ = req.reply.send(Err(CoreError::Store(copy_of(&e))));
+                    }
+                    return;
                 }
-                return;
+                tracing::warn!(error = %e, revision = last, "the store applied a batch whose answer was lost; acknowledging it");
             }
             let m = &self.core.metrics;
             m.commit_seconds.observe(started.elapsed().as_secs_f64());

@@ -540,6 +540,8 @@ async fn ttl_report(
     status: Status,
     output: String,
 ) -> Result<Response, ConsulError> {
+    // A follower refuses before it records anything: the client retries on the leader.
+    c.registry.writable()?;
     let w = c
         .agent
         .ttl_update(&check_id, status, output, Instant::now())

@@ -171,6 +171,11 @@ impl Consul {
     /// Expires TTL checks, writes the health they decide where the registry differs, and
     /// removes instances critical for too long.
     async fn sweep(&self, now: Instant) {
+        // In a cluster only the leader writes; a follower's TTL checks get their reports
+        // through the leader (a follower refuses them with 503 naming it).
+        if self.registry.writable().is_err() {
+            return;
+        }
         let expired = self.agent.expire(now);
         if expired > 0 {
             self.metrics.ttl_expired.inc_by(expired as u64);

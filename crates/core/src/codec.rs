@@ -138,6 +138,32 @@ pub(crate) fn encode_service(rec: &ServiceRecord) -> Vec<u8> {
     encode(FORMAT_V2, rec)
 }
 
+/// One delete of a batch, as its journal records it: the store's deletes carry neither the
+/// revision nor the reason, and a node that applies the batch from a feed needs both to send
+/// the same event as the writer did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct JournalDelete {
+    pub namespace: String,
+    pub service: String,
+    pub id: String,
+    pub revision: Revision,
+    pub reason: sextant_model::DeleteReason,
+}
+
+pub(crate) fn encode_journal(deletes: &[JournalDelete]) -> Vec<u8> {
+    encode(FORMAT_V1, &deletes)
+}
+
+pub(crate) fn decode_journal(bytes: &[u8]) -> Result<Vec<JournalDelete>, StoreError> {
+    if bytes.is_empty() {
+        return Ok(Vec::new());
+    }
+    match split("journal", bytes)? {
+        (FORMAT_V1, rest) => body("journal", rest),
+        (v, _) => Err(unknown("journal", v)),
+    }
+}
+
 /// A decoded key.
 pub(crate) enum Key<'a> {
     Spec(ServiceKey, &'a str),

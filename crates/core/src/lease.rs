@@ -65,6 +65,10 @@ impl LeaseTable {
             .collect()
     }
 
+    pub fn clear(&self) {
+        self.leases.clear();
+    }
+
     pub fn len(&self) -> usize {
         self.leases.len()
     }

@@ -19,10 +19,12 @@ use std::time::Duration;
 
 pub use delivery::{Delivery, ServiceSnapshot, SharedEvent, Subscription, SubscriptionClosed};
 pub use metrics::CoreMetrics;
-pub use registry::{HeartbeatResult, NamespaceSummary, Op, Registry, ServiceSummary, ServiceView};
+pub use registry::{
+    HeartbeatResult, NamespaceSummary, Op, Registry, Role, ServiceSummary, ServiceView,
+};
 pub use sextant_model as model;
 pub use snapshot::{Snapshot, SnapshotError};
-pub use store::{Batch, MemStore, Mutation, Store, StoreError};
+pub use store::{Batch, Change, Feed, FeedError, MemStore, Mutation, Store, StoreError};
 
 /// Tunables of the core. Passed in explicitly; no global state.
 #[derive(Debug, Clone)]
@@ -71,6 +73,18 @@ pub enum CoreError {
     Store(#[from] StoreError),
     #[error("registry is shutting down")]
     ShuttingDown,
+    /// A write sent to a follower of a cluster; the message names the leader when known.
+    #[error("{}", not_leader_message(.0))]
+    NotLeader(Option<String>),
+}
+
+fn not_leader_message(leader: &Option<String>) -> String {
+    match leader {
+        Some(l) => {
+            format!("this node is a follower (read replica); send writes to the leader at {l}")
+        }
+        None => "this node is a follower and no leader is elected yet; retry shortly".into(),
+    }
 }
 
 impl CoreError {
@@ -82,6 +96,7 @@ impl CoreError {
             // Whatever the store's reason, the write was not made durable: retry later.
             CoreError::Store(_) => ErrorKind::Unavailable,
             CoreError::ShuttingDown => ErrorKind::ShuttingDown,
+            CoreError::NotLeader(_) => ErrorKind::Unavailable,
         }
     }
 }

@@ -208,6 +208,7 @@ pub async fn restore(store: Arc<dyn Store>, snapshot: Snapshot) -> Result<(), Sn
                 value: Some(value),
             })
             .collect(),
+        ..Batch::default()
     };
     store.commit(batch).await?;
     Ok(())

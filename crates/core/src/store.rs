@@ -9,6 +9,12 @@
 //! resumes the sequence where the last durable commit left it, and refuses a batch whose
 //! revision is lower than the last committed one (a fence against a stale writer or a core bug
 //! that would send revisions, and with them every watcher's resume point, backwards).
+//!
+//! **Change feed** (cluster mode): a shared store (etcd) tells every node what any writer
+//! committed, through [`Store::watch_from`]: the batches after a revision, in order, each with
+//! its revision, its mutations and its opaque journal, or [`FeedError::Compacted`] when that
+//! history is gone (the node then reloads and its watchers get snapshots). A store only one
+//! process uses (redb) has no feed.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -70,7 +76,32 @@ pub struct Mutation {
 pub struct Batch {
     pub revision: Revision,
     pub mutations: Vec<Mutation>,
+    /// Opaque bytes a store with a feed hands back with the batch ([`Change::journal`]): what
+    /// the mutations alone do not say (the core's delete reasons and revisions). Stores
+    /// without a feed ignore it; it is empty unless the store has one.
+    pub journal: Vec<u8>,
 }
+
+/// One committed batch as a change feed delivers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub revision: Revision,
+    pub mutations: Vec<Mutation>,
+    pub journal: Vec<u8>,
+}
+
+/// Why a change feed ended.
+#[derive(Debug, thiserror::Error)]
+pub enum FeedError {
+    /// The store no longer has the history after this revision: reload everything.
+    #[error("the store's history after revision {0} is compacted")]
+    Compacted(Revision),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The batches committed after a revision, in revision order; ends after an error.
+pub type Feed = tokio::sync::mpsc::Receiver<Result<Change, FeedError>>;
 
 /// The visitor [`Store::load`] calls for each key and value, in key order.
 pub type Visit<'a> = dyn FnMut(&str, &[u8]) -> Result<(), StoreError> + 'a;
@@ -97,14 +128,44 @@ pub trait Store: Send + Sync + 'static {
     fn write_outage(&self) -> Option<String> {
         None
     }
+
+    /// The revision of the last batch the store holds, read from the store itself, or `None`
+    /// when only this process writes it (the registry knows). In a cluster the leader asks
+    /// after a commit whose outcome it does not know (the store may have applied it and lost
+    /// the answer); an error when the store cannot tell, or this writer may no longer write.
+    async fn committed_revision(&self) -> Option<Result<Revision, StoreError>> {
+        None
+    }
+
+    /// Every batch committed (by any writer sharing this store) after `revision`, in order, or
+    /// `None` when the store has no feed (one process uses it). `revision` must be one this
+    /// handle loaded, committed or delivered; any other answers [`FeedError::Compacted`].
+    fn watch_from(&self, revision: Revision) -> Option<Feed> {
+        let _ = revision;
+        None
+    }
 }
 
+/// Batches a [`MemStore`] keeps for its feed.
+const MEM_FEED_HISTORY: usize = 1024;
+
 /// A non-durable store for tests and `--store memory`. Can be told to fail, to test outages.
+/// Its feed (the last [`MEM_FEED_HISTORY`] batches) lets several registries share one in
+/// tests of cluster behaviour.
 #[derive(Default)]
 pub struct MemStore {
     data: Mutex<(Revision, BTreeMap<String, Vec<u8>>)>,
     failing: AtomicBool,
     closed: AtomicBool,
+    feed: Mutex<MemFeed>,
+}
+
+#[derive(Default)]
+struct MemFeed {
+    history: std::collections::VecDeque<Change>,
+    /// History at or below this revision is gone.
+    compacted: Revision,
+    watchers: Vec<tokio::sync::mpsc::Sender<Result<Change, FeedError>>>,
 }
 
 impl MemStore {
@@ -144,25 +205,51 @@ impl Store for MemStore {
                 std::io::Error::from(std::io::ErrorKind::StorageFull),
             ));
         }
-        let mut guard = self.data.lock();
-        let (rev, map) = &mut *guard;
-        if batch.revision < *rev {
-            return Err(StoreError::Fenced {
-                revision: batch.revision,
-                last: *rev,
-            });
-        }
-        for m in batch.mutations {
-            match m.value {
-                Some(v) => {
-                    map.insert(m.key, v);
-                }
-                None => {
-                    map.remove(&m.key);
+        let watchers = {
+            let mut guard = self.data.lock();
+            let (rev, map) = &mut *guard;
+            if batch.revision < *rev {
+                return Err(StoreError::Fenced {
+                    revision: batch.revision,
+                    last: *rev,
+                });
+            }
+            for m in &batch.mutations {
+                match &m.value {
+                    Some(v) => {
+                        map.insert(m.key.clone(), v.clone());
+                    }
+                    None => {
+                        map.remove(&m.key);
+                    }
                 }
             }
+            *rev = batch.revision;
+            // Under the data lock, so the history is in commit order.
+            let change = Change {
+                revision: batch.revision,
+                mutations: batch.mutations,
+                journal: batch.journal,
+            };
+            let mut feed = self.feed.lock();
+            if feed.history.len() >= MEM_FEED_HISTORY {
+                if let Some(old) = feed.history.pop_front() {
+                    feed.compacted = old.revision;
+                }
+            }
+            feed.history.push_back(change.clone());
+            feed.watchers.retain(|w| !w.is_closed());
+            feed.watchers
+                .iter()
+                .map(|w| (w.clone(), change.clone()))
+                .collect::<Vec<_>>()
+        };
+        for (w, change) in watchers {
+            // A watcher too slow for the channel is cut off with `Compacted` when it drains.
+            if w.try_send(Ok(change)).is_err() {
+                let _ = w.try_send(Err(FeedError::Compacted(0)));
+            }
         }
-        *rev = batch.revision;
         Ok(())
     }
 
@@ -183,6 +270,26 @@ impl Store for MemStore {
         self.failing
             .load(Ordering::SeqCst)
             .then(|| "injected failure".to_string())
+    }
+
+    async fn committed_revision(&self) -> Option<Result<Revision, StoreError>> {
+        Some(Ok(self.data.lock().0))
+    }
+
+    fn watch_from(&self, revision: Revision) -> Option<Feed> {
+        let (tx, rx) = tokio::sync::mpsc::channel(MEM_FEED_HISTORY * 2);
+        // The data lock orders this against commits: nothing is missed or sent twice.
+        let _data = self.data.lock();
+        let mut feed = self.feed.lock();
+        if revision < feed.compacted {
+            let _ = tx.try_send(Err(FeedError::Compacted(revision)));
+            return Some(rx);
+        }
+        for c in feed.history.iter().filter(|c| c.revision > revision) {
+            let _ = tx.try_send(Ok(c.clone()));
+        }
+        feed.watchers.push(tx);
+        Some(rx)
     }
 }
 

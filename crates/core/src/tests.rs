@@ -692,3 +692,166 @@ async fn a_default_check_never_replaces_a_check_or_other_settings() {
     assert_eq!(r.default_check(svc("b"), tcp).await.unwrap(), 0);
     assert_eq!(r.service_config(&svc("b")).check, http);
 }
+
+/// Cluster roles over one shared store with a feed (the in-memory one): the leader's writes
+/// reach a follower's subscribers as the same events at the same revisions (a delete with its
+/// reason), a follower refuses writes naming the leader, and a promoted follower continues the
+/// revision sequence.
+#[tokio::test]
+async fn a_follower_applies_the_leaders_feed_and_takes_over() {
+    let store = Arc::new(MemStore::new());
+    let leader = open_with(store.clone(), CoreConfig::default()).await;
+    let follower = open_with(store.clone(), CoreConfig::default()).await;
+    follower.follow(Some("http://leader:1".into()));
+    assert_eq!(leader.lead(0, 0).await.unwrap(), 0);
+    assert_eq!(leader.role(), Role::Leader);
+
+    let err = follower.register(reg("a", "x", 0)).await.unwrap_err();
+    assert!(matches!(err, CoreError::NotLeader(_)), "{err}");
+    assert!(err.to_string().contains("http://leader:1"), "{err}");
+    assert!(follower.writable().is_err());
+    assert_eq!(
+        follower.heartbeat(&[(svc("a"), "x".into())]),
+        vec![HeartbeatResult::Unknown],
+        "a follower renews nothing"
+    );
+
+    let mut on_leader = leader.subscribe(vec![svc("a")], Some(0));
+    let mut on_follower = follower.subscribe(vec![svc("a")], Some(0));
+    let r1 = leader.register(reg("a", "x", 30)).await.unwrap();
+    let r2 = leader.register(reg("a", "y", 0)).await.unwrap();
+    let r3 = leader
+        .update_status(
+            svc("a"),
+            "y".into(),
+            StatusPatch {
+                enabled: Some(false),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let r4 = leader.deregister(svc("a"), "x".into()).await.unwrap();
+    let want = vec![
+        ("upsert", r1),
+        ("upsert", r2),
+        ("status", r3),
+        ("delete", r4),
+    ];
+    for (name, sub) in [("leader", &mut on_leader), ("follower", &mut on_follower)] {
+        let mut got = Vec::new();
+        while got.len() < want.len() {
+            let d = tokio::time::timeout(Duration::from_secs(5), sub.next())
+                .await
+                .unwrap_or_else(|_| panic!("{name}: no delivery"))
+                .unwrap();
+            got.extend(kinds(&d));
+        }
+        assert_eq!(got, want, "{name}");
+    }
+    let on_f = follower.get(&svc("a"), false);
+    let on_l = leader.get(&svc("a"), false);
+    assert_eq!(on_f.revision, on_l.revision);
+    assert_eq!(on_f.instances, on_l.instances);
+    assert_eq!(follower.revision(), r4);
+
+    // The leader goes; the follower is promoted at the store's head and writes go on.
+    leader.shutdown("test").await;
+    store.reopen();
+    // A dead leader's unfinished batch may have used r4 + 1 and r4 + 2: revisions go on above.
+    assert_eq!(follower.lead(r4, r4 + 2).await.unwrap(), r4 + 2);
+    let r5 = follower.register(reg("a", "z", 0)).await.unwrap();
+    assert_eq!(r5, r4 + 3);
+}
+
+/// A follower whose feed position is older than the store's history resyncs with a full load
+/// and its subscribers get snapshots, not a gap; then it follows the feed again.
+#[tokio::test]
+async fn a_follower_behind_compaction_resyncs_with_snapshots() {
+    let store = Arc::new(MemStore::new());
+    let leader = open_with(store.clone(), CoreConfig::default()).await;
+    let follower = open_with(store.clone(), CoreConfig::default()).await;
+    let mut sub = follower.subscribe(vec![svc("a")], Some(0));
+    leader.lead(0, 0).await.unwrap();
+    // More batches than the in-memory store keeps for its feed, before the follower asks.
+    let mut last = 0;
+    for i in 0..1100 {
+        last = leader
+            .register(reg("a", &format!("i{i}"), 0))
+            .await
+            .unwrap();
+    }
+    follower.follow(None);
+    let mut got = None;
+    for _ in 0..10 {
+        let d = tokio::time::timeout(Duration::from_secs(5), sub.next())
+            .await
+            .unwrap()
+            .unwrap();
+        if !d.snapshots.is_empty() {
+            got = Some(d);
+            break;
+        }
+        assert!(d.events.is_empty(), "events across a compacted gap");
+    }
+    let d = got.expect("a snapshot");
+    assert_eq!(d.snapshots[0].view.instances.len(), 1100);
+    assert_eq!(d.revision, last);
+    let next = leader.register(reg("a", "after", 0)).await.unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(5), sub.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(kinds(&d), vec![("upsert", next)]);
+}
+
+/// A shared store that applies each batch and then loses the answer (as etcd may, when a
+/// member fails after committing).
+struct LosesAnswers(Arc<MemStore>);
+
+#[async_trait::async_trait]
+impl Store for LosesAnswers {
+    async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+        self.0.commit(batch).await?;
+        Err(StoreError::Unavailable("the answer was lost".into()))
+    }
+    fn load(&self, visit: &mut crate::store::Visit<'_>) -> Result<Revision, StoreError> {
+        self.0.load(visit)
+    }
+    async fn close(&self) -> Result<(), StoreError> {
+        self.0.close().await
+    }
+    async fn committed_revision(&self) -> Option<Result<Revision, StoreError>> {
+        self.0.committed_revision().await
+    }
+    fn watch_from(&self, revision: Revision) -> Option<Feed> {
+        self.0.watch_from(revision)
+    }
+}
+
+/// A leader whose commit failed asks the shared store whether it applied the batch anyway, and
+/// if so publishes and acknowledges it, so it never differs from its followers (which get the
+/// batch from the feed) or reuses its revision.
+#[tokio::test]
+async fn a_leader_acknowledges_a_batch_the_store_applied_but_whose_answer_was_lost() {
+    let mem = Arc::new(MemStore::new());
+    let leader = open_with(Arc::new(LosesAnswers(mem.clone())), CoreConfig::default()).await;
+    let follower = open_with(mem.clone(), CoreConfig::default()).await;
+    follower.follow(None);
+    leader.lead(0, 0).await.unwrap();
+    let r1 = leader.register(reg("a", "x", 0)).await.unwrap();
+    let r2 = leader.register(reg("a", "y", 0)).await.unwrap();
+    assert_eq!((r1, r2), (1, 2));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while follower.revision() < r2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the follower did not catch up"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        follower.get(&svc("a"), false).instances,
+        leader.get(&svc("a"), false).instances
+    );
+}

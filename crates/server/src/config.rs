@@ -77,6 +77,15 @@ pub struct ServerConfig {
     /// share one etcd under different prefixes).
     #[arg(long, env = "SEXTANT_ETCD_PREFIX", default_value = "/sextant/")]
     pub etcd_prefix: String,
+    // Cluster mode (`store = etcd`): every node on one prefix is a member.
+    /// This node's name among the cluster's members (`store = etcd`); empty: derived from the
+    /// host and the HTTP and gRPC ports. Letters, digits and `.` `_` `-` `:`, at most 128.
+    #[arg(long, env = "SEXTANT_NODE_ID", default_value = "")]
+    pub node_id: String,
+    /// The etcd lease of a node's membership and leadership, in seconds (`store = etcd`): a
+    /// leader that dies is replaced about this long after its last renewal. 2 to 60.
+    #[arg(long, env = "SEXTANT_CLUSTER_LEASE_SECONDS", default_value_t = 3)]
+    pub cluster_lease_seconds: u64,
     /// Events kept per service for watchers that resume.
     #[arg(long, env = "SEXTANT_EVENT_LOG_PER_SERVICE", default_value_t = 1024)]
     pub event_log_per_service: usize,
@@ -397,6 +406,23 @@ impl ServerConfig {
                     message: "must not be empty".into(),
                 });
             }
+            if self.node_id.len() > 128
+                || !self
+                    .node_id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b".-_:".contains(&b))
+            {
+                return Err(ConfigError::Invalid {
+                    field: "node_id",
+                    message: "at most 128 of A-Z a-z 0-9 . _ - :".into(),
+                });
+            }
+            if !(2..=60).contains(&self.cluster_lease_seconds) {
+                return Err(ConfigError::Invalid {
+                    field: "cluster_lease_seconds",
+                    message: "must be between 2 and 60".into(),
+                });
+            }
         }
         if !(0.0..=1.0).contains(&self.health_mass_failure_fraction) {
             return Err(ConfigError::Invalid {
@@ -624,6 +650,23 @@ mod tests {
             match c.validate() {
                 Err(ConfigError::Invalid { field: f, .. }) => assert_eq!(f, field, "{endpoints}"),
                 other => panic!("{endpoints:?} {prefix:?}: {other:?}"),
+            }
+        }
+        for (node_id, lease, field) in [
+            ("a b", 3, "node_id"),
+            ("n/1", 3, "node_id"),
+            ("n1", 1, "cluster_lease_seconds"),
+            ("n1", 61, "cluster_lease_seconds"),
+        ] {
+            let c = ServerConfig {
+                store: StoreKind::Etcd,
+                node_id: node_id.into(),
+                cluster_lease_seconds: lease,
+                ..ServerConfig::default()
+            };
+            match c.validate() {
+                Err(ConfigError::Invalid { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{node_id:?} {lease}: {other:?}"),
             }
         }
         // Not checked unless the etcd store is chosen.

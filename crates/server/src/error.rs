@@ -46,6 +46,7 @@ impl From<CoreError> for ApiError {
             CoreError::NotFound(what) => format!("{what} not found"),
             CoreError::Store(s) => format!("write not durable, retry: {s}"),
             CoreError::ShuttingDown => "server is shutting down".to_string(),
+            e @ CoreError::NotLeader(_) => e.to_string(),
         };
         // The wire code of the native APIs: clients match on it, so shutting down stays
         // `unavailable` as before.

@@ -311,6 +311,8 @@ impl RegistryApi for GrpcApi {
                 .iter()
                 .map(|i| Ok((key(i.service.as_ref())?, i.id.clone())))
                 .collect::<Result<Vec<_>, Status>>()?;
+            // A follower's leases are nobody's: the leader decides expiries.
+            self.node.registry.writable().map_err(grpc_status)?;
             let results = self.node.registry.heartbeat(&keys);
             let mut renewed = 0;
             let mut unknown = Vec::new();

@@ -3,6 +3,7 @@
 //! a reason, close the store).
 #![forbid(unsafe_code)]
 
+mod cluster;
 pub mod config;
 mod error;
 mod grpc;
@@ -89,6 +90,8 @@ pub(crate) struct Node {
     pub xds: Option<XdsServer>,
     /// The Eureka REST API under `/eureka` on the native listener; `None` when turned off.
     pub eureka: Option<Eureka>,
+    /// Cluster mode (`store = etcd`); `None` for a single node.
+    pub cluster: Option<cluster::Cluster>,
 }
 
 /// A running node.
@@ -113,7 +116,7 @@ impl Server {
     pub async fn start(config: ServerConfig) -> Result<Server, ServerError> {
         config.validate()?;
         let mut prometheus = prometheus_client::registry::Registry::default();
-        let store = open_store(&config, Some(&mut prometheus)).await?;
+        let (store, etcd) = open_store(&config, Some(&mut prometheus)).await?;
         let core_metrics = CoreMetrics::register(&mut prometheus);
         let api_metrics = ApiMetrics::register(&mut prometheus);
         let health_metrics = HealthMetrics::register(&mut prometheus);
@@ -208,6 +211,20 @@ impl Server {
             );
             (listener, addr, consul)
         });
+        // Cluster mode: a member of the cluster on the etcd prefix; its role is settled (or
+        // the wait bounded) before it serves.
+        let cluster = match etcd {
+            Some(store) => {
+                let c = cluster::Cluster {
+                    store,
+                    node_id: cluster::node_id(&config.node_id, http_addr, grpc_addr),
+                };
+                let lease = Duration::from_secs(config.cluster_lease_seconds);
+                cluster::join(&c, &registry, http_addr, grpc_addr, lease, lease * 2).await;
+                Some(c)
+            }
+            None => None,
+        };
         let node = Arc::new(Node {
             registry: registry.clone(),
             scanner,
@@ -217,6 +234,7 @@ impl Server {
             store,
             xds,
             eureka,
+            cluster,
         });
         let (stop, stopped) = watch::channel(false);
 
@@ -367,30 +385,34 @@ impl Server {
 }
 
 /// Opens the store `config` names (registering the embedded store's metrics when given a
-/// metrics registry).
+/// metrics registry); for etcd, also the etcd store itself, which cluster mode needs.
 async fn open_store(
     config: &ServerConfig,
     prometheus: Option<&mut prometheus_client::registry::Registry>,
-) -> Result<Arc<dyn Store>, ServerError> {
+) -> Result<(Arc<dyn Store>, Option<Arc<EtcdStore>>), ServerError> {
     Ok(match config.store {
         StoreKind::Embedded => {
             let metrics = match prometheus {
                 Some(p) => StoreMetrics::register(p),
                 None => StoreMetrics::default(),
             };
-            Arc::new(RedbStore::open_with_metrics(&config.data_dir, metrics)?)
+            let s = Arc::new(RedbStore::open_with_metrics(&config.data_dir, metrics)?);
+            (s, None)
         }
-        StoreKind::Memory => Arc::new(MemStore::new()),
+        StoreKind::Memory => (Arc::new(MemStore::new()), None),
         // An etcd that does not answer fails the start (naming the endpoints): a
         // supervisor's restart policy retries, and a typo does not look like a slow etcd.
-        StoreKind::Etcd => Arc::new(
-            EtcdStore::open(EtcdConfig {
-                endpoints: config.etcd_endpoints(),
-                prefix: config.etcd_prefix.clone(),
-                ..EtcdConfig::default()
-            })
-            .await?,
-        ),
+        StoreKind::Etcd => {
+            let s = Arc::new(
+                EtcdStore::open(EtcdConfig {
+                    endpoints: config.etcd_endpoints(),
+                    prefix: config.etcd_prefix.clone(),
+                    ..EtcdConfig::default()
+                })
+                .await?,
+            );
+            (s.clone(), Some(s))
+        }
     })
 }
 
@@ -410,7 +432,7 @@ pub async fn restore_snapshot(
     snapshot: Snapshot,
 ) -> Result<(), RestoreError> {
     config.validate().map_err(ServerError::from)?;
-    let store = open_store(config, None).await?;
+    let (store, _) = open_store(config, None).await?;
     let r = sextant_core::snapshot::restore(store.clone(), snapshot).await;
     let closed = store.close().await;
     r?;

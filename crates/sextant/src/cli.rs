@@ -111,6 +111,13 @@ pub enum Command {
     /// xDS for proxyless gRPC clients and Envoy: their bootstrap file, and who is connected.
     #[command(subcommand)]
     Xds(XdsCommand),
+    /// The cluster this node belongs to (store = etcd): members with their role, applied
+    /// revision and lag, the leader, the store's health.
+    Cluster {
+        /// Print the JSON answer as is.
+        #[arg(long)]
+        json: bool,
+    },
     /// Back up a registry, or move it to another store (embedded ↔ etcd).
     #[command(subcommand)]
     Snapshot(SnapshotCommand),

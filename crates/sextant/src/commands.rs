@@ -320,6 +320,43 @@ pub async fn run(server: &str, grpc: &str, cmd: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Cluster { json } => {
+            let v = c.send(c.http.get(c.url("/v1/cluster"))).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            let store = &v["store"];
+            println!(
+                "node {} is {} at revision {}; store {} {} (head {})",
+                v["node_id"].as_str().unwrap_or(""),
+                v["role"].as_str().unwrap_or("?"),
+                v["revision"],
+                store["kind"].as_str().unwrap_or("?"),
+                if store["healthy"] == true {
+                    "healthy".to_string()
+                } else {
+                    format!("unhealthy: {}", store["error"].as_str().unwrap_or("?"))
+                },
+                store["head"],
+            );
+            if let Some(l) = v["leader"].as_str() {
+                println!("leader: {l}");
+            }
+            for m in v["members"].as_array().cloned().unwrap_or_default() {
+                println!(
+                    "  {:<28} {:<9} revision {:<8} lag {:<6} seen {} ms ago  http {}  grpc {}",
+                    m["node_id"].as_str().unwrap_or("?"),
+                    m["role"].as_str().unwrap_or("?"),
+                    m["revision"],
+                    m["lag"],
+                    m["last_seen_ms"],
+                    m["http"].as_str().unwrap_or("?"),
+                    m["grpc"].as_str().unwrap_or("?"),
+                );
+            }
+            Ok(())
+        }
         Command::Suspect { service, id } => {
             let (ns, svc) = split_service(&service)?;
             let body = json!({ "instances": [{ "namespace": ns, "service": svc, "id": id }] });

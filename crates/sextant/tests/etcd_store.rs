@@ -1,7 +1,8 @@
 //! The real binary on the etcd store (`--store etcd`, a throwaway etcd from
 //! `sextant_testkit::Etcd`; fails, never skips, without etcd): instances registered over HTTP
 //! are all there, with the revisions the server answered, after a `kill -9` and a restart on
-//! the same etcd, and revisions go on above them.
+//! the same etcd, and revisions go on above them (once the killed node's cluster lease
+//! lapsed and the restarted node leads).
 
 mod common;
 
@@ -101,14 +102,27 @@ async fn acknowledged_writes_survive_kill_9_on_etcd() {
         find(&s, &id2).unwrap()["status_revision"].as_u64(),
         Some(status_rev)
     );
-    let next = api
-        .register(
-            "etcd",
-            "svc-0",
-            "after",
-            &json!({"host": "10.0.0.2", "port": 1}),
-        )
-        .await;
+    // The killed node still held the cluster's leadership: the restarted one (a new member)
+    // follows until that lease lapses (3 s by default), then leads and takes writes.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let next = loop {
+        let resp = api
+            .put(
+                &instance_path("etcd", "svc-0", "after"),
+                &json!({"host": "10.0.0.2", "port": 1}),
+            )
+            .await;
+        if resp.status == 200 {
+            break resp.body["revision"].as_u64().expect("revision");
+        }
+        assert_eq!(resp.status, 503, "{}", resp.text);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "writes did not resume: {}",
+            resp.text
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
     assert!(
         next > highest,
         "revision {next} after the restart, {highest} before"

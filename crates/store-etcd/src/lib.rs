@@ -43,8 +43,21 @@
 //! reports it (for `/readyz`) until a commit gets through again. All I/O runs on the store's
 //! own small runtime (thread `sextant-etcd`), so the store works from any runtime, and
 //! [`Store::load`] (blocking) from any thread.
+//!
+//! **Change feed** ([`Store::watch_from`], module `feed`): one etcd Watch on the registry's
+//! keys from the etcd revision that matches the asked Sextant revision. Each transaction's
+//! events carry `{prefix}meta/revision` (and `{prefix}meta/journal`, the core's journal), so the
+//! Sextant revision of every batch is known; a split batch's transactions are joined until the
+//! one that writes the revision (parts of a batch whose writer died before its last part are
+//! dropped: their `meta/attempted` is below the next batch's revision). The store knows the etcd revision of each Sextant revision it
+//! loaded at, committed or delivered (the most recent thousands); any other start answers
+//! `Compacted`, as does a start etcd has compacted away.
+//!
+//! **Cluster** (module `cluster`): membership, leader election and the leader's fence.
 #![forbid(unsafe_code)]
 
+pub mod cluster;
+mod feed;
 pub mod pb;
 
 use std::collections::BTreeMap;
@@ -56,7 +69,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use sextant_core::model::Revision;
 use sextant_core::store::Visit;
-use sextant_core::{Batch, Store, StoreError};
+use sextant_core::{Batch, Feed, Store, StoreError};
 use tonic::transport::{Channel, Endpoint};
 
 use pb::etcdserverpb::{
@@ -196,6 +209,8 @@ fn classify(status: tonic::Status) -> CallError {
 struct Conn {
     endpoints: Vec<String>,
     channels: Vec<KvClient<Channel>>,
+    /// The same channels, for the Watch and Lease services.
+    raw: Vec<Channel>,
     current: AtomicUsize,
     timeout: Duration,
 }
@@ -204,6 +219,7 @@ impl Conn {
     /// Builds the channels; must run inside the runtime that will drive them.
     fn new(config: &EtcdConfig) -> Result<Conn, StoreError> {
         let mut channels = Vec::with_capacity(config.endpoints.len());
+        let mut raw = Vec::with_capacity(config.endpoints.len());
         for e in &config.endpoints {
             let ep = Endpoint::from_shared(e.clone())
                 .map_err(|err| StoreError::Unavailable(format!("bad etcd endpoint {e}: {err}")))?
@@ -213,8 +229,10 @@ impl Conn {
                 .http2_keep_alive_interval(Duration::from_secs(10))
                 .keep_alive_timeout(config.request_timeout)
                 .keep_alive_while_idle(true);
+            let ch = ep.connect_lazy();
+            raw.push(ch.clone());
             channels.push(
-                KvClient::new(ep.connect_lazy())
+                KvClient::new(ch)
                     .max_decoding_message_size(MAX_DECODE_BYTES)
                     .max_encoding_message_size(MAX_DECODE_BYTES),
             );
@@ -222,6 +240,7 @@ impl Conn {
         Ok(Conn {
             endpoints: config.endpoints.clone(),
             channels,
+            raw,
             current: AtomicUsize::new(0),
             timeout: config.request_timeout,
         })
@@ -268,7 +287,14 @@ struct Keys {
     data: Vec<u8>,
     revision: Vec<u8>,
     attempted: Vec<u8>,
+    journal: Vec<u8>,
+    /// Everything of the cluster (members, leader) lives under it.
+    cluster: Vec<u8>,
+    leader: Vec<u8>,
 }
+
+/// Sextant revisions whose etcd revision a store remembers, for feeds (the latest ones).
+const POSITIONS: usize = 4096;
 
 /// The shared state, owned by the store and borrowed by the tasks on its runtime.
 struct Inner {
@@ -279,6 +305,13 @@ struct Inner {
     outage: Mutex<Option<String>>,
     /// The highest revision recorded in `{prefix}meta/attempted` (0: none).
     attempted: AtomicU64,
+    /// Sextant revision -> the etcd revision at which the registry was exactly at it.
+    positions: Mutex<BTreeMap<Revision, i64>>,
+    /// While this node leads: the leader key's create revision. Every commit then requires
+    /// that key to still be this node's, so a deposed leader cannot write.
+    fence: Mutex<Option<i64>>,
+    /// This node's cluster lease, while it holds one.
+    lease: Mutex<Option<i64>>,
 }
 
 /// The etcd-backed [`Store`]. See the crate docs.
@@ -311,6 +344,9 @@ impl EtcdStore {
             data: [p, b"k/"].concat(),
             revision: [p, b"meta/revision"].concat(),
             attempted: [p, b"meta/attempted"].concat(),
+            journal: [p, b"meta/journal"].concat(),
+            cluster: [p, b"cluster/"].concat(),
+            leader: [p, b"cluster/leader"].concat(),
         };
         let inner = Arc::new(Inner {
             config,
@@ -319,6 +355,9 @@ impl EtcdStore {
             closed: AtomicBool::new(false),
             outage: Mutex::new(None),
             attempted: AtomicU64::new(0),
+            positions: Mutex::new(BTreeMap::new()),
+            fence: Mutex::new(None),
+            lease: Mutex::new(None),
         });
         let store = EtcdStore {
             inner: inner.clone(),
@@ -364,6 +403,15 @@ impl Drop for EtcdStore {
 }
 
 impl Inner {
+    /// Remembers that the registry was at `revision` at etcd revision `at`.
+    fn remember(&self, revision: Revision, at: i64) {
+        let mut p = self.positions.lock();
+        p.insert(revision, at);
+        while p.len() > POSITIONS {
+            p.pop_first();
+        }
+    }
+
     fn unavailable(&self, detail: &str) -> StoreError {
         StoreError::Unavailable(format!(
             "etcd is unreachable at {} ({detail})",
@@ -453,6 +501,23 @@ impl Inner {
             }
         }
         let revision = batch.revision;
+        if !batch.journal.is_empty() {
+            let size = self.keys.journal.len() + batch.journal.len() + OP_OVERHEAD;
+            if size > max_value {
+                return Err(StoreError::Io(format!(
+                    "the batch's journal ({size} bytes) does not fit in one etcd request"
+                )));
+            }
+            let full = chunks.last().is_some_and(|c| {
+                !c.is_empty() && (c.len() + 1 >= per_chunk || bytes + size > max_value)
+            });
+            if full {
+                chunks.push(Vec::new());
+            }
+            if let Some(c) = chunks.last_mut() {
+                c.push(put_op(self.keys.journal.clone(), batch.journal));
+            }
+        }
         let n = chunks.len();
         if n > 1 {
             // See the crate docs: a restart must not reuse a revision a part carries.
@@ -469,26 +534,41 @@ impl Inner {
                     encode_revision(revision),
                 ));
             }
-            self.fenced_txn(revision, ops).await?;
+            let at = self.fenced_txn(revision, ops).await?;
+            if i + 1 == n {
+                self.remember(revision, at);
+            }
         }
         Ok(())
     }
 
-    /// One transaction: `ops` if the stored revision is at most `revision`, else Fenced.
-    async fn fenced_txn(&self, revision: Revision, ops: Vec<RequestOp>) -> Result<(), StoreError> {
+    /// One transaction: `ops` if the stored revision is at most `revision` (and, while this
+    /// node leads, the leader key is still its own), else Fenced. Returns etcd's revision.
+    async fn fenced_txn(&self, revision: Revision, ops: Vec<RequestOp>) -> Result<i64, StoreError> {
         // No "less or equal" in etcd: stored < revision + 1. Above every 20-digit value: "~".
         let bound = match revision.checked_add(1) {
             Some(r) => encode_revision(r),
             None => b"~".to_vec(),
         };
-        let req = TxnRequest {
-            compare: vec![Compare {
-                result: compare::CompareResult::Less as i32,
-                target: compare::CompareTarget::Value as i32,
-                key: self.keys.revision.clone(),
+        let mut compares = vec![Compare {
+            result: compare::CompareResult::Less as i32,
+            target: compare::CompareTarget::Value as i32,
+            key: self.keys.revision.clone(),
+            range_end: Vec::new(),
+            target_union: Some(compare::TargetUnion::Value(bound)),
+        }];
+        let fence = *self.fence.lock();
+        if let Some(created) = fence {
+            compares.push(Compare {
+                result: compare::CompareResult::Equal as i32,
+                target: compare::CompareTarget::Create as i32,
+                key: self.keys.leader.clone(),
                 range_end: Vec::new(),
-                target_union: Some(compare::TargetUnion::Value(bound)),
-            }],
+                target_union: Some(compare::TargetUnion::CreateRevision(created)),
+            });
+        }
+        let req = TxnRequest {
+            compare: compares,
             success: ops,
             failure: vec![RequestOp {
                 request: Some(request_op::Request::RequestRange(RangeRequest {
@@ -501,7 +581,7 @@ impl Inner {
         for _ in 0..2 {
             let resp = self.txn(&req).await?;
             if resp.succeeded {
-                return Ok(());
+                return Ok(resp.header.map_or(0, |h| h.revision));
             }
             let stored = resp
                 .responses
@@ -514,7 +594,14 @@ impl Inner {
             match stored {
                 Some(kv) => {
                     let last = decode_revision(&self.keys.revision, &kv.value)?;
-                    return Err(StoreError::Fenced { revision, last });
+                    if last > revision || fence.is_none() {
+                        return Err(StoreError::Fenced { revision, last });
+                    }
+                    // The revision allowed it: the leader key is no longer this node's.
+                    *self.fence.lock() = None;
+                    return Err(StoreError::Unavailable(
+                        "this node is no longer the cluster's leader (its leader key in etcd is gone or another node's); the write was not made".into(),
+                    ));
                 }
                 None => self.create_revision_key().await?,
             }
@@ -649,6 +736,7 @@ impl Inner {
                 _ => break,
             }
         }
+        self.remember(revision.max(attempted), at);
         Ok((revision.max(attempted), out))
     }
 }
@@ -708,12 +796,54 @@ impl Store for EtcdStore {
     }
 
     async fn close(&self) -> Result<(), StoreError> {
+        // Closed first, so the campaign does not take a new lease after the resignation.
         self.inner.closed.store(true, Ordering::SeqCst);
-        Ok(())
+        let inner = self.inner.clone();
+        // Leadership and membership go now rather than a lease TTL later.
+        self.run(async move {
+            cluster::resign(&inner).await;
+            Ok(())
+        })
+        .await
     }
 
     fn write_outage(&self) -> Option<String> {
         self.inner.outage.lock().clone()
+    }
+
+    async fn committed_revision(&self) -> Option<Result<Revision, StoreError>> {
+        let inner = self.inner.clone();
+        Some(
+            self.run(async move {
+                let (revision, at) = inner.read_revision(&inner.keys.revision, 0).await?;
+                // Only while this node still leads is a batch at that revision its own.
+                let fence = *inner.fence.lock();
+                if let Some(created) = fence {
+                    let now = cluster::create_revision_at(&inner, at).await?;
+                    if now != created {
+                        return Err(StoreError::Unavailable(
+                            "this node is no longer the cluster's leader".into(),
+                        ));
+                    }
+                }
+                Ok(revision)
+            })
+            .await,
+        )
+    }
+
+    fn watch_from(&self, revision: Revision) -> Option<Feed> {
+        let (tx, rx) = tokio::sync::mpsc::channel(feed::CHANNEL);
+        let start = self.inner.positions.lock().get(&revision).copied();
+        match (start, self.runtime.as_ref()) {
+            (Some(at), Some(rt)) => {
+                rt.spawn(feed::run(self.inner.clone(), revision, at, tx));
+            }
+            _ => {
+                let _ = tx.try_send(Err(sextant_core::FeedError::Compacted(revision)));
+            }
+        }
+        Some(rx)
     }
 }
 

@@ -38,6 +38,7 @@ async fn commit(s: &RedbStore, revision: Revision, mutations: Vec<Mutation>) {
     s.commit(Batch {
         revision,
         mutations,
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -130,6 +131,7 @@ async fn a_crash_before_any_checkpoint_loses_no_acknowledged_batch() {
         s.commit(Batch {
             revision: i,
             mutations: m,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -157,6 +159,7 @@ async fn a_partial_last_record_is_dropped_and_the_log_goes_on() {
     let torn = wal::encode(&Batch {
         revision: 2,
         mutations: vec![put("b", "2")],
+        ..Default::default()
     })
     .unwrap();
     std::fs::OpenOptions::new()
@@ -192,6 +195,7 @@ async fn damage_before_the_newest_segment_is_refused_not_skipped() {
         wal::encode(&Batch {
             revision: 2,
             mutations: vec![put("b", "2")],
+            ..Default::default()
         })
         .unwrap(),
     )
@@ -269,7 +273,7 @@ proptest! {
                             None => { model.remove(&m.key); }
                         }
                     }
-                    rt.block_on(s.commit(Batch { revision: rev, mutations })).unwrap();
+                    rt.block_on(s.commit(Batch { revision: rev, mutations, ..Default::default() })).unwrap();
                 }
                 Step::Checkpoint => s.inner().unwrap().checkpoint_now().unwrap(),
                 Step::Crash | Step::Close => {
@@ -362,6 +366,7 @@ async fn checkpoints_resume_after_a_full_disk_is_grown() {
                 key: key.clone(),
                 value: Some(value.clone()),
             }],
+            ..Default::default()
         };
         match s.commit(batch).await {
             Ok(()) => {
@@ -389,7 +394,8 @@ async fn checkpoints_resume_after_a_full_disk_is_grown() {
     assert!(s
         .commit(Batch {
             revision: rev + 1,
-            mutations: vec![put("x", "y")]
+            mutations: vec![put("x", "y")],
+            ..Default::default()
         })
         .await
         .is_err());
@@ -445,6 +451,7 @@ fn segment_bytes(first_rev: Revision, keys: &[u8]) -> Vec<u8> {
             wal::encode(&Batch {
                 revision: first_rev + i as Revision,
                 mutations: vec![put(&format!("k{k}"), &format!("v{i}"))],
+                ..Default::default()
             })
             .unwrap(),
         );

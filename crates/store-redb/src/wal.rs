@@ -290,6 +290,7 @@ mod tests {
                     value: (i % 3 != 0).then(|| vec![i as u8; i]),
                 })
                 .collect(),
+            ..Default::default()
         }
     }
 
@@ -368,6 +369,7 @@ mod tests {
                         value: v.map(<[u8]>::to_vec),
                     })
                     .collect(),
+                ..Default::default()
             };
             out.extend(encode(&batch).unwrap());
         }

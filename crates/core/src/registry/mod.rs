@@ -7,6 +7,13 @@
 //! consistent cut across services (subscriptions, batch discovery) reads under its read side.
 //! `load` rebuilds the states from the store at start-up; the background task here expires
 //! leases and sweeps vacant services out of memory.
+//!
+//! **Roles** (cluster mode, a store with a feed): a node is the [`Role::Leader`], whose writer
+//! commits, or a [`Role::Follower`], whose writer refuses writes ([`CoreError::NotLeader`])
+//! and instead applies the store's feed through the same publish path, so its watchers,
+//! blocking queries and adapters see every change at the leader's revisions. Who leads is
+//! decided outside the core (an election in the store's adapter) and told to the registry
+//! through [`Registry::follow`] and [`Registry::lead`].
 
 mod load;
 pub(crate) mod table;
@@ -90,6 +97,51 @@ pub enum HeartbeatResult {
     Unknown,
 }
 
+/// Whether this node's writer takes writes (see the module docs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    /// The only node on its store: takes writes.
+    Single,
+    /// Elected among the nodes on a shared store: takes writes.
+    Leader,
+    /// Applies the store's feed and refuses writes, naming the leader when one is known.
+    Follower { leader: Option<String> },
+}
+
+impl Role {
+    pub fn takes_writes(&self) -> bool {
+        !matches!(self, Role::Follower { .. })
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Role::Single => "single",
+            Role::Leader => "leader",
+            Role::Follower { .. } => "follower",
+        }
+    }
+
+    fn refusal(&self) -> CoreError {
+        match self {
+            Role::Follower { leader } => CoreError::NotLeader(leader.clone()),
+            _ => CoreError::NotLeader(None),
+        }
+    }
+}
+
+/// What the node's election tells the writer.
+pub(crate) enum Control {
+    /// Stop taking writes; apply the store's feed from the applied revision.
+    Follow,
+    /// Catch up through the feed to `head` (the store's revision when this node was elected),
+    /// then take writes above `floor`. Answers with the revision it leads from.
+    Lead {
+        head: Revision,
+        floor: Revision,
+        done: oneshot::Sender<Result<Revision, CoreError>>,
+    },
+}
+
 /// One registry write.
 // Registrations dominate and are moved once into the writer's queue; boxing them would add an
 // allocation per write for no gain.
@@ -162,7 +214,9 @@ pub(crate) struct RegistryCore {
     /// `Some(reason)` once shutdown began.
     pub closing: watch::Sender<Option<String>>,
     pub next_subscriber: AtomicU64,
+    pub role: watch::Sender<Role>,
     writes: mpsc::Sender<WriteRequest>,
+    control: mpsc::UnboundedSender<Control>,
     stopped: Mutex<Option<oneshot::Receiver<()>>>,
 }
 
@@ -223,6 +277,7 @@ impl Registry {
         );
 
         let (tx, rx) = mpsc::channel(config.write_queue.max(1));
+        let (control_tx, control_rx) = mpsc::unbounded_channel();
         let (stopped_tx, stopped_rx) = oneshot::channel();
         // History before this start is gone for every name, loaded or not.
         let services = ServiceTable::new(services, revision, config.vacant_retention);
@@ -236,14 +291,20 @@ impl Registry {
             metrics,
             closing: watch::Sender::new(None),
             next_subscriber: AtomicU64::new(1),
+            role: watch::Sender::new(Role::Single),
             writes: tx,
+            control: control_tx,
             stopped: Mutex::new(Some(stopped_rx)),
         });
         let writer = Writer {
             core: core.clone(),
             store,
             rx,
+            control: control_rx,
             revision,
+            feed: None,
+            promoting: None,
+            uncertain: false,
         };
         // The writer gets a thread and a runtime of its own: on the shared runtime its wake-up
         // after each commit queued behind request handlers, which stretched every group-commit
@@ -267,6 +328,49 @@ impl Registry {
             CloseOnDrop(core.clone()),
         ));
         Ok(Registry { core })
+    }
+
+    /// This node's role (see the module docs).
+    pub fn role(&self) -> Role {
+        self.core.role.borrow().clone()
+    }
+
+    /// Resolves when the role changes.
+    pub fn role_changes(&self) -> watch::Receiver<Role> {
+        self.core.role.subscribe()
+    }
+
+    /// `Ok` when this node takes writes; on a follower, the error naming the leader. For
+    /// calls that change state without a write (heartbeats renew leases the leader keeps).
+    pub fn writable(&self) -> Result<(), CoreError> {
+        let role = self.core.role.borrow();
+        if role.takes_writes() {
+            Ok(())
+        } else {
+            Err(role.refusal())
+        }
+    }
+
+    /// Makes this node a follower (`leader`: the leader's address, for refusals): writes are
+    /// refused from now on, and the writer applies the store's feed from its revision.
+    pub fn follow(&self, leader: Option<String>) {
+        self.core.role.send_replace(Role::Follower { leader });
+        // The writer ignores it when it already follows.
+        let _ = self.core.control.send(Control::Follow);
+    }
+
+    /// Makes this node the leader once it has applied everything up to `head` (the store's
+    /// revision read after winning the election). Until then writes are still refused. Its
+    /// first write gets a revision above `floor` too (the highest revision an unfinished batch
+    /// of a dead leader may have written part of), so no revision is used twice. Returns the
+    /// revision it leads from.
+    pub async fn lead(&self, head: Revision, floor: Revision) -> Result<Revision, CoreError> {
+        let (done, rx) = oneshot::channel();
+        self.core
+            .control
+            .send(Control::Lead { head, floor, done })
+            .map_err(|_| CoreError::ShuttingDown)?;
+        rx.await.map_err(|_| CoreError::ShuttingDown)?
     }
 
     /// Applies `ops` in order; each gets its own result. Returns once they are durable.
@@ -328,8 +432,13 @@ impl Registry {
         self.apply_one(Op::DefaultCheck { service, check }).await
     }
 
-    /// Renews leases. In memory only: a heartbeat costs no disk write.
+    /// Renews leases. In memory only: a heartbeat costs no disk write. On a follower nothing
+    /// is renewed (the leader keeps the leases) and every instance is `Unknown`, so a client
+    /// registers again, which the follower refuses naming the leader.
     pub fn heartbeat(&self, items: &[(ServiceKey, String)]) -> Vec<HeartbeatResult> {
+        if !self.core.role.borrow().takes_writes() {
+            return vec![HeartbeatResult::Unknown; items.len()];
+        }
         let now = Instant::now();
         items
             .iter()
@@ -643,6 +752,10 @@ async fn background(registry: Registry, _close: CloseOnDrop) {
             if removed > 0 {
                 tracing::debug!(removed, "vacant services swept out of memory");
             }
+        }
+        // Expiries are the leader's to decide: a follower's leases are renewed by nobody.
+        if !core.role.borrow().takes_writes() {
+            continue;
         }
         let expired = core.leases.expired(Instant::now());
         for chunk in expired.chunks(core.config.max_batch_ops.max(1)) {

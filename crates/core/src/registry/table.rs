@@ -200,6 +200,11 @@ impl ServiceTable {
             .fetch_max(entry.state().revision, Ordering::AcqRel);
     }
 
+    /// History at or below `revision` is gone for every name (a resync from the store).
+    pub fn forget_through(&self, revision: Revision) {
+        self.forgotten.fetch_max(revision, Ordering::AcqRel);
+    }
+
     /// Entries in memory, vacant ones included.
     pub fn len(&self) -> usize {
         self.map.read().len()

@@ -6,8 +6,13 @@
 //! durable publishes the new states and events, wakes waiters and subscribers, applies lease
 //! changes and acknowledges the callers. A failed commit publishes nothing and acknowledges
 //! nobody.
+//!
+//! On a follower (cluster mode) it refuses writes and applies the store's feed instead: each
+//! committed batch becomes new states and events at the leader's revisions, published the same
+//! way (`apply_change`); a compacted feed is answered with a full reload whose services are
+//! published with their logs compacted, so every subscriber gets a snapshot (`resync`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -19,12 +24,12 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::table::{ServiceEntry, ServiceState};
-use super::{Op, OpResult, RegistryCore, WriteRequest};
+use super::{Control, Op, OpResult, RegistryCore, Role, WriteRequest};
 use crate::codec;
 use crate::delivery::SharedEvent;
 use crate::lease::LeaseKey;
 use crate::metrics::EventLabels;
-use crate::store::{Batch, Mutation, Store, StoreError};
+use crate::store::{Batch, Change, Feed, FeedError, Mutation, Store, StoreError};
 use crate::CoreError;
 
 enum LeaseAction {
@@ -56,23 +61,76 @@ pub(super) struct Writer {
     pub core: Arc<RegistryCore>,
     pub store: Arc<dyn Store>,
     pub rx: mpsc::Receiver<WriteRequest>,
-    /// Last revision assigned and durable.
+    pub control: mpsc::UnboundedReceiver<Control>,
+    /// Last revision assigned and durable (on a follower: applied from the feed).
     pub revision: Revision,
+    /// The store's feed while following.
+    pub feed: Option<Feed>,
+    /// A promotion waiting for the feed to reach the store's head.
+    pub promoting: Option<Promotion>,
+    /// A leader's commit failed and the store could not say whether it applied it: before the
+    /// next commit, ask again (and reload if it did).
+    pub uncertain: bool,
+}
+
+/// A promotion under way: the head to reach, the floor to write above, the caller.
+pub(super) struct Promotion {
+    head: Revision,
+    floor: Revision,
+    done: oneshot::Sender<Result<Revision, CoreError>>,
+}
+
+/// How long a follower waits before reopening a feed that failed.
+const FEED_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
+
+enum Wake {
+    Control(Control),
+    Feed(Option<Result<Change, FeedError>>),
+    Retry,
+    Write(WriteRequest),
+    Stop,
+}
+
+async fn next_change(feed: &mut Option<Feed>) -> Option<Result<Change, FeedError>> {
+    match feed {
+        Some(f) => f.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Writer {
     pub async fn run(mut self, stopped: oneshot::Sender<()>) {
         let mut closing = self.core.closing.subscribe();
+        let mut retry: Option<Instant> = None;
         loop {
-            let first = tokio::select! {
+            // The select only picks; the work happens after it, where none of its futures
+            // (the closing watch's borrow among them) is alive across an await.
+            let wake = tokio::select! {
                 biased;
-                r = self.rx.recv() => r,
-                _ = closing.wait_for(|c| c.is_some()) => None,
+                Some(c) = self.control.recv() => Wake::Control(c),
+                item = next_change(&mut self.feed) => Wake::Feed(item),
+                _ = tokio::time::sleep_until(retry.unwrap_or_else(Instant::now)), if retry.is_some() => Wake::Retry,
+                r = self.rx.recv() => match r {
+                    Some(first) => Wake::Write(first),
+                    None => Wake::Stop,
+                },
+                _ = closing.wait_for(|c| c.is_some()) => Wake::Stop,
             };
-            let Some(first) = first else { break };
-            let batch = self.drain(first);
-            self.commit(batch).await;
+            match wake {
+                Wake::Control(c) => self.on_control(c, &mut retry),
+                Wake::Feed(item) => self.on_feed(item, &mut retry).await,
+                Wake::Retry => {
+                    retry = None;
+                    self.open_feed(&mut retry);
+                }
+                Wake::Write(first) => {
+                    let batch = self.drain(first);
+                    self.commit(batch).await;
+                }
+                Wake::Stop => break,
+            }
         }
+        self.feed = None;
         // Commit what was accepted before shutdown, then close the store.
         self.rx.close();
         while let Ok(first) = self.rx.try_recv() {
@@ -84,6 +142,361 @@ impl Writer {
         }
         tracing::info!(revision = self.revision, "registry writer stopped");
         let _ = stopped.send(());
+    }
+
+    fn following(&self) -> bool {
+        !self.core.role.borrow().takes_writes()
+    }
+
+    fn on_control(&mut self, c: Control, retry: &mut Option<Instant>) {
+        match c {
+            Control::Follow => {
+                if let Some(p) = self.promoting.take() {
+                    let _ = p.done.send(Err(self.core.role.borrow().refusal()));
+                }
+                if self.feed.is_none() && retry.is_none() {
+                    self.open_feed(retry);
+                }
+            }
+            Control::Lead { head, floor, done } => {
+                if let Some(old) = self.promoting.replace(Promotion { head, floor, done }) {
+                    let _ = old.done.send(Err(CoreError::NotLeader(None)));
+                }
+                if self.feed.is_none() && retry.is_none() && self.revision < head {
+                    self.open_feed(retry);
+                }
+                self.check_promotion();
+            }
+        }
+    }
+
+    /// Opens the feed from the applied revision (again after a failure).
+    fn open_feed(&mut self, retry: &mut Option<Instant>) {
+        if !self.following() && self.promoting.is_none() {
+            return;
+        }
+        match self.store.watch_from(self.revision) {
+            Some(feed) => {
+                tracing::info!(
+                    revision = self.revision,
+                    "following the store's change feed"
+                );
+                self.feed = Some(feed);
+            }
+            None => {
+                tracing::error!("this store has no change feed: a follower cannot catch up");
+                if let Some(p) = self.promoting.take() {
+                    let _ = p.done.send(Err(CoreError::Store(StoreError::Unavailable(
+                        "the store has no change feed".into(),
+                    ))));
+                }
+                *retry = None;
+            }
+        }
+    }
+
+    async fn on_feed(
+        &mut self,
+        item: Option<Result<Change, FeedError>>,
+        retry: &mut Option<Instant>,
+    ) {
+        match item {
+            Some(Ok(change)) => self.apply_change(change),
+            Some(Err(FeedError::Compacted(r))) => {
+                tracing::warn!(
+                    applied = self.revision,
+                    compacted = r,
+                    "the store compacted history this node still needs; reloading everything"
+                );
+                self.feed = None;
+                if self.resync().await {
+                    self.open_feed(retry);
+                } else {
+                    *retry = Some(Instant::now() + FEED_RETRY);
+                }
+            }
+            Some(Err(FeedError::Store(e))) => {
+                tracing::warn!(error = %e, "the store's change feed failed; reopening");
+                self.feed = None;
+                *retry = Some(Instant::now() + FEED_RETRY);
+            }
+            None => {
+                self.feed = None;
+                *retry = Some(Instant::now() + FEED_RETRY);
+            }
+        }
+        self.check_promotion();
+    }
+
+    /// Resolves an unknown commit outcome: `true` once the store says what it holds (reloading
+    /// everything if it holds more than this node published).
+    async fn settle(&mut self) -> bool {
+        match self.store.committed_revision().await {
+            Some(Ok(h)) if h > self.revision => {
+                tracing::warn!(
+                    store = h,
+                    published = self.revision,
+                    "the store applied a write whose answer was lost; reloading"
+                );
+                if !self.resync().await {
+                    return false;
+                }
+            }
+            Some(Ok(_)) | None => {}
+            Some(Err(_)) => return false,
+        }
+        self.uncertain = false;
+        true
+    }
+
+    /// Ends a promotion once everything up to the head is applied: the feed stops, every
+    /// ephemeral instance gets a fresh lease (nobody renewed them here), writes are taken.
+    fn check_promotion(&mut self) {
+        let Some(p) = &self.promoting else {
+            return;
+        };
+        if self.revision < p.head {
+            return;
+        }
+        let Some(Promotion { floor, done, .. }) = self.promoting.take() else {
+            return;
+        };
+        self.feed = None;
+        // Revisions may skip; they must never repeat.
+        self.revision = self.revision.max(floor);
+        let now = Instant::now();
+        self.core.leases.clear();
+        for (key, entry) in self.core.services.read().iter() {
+            for inst in entry.state().instances.values() {
+                if inst.is_ephemeral() {
+                    self.core.leases.grant(
+                        crate::lease::LeaseKey {
+                            service: key.clone(),
+                            id: inst.spec.id.as_str().into(),
+                        },
+                        inst.ttl_seconds,
+                        now,
+                    );
+                }
+            }
+        }
+        self.core.role.send_replace(Role::Leader);
+        tracing::info!(revision = self.revision, "leading: taking writes");
+        let _ = done.send(Ok(self.revision));
+    }
+
+    /// Applies one batch some other node committed, at its revisions.
+    fn apply_change(&mut self, change: Change) {
+        if change.revision <= self.revision {
+            return; // already applied (a feed reopened from an older point)
+        }
+        let now = Instant::now();
+        let deletes = codec::decode_journal(&change.journal).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, revision = change.revision, "undecodable journal; deletes get the batch's revision");
+            Vec::new()
+        });
+        let mut specs: BTreeMap<(ServiceKey, String), Option<codec::SpecRecord>> = BTreeMap::new();
+        let mut statuses: BTreeMap<(ServiceKey, String), codec::StatusRecord> = BTreeMap::new();
+        let mut records: Vec<(ServiceKey, Option<codec::ServiceRecord>)> = Vec::new();
+        for m in &change.mutations {
+            let parsed = codec::parse_key(&m.key).and_then(|k| match (k, &m.value) {
+                (codec::Key::Spec(svc, id), Some(v)) => {
+                    let rec = codec::decode_spec(&m.key, v)?;
+                    specs.insert((svc, id.to_string()), Some(rec));
+                    Ok(())
+                }
+                (codec::Key::Spec(svc, id), None) => {
+                    specs.insert((svc, id.to_string()), None);
+                    Ok(())
+                }
+                (codec::Key::Status(svc, id), Some(v)) => {
+                    let rec = codec::decode_status(&m.key, v)?;
+                    statuses.insert((svc, id.to_string()), rec);
+                    Ok(())
+                }
+                // A status goes with its spec's delete.
+                (codec::Key::Status(..), None) => Ok(()),
+                (codec::Key::Service(svc), Some(v)) => {
+                    records.push((svc, Some(codec::decode_service(&m.key, v)?)));
+                    Ok(())
+                }
+                (codec::Key::Service(svc), None) => {
+                    records.push((svc, None));
+                    Ok(())
+                }
+            });
+            if let Err(e) = parsed {
+                tracing::error!(error = %e, revision = change.revision, "a change from the feed could not be applied; skipped");
+            }
+        }
+        let mut p = Pending::default();
+        for ((svc, id), spec) in specs {
+            let old = self.state(&mut p, &svc).instances.get(id.as_str()).cloned();
+            match spec {
+                Some(rec) => {
+                    let (status, status_revision) =
+                        match (statuses.remove(&(svc.clone(), id.clone())), &old) {
+                            (Some(s), _) => (s.status, s.status_revision),
+                            (None, Some(o)) => (o.status, o.status_revision),
+                            (None, None) => (InstanceStatus::default(), rec.spec_revision),
+                        };
+                    if old.is_none() {
+                        p.instance_delta += 1;
+                    }
+                    let inst = Instance {
+                        spec: Arc::new(rec.spec),
+                        status,
+                        ttl_seconds: rec.ttl_seconds,
+                        spec_revision: rec.spec_revision,
+                        status_revision,
+                    };
+                    p.events.push(Event {
+                        revision: rec.spec_revision,
+                        service: svc.clone(),
+                        kind: EventKind::Upsert(inst.clone()),
+                    });
+                    // A status change after the spec in the same batch is an event of its own.
+                    if status_revision > rec.spec_revision {
+                        p.events.push(Event {
+                            revision: status_revision,
+                            service: svc.clone(),
+                            kind: EventKind::Status {
+                                id: id.clone(),
+                                status,
+                            },
+                        });
+                    }
+                    let st = self.state(&mut p, &svc);
+                    st.revision = st.revision.max(inst.revision());
+                    st.instances.insert(id.as_str().into(), inst);
+                }
+                None => {
+                    if old.is_none() {
+                        continue;
+                    }
+                    p.instance_delta -= 1;
+                    let st = self.state(&mut p, &svc);
+                    st.instances.remove(id.as_str());
+                    let (revision, reason) = deletes
+                        .iter()
+                        .find(|d| {
+                            d.id == id
+                                && *d.service == *svc.service
+                                && *d.namespace == *svc.namespace
+                        })
+                        .map_or((change.revision, DeleteReason::Deregistered), |d| {
+                            (d.revision, d.reason)
+                        });
+                    st.revision = st.revision.max(revision);
+                    p.events.push(Event {
+                        revision,
+                        service: svc.clone(),
+                        kind: EventKind::Delete { id, reason },
+                    });
+                }
+            }
+        }
+        for ((svc, id), rec) in statuses {
+            let st = self.state(&mut p, &svc);
+            let Some(old) = st.instances.get(id.as_str()).cloned() else {
+                continue;
+            };
+            st.revision = st.revision.max(rec.status_revision);
+            st.instances.insert(
+                id.as_str().into(),
+                Instance {
+                    status: rec.status,
+                    status_revision: rec.status_revision,
+                    ..old
+                },
+            );
+            p.events.push(Event {
+                revision: rec.status_revision,
+                service: svc,
+                kind: EventKind::Status {
+                    id,
+                    status: rec.status,
+                },
+            });
+        }
+        for (svc, rec) in records {
+            let st = self.state(&mut p, &svc);
+            match rec {
+                Some(r) => {
+                    st.config = r.config;
+                    st.revision = st.revision.max(r.revision);
+                }
+                None => st.config = ServiceConfig::default(),
+            }
+        }
+        p.events.sort_by_key(|e| e.revision);
+        self.revision = change.revision;
+        self.publish(&mut p, now);
+        self.release(std::mem::take(&mut p.states));
+    }
+
+    /// Reloads everything from the store and publishes it with every service's log compacted
+    /// through the loaded revision, so each subscriber gets a snapshot. `false` if the load
+    /// failed (tried again later).
+    async fn resync(&mut self) -> bool {
+        let store = self.store.clone();
+        let loaded = tokio::task::spawn_blocking(move || super::load::load(&*store)).await;
+        let (revision, mut states) = match loaded {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "reloading from the store failed; retrying");
+                return false;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the reload panicked; retrying");
+                return false;
+            }
+        };
+        let keys: Vec<ServiceKey> = {
+            let mut k: Vec<ServiceKey> = self.core.services.read().keys().cloned().collect();
+            k.extend(states.keys().cloned());
+            k.sort();
+            k.dedup();
+            k
+        };
+        let (mut instances, mut services) = (0i64, 0i64);
+        let mut touched = Vec::with_capacity(keys.len());
+        {
+            let _gate = self.core.publish_gate.write();
+            self.core.services.forget_through(revision);
+            for key in keys {
+                let entry = self.core.services.get_or_create(&key);
+                let mut state = states.remove(&key).unwrap_or_default();
+                if state.is_vacant() {
+                    state.revision = revision;
+                }
+                instances += state.instances.len() as i64;
+                services += i64::from(!state.instances.is_empty());
+                let rev = state.revision;
+                let mut inner = entry.inner.write();
+                inner.state = Arc::new(state);
+                inner.log.clear();
+                inner.compacted_through = revision;
+                drop(inner);
+                touched.push((entry, rev));
+            }
+            self.revision = revision;
+            self.core.published.store(revision, Ordering::Release);
+        }
+        for (entry, rev) in touched {
+            // The service's own revision: a blocking query at it must keep waiting.
+            entry.changed.send_replace(rev);
+            for n in entry.subscribers.lock().values() {
+                n.notify_one();
+            }
+            self.core.services.release(entry);
+        }
+        let m = &self.core.metrics;
+        m.instances.set(instances);
+        m.services.set(services);
+        m.revision.set(revision as i64);
+        tracing::info!(revision, "resynced from the store");
+        true
     }
 
     fn drain(&mut self, first: WriteRequest) -> Vec<WriteRequest> {
@@ -102,6 +515,22 @@ impl Writer {
     }
 
     async fn commit(&mut self, requests: Vec<WriteRequest>) {
+        let role = self.core.role.borrow().clone();
+        if !role.takes_writes() || self.promoting.is_some() {
+            for req in requests {
+                let _ = req.reply.send(Err(role.refusal()));
+            }
+            return;
+        }
+        if self.uncertain && !self.settle().await {
+            let e = StoreError::Unavailable(
+                "the outcome of an earlier write is not known yet; retry".into(),
+            );
+            for req in requests {
+                let _ = req.reply.send(Err(CoreError::Store(copy_of(&e))));
+            }
+            return;
+        }
         let mut p = Pending::default();
         let mut next = self.revision + 1;
         let now = Instant::now();
@@ -135,18 +564,52 @@ impl Writer {
 
         if !p.mutations.is_empty() {
             let started = std::time::Instant::now();
+            // Followers need each delete's revision and reason, which the mutations lack.
+            let journal = if role == Role::Leader {
+                let deletes: Vec<codec::JournalDelete> = p
+                    .events
+                    .iter()
+                    .filter_map(|e| match &e.kind {
+                        EventKind::Delete { id, reason } => Some(codec::JournalDelete {
+                            namespace: e.service.namespace.to_string(),
+                            service: e.service.service.to_string(),
+                            id: id.clone(),
+                            revision: e.revision,
+                            reason: *reason,
+                        }),
+                        _ => None,
+                    })
+                    .collect();
+                codec::encode_journal(&deletes)
+            } else {
+                Vec::new()
+            };
             let batch = Batch {
                 revision: last,
                 mutations: std::mem::take(&mut p.mutations),
+                journal,
             };
             if let Err(e) = self.store.commit(batch).await {
-                tracing::error!(error = %e, ops = n_ops, "store commit failed; writes not acknowledged");
-                self.core.metrics.commit_failures.inc();
-                self.release(p.states);
-                for req in requests {
-                    let _ = req.reply.send(Err(CoreError::Store(copy_of(&e))));
+                // A shared store may have applied it and lost the answer; followers would
+                // then have it and this node not. Ask the store (while still leading).
+                let landed = match self.store.committed_revision().await {
+                    Some(Ok(h)) if role == Role::Leader => h >= last,
+                    Some(Err(_)) if role == Role::Leader => {
+                        self.uncertain = true;
+                        false
+                    }
+                    _ => false,
+                };
+                if !landed {
+                    tracing::error!(error = %e, ops = n_ops, "store commit failed; writes not acknowledged");
+                    self.core.metrics.commit_failures.inc();
+                    self.release(p.states);
+                    for req in requests {
+                        let _ = req.reply.send(Err(CoreError::Store(copy_of(&e))));
+                    }
+                    return;
                 }
-                return;
+                tracing::warn!(error = %e, revision = last, "the store applied a batch whose answer was lost; acknowledging it");
             }
             let m = &self.core.metrics;
             m.commit_seconds.observe(started.elapsed().as_secs_f64());

@@ -176,6 +176,7 @@ pub(crate) fn router(node: Arc<Node>) -> Router {
         .route("/v1/watch", get(watch))
         .route("/v1/xds/clients", get(xds_clients))
         .route("/v1/snapshot", get(snapshot))
+        .route("/v1/cluster", get(cluster_view))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -409,6 +410,8 @@ async fn heartbeats(
         .iter()
         .map(|i| Ok((service_key(&i.namespace, &i.service)?, i.id.clone())))
         .collect::<Result<Vec<_>, ApiError>>()?;
+    // A follower's leases are nobody's: the leader decides expiries.
+    s.registry().writable()?;
     let results = s.registry().heartbeat(&keys);
     let mut renewed = 0;
     let mut persistent = 0;
@@ -634,6 +637,20 @@ async fn xds_clients(State(s): State<AppState>) -> Result<Response, ApiError> {
         ApiError::not_found("xDS is turned off on this node (see the xds setting)")
     })?;
     Ok(axum::Json(serde_json::json!({ "clients": xds.clients() })).into_response())
+}
+
+async fn cluster_view(State(s): State<AppState>) -> Json<serde_json::Value> {
+    let n = &s.node;
+    let kind = n.config.store.to_string();
+    Json(
+        crate::cluster::view(
+            n.cluster.as_ref(),
+            &n.registry,
+            &kind,
+            n.store.write_outage(),
+        )
+        .await,
+    )
 }
 
 /// Not ready while shutting down, or while the store refuses writes (a full disk): reads would

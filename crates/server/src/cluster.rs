@@ -1,0 +1,185 @@
+//! Cluster mode (`store = etcd`): joins this node to the cluster on its etcd prefix, turns the
+//! election's outcome into the registry's role (leader: takes writes once caught up; follower:
+//! applies the store's feed and refuses writes naming the leader), and answers `/v1/cluster`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use sextant_core::model::Revision;
+use sextant_core::{Registry, Role};
+use sextant_store_etcd::cluster::{Election, Member, Status};
+use sextant_store_etcd::EtcdStore;
+
+/// What `/v1/cluster` and the election task need of a cluster node.
+pub(crate) struct Cluster {
+    pub store: Arc<EtcdStore>,
+    pub node_id: String,
+}
+
+/// This node's id: as configured, or `{host}-{http port}-{grpc port}` (the host is the HTTP
+/// address's IP, or the machine's name when it listens on every address).
+pub(crate) fn node_id(configured: &str, http: SocketAddr, grpc: SocketAddr) -> String {
+    if !configured.is_empty() {
+        return configured.to_string();
+    }
+    let host = if http.ip().is_unspecified() {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "localhost".into())
+    } else {
+        http.ip().to_string()
+    };
+    format!("{host}-{}-{}", http.port(), grpc.port())
+}
+
+/// Joins the cluster and keeps the registry's role in step with the election, until the
+/// registry closes. Returns once this node's first role is settled (it leads, or it knows the
+/// leader), or after `wait`, so the node starts serving in a known role.
+pub(crate) async fn join(
+    cluster: &Cluster,
+    registry: &Registry,
+    http: SocketAddr,
+    grpc: SocketAddr,
+    lease: Duration,
+    wait: Duration,
+) {
+    registry.follow(None);
+    let node = Member {
+        node_id: cluster.node_id.clone(),
+        http: format!("http://{http}"),
+        grpc: grpc.to_string(),
+        role: String::new(),
+        revision: 0,
+        updated_ms: 0,
+    };
+    let r = registry.clone();
+    let status: Status = Arc::new(move || (r.role().name().to_string(), r.revision()));
+    let mut election = cluster.store.join(node, lease, status);
+    let reg = registry.clone();
+    tokio::spawn(async move {
+        loop {
+            let outcome = election.borrow_and_update().clone();
+            // Acts on the outcome, then waits; a newer outcome interrupts it (a catch-up that
+            // has not finished when this node loses again is given up).
+            let act = async {
+                match outcome {
+                    Election::Unknown => {}
+                    Election::Leader { head, floor } => match reg.lead(head, floor).await {
+                        Ok(from) => tracing::info!(revision = from, "this node leads the cluster"),
+                        Err(e) => tracing::warn!(error = %e, "could not take the lead"),
+                    },
+                    Election::Follower { leader } => {
+                        let addr = leader.map(|l| format!("{} (node {})", l.http, l.node_id));
+                        tracing::info!(leader = addr.as_deref().unwrap_or("none"), "following");
+                        reg.follow(addr);
+                    }
+                }
+                std::future::pending::<()>().await
+            };
+            tokio::select! {
+                _ = act => {}
+                r = election.changed() => if r.is_err() { return },
+                _ = reg.closed() => return,
+            }
+        }
+    });
+    let mut roles = registry.role_changes();
+    let settled = tokio::time::timeout(
+        wait,
+        roles.wait_for(|r| matches!(r, Role::Leader | Role::Follower { leader: Some(_) })),
+    )
+    .await;
+    if settled.is_err() {
+        tracing::warn!(
+            ?wait,
+            "no leader known yet; serving reads, refusing writes until one is elected"
+        );
+    }
+}
+
+#[derive(Serialize)]
+pub(crate) struct MemberView {
+    node_id: String,
+    http: String,
+    grpc: String,
+    role: String,
+    /// Revision applied at its last renewal.
+    revision: Revision,
+    /// How far that is behind the store's head.
+    lag: Revision,
+    /// Milliseconds since its last renewal (by this node's clock).
+    last_seen_ms: u64,
+}
+
+/// `/v1/cluster`: this node, the members with their lag, the store's health.
+pub(crate) async fn view(
+    cluster: Option<&Cluster>,
+    registry: &Registry,
+    store_kind: &str,
+    outage: Option<String>,
+) -> serde_json::Value {
+    let role = registry.role();
+    let leader = match &role {
+        Role::Follower { leader } => leader.clone(),
+        _ => None,
+    };
+    let Some(c) = cluster else {
+        return serde_json::json!({
+            "node_id": "",
+            "role": role.name(),
+            "revision": registry.revision(),
+            "leader": leader,
+            "members": [],
+            "store": {"kind": store_kind, "healthy": outage.is_none(), "error": outage},
+        });
+    };
+    let now = sextant_core::model::now_ms();
+    let (head, members, error) = match (c.store.head().await, c.store.members().await) {
+        (Ok(h), Ok(m)) => (Some(h), m, outage),
+        (Err(e), _) | (_, Err(e)) => (None, Vec::new(), Some(e.to_string())),
+    };
+    let members: Vec<MemberView> = members
+        .into_iter()
+        .map(|m| MemberView {
+            lag: head.map_or(0, |h| h.saturating_sub(m.revision)),
+            last_seen_ms: now.saturating_sub(m.updated_ms),
+            node_id: m.node_id,
+            http: m.http,
+            grpc: m.grpc,
+            role: m.role,
+            revision: m.revision,
+        })
+        .collect();
+    serde_json::json!({
+        "node_id": c.node_id,
+        "role": role.name(),
+        "revision": registry.revision(),
+        "leader": leader,
+        "members": members,
+        "store": {
+            "kind": store_kind,
+            "head": head,
+            "healthy": error.is_none(),
+            "error": error,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_ids_come_from_the_addresses_unless_set() {
+        let h: SocketAddr = "127.0.0.1:8470".parse().unwrap();
+        let g: SocketAddr = "127.0.0.1:8471".parse().unwrap();
+        assert_eq!(node_id("", h, g), "127.0.0.1-8470-8471");
+        assert_eq!(node_id("n1", h, g), "n1");
+        let any: SocketAddr = "0.0.0.0:8470".parse().unwrap();
+        assert!(node_id("", any, g).ends_with("-8470-8471"));
+    }
+}

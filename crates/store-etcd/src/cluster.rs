@@ -1,0 +1,387 @@
+//! Cluster membership and leader election on etcd, for the nodes that share one prefix.
+//!
+//! Each node holds one etcd lease (TTL `lease_ttl`), renewed every third of it, and under it:
+//! - its member record `{prefix}cluster/members/{node_id}` (JSON [`Member`]: addresses, role,
+//!   applied revision), rewritten at each renewal, so `/v1/cluster` can list the live nodes
+//!   and their lag;
+//! - if it won the election, `{prefix}cluster/leader` (the leader's [`Member`]). A node
+//!   campaigns with one transaction, `if create_revision(leader) == 0 then put(leader, me,
+//!   lease)`; the winner's key has a create revision nobody else's can have, and from then on
+//!   every commit of the store also compares it (the *fence*): a leader whose lease lapsed
+//!   (etcd deletes the key) or was replaced cannot write any more, whatever it believes.
+//!
+//! A node that loses its lease (etcd unreachable longer than the TTL, or the renewal refused)
+//! stops leading at once, before etcd lets another node win. A leader that is killed is
+//! replaced one TTL after its last renewal; one that shuts down cleanly revokes its lease, so
+//! another node takes over within a renewal interval.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sextant_core::model::Revision;
+use sextant_core::StoreError;
+use tokio::sync::{mpsc, watch};
+
+use crate::pb::etcdserverpb::{
+    compare, lease_client::LeaseClient, request_op, response_op, Compare, LeaseGrantRequest,
+    LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseRevokeRequest, PutRequest, RangeRequest,
+    RequestOp, TxnRequest,
+};
+use crate::{prefix_end, EtcdStore, Inner};
+
+/// One node as the cluster sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub node_id: String,
+    /// The native HTTP API, `http://host:port`.
+    pub http: String,
+    /// The native gRPC API, `host:port`.
+    pub grpc: String,
+    /// `leader` or `follower`, as of its last renewal.
+    pub role: String,
+    /// The revision it had applied at its last renewal.
+    pub revision: Revision,
+    /// When it last renewed (ms since the epoch, its own clock).
+    pub updated_ms: u64,
+}
+
+/// What the election says about this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Election {
+    /// Not decided yet (start-up).
+    Unknown,
+    /// This node leads; `head` is the store's revision when it won (what it must have applied
+    /// before it writes); `floor` the highest revision a batch may have written part of
+    /// (`meta/attempted`): its first batch must be above it.
+    Leader { head: Revision, floor: Revision },
+    /// Another node leads (`None`: none is known, e.g. this node lost its lease).
+    Follower { leader: Option<Member> },
+}
+
+/// What the node reports of itself at each renewal: its role and applied revision.
+pub type Status = Arc<dyn Fn() -> (String, Revision) + Send + Sync>;
+
+impl EtcdStore {
+    /// Joins the cluster as `node` (its `role`, `revision` and `updated_ms` are filled in from
+    /// `status` at each renewal) and campaigns for leadership until the store closes. The
+    /// answer tells every change of this node's standing.
+    pub fn join(
+        &self,
+        node: Member,
+        lease_ttl: Duration,
+        status: Status,
+    ) -> watch::Receiver<Election> {
+        let (tx, rx) = watch::channel(Election::Unknown);
+        if let Some(rt) = self.runtime.as_ref() {
+            rt.spawn(campaign(self.inner.clone(), node, lease_ttl, status, tx));
+        }
+        rx
+    }
+
+    /// The live members, by node id.
+    pub async fn members(&self) -> Result<Vec<Member>, StoreError> {
+        let inner = self.inner.clone();
+        self.run(async move {
+            let from = [inner.keys.cluster.as_slice(), b"members/"].concat();
+            let req = RangeRequest {
+                range_end: prefix_end(&from),
+                key: from,
+                ..Default::default()
+            };
+            let resp = inner
+                .conn
+                .call(|mut c| {
+                    let req = req.clone();
+                    async move { c.range(req).await }
+                })
+                .await
+                .map_err(|e| inner.map(e, "read"))?;
+            let mut members: Vec<Member> = resp
+                .kvs
+                .iter()
+                .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
+                .collect();
+            // A record's role is as of its last renewal; the leader key is the truth now.
+            let req = RangeRequest {
+                key: inner.keys.leader.clone(),
+                ..Default::default()
+            };
+            let leader = inner
+                .conn
+                .call(|mut c| {
+                    let req = req.clone();
+                    async move { c.range(req).await }
+                })
+                .await
+                .map_err(|e| inner.map(e, "read"))?
+                .kvs
+                .first()
+                .and_then(|kv| serde_json::from_slice::<Member>(&kv.value).ok());
+            for m in &mut members {
+                let leads = leader.as_ref().is_some_and(|l| l.node_id == m.node_id);
+                m.role = if leads { "leader" } else { "follower" }.to_string();
+            }
+            Ok(members)
+        })
+        .await
+    }
+
+    /// The store's latest revision (the last batch any node committed).
+    pub async fn head(&self) -> Result<Revision, StoreError> {
+        let inner = self.inner.clone();
+        self.run(async move { Ok(inner.read_revision(&inner.keys.revision, 0).await?.0) })
+            .await
+    }
+}
+
+/// Renewals per lease TTL.
+const RENEWALS_PER_TTL: u32 = 3;
+
+async fn campaign(
+    inner: Arc<Inner>,
+    node: Member,
+    ttl: Duration,
+    status: Status,
+    tx: watch::Sender<Election>,
+) {
+    let tick = (ttl / RENEWALS_PER_TTL).max(Duration::from_millis(100));
+    loop {
+        if inner.closed.load(Ordering::SeqCst) {
+            return;
+        }
+        match hold_lease(&inner, &node, ttl, tick, &status, &tx).await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "cluster lease lost; following until a new one is held");
+            }
+        }
+        *inner.fence.lock() = None;
+        tx.send_replace(Election::Follower { leader: None });
+        // Best effort: its records go now rather than when the lease lapses.
+        resign(&inner).await;
+        tokio::time::sleep(tick).await;
+    }
+}
+
+/// One lease's life: renew it, keep the member record, campaign or check the leadership.
+/// Returns `Ok` when the store closed, an error when the lease is lost.
+async fn hold_lease(
+    inner: &Inner,
+    node: &Member,
+    ttl: Duration,
+    tick: Duration,
+    status: &Status,
+    tx: &watch::Sender<Election>,
+) -> Result<(), String> {
+    let idx = inner.conn.current.load(Ordering::Relaxed) % inner.conn.raw.len();
+    let mut leases = LeaseClient::new(inner.conn.raw[idx].clone());
+    let timeout = inner.config.request_timeout;
+    let granted = tokio::time::timeout(
+        timeout,
+        leases.lease_grant(LeaseGrantRequest {
+            ttl: ttl.as_secs().max(1) as i64,
+            id: 0,
+        }),
+    )
+    .await
+    .map_err(|_| "no answer to the lease grant".to_string())?
+    .map_err(|s| format!("lease grant: {}", s.message()))?
+    .into_inner();
+    if !granted.error.is_empty() {
+        return Err(format!("lease grant: {}", granted.error));
+    }
+    let lease = granted.id;
+    *inner.lease.lock() = Some(lease);
+    let (req_tx, req_rx) = mpsc::channel::<LeaseKeepAliveRequest>(4);
+    // The first renewal goes with the call: etcd answers the call (its headers) only then.
+    req_tx
+        .send(LeaseKeepAliveRequest { id: lease })
+        .await
+        .map_err(|_| "keep-alive stream closed".to_string())?;
+    let mut first = true;
+    let requests =
+        futures::stream::unfold(
+            req_rx,
+            |mut rx| async move { rx.recv().await.map(|r| (r, rx)) },
+        );
+    let mut answers = tokio::time::timeout(timeout, leases.lease_keep_alive(requests))
+        .await
+        .map_err(|_| "no answer to the lease keep-alive".to_string())?
+        .map_err(|s| format!("lease keep-alive: {}", s.message()))?
+        .into_inner();
+    let member_key = [
+        inner.keys.cluster.as_slice(),
+        b"members/",
+        node.node_id.as_bytes(),
+    ]
+    .concat();
+    let mut leading: Option<i64> = None;
+    loop {
+        if inner.closed.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let (role, revision) = status();
+        let me = Member {
+            role,
+            revision,
+            updated_ms: sextant_core::model::now_ms(),
+            ..node.clone()
+        };
+        let me_json = serde_json::to_vec(&me).unwrap_or_default();
+        // Renew first: a lease that lapsed must not be used for anything else.
+        if !std::mem::take(&mut first) {
+            req_tx
+                .send(LeaseKeepAliveRequest { id: lease })
+                .await
+                .map_err(|_| "keep-alive stream closed".to_string())?;
+        }
+        let renewed: Option<LeaseKeepAliveResponse> =
+            tokio::time::timeout(timeout, answers.message())
+                .await
+                .map_err(|_| "no answer to a lease renewal".to_string())?
+                .map_err(|s| format!("lease renewal: {}", s.message()))?;
+        match renewed {
+            Some(r) if r.ttl > 0 => {}
+            _ => return Err("etcd refused to renew the lease (it expired)".into()),
+        }
+        let mut ops = vec![put(member_key.clone(), me_json.clone(), lease)];
+        let mut compares = Vec::new();
+        if leading.is_none() {
+            // Campaign: the leader key only if nobody holds it.
+            compares.push(Compare {
+                result: compare::CompareResult::Equal as i32,
+                target: compare::CompareTarget::Create as i32,
+                key: inner.keys.leader.clone(),
+                range_end: Vec::new(),
+                target_union: Some(compare::TargetUnion::CreateRevision(0)),
+            });
+            ops.push(put(inner.keys.leader.clone(), me_json.clone(), lease));
+        }
+        let req = TxnRequest {
+            compare: compares,
+            success: ops,
+            failure: vec![
+                put(member_key.clone(), me_json, lease),
+                RequestOp {
+                    request: Some(request_op::Request::RequestRange(RangeRequest {
+                        key: inner.keys.leader.clone(),
+                        ..Default::default()
+                    })),
+                },
+            ],
+        };
+        let resp = inner.txn(&req).await.map_err(|e| e.to_string())?;
+        match leading {
+            None if resp.succeeded => {
+                let created = resp.header.map_or(0, |h| h.revision);
+                *inner.fence.lock() = Some(created);
+                leading = Some(created);
+                let (head, at) = inner
+                    .read_revision(&inner.keys.revision, 0)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let floor = inner
+                    .read_revision(&inner.keys.attempted, at)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .0;
+                tracing::info!(node = %node.node_id, head, floor, "elected leader");
+                tx.send_replace(Election::Leader { head, floor });
+            }
+            None => {
+                let leader = resp
+                    .responses
+                    .get(1)
+                    .and_then(|r| match &r.response {
+                        Some(response_op::Response::ResponseRange(rr)) => rr.kvs.first(),
+                        _ => None,
+                    })
+                    .and_then(|kv| serde_json::from_slice::<Member>(&kv.value).ok());
+                let changed = |e: &Election| match (e, &leader) {
+                    (Election::Follower { leader: Some(a) }, Some(b)) => {
+                        a.node_id != b.node_id || a.http != b.http
+                    }
+                    (Election::Follower { leader: None }, None) => false,
+                    _ => true,
+                };
+                if changed(&tx.borrow()) {
+                    tx.send_replace(Election::Follower { leader });
+                }
+            }
+            Some(created) => {
+                // Still ours? (An operator may have deleted it; etcd may have expired it.)
+                let still = read_create_revision(inner, &inner.keys.leader).await?;
+                if still != created {
+                    *inner.fence.lock() = None;
+                    return Err("the leader key is no longer this node's".into());
+                }
+            }
+        }
+        tokio::time::sleep(tick).await;
+    }
+}
+
+async fn read_create_revision(inner: &Inner, key: &[u8]) -> Result<i64, String> {
+    let req = RangeRequest {
+        key: key.to_vec(),
+        ..Default::default()
+    };
+    let resp = inner
+        .conn
+        .call(|mut c| {
+            let req = req.clone();
+            async move { c.range(req).await }
+        })
+        .await
+        .map_err(|e| inner.map(e, "read").to_string())?;
+    Ok(resp.kvs.first().map_or(0, |kv| kv.create_revision))
+}
+
+/// The leader key's create revision (0: none) at etcd revision `at`.
+pub(crate) async fn create_revision_at(inner: &Inner, at: i64) -> Result<i64, StoreError> {
+    let req = RangeRequest {
+        key: inner.keys.leader.clone(),
+        revision: at,
+        ..Default::default()
+    };
+    let resp = inner
+        .conn
+        .call(|mut c| {
+            let req = req.clone();
+            async move { c.range(req).await }
+        })
+        .await
+        .map_err(|e| inner.map(e, "read"))?;
+    Ok(resp.kvs.first().map_or(0, |kv| kv.create_revision))
+}
+
+fn put(key: Vec<u8>, value: Vec<u8>, lease: i64) -> RequestOp {
+    RequestOp {
+        request: Some(request_op::Request::RequestPut(PutRequest {
+            key,
+            value,
+            lease,
+            ..Default::default()
+        })),
+    }
+}
+
+/// Revokes this node's lease (a clean shutdown: its leadership and member record go at once).
+pub(crate) async fn resign(inner: &Inner) {
+    let Some(lease) = inner.lease.lock().take() else {
+        return;
+    };
+    *inner.fence.lock() = None;
+    let idx = inner.conn.current.load(Ordering::Relaxed) % inner.conn.raw.len();
+    let mut leases = LeaseClient::new(inner.conn.raw[idx].clone());
+    let r = tokio::time::timeout(
+        inner.config.request_timeout,
+        leases.lease_revoke(LeaseRevokeRequest { id: lease }),
+    )
+    .await;
+    if !matches!(r, Ok(Ok(_))) {
+        tracing::warn!("could not revoke the cluster lease; it lapses by itself");
+    }
+}

@@ -295,6 +295,7 @@ fn test_router(rt: &tokio::runtime::Runtime) -> Router {
             store,
             xds: None,
             eureka: None,
+            tls: None,
         }))
     })
 }

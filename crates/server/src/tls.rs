@@ -308,16 +308,17 @@ impl Tls {
     /// every 2 s), until `stop`.
     pub fn spawn_reloader(&self, mut stop: watch::Receiver<bool>) -> JoinHandle<()> {
         let tls = self.clone();
+        // Registered before returning, so a SIGHUP right after start-up reloads rather than
+        // kills (the default action).
+        let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+        let mut hup = match hup {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "no SIGHUP handler; TLS files reload on change only");
+                None
+            }
+        };
         tokio::spawn(async move {
-            let mut hup = match tokio::signal::unix::signal(
-                tokio::signal::unix::SignalKind::hangup(),
-            ) {
-                Ok(s) => Some(s),
-                Err(e) => {
-                    tracing::warn!(error = %e, "no SIGHUP handler; TLS files reload on change only");
-                    None
-                }
-            };
             let mut tick = tokio::time::interval(RELOAD_POLL);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {

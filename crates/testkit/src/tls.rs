@@ -67,7 +67,8 @@ impl TestCa {
         )
     }
 
-    /// A client certificate `CN=<cn>` with `sans` (DNS names, IPs, or URIs), as `<file>.pem`
+    /// A client certificate `CN=<cn>` with `sans` (DNS names, IPs, or URIs such as SPIFFE IDs:
+    /// anything with `://`), as `<file>.pem`
     /// and `<file>.key`.
     pub fn client(&self, file: &str, cn: &str, sans: Vec<String>) -> CertFiles {
         self.issue(file, cn, sans, ExtendedKeyUsagePurpose::ClientAuth)
@@ -81,7 +82,13 @@ impl TestCa {
         usage: ExtendedKeyUsagePurpose,
     ) -> CertFiles {
         let key = KeyPair::generate().expect("a key");
-        let mut params = CertificateParams::new(sans).expect("certificate params");
+        let (uris, names): (Vec<String>, Vec<String>) =
+            sans.into_iter().partition(|s| s.contains("://"));
+        let mut params = CertificateParams::new(names).expect("certificate params");
+        for u in uris {
+            let uri = rcgen::string::Ia5String::try_from(u).expect("an ASCII URI");
+            params.subject_alt_names.push(rcgen::SanType::URI(uri));
+        }
         params.distinguished_name.push(DnType::CommonName, cn);
         params.extended_key_usages = vec![usage];
         let cert = params

@@ -69,7 +69,7 @@ struct Spawned {
     log: Arc<ServerLog>,
     startup_timeout: Duration,
     /// With `--spawn-tls`: the throwaway CA whose server certificate the node serves.
-    tls: Option<sextant_testkit::TestCa>,
+    tls: Option<Box<sextant_testkit::TestCa>>,
 }
 
 /// Where the server is and, when known, its pid.
@@ -113,7 +113,7 @@ impl Target {
             extra_args.extend(ca.serve_args(&files, false));
             let pem = std::fs::read(ca.ca_file()).context("reading the bench CA")?;
             crate::load::trust_ca(pem)?;
-            Some(ca)
+            Some(Box::new(ca))
         } else {
             None
         };

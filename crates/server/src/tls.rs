@@ -763,6 +763,46 @@ mod tests {
         assert_eq!(failure_reason(&io::ErrorKind::UnexpectedEof.into()), "eof");
     }
 
+    /// The gRPC layer hands the connection's address to `Request::remote_addr` and its
+    /// identity to handlers.
+    #[test]
+    fn grpc_requests_carry_the_address_and_identity() {
+        use tonic::transport::server::TcpConnectInfo;
+        use tower_service::Service;
+        type Seen = (Option<SocketAddr>, Option<PeerIdentity>);
+        #[derive(Clone)]
+        struct Echo;
+        impl Service<axum::http::Request<()>> for Echo {
+            type Response = Seen;
+            type Error = std::convert::Infallible;
+            type Future = std::future::Ready<Result<Seen, Self::Error>>;
+            fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+                Poll::Ready(Ok(()))
+            }
+            fn call(&mut self, req: axum::http::Request<()>) -> Self::Future {
+                let e = req.extensions();
+                let addr = e.get::<TcpConnectInfo>().and_then(|i| i.remote_addr());
+                std::future::ready(Ok((addr, e.get::<PeerIdentity>().cloned())))
+            }
+        }
+        let peer = PeerIdentity {
+            name: "orders".into(),
+            common_name: Some("orders".into()),
+            sans: vec![],
+        };
+        let remote: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let mut req = axum::http::Request::new(());
+        req.extensions_mut().insert(ConnInfo {
+            remote,
+            local: None,
+            tls: true,
+            peer: Some(peer.clone()),
+        });
+        let mut svc = tower_layer::Layer::layer(&ConnInfoLayer, Echo);
+        let seen = futures::executor::block_on(svc.call(req)).unwrap();
+        assert_eq!(seen, (Some(remote), Some(peer)));
+    }
+
     #[test]
     fn garbage_is_no_identity() {
         assert_eq!(PeerIdentity::from_der(b"not a certificate"), None);

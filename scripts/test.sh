@@ -116,6 +116,8 @@ npm_ci tests/eureka
 
 # dig for crates/sextant/tests/dns.rs.
 need dig dnsutils "the DNS tests"
+# curl for crates/sextant/tests/tls.rs (HTTPS, client certificates).
+need curl curl "the TLS tests"
 # etcd for the etcd store's tests (crates/store-etcd/tests, crates/sextant/tests/etcd_store.rs):
 # they fail, not skip, without it. SEXTANT_TEST_ETCD may name another etcd binary.
 if [ -z "${SEXTANT_TEST_ETCD:-}" ]; then

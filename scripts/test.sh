@@ -9,7 +9,8 @@
 # Node clients (the Nacos SDK, @grpc/grpc-js with @grpc/grpc-js-xds for xds_clients.rs, and
 # eureka-js-client for eureka_js.rs, installed by npm ci from each package-lock.json); and etcd
 # (Debian's etcd-server, installed below when `etcd` is not on the PATH) for the etcd store's
-# tests, which start their own throwaway member (crates/testkit/src/etcd.rs). Integration tests
+# tests, which start their own throwaway member (crates/testkit/src/etcd.rs); curl for the TLS
+# tests (crates/sextant/tests/tls.rs). Integration tests
 # start the real `sextant` binary on loopback ports with temporary data dirs.
 set -euo pipefail
 cd "$(dirname "$0")/.."

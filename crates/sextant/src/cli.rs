@@ -139,7 +139,8 @@ pub enum Command {
 pub enum XdsCommand {
     /// Print a GRPC_XDS_BOOTSTRAP file that points a gRPC client at this node's xDS server
     /// (the --grpc-server address). Save it, set GRPC_XDS_BOOTSTRAP=FILE and dial
-    /// `xds:///{service}.{namespace}`.
+    /// `xds:///{service}.{namespace}`. An https:// server gets TLS channel credentials with
+    /// the --tls-ca (and --tls-client-cert / --tls-client-key) files.
     Bootstrap {
         /// The client's node id (shown by `sextant xds clients`).
         #[arg(long)]

@@ -257,7 +257,26 @@ pub async fn run(server: &str, grpc: &str, tls: &ClientTls, cmd: Command) -> any
                 zone,
                 sub_zone,
             };
-            let b = xds_bootstrap::render(xds_bootstrap::server_uri(grpc), &node);
+            // An https:// server gets TLS credentials naming the files by absolute path (the
+            // client reads them from wherever it runs).
+            let abs = |p: &PathBuf| -> anyhow::Result<String> {
+                Ok(std::path::absolute(p)
+                    .with_context(|| format!("{}", p.display()))?
+                    .display()
+                    .to_string())
+            };
+            let tls = if grpc.starts_with("https://") {
+                Some(xds_bootstrap::BootstrapTls {
+                    ca_certificate_file: tls.ca.as_ref().map(abs).transpose()?,
+                    identity: match (&tls.cert, &tls.key) {
+                        (Some(c), Some(k)) => Some((abs(c)?, abs(k)?)),
+                        _ => None,
+                    },
+                })
+            } else {
+                None
+            };
+            let b = xds_bootstrap::render(xds_bootstrap::server_uri(grpc), &node, tls.as_ref());
             println!("{}", serde_json::to_string_pretty(&b)?);
             Ok(())
         }

@@ -349,3 +349,126 @@ async fn certificates_reload_without_dropping_connections() {
         s.log()
     );
 }
+
+/// A child process killed on drop.
+struct Kill(std::process::Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `cmd` without the proxy and gRPC variables of the caller's shell.
+fn clean(cmd: &mut Command) -> &mut Command {
+    for var in [
+        "http_proxy",
+        "https_proxy",
+        "grpc_proxy",
+        "all_proxy",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "PYTHONPATH",
+        "PYTHONHOME",
+        "GRPC_XDS_BOOTSTRAP",
+        "GRPC_XDS_BOOTSTRAP_CONFIG",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.env("NO_PROXY", "127.0.0.1,localhost")
+}
+
+/// grpcio's own xDS client (`.venv/xds`, installed by scripts/test.sh) resolves and calls a
+/// service over an ADS stream on TLS, with the bootstrap `sextant xds bootstrap` prints for an
+/// `https://` server and `--tls-ca`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcio_xds_client_over_tls() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap();
+    let python = root.join(".venv/xds/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run scripts/test.sh (it installs grpcio)",
+        python.display()
+    );
+    let ca = TestCa::new("sextant test CA");
+    let files = ca.server("server", "sextant-test");
+    let s = start(&ca.serve_args(&files, false));
+    let cafile = ca.ca_file().display().to_string();
+
+    // A plain gRPC echo server, registered over HTTPS.
+    let mut echo = Command::new(&python);
+    clean(&mut echo)
+        .arg(root.join("tests/xds/echo_server.py"))
+        .args(["--port", "0", "--id", "e1"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
+    let mut echo = Kill(echo.spawn().expect("start the echo server"));
+    let stdout = echo.0.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx
+        .recv_timeout(STARTUP_TIMEOUT)
+        .expect("the echo server's READY line");
+    let port: u16 = line
+        .trim()
+        .strip_prefix("READY ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("echo server said {line:?}"));
+    let body = json!({"host": "127.0.0.1", "port": port, "protocol": "grpc",
+                      "location": {"region": "r1", "zone": "z1"}})
+    .to_string();
+    let put = format!(
+        "https://{}/v1/namespaces/prod/services/echo/instances/e1",
+        s.http
+    );
+    curl_json(ca.ca_file(), None, &["-X", "PUT", "-d", &body, &put]);
+
+    // The bootstrap for https:// names the CA; then one client process makes its calls.
+    let out = Command::new(env!("CARGO_BIN_EXE_sextant"))
+        .args(["--grpc-server", &format!("https://{}", s.grpc)])
+        .args(["--tls-ca", &cafile])
+        .args([
+            "xds",
+            "bootstrap",
+            "--node-id",
+            "tls-1",
+            "--region",
+            "r1",
+            "--zone",
+            "z1",
+        ])
+        .output()
+        .expect("run sextant xds bootstrap");
+    assert!(out.status.success(), "{out:?}");
+    let bootstrap: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        bootstrap["xds_servers"][0]["channel_creds"][0],
+        json!({"type": "tls", "config": {"ca_certificate_file": cafile}})
+    );
+    let path = ca.dir().join("bootstrap.json");
+    std::fs::write(&path, &out.stdout).unwrap();
+    let mut client = Command::new(&python);
+    clean(&mut client)
+        .arg(root.join("tests/xds/client.py"))
+        .args(["--target", "xds:///echo.prod", "--calls", "3"])
+        .args(["--deadline-ms", "5000", "--batch-seconds", "20"])
+        .env("GRPC_XDS_BOOTSTRAP", &path);
+    let out = client.output().expect("run the grpcio client");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let last: Value = text
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("no result from client.py: {out:?}"));
+    assert_eq!(last["counts"]["e1"], json!(3), "{last} {out:?}");
+}

@@ -55,11 +55,12 @@ pub struct TlsFiles {
 /// Why a TLS set-up could not be loaded; it names the file to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read the TLS {what} {path}: {source}")]
+    // The cause is in the message (not a `source`), so a reload's log line shows it too.
+    #[error("cannot read the TLS {what} {path}: {error}")]
     Read {
         what: &'static str,
         path: PathBuf,
-        source: io::Error,
+        error: io::Error,
     },
     #[error("the TLS {what} {path} holds no PEM {what}")]
     Empty { what: &'static str, path: PathBuf },
@@ -413,10 +414,10 @@ fn failure_reason(e: &io::Error) -> &'static str {
 }
 
 fn read(path: &Path, what: &'static str) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read {
+    std::fs::read(path).map_err(|error| TlsError::Read {
         what,
         path: path.to_owned(),
-        source,
+        error,
     })
 }
 

@@ -10,7 +10,8 @@
 # for xds_clients.rs, eureka-js-client for eureka_js.rs and node-consul for consul_clients.rs,
 # installed by npm ci from each package-lock.json); and etcd
 # (Debian's etcd-server, installed below when `etcd` is not on the PATH) for the etcd store's
-# tests, which start their own throwaway member (crates/testkit/src/etcd.rs). Integration tests
+# tests, which start their own throwaway member (crates/testkit/src/etcd.rs); curl for the TLS
+# tests (crates/sextant/tests/tls.rs). Integration tests
 # start the real `sextant` binary on loopback ports with temporary data dirs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -121,6 +122,8 @@ npm_ci tests/consul/node
 
 # dig for crates/sextant/tests/dns.rs.
 need dig dnsutils "the DNS tests"
+# curl for crates/sextant/tests/tls.rs (HTTPS, client certificates).
+need curl curl "the TLS tests"
 # etcd for the etcd store's tests (crates/store-etcd/tests, crates/sextant/tests/etcd_store.rs):
 # they fail, not skip, without it. SEXTANT_TEST_ETCD may name another etcd binary.
 if [ -z "${SEXTANT_TEST_ETCD:-}" ]; then

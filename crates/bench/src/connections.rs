@@ -75,7 +75,7 @@ pub async fn run(t: &Target, a: &ConnectionsArgs) -> anyhow::Result<()> {
     let mut connect_latency = Latency::new();
     for conn in 0..connections {
         let t0 = Instant::now();
-        let channel = tonic::transport::Endpoint::from_shared(t.grpc.clone())?
+        let channel = crate::load::endpoint(&t.grpc)?
             .connect_timeout(Duration::from_secs(10))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30))

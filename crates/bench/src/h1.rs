@@ -20,24 +20,54 @@ use tokio::sync::Mutex;
 /// One keep-alive connection per worker to one server.
 pub struct H1 {
     addr: SocketAddr,
+    /// For `https://`: the TLS client (trusting the run's CA) and the name to verify.
+    tls: Option<(
+        tokio_rustls::TlsConnector,
+        rustls_pki_types::ServerName<'static>,
+    )>,
     host: String,
     conns: Vec<Mutex<Option<SendRequest<Full<Bytes>>>>>,
     timeout: Duration,
 }
 
 impl H1 {
-    /// `base` is `http://IP:PORT`; connections are opened on first use.
+    /// `base` is `http://IP:PORT` or `https://IP:PORT` (trusting the run's `--tls-ca`);
+    /// connections are opened on first use.
     pub fn new(base: &str, workers: usize, timeout: Duration) -> anyhow::Result<Self> {
-        let host = base
-            .strip_prefix("http://")
-            .with_context(|| format!("not an http:// URL: {base}"))?
-            .trim_end_matches('/')
-            .to_string();
+        let (https, rest) = match base.strip_prefix("https://") {
+            Some(rest) => (true, rest),
+            None => (
+                false,
+                base.strip_prefix("http://")
+                    .with_context(|| format!("not an http:// URL: {base}"))?,
+            ),
+        };
+        let host = rest.trim_end_matches('/').to_string();
         let addr: SocketAddr = host
             .parse()
             .with_context(|| format!("not IP:PORT: {host}"))?;
+        let tls = if https {
+            let mut roots = rustls::RootCertStore::empty();
+            let pem = crate::load::tls_ca().context("an https:// target needs --tls-ca")?;
+            for c in <rustls_pki_types::CertificateDer as rustls_pki_types::pem::PemObject>::pem_slice_iter(pem) {
+                roots.add(c.context("the TLS CA")?)?;
+            }
+            let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+            let config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            let name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
+            Some((
+                tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)),
+                name,
+            ))
+        } else {
+            None
+        };
         Ok(Self {
             addr,
+            tls,
             host,
             conns: (0..workers.max(1)).map(|_| Mutex::new(None)).collect(),
             timeout,
@@ -53,9 +83,19 @@ impl H1 {
         .with_context(|| format!("connecting to {}: timed out", self.addr))?
         .with_context(|| format!("connecting to {}", self.addr))?;
         stream.set_nodelay(true)?;
+        let Some((connector, name)) = &self.tls else {
+            let (sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+            // Runs until the connection closes (or the sender is dropped).
+            tokio::spawn(conn);
+            return Ok(sender);
+        };
+        let stream = connector
+            .connect(name.clone(), stream)
+            .await
+            .with_context(|| format!("TLS handshake with {}", self.addr))?;
         let (sender, conn) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-        // Runs until the connection closes (or the sender is dropped).
         tokio::spawn(conn);
         Ok(sender)
     }

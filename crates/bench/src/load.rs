@@ -164,12 +164,48 @@ where
     out
 }
 
+/// The CA (PEM) `https://` targets are trusted with (`--tls-ca`, or the one `--spawn-tls`
+/// made); set once at start-up, before any client is built.
+static TLS_CA: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+
+/// Trusts `pem` for every `https://` target of this run.
+pub fn trust_ca(pem: Vec<u8>) -> anyhow::Result<()> {
+    TLS_CA
+        .set(pem)
+        .map_err(|_| anyhow::anyhow!("the TLS CA is set twice"))
+}
+
+/// The CA for `https://` targets, if one was given.
+pub fn tls_ca() -> Option<&'static [u8]> {
+    TLS_CA.get().map(Vec::as_slice)
+}
+
+/// A gRPC endpoint for `url`, with TLS (trusting the run's CA, else the system's roots) when
+/// it is `https://`.
+pub fn endpoint(url: &str) -> anyhow::Result<tonic::transport::Endpoint> {
+    let ep = tonic::transport::Endpoint::from_shared(url.to_string())
+        .with_context(|| format!("invalid gRPC URL {url}"))?;
+    if !url.starts_with("https://") {
+        return Ok(ep);
+    }
+    let tls = match tls_ca() {
+        Some(pem) => tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(pem)),
+        None => tonic::transport::ClientTlsConfig::new().with_native_roots(),
+    };
+    ep.tls_config(tls)
+        .context("TLS settings of the gRPC client")
+}
+
 /// An HTTP client for short requests (bounded by `timeout`); connections are pooled.
 pub fn http_client(timeout: Option<Duration>) -> anyhow::Result<reqwest::Client> {
     let mut b = reqwest::Client::builder()
         .no_proxy()
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(10));
+    if let Some(pem) = tls_ca() {
+        b = b.tls_certs_only([reqwest::Certificate::from_pem(pem).context("the TLS CA")?]);
+    }
     if let Some(t) = timeout {
         b = b.timeout(t);
     }
@@ -214,8 +250,7 @@ pub async fn batch_register(
 pub async fn grpc_clients(url: &str, n: usize) -> anyhow::Result<Vec<RegistryClient<Channel>>> {
     let mut out = Vec::with_capacity(n);
     for _ in 0..n.max(1) {
-        let ch = Channel::from_shared(url.to_string())
-            .with_context(|| format!("invalid gRPC URL {url}"))?
+        let ch = endpoint(url)?
             .connect_timeout(Duration::from_secs(10))
             .timeout(Duration::from_secs(60))
             .tcp_nodelay(true)

@@ -77,6 +77,23 @@ struct Cli {
         default_value = "http://127.0.0.1:8471"
     )]
     grpc: String,
+    /// CA certificate (PEM) to trust for `https://` targets (--http, --grpc).
+    #[arg(
+        help_heading = "Server under test",
+        long,
+        global = true,
+        value_name = "FILE"
+    )]
+    tls_ca: Option<PathBuf>,
+    /// With --spawn: serve TLS on every listener, with a certificate from a CA made for this
+    /// run (the tool's clients trust it), to compare with a run without.
+    #[arg(
+        help_heading = "Server under test",
+        long,
+        global = true,
+        requires = "spawn"
+    )]
+    spawn_tls: bool,
     /// Pid of the running node, for its CPU time and memory (from /proc).
     #[arg(help_heading = "Server under test", long, global = true)]
     server_pid: Option<u32>,
@@ -167,6 +184,12 @@ fn load_average() -> String {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let fds = raise_fd_limit();
+    if let Some(ca) = &cli.tls_ca {
+        let pem = anyhow::Context::with_context(std::fs::read(ca), || {
+            format!("cannot read {}", ca.display())
+        })?;
+        load::trust_ca(pem)?;
+    }
     let watchers = match &cli.scenario {
         Scenario::Push(p) => Some(p.watchers),
         Scenario::Compare(c) => Some(c.watchers.max(c.peer_watchers.unwrap_or(0))),
@@ -209,6 +232,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 cli.keep_data,
                 cli.server_args.clone(),
                 cli.startup_timeout,
+                cli.spawn_tls,
             )
             .await?;
             (t, Some(s.until_serving))

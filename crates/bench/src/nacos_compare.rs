@@ -161,6 +161,8 @@ impl Server {
                     l.keep_data,
                     args,
                     l.startup_timeout,
+                    // The Nacos scenarios drive plain Nacos ports.
+                    false,
                 )
                 .await?;
                 let pid = t.pid;

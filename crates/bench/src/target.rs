@@ -68,6 +68,8 @@ struct Spawned {
     child: Option<Child>,
     log: Arc<ServerLog>,
     startup_timeout: Duration,
+    /// With `--spawn-tls`: the throwaway CA whose server certificate the node serves.
+    tls: Option<Box<sextant_testkit::TestCa>>,
 }
 
 /// Where the server is and, when known, its pid.
@@ -100,9 +102,21 @@ impl Target {
         bin: &Path,
         parent: Option<&Path>,
         keep: bool,
-        extra_args: Vec<String>,
+        mut extra_args: Vec<String>,
         startup_timeout: Duration,
+        tls: bool,
     ) -> anyhow::Result<(Self, Started)> {
+        // TLS on every listener with a CA made for this run, which the tool's clients trust.
+        let tls = if tls {
+            let ca = sextant_testkit::TestCa::new("sextant-bench CA");
+            let files = ca.server("server", "sextant-bench");
+            extra_args.extend(ca.serve_args(&files, false));
+            let pem = std::fs::read(ca.ca_file()).context("reading the bench CA")?;
+            crate::load::trust_ca(pem)?;
+            Some(Box::new(ca))
+        } else {
+            None
+        };
         let dir = match parent {
             Some(p) => tempfile::Builder::new()
                 .prefix("sextant-bench-")
@@ -135,6 +149,7 @@ impl Target {
                 child: None,
                 log: Arc::new(ServerLog::default()),
                 startup_timeout,
+                tls,
             }),
         };
         let started = t.start().await?;
@@ -206,8 +221,9 @@ impl Target {
         };
         let until_serving = spawned_at.elapsed();
         s.child = Some(child);
-        self.http = format!("http://{http}");
-        self.grpc = format!("http://{grpc}");
+        let scheme = if s.tls.is_some() { "https" } else { "http" };
+        self.http = format!("{scheme}://{http}");
+        self.grpc = format!("{scheme}://{grpc}");
         self.pid = Some(pid);
         Ok(Started {
             until_serving,

@@ -46,6 +46,27 @@ pub struct ClientBuilder {
     cache_file: Option<PathBuf>,
     cache_write_interval: Duration,
     update_capacity: usize,
+    tls_ca: Option<TlsSource>,
+    tls_identity: Option<(TlsSource, TlsSource)>,
+}
+
+/// PEM given inline or as a file read at [`ClientBuilder::build`].
+#[derive(Debug, Clone)]
+enum TlsSource {
+    Pem(Vec<u8>),
+    File(PathBuf),
+}
+
+impl TlsSource {
+    fn read(&self, field: &'static str) -> Result<Vec<u8>, Error> {
+        match self {
+            TlsSource::Pem(p) => Ok(p.clone()),
+            TlsSource::File(path) => std::fs::read(path).map_err(|e| Error::InvalidArgument {
+                field,
+                reason: format!("cannot read {}: {e}", path.display()),
+            }),
+        }
+    }
 }
 
 impl Default for ClientBuilder {
@@ -60,6 +81,8 @@ impl Default for ClientBuilder {
             cache_file: None,
             cache_write_interval: Duration::from_secs(1),
             update_capacity: 1024,
+            tls_ca: None,
+            tls_identity: None,
         }
     }
 }
@@ -126,6 +149,42 @@ impl ClientBuilder {
         self
     }
 
+    /// Trusts this CA certificate (PEM) for `https://` servers instead of the system's roots.
+    pub fn tls_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls_ca = Some(TlsSource::Pem(pem.into()));
+        self
+    }
+
+    /// [`tls_ca_pem`](Self::tls_ca_pem) from a file, read by [`build`](Self::build).
+    pub fn tls_ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.tls_ca = Some(TlsSource::File(path.into()));
+        self
+    }
+
+    /// The client certificate and key (PEM files, read by [`build`](Self::build)) presented to
+    /// `https://` servers that require one (mTLS).
+    pub fn tls_identity_files(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        self.tls_identity = Some((TlsSource::File(cert.into()), TlsSource::File(key.into())));
+        self
+    }
+
+    /// The TLS settings of `https://` servers: the CA given, else the system's roots.
+    fn tls_config(&self) -> Result<tonic::transport::ClientTlsConfig, Error> {
+        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+        let mut tls = ClientTlsConfig::new();
+        tls = match &self.tls_ca {
+            Some(ca) => tls.ca_certificate(Certificate::from_pem(ca.read("tls_ca")?)),
+            None => tls.with_native_roots(),
+        };
+        if let Some((cert, key)) = &self.tls_identity {
+            tls = tls.identity(Identity::from_pem(
+                cert.read("tls_identity")?,
+                key.read("tls_identity")?,
+            ));
+        }
+        Ok(tls)
+    }
+
     /// Builds the client and starts its background tasks. Needs a Tokio runtime. Does not
     /// connect: a client starts even when no server is reachable (then `get` answers from the
     /// cache file, if any, and the background tasks keep trying).
@@ -134,6 +193,7 @@ impl ClientBuilder {
         let stats = Arc::new(Counters::default());
         let transport = Arc::new(Transport::new(
             &self.servers,
+            &self.tls_config()?,
             self.connect_timeout,
             self.call_timeout,
             stats.clone(),

@@ -73,8 +73,10 @@ pub(crate) fn is_failover(status: &Status) -> bool {
 }
 
 impl Transport {
+    /// `tls` applies to the `https://` addresses.
     pub fn new(
         addresses: &[String],
+        tls: &tonic::transport::ClientTlsConfig,
         connect_timeout: Duration,
         call_timeout: Duration,
         stats: Arc<Counters>,
@@ -97,6 +99,15 @@ impl Transport {
                     .http2_keep_alive_interval(Duration::from_secs(10))
                     .keep_alive_timeout(Duration::from_secs(5))
                     .keep_alive_while_idle(true);
+                let ep = if ep.uri().scheme_str() == Some("https") {
+                    ep.tls_config(tls.clone())
+                        .map_err(|e| Error::InvalidAddress {
+                            address: a.clone(),
+                            reason: format!("TLS: {e}"),
+                        })?
+                } else {
+                    ep
+                };
                 Ok((a.clone(), ep))
             })
             .collect::<Result<Vec<_>, Error>>()?;
@@ -323,11 +334,11 @@ mod tests {
         let stats = Arc::new(Counters::default());
         let t = Duration::from_secs(1);
         assert!(matches!(
-            Transport::new(&[], t, t, stats.clone()),
+            Transport::new(&[], &Default::default(), t, t, stats.clone()),
             Err(Error::NoServers)
         ));
         assert!(matches!(
-            Transport::new(&["not a uri\n".into()], t, t, stats),
+            Transport::new(&["not a uri\n".into()], &Default::default(), t, t, stats),
             Err(Error::InvalidAddress { .. })
         ));
     }

@@ -29,7 +29,6 @@ use parking_lot::Mutex;
 use sextant_core::model::{Revision, ServiceKey};
 
 use sextant_core::{CoreError, ErrorKind, Registry};
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -113,6 +112,11 @@ impl NacosError {
     }
 }
 
+/// HTTP/2 keepalive the node's Nacos gRPC listener uses: dead peers (a killed client's host, a
+/// partition) are found without waiting on TCP, and their ephemeral instances go.
+pub const GRPC_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+pub const GRPC_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// The listening adapter.
 pub struct NacosServer {
     http: JoinHandle<()>,
@@ -120,14 +124,15 @@ pub struct NacosServer {
 }
 
 impl NacosServer {
-    /// Serves the 2.x gRPC protocol on `grpc` until `stop` turns true, and hands the 1.x HTTP
-    /// API's router to `serve_http`, which serves it (with the node's HTTP limits) until then.
+    /// Hands the 2.x gRPC services to `serve_grpc` and the 1.x HTTP API's router to
+    /// `serve_http`, which serve them (on the node's listeners, with its limits and TLS) until
+    /// `stop` turns true.
     pub fn start(
         registry: Registry,
         config: NacosConfig,
         metrics: NacosMetrics,
         serve_http: impl FnOnce(axum::Router) -> JoinHandle<()>,
-        grpc: TcpListener,
+        serve_grpc: impl FnOnce(tonic::service::Routes) -> JoinHandle<()>,
         stop: watch::Receiver<bool>,
     ) -> Self {
         let udp = config.udp_push.and_then(|ip| match udp::UdpPush::bind(ip) {
@@ -147,7 +152,7 @@ impl NacosServer {
         });
         udp::UdpPush::start(&adapter);
         let http = serve_http(http::router(adapter.clone()));
-        let grpc = tokio::spawn(grpc::serve(adapter, grpc, stop));
+        let grpc = serve_grpc(grpc::routes(adapter, stop));
         Self { http, grpc }
     }
 

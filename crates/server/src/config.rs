@@ -213,6 +213,17 @@ pub struct ServerConfig {
         default_value_t = 60
     )]
     pub consul_deregister_min_seconds: u64,
+    /// PEM certificate chain (leaf first): with tls_key, every TCP listener (native HTTP and
+    /// gRPC, Nacos HTTP and gRPC) speaks TLS only. Reloaded on SIGHUP and on change.
+    #[arg(long, env = "SEXTANT_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of tls_cert.
+    #[arg(long, env = "SEXTANT_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates: with TLS on, every client must present a certificate they signed
+    /// (mTLS); its identity is the caller's `PeerIdentity`.
+    #[arg(long, env = "SEXTANT_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -424,6 +435,27 @@ impl ServerConfig {
                 });
             }
         }
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), None) => {
+                return Err(ConfigError::Invalid {
+                    field: "tls_key",
+                    message: "tls_cert is set; give its key too".into(),
+                })
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::Invalid {
+                    field: "tls_cert",
+                    message: "tls_key is set; give its certificate too".into(),
+                })
+            }
+            (None, None) if self.tls_client_ca.is_some() => {
+                return Err(ConfigError::Invalid {
+                    field: "tls_client_ca",
+                    message: "client certificates need TLS: set tls_cert and tls_key".into(),
+                })
+            }
+            _ => {}
+        }
         if !(0.0..=1.0).contains(&self.health_mass_failure_fraction) {
             return Err(ConfigError::Invalid {
                 field: "health_mass_failure_fraction",
@@ -460,6 +492,15 @@ impl ServerConfig {
 
     pub fn slow_subscriber_timeout(&self) -> Duration {
         Duration::from_secs(self.slow_subscriber_timeout_seconds)
+    }
+
+    /// The TLS files, when TLS is on.
+    pub fn tls_files(&self) -> Option<crate::tls::TlsFiles> {
+        Some(crate::tls::TlsFiles {
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+            client_ca: self.tls_client_ca.clone(),
+        })
     }
 
     /// How long a client may take to send a request head; `None` when the limit is off.
@@ -523,6 +564,31 @@ mod tests {
             assert_eq!(env, Some(want.as_str()), "{key}");
             assert!(arg.get_help().is_some(), "{key} has no help");
         }
+    }
+
+    #[test]
+    fn tls_needs_both_files_and_client_ca_needs_tls() {
+        let with = |cert: Option<&str>, key: Option<&str>, ca: Option<&str>| ServerConfig {
+            tls_cert: cert.map(PathBuf::from),
+            tls_key: key.map(PathBuf::from),
+            tls_client_ca: ca.map(PathBuf::from),
+            ..ServerConfig::default()
+        };
+        for (c, field) in [
+            (with(Some("c"), None, None), "tls_key"),
+            (with(None, Some("k"), None), "tls_cert"),
+            (with(None, None, Some("ca")), "tls_client_ca"),
+        ] {
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(field), "{e}");
+            assert!(c.tls_files().is_none());
+        }
+        let on = with(Some("c"), Some("k"), Some("ca"));
+        on.validate().unwrap();
+        assert_eq!(
+            on.tls_files().map(|f| f.client_ca),
+            Some(Some(PathBuf::from("ca")))
+        );
     }
 
     /// README's configuration table has a row per key with its flag, its variable and its

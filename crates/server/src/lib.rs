@@ -10,6 +10,7 @@ mod grpc;
 mod http;
 mod metrics;
 mod stream;
+pub mod tls;
 mod views;
 
 use std::net::SocketAddr;
@@ -39,6 +40,7 @@ use http::HttpLimits;
 pub use metrics::ApiMetrics;
 /// The bootstrap file of proxyless gRPC clients, for the CLI.
 pub use sextant_xds::bootstrap as xds_bootstrap;
+pub use tls::{ConnInfo, PeerIdentity, Tls, TlsError, TlsFiles};
 
 /// Concurrent HTTP/2 streams one gRPC connection may hold.
 const MAX_STREAMS_PER_CONNECTION: u32 = 10_000;
@@ -74,6 +76,8 @@ pub enum ServerError {
     Store(#[from] StoreError),
     #[error("cannot load the registry: {0}")]
     Core(#[from] CoreError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// What the adapters share.
@@ -92,6 +96,8 @@ pub(crate) struct Node {
     pub eureka: Option<Eureka>,
     /// Cluster mode (`store = etcd`); `None` for a single node.
     pub cluster: Option<cluster::Cluster>,
+    /// TLS of every TCP listener (`http::serve`, `tls::serve_grpc` take it); `None` when off.
+    pub tls: Option<Tls>,
 }
 
 /// A running node.
@@ -125,6 +131,12 @@ impl Server {
         let dns_metrics = DnsMetrics::register(&mut prometheus);
         let eureka_metrics = EurekaMetrics::register(&mut prometheus);
         let consul_metrics = ConsulMetrics::register(&mut prometheus);
+        // TLS loads before any listener opens: a bad file fails the start, naming it.
+        let tls_metrics = tls::TlsMetrics::register(&mut prometheus);
+        let tls = config
+            .tls_files()
+            .map(|f| Tls::load(f, tls_metrics))
+            .transpose()?;
         let core_config = CoreConfig {
             event_log_per_service: config.event_log_per_service,
             vacant_retention: std::time::Duration::from_secs(config.vacant_retention_seconds),
@@ -235,6 +247,7 @@ impl Server {
             xds,
             eureka,
             cluster,
+            tls,
         });
         let (stop, stopped) = watch::channel(false);
 
@@ -249,37 +262,43 @@ impl Server {
             http_listener,
             app,
             limits,
+            node.tls.clone(),
             async move {
                 let _ = s1.wait_for(|v| *v).await;
             },
             "http",
         ));
-        let mut s2 = stopped;
         let xds_service = node
             .xds
             .as_ref()
             .map(|x| x.service(node.config.max_body_bytes));
-        let grpc_service = grpc::service(node);
-        let grpc = tokio::spawn(async move {
-            // No Nagle: a watch frame larger than one HTTP/2 frame would otherwise wait for
-            // the client's delayed ACK (~40 ms).
-            let incoming =
-                tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
-            let r = tonic::transport::Server::builder()
-                .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        let tls = node.tls.clone();
+        let mut routes = tonic::service::Routes::new(grpc::service(node));
+        if let Some(x) = xds_service {
+            routes = routes.add_service(x);
+        }
+        let grpc = tokio::spawn(tls::serve_grpc(
+            routes,
+            grpc_listener,
+            tls.clone(),
+            tls::GrpcOptions {
+                keepalive_interval: Duration::from_secs(30),
+                keepalive_timeout: None,
                 // Many watch streams share one connection (an SDK holds one per client, an
                 // agent multiplexes its host's); bounded so one peer cannot open millions.
-                .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
-                .add_service(grpc_service)
-                .add_optional_service(xds_service)
-                .serve_with_incoming_shutdown(incoming, async move {
-                    let _ = s2.wait_for(|v| *v).await;
-                })
-                .await;
-            if let Err(e) = r {
-                tracing::error!(error = %e, "grpc server failed");
-            }
-        });
+                max_concurrent_streams: Some(MAX_STREAMS_PER_CONNECTION),
+            },
+            stopped,
+            "grpc",
+        ));
+        let tls_shown = match &tls {
+            None => "off",
+            Some(t) if t.mutual() => "mutual",
+            Some(_) => "on",
+        };
+        if let Some(t) = &tls {
+            t.spawn_reloader(stop.subscribe());
+        }
         let (dns, dns_addr) = match dns_sockets {
             Some((udp, tcp, addr)) => (
                 Some(DnsServer::start(
@@ -302,6 +321,7 @@ impl Server {
                 listener,
                 consul.router(),
                 limits,
+                tls.clone(),
                 async move {
                     let _ = s4.wait_for(|v| *v).await;
                 },
@@ -312,18 +332,35 @@ impl Server {
         let consul_shown = consul_addr.map_or_else(|| "off".to_string(), |a| a.to_string());
         let mut nacos = None;
         if let Some(((h, nacos_http_addr), (g, nacos_grpc_addr))) = nacos_listeners {
-            tracing::info!(%http_addr, %grpc_addr, %nacos_http_addr, %nacos_grpc_addr, dns_addr = %dns_shown, consul_http_addr = %consul_shown, "sextant serving");
+            tracing::info!(%http_addr, %grpc_addr, %nacos_http_addr, %nacos_grpc_addr, dns_addr = %dns_shown, consul_http_addr = %consul_shown, tls = tls_shown, "sextant serving");
             let mut s3 = stop.subscribe();
-            // The Nacos 1.x listener is served like the native one, with the same limits.
+            // The Nacos listeners are served like the native ones, with the same limits and TLS.
+            let nacos_tls = tls.clone();
             let serve_http = move |app| {
                 tokio::spawn(http::serve(
                     h,
                     app,
                     limits,
+                    nacos_tls,
                     async move {
                         let _ = s3.wait_for(|v| *v).await;
                     },
                     "nacos-http",
+                ))
+            };
+            let s4 = stop.subscribe();
+            let serve_grpc = move |routes| {
+                tokio::spawn(tls::serve_grpc(
+                    routes,
+                    g,
+                    tls,
+                    tls::GrpcOptions {
+                        keepalive_interval: sextant_nacos::GRPC_KEEPALIVE_INTERVAL,
+                        keepalive_timeout: Some(sextant_nacos::GRPC_KEEPALIVE_TIMEOUT),
+                        max_concurrent_streams: None,
+                    },
+                    s4,
+                    "nacos-grpc",
                 ))
             };
             nacos = Some(NacosServer::start(
@@ -331,12 +368,12 @@ impl Server {
                 nacos_config,
                 nacos_metrics,
                 serve_http,
-                g,
+                serve_grpc,
                 stop.subscribe(),
             ));
         }
         if nacos.is_none() {
-            tracing::info!(%http_addr, %grpc_addr, nacos = "off", dns_addr = %dns_shown, consul_http_addr = %consul_shown, "sextant serving");
+            tracing::info!(%http_addr, %grpc_addr, nacos = "off", dns_addr = %dns_shown, consul_http_addr = %consul_shown, tls = tls_shown, "sextant serving");
         }
         Ok(Server {
             http_addr,

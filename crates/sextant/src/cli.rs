@@ -32,6 +32,28 @@ pub struct Cli {
         default_value = "http://127.0.0.1:8471"
     )]
     pub grpc_server: String,
+    /// CA certificate (PEM) to trust for `https://` servers (`--server`, `--grpc-server`)
+    /// instead of the system's roots.
+    #[arg(long, global = true, env = "SEXTANT_TLS_CA", value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for servers that require one (mTLS), with --tls-client-key.
+    #[arg(
+        long,
+        global = true,
+        env = "SEXTANT_TLS_CLIENT_CERT",
+        value_name = "FILE",
+        requires = "tls_client_key"
+    )]
+    pub tls_client_cert: Option<PathBuf>,
+    /// Key (PEM) of --tls-client-cert.
+    #[arg(
+        long,
+        global = true,
+        env = "SEXTANT_TLS_CLIENT_KEY",
+        value_name = "FILE",
+        requires = "tls_client_cert"
+    )]
+    pub tls_client_key: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -186,7 +208,8 @@ impl RestoreArgs {
 pub enum XdsCommand {
     /// Print a GRPC_XDS_BOOTSTRAP file that points a gRPC client at this node's xDS server
     /// (the --grpc-server address). Save it, set GRPC_XDS_BOOTSTRAP=FILE and dial
-    /// `xds:///{service}.{namespace}`.
+    /// `xds:///{service}.{namespace}`. An https:// server gets TLS channel credentials with
+    /// the --tls-ca (and --tls-client-cert / --tls-client-key) files.
     Bootstrap {
         /// The client's node id (shown by `sextant xds clients`).
         #[arg(long)]

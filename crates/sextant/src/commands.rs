@@ -3,6 +3,7 @@
 //! validates and keeps a lease alive exactly as an application does, and `watch` reads the
 //! HTTP watch with the SDK's SSE parser.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -20,10 +21,51 @@ struct Http {
     http: reqwest::Client,
 }
 
+/// The TLS flags of the client commands, for `https://` servers.
+#[derive(Debug, Default)]
+pub struct ClientTls {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+impl ClientTls {
+    fn read(path: &Path, what: &str) -> anyhow::Result<Vec<u8>> {
+        std::fs::read(path).with_context(|| format!("cannot read the {what} {}", path.display()))
+    }
+
+    fn http(&self, mut b: reqwest::ClientBuilder) -> anyhow::Result<reqwest::ClientBuilder> {
+        if let Some(ca) = &self.ca {
+            let cert = reqwest::Certificate::from_pem(&Self::read(ca, "CA (--tls-ca)")?)
+                .with_context(|| format!("--tls-ca {}", ca.display()))?;
+            b = b.tls_certs_only([cert]);
+        }
+        if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
+            let mut pem = Self::read(cert, "client certificate")?;
+            pem.extend(Self::read(key, "client key")?);
+            b = b.identity(
+                reqwest::Identity::from_pem(&pem)
+                    .context("--tls-client-cert / --tls-client-key")?,
+            );
+        }
+        Ok(b)
+    }
+
+    fn sdk(&self, mut b: sextant_client::ClientBuilder) -> sextant_client::ClientBuilder {
+        if let Some(ca) = &self.ca {
+            b = b.tls_ca_file(ca);
+        }
+        if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
+            b = b.tls_identity_files(cert, key);
+        }
+        b
+    }
+}
+
 impl Http {
-    fn new(base: &str) -> anyhow::Result<Self> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
+    fn new(base: &str, tls: &ClientTls) -> anyhow::Result<Self> {
+        let http = tls
+            .http(reqwest::Client::builder().connect_timeout(Duration::from_secs(5)))?
             .build()?;
         Ok(Self {
             base: base.trim_end_matches('/').to_string(),
@@ -129,11 +171,11 @@ fn instance_path(service: &str, id: &str) -> anyhow::Result<String> {
 
 /// Runs one command against the node whose HTTP API is at `server` (and gRPC API at `grpc`,
 /// for `register`).
-pub async fn run(server: &str, grpc: &str, cmd: Command) -> anyhow::Result<()> {
-    let c = Http::new(server)?;
+pub async fn run(server: &str, grpc: &str, tls: &ClientTls, cmd: Command) -> anyhow::Result<()> {
+    let c = Http::new(server, tls)?;
     match cmd {
         Command::Serve(_) => unreachable!("serve is handled by main"),
-        Command::Register(args) => register(grpc, args).await,
+        Command::Register(args) => register(grpc, tls, args).await,
         Command::Deregister { service, id } => {
             let v = c
                 .send(c.http.delete(c.url(&instance_path(&service, &id)?)))
@@ -281,7 +323,26 @@ pub async fn run(server: &str, grpc: &str, cmd: Command) -> anyhow::Result<()> {
                 zone,
                 sub_zone,
             };
-            let b = xds_bootstrap::render(xds_bootstrap::server_uri(grpc), &node);
+            // An https:// server gets TLS credentials naming the files by absolute path (the
+            // client reads them from wherever it runs).
+            let abs = |p: &PathBuf| -> anyhow::Result<String> {
+                Ok(std::path::absolute(p)
+                    .with_context(|| format!("{}", p.display()))?
+                    .display()
+                    .to_string())
+            };
+            let tls = if grpc.starts_with("https://") {
+                Some(xds_bootstrap::BootstrapTls {
+                    ca_certificate_file: tls.ca.as_ref().map(abs).transpose()?,
+                    identity: match (&tls.cert, &tls.key) {
+                        (Some(c), Some(k)) => Some((abs(c)?, abs(k)?)),
+                        _ => None,
+                    },
+                })
+            } else {
+                None
+            };
+            let b = xds_bootstrap::render(xds_bootstrap::server_uri(grpc), &node, tls.as_ref());
             println!("{}", serde_json::to_string_pretty(&b)?);
             Ok(())
         }
@@ -369,7 +430,7 @@ pub async fn run(server: &str, grpc: &str, cmd: Command) -> anyhow::Result<()> {
     }
 }
 
-async fn register(grpc: &str, a: RegisterArgs) -> anyhow::Result<()> {
+async fn register(grpc: &str, tls: &ClientTls, a: RegisterArgs) -> anyhow::Result<()> {
     let service: ServiceName = a.service.parse()?;
     let port = u16::try_from(a.port).with_context(|| format!("--port {} is not a port", a.port))?;
     let mut r = Registration::new(service, &a.host, port)
@@ -405,7 +466,9 @@ async fn register(grpc: &str, a: RegisterArgs) -> anyhow::Result<()> {
     if a.disabled {
         r = r.enabled(false);
     }
-    let client = sextant_client::Client::builder().servers([grpc]).build()?;
+    let client = tls
+        .sdk(sextant_client::Client::builder().servers([grpc]))
+        .build()?;
     let key = client
         .register(r)
         .await

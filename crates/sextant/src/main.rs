@@ -29,7 +29,14 @@ fn main() -> std::process::ExitCode {
                 let serve_matches = matches.subcommand_matches("serve").unwrap_or(&matches);
                 run_server(serve, serve_matches).await
             }
-            cmd => commands::run(&args.server, &args.grpc_server, cmd).await,
+            cmd => {
+                let tls = commands::ClientTls {
+                    ca: args.tls_ca,
+                    cert: args.tls_client_cert,
+                    key: args.tls_client_key,
+                };
+                commands::run(&args.server, &args.grpc_server, &tls, cmd).await
+            }
         }
     });
     match result {

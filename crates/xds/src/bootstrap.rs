@@ -15,11 +15,20 @@ pub struct BootstrapNode {
     pub sub_zone: String,
 }
 
+/// TLS to the xDS server (gRFC A65 `tls` channel credentials): PEM files the client reads.
+#[derive(Debug, Clone, Default)]
+pub struct BootstrapTls {
+    /// CA to verify the server with; `None`: the system's roots.
+    pub ca_certificate_file: Option<String>,
+    /// Client certificate and key, for a server that requires one (mTLS).
+    pub identity: Option<(String, String)>,
+}
+
 /// The bootstrap JSON for a client of the xDS server at `server_uri` (`host:port`, no
-/// scheme): insecure channel credentials (TLS is not served yet) and
-/// `ignore_resource_deletion`, so a service that loses all its instances for a moment does
-/// not tear the client's channel down (gRFC A53).
-pub fn render(server_uri: &str, node: &BootstrapNode) -> Value {
+/// scheme): `tls` channel credentials when `tls` is given (the server's `https://`), else
+/// insecure ones, and `ignore_resource_deletion`, so a service that loses all its instances
+/// for a moment does not tear the client's channel down (gRFC A53).
+pub fn render(server_uri: &str, node: &BootstrapNode, tls: Option<&BootstrapTls>) -> Value {
     let mut locality = serde_json::Map::new();
     for (k, v) in [
         ("region", &node.region),
@@ -30,10 +39,24 @@ pub fn render(server_uri: &str, node: &BootstrapNode) -> Value {
             locality.insert(k.into(), Value::String(v.clone()));
         }
     }
+    let creds = match tls {
+        None => json!({"type": "insecure"}),
+        Some(t) => {
+            let mut config = serde_json::Map::new();
+            if let Some(ca) = &t.ca_certificate_file {
+                config.insert("ca_certificate_file".into(), json!(ca));
+            }
+            if let Some((cert, key)) = &t.identity {
+                config.insert("certificate_file".into(), json!(cert));
+                config.insert("private_key_file".into(), json!(key));
+            }
+            json!({"type": "tls", "config": config})
+        }
+    };
     json!({
         "xds_servers": [{
             "server_uri": server_uri,
-            "channel_creds": [{"type": "insecure"}],
+            "channel_creds": [creds],
             "server_features": ["ignore_resource_deletion"],
         }],
         "node": {
@@ -66,10 +89,20 @@ mod tests {
                 zone: "z1".into(),
                 ..Default::default()
             },
+            None,
         );
         assert_eq!(b["xds_servers"][0]["server_uri"], "127.0.0.1:8471");
         assert_eq!(b["xds_servers"][0]["channel_creds"][0]["type"], "insecure");
         assert_eq!(b["node"]["id"], "n1");
         assert_eq!(b["node"]["locality"], json!({"zone": "z1"}));
+        let tls = BootstrapTls {
+            ca_certificate_file: Some("/ca.pem".into()),
+            identity: None,
+        };
+        let b = render("h:1", &BootstrapNode::default(), Some(&tls));
+        assert_eq!(
+            b["xds_servers"][0]["channel_creds"][0],
+            json!({"type": "tls", "config": {"ca_certificate_file": "/ca.pem"}})
+        );
     }
 }

@@ -21,17 +21,14 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::Duration;
 
 use parking_lot::Mutex;
 use serde_json::json;
 use sextant_proto::nacos::bi_request_stream_server::{BiRequestStream, BiRequestStreamServer};
 use sextant_proto::nacos::request_server::{Request as RequestApi, RequestServer};
 use sextant_proto::nacos::Payload;
-use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::server::TcpIncoming;
 use tonic::{Status, Streaming};
 
 use crate::Adapter;
@@ -43,32 +40,14 @@ const PUSH_QUEUE: usize = 256;
 /// How long 2.x clients may cache pushed state, in ms.
 pub(crate) const PUSH_CACHE_MILLIS: u64 = 10_000;
 
-pub(crate) async fn serve(
-    adapter: Arc<Adapter>,
-    listener: TcpListener,
-    stop: watch::Receiver<bool>,
-) {
-    let api = Api::new(adapter, stop.clone());
+/// The adapter's two gRPC services, for the node to serve on its Nacos gRPC listener (with the
+/// keepalive of [`crate::GRPC_KEEPALIVE_INTERVAL`]), and the task renewing its connections'
+/// leases.
+pub(crate) fn routes(adapter: Arc<Adapter>, stop: watch::Receiver<bool>) -> tonic::service::Routes {
+    let api = Api::new(adapter, stop);
     tokio::spawn(renew_leases(api.conns.clone()));
-    let mut s = stop;
-    let r = tonic::transport::Server::builder()
-        // Find dead peers (a killed client's host, a partition) without waiting on TCP.
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .add_service(RequestServer::new(api.clone()))
+    tonic::service::Routes::new(RequestServer::new(api.clone()))
         .add_service(BiRequestStreamServer::new(api))
-        // No Nagle: a push larger than one HTTP/2 frame would otherwise wait ~40 ms for the
-        // client's delayed ACK.
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            async move {
-                let _ = s.wait_for(|v| *v).await;
-            },
-        )
-        .await;
-    if let Err(e) = r {
-        tracing::error!(error = %e, "nacos grpc server failed");
-    }
 }
 
 /// Both gRPC services of the adapter.

@@ -177,6 +177,7 @@ pub(crate) fn router(node: Arc<Node>) -> Router {
         .route("/v1/xds/clients", get(xds_clients))
         .route("/v1/snapshot", get(snapshot))
         .route("/v1/cluster", get(cluster_view))
+        .route("/v1/whoami", get(whoami))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -681,4 +682,17 @@ async fn metrics(State(s): State<AppState>) -> Response {
         out,
     )
         .into_response()
+}
+
+/// `GET /v1/whoami`: who the server takes the caller to be — its address, whether the
+/// connection is TLS and, with mTLS, the verified client certificate's identity (the
+/// credential the auth layer reads from the same `PeerIdentity` extension).
+async fn whoami(conn: Option<axum::Extension<crate::tls::ConnInfo>>) -> Json<serde_json::Value> {
+    // Every served connection has it; only the router's unit tests call it bare.
+    let c = conn.map(|axum::Extension(c)| c);
+    Json(serde_json::json!({
+        "addr": c.as_ref().map(|c| c.remote.to_string()),
+        "tls": c.as_ref().is_some_and(|c| c.tls),
+        "identity": c.and_then(|c| c.peer),
+    }))
 }

@@ -296,6 +296,7 @@ fn test_router(rt: &tokio::runtime::Runtime) -> Router {
             xds: None,
             eureka: None,
             cluster: None,
+            tls: None,
         }))
     })
 }

@@ -3,6 +3,7 @@
 //! head and the number of its headers (hyper answers more with 431), no Nagle, the peer address
 //! for `ConnectInfo`, a close that lets the client read an early answer, a deadline on reading
 //! a request head (slowloris), and graceful shutdown.
+//! TLS, when on, comes from [`crate::tls`], which every listener goes through.
 //! `axum::serve` does the same but does not expose hyper's limits.
 
 use std::future::Future;
@@ -17,6 +18,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::Router;
+use futures::StreamExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -24,6 +26,8 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tower_service::Service;
+
+use crate::tls::{self, Speaks, Tls};
 
 /// Limits on what a client may send before its request is handed to the router.
 #[derive(Debug, Clone, Copy)]
@@ -51,12 +55,15 @@ const LINGER_BYTES: usize = 1024 * 1024;
 const LINGER_TIME: Duration = Duration::from_secs(2);
 
 /// Serves `app` on `listener` until `stop` completes, then stops accepting and waits for the
-/// open connections to finish (the caller bounds that wait). `name` labels log lines
-/// (`http`, `nacos-http`).
+/// open connections to finish (the caller bounds that wait). Connections come through
+/// [`crate::tls::incoming`], so with `tls` they are TLS (and, with mTLS, every request carries
+/// the client's [`crate::tls::PeerIdentity`]). `name` labels log lines and metrics (`http`,
+/// `nacos-http`).
 pub(crate) async fn serve(
     listener: TcpListener,
     app: Router,
     limits: HttpLimits,
+    tls: Option<Tls>,
     stop: impl Future<Output = ()>,
     name: &'static str,
 ) {
@@ -72,30 +79,35 @@ pub(crate) async fn serve(
         .http2()
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
     let graceful = GracefulShutdown::new();
+    let mut incoming = tls::incoming(listener, tls, Speaks::Http, name, |tcp| {
+        LingerOnClose(Some(tcp))
+    });
     tokio::pin!(stop);
     loop {
-        let (tcp, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    accept_error(name, e).await;
-                    continue;
-                }
+        let accepted = tokio::select! {
+            a = incoming.next() => match a {
+                Some(Ok(a)) => a,
+                _ => break,
             },
             _ = &mut stop => break,
         };
-        // No Nagle: SSE frames and answers written in pieces must not wait for delayed ACKs.
-        let _ = tcp.set_nodelay(true);
         let app = app.clone();
         let started = Arc::new(AtomicBool::new(false));
         let seen = started.clone();
+        let info = accepted.info.clone();
+        let peer = info.remote;
         let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
             seen.store(true, Ordering::Relaxed);
-            req.extensions_mut().insert(ConnectInfo(peer));
+            let ext = req.extensions_mut();
+            ext.insert(ConnectInfo(peer));
+            if let Some(id) = &info.peer {
+                ext.insert(id.clone());
+            }
+            ext.insert(info.clone());
             app.clone().call(req.map(Body::new))
         });
         let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(LingerOnClose(Some(tcp))), service)
+            .serve_connection_with_upgrades(TokioIo::new(accepted), service)
             .into_owned();
         let conn = graceful.watch(conn);
         let first_request_deadline = limits.header_read_timeout;
@@ -121,7 +133,7 @@ pub(crate) async fn serve(
             log_end(name, peer, conn.await);
         });
     }
-    drop(listener);
+    drop(incoming);
     graceful.shutdown().await;
 }
 
@@ -129,21 +141,6 @@ fn log_end<E: std::fmt::Display>(name: &'static str, peer: SocketAddr, r: Result
     if let Err(e) = r {
         tracing::debug!(listener = name, %peer, error = %e, "connection ended with an error");
     }
-}
-
-/// Accept errors are the listener's, not a reason to stop serving: a peer that reset before
-/// it was accepted is skipped, anything else (e.g. out of file descriptors) is logged and
-/// retried after a pause so that the loop does not spin.
-async fn accept_error(name: &'static str, e: io::Error) {
-    use io::ErrorKind::*;
-    if matches!(
-        e.kind(),
-        ConnectionRefused | ConnectionAborted | ConnectionReset
-    ) {
-        return;
-    }
-    tracing::error!(listener = name, error = %e, "accept failed; retrying in 1 s");
-    tokio::time::sleep(Duration::from_secs(1)).await;
 }
 
 /// A connection's socket that, when dropped with unread input waiting, hands itself to a task

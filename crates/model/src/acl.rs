@@ -91,18 +91,19 @@ impl fmt::Display for Resource<'_> {
     }
 }
 
-/// One grant of a policy.
+/// One grant of a policy. (No `skip_serializing_if`: records are postcard, which needs
+/// every field.)
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rule {
     /// A namespace, or `*` for every namespace.
     pub namespace: String,
     /// Only services whose name starts with this.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub service_prefix: Option<String>,
     pub rights: Vec<Right>,
     /// Instance-scoped `write`: only instance ids matching this pattern (`*` matches any run of
     /// characters). Other rights of the rule are not narrowed by it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub instance_ids: Option<String>,
 }
 
@@ -151,7 +152,10 @@ impl Rule {
             crate::validate_name("namespace", &self.namespace)?;
         }
         if self.rights.is_empty() {
-            return Err(InvalidField::new("rights", "a rule needs at least one right"));
+            return Err(InvalidField::new(
+                "rights",
+                "a rule needs at least one right",
+            ));
         }
         if let Some(p) = &self.service_prefix {
             if p.is_empty() || p.len() > 256 {
@@ -289,6 +293,21 @@ pub fn authorize(identity: &Identity, right: Right, resource: &Resource<'_>) -> 
             resource: resource.to_string(),
         })
     }
+}
+
+/// One audited change: who made it, from where, what it was, at which revision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub revision: crate::Revision,
+    pub time_ms: u64,
+    /// The token's id (never its secret); `None` when auth is off and none was sent.
+    pub token_id: Option<String>,
+    pub source: String,
+    pub protocol: String,
+    /// The namespace changed; `None` for token and policy changes.
+    pub namespace: Option<String>,
+    /// What changed, e.g. `register orders/10.0.0.7:8080`.
+    pub change: String,
 }
 
 #[cfg(test)]

@@ -25,6 +25,7 @@ use sextant_model::{
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
+use crate::acl::{Acl, AclOp, AclState, Actor, AuditLog};
 use crate::lease::{LeaseKey, LeaseTable};
 use crate::metrics::CoreMetrics;
 use crate::store::{Store, StoreError};
@@ -121,6 +122,8 @@ pub enum Op {
         service: ServiceKey,
         id: Arc<str>,
     },
+    /// A token or policy change (see `Registry::acl`).
+    Acl(AclOp),
 }
 
 impl Op {
@@ -135,6 +138,7 @@ impl Op {
             Op::Configure { config, .. } => config.validate()?,
             Op::DefaultCheck { check, .. } => check.validate()?,
             Op::Expire { .. } => {}
+            Op::Acl(a) => a.validate()?,
         }
         Ok(())
     }
@@ -144,6 +148,7 @@ pub(crate) type OpResult = Result<Revision, CoreError>;
 
 pub(crate) struct WriteRequest {
     ops: Vec<Op>,
+    actor: Option<Arc<Actor>>,
     reply: oneshot::Sender<Result<Vec<OpResult>, CoreError>>,
 }
 
@@ -161,12 +166,19 @@ pub(crate) struct RegistryCore {
     pub next_subscriber: AtomicU64,
     writes: mpsc::Sender<WriteRequest>,
     stopped: Mutex<Option<oneshot::Receiver<()>>>,
+    /// Tokens and policies as published; swapped by the writer.
+    pub acl: RwLock<Arc<AclState>>,
+    /// The revision of the last ACL change.
+    pub acl_changed: watch::Sender<Revision>,
+    pub audit: Mutex<AuditLog>,
 }
 
-/// Handle to the registry. Cheap to clone; all clones share one registry.
+/// Handle to the registry. Cheap to clone; all clones share one registry. A handle made by
+/// [`Registry::acting`] records who its writes are for in the audit log.
 #[derive(Clone)]
 pub struct Registry {
-    core: Arc<RegistryCore>,
+    pub(crate) core: Arc<RegistryCore>,
+    actor: Option<Arc<Actor>>,
 }
 
 impl Registry {
@@ -178,9 +190,10 @@ impl Registry {
     ) -> Result<Registry, CoreError> {
         let started = std::time::Instant::now();
         let loader = store.clone();
-        let (revision, states) = tokio::task::spawn_blocking(move || load(&*loader))
+        let loaded = tokio::task::spawn_blocking(move || load(&*loader))
             .await
             .map_err(|e| StoreError::Io(format!("loader panicked: {e}")))??;
+        let (revision, states) = (loaded.revision, loaded.states);
 
         let now = Instant::now();
         let leases = LeaseTable::default();
@@ -234,6 +247,11 @@ impl Registry {
             next_subscriber: AtomicU64::new(1),
             writes: tx,
             stopped: Mutex::new(Some(stopped_rx)),
+            acl: RwLock::new(Arc::new(loaded.acl)),
+            acl_changed: watch::Sender::new(revision),
+            audit: Mutex::new(AuditLog {
+                entries: loaded.audit,
+            }),
         });
         let writer = Writer {
             core: core.clone(),
@@ -259,10 +277,26 @@ impl Registry {
         // The guard is an argument, not a local of the task: a task dropped before its first
         // poll drops its arguments too.
         tokio::spawn(background(
-            Registry { core: core.clone() },
+            Registry {
+                core: core.clone(),
+                actor: None,
+            },
             CloseOnDrop(core.clone()),
         ));
-        Ok(Registry { core })
+        Ok(Registry { core, actor: None })
+    }
+
+    /// A handle whose writes are audited as made by `actor`.
+    pub fn acting(&self, actor: Actor) -> Registry {
+        Registry {
+            core: self.core.clone(),
+            actor: Some(Arc::new(actor)),
+        }
+    }
+
+    /// Access control: the check adapters call, and tokens, policies and the audit log.
+    pub fn acl(&self) -> Acl<'_> {
+        Acl { registry: self }
     }
 
     /// Applies `ops` in order; each gets its own result. Returns once they are durable.
@@ -276,7 +310,11 @@ impl Registry {
         let (reply, rx) = oneshot::channel();
         self.core
             .writes
-            .send(WriteRequest { ops, reply })
+            .send(WriteRequest {
+                ops,
+                reply,
+                actor: self.actor.clone(),
+            })
             .await
             .map_err(|_| CoreError::ShuttingDown)?;
         rx.await.map_err(|_| CoreError::ShuttingDown)?

@@ -207,6 +207,22 @@ pub struct Actor {
     pub protocol: &'static str,
 }
 
+tokio::task_local! {
+    static ACTOR: Arc<Actor>;
+}
+
+/// Runs `f` with every registry write it makes audited as made by `actor` (unless the handle
+/// used has its own, from [`Registry::acting`]). Adapters wrap each request in it, so a
+/// handler cannot forget to say who it writes for.
+pub async fn with_actor<F: std::future::Future>(actor: Actor, f: F) -> F::Output {
+    ACTOR.scope(Arc::new(actor), f).await
+}
+
+/// The actor of the request being handled, if any.
+pub(crate) fn current_actor() -> Option<Arc<Actor>> {
+    ACTOR.try_with(Arc::clone).ok()
+}
+
 /// The audit log's tail, kept in memory (and in the store under `audit/`).
 #[derive(Debug, Default)]
 pub(crate) struct AuditLog {

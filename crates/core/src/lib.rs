@@ -17,7 +17,7 @@ pub mod store;
 
 use std::time::Duration;
 
-pub use acl::{Acl, Actor, AuthError, NewToken, Principal};
+pub use acl::{with_actor, Acl, Actor, AuthError, NewToken, Principal};
 pub use delivery::{Delivery, ServiceSnapshot, SharedEvent, Subscription, SubscriptionClosed};
 pub use metrics::CoreMetrics;
 pub use registry::{HeartbeatResult, NamespaceSummary, Op, Registry, ServiceSummary, ServiceView};

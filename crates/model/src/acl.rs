@@ -295,6 +295,16 @@ pub fn authorize(identity: &Identity, right: Right, resource: &Resource<'_>) -> 
     }
 }
 
+/// The right a status change needs: the operator's levers (weight override, drain) need
+/// `operate`; what an instance reports about itself (health, enabled, weight) needs `write`.
+pub fn status_right(patch: &crate::StatusPatch) -> Right {
+    if patch.weight_override.is_some() || patch.draining.is_some() {
+        Right::Operate
+    } else {
+        Right::Write
+    }
+}
+
 /// One audited change: who made it, from where, what it was, at which revision.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditEntry {

@@ -185,6 +185,49 @@ pub struct ServerConfig {
     /// The datacenter in Consul names (`web.service.<dc>.consul`) and SRV targets.
     #[arg(long, env = "SEXTANT_DNS_DATACENTER", default_value = "dc1")]
     pub dns_datacenter: String,
+    // --- access control and audit ---
+    /// `on`: every request (but health, readiness, metrics and ACL bootstrap) needs a token
+    /// with the right for what it touches; `off`: anyone who can connect may do anything.
+    #[arg(long, env = "SEXTANT_AUTH", default_value = "off")]
+    pub auth: AuthMode,
+    /// Start with auth off even when a listener is not on loopback (refused otherwise).
+    #[arg(long, env = "SEXTANT_INSECURE_OPEN", default_value_t = false, num_args = 0..=1,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub insecure_open: bool,
+    /// Audit entries kept in the store (the oldest go first); 0 records none.
+    #[arg(long, env = "SEXTANT_AUDIT_RETENTION", default_value_t = 10000)]
+    pub audit_retention: usize,
+    /// Also append every audit entry to this file, as JSON lines.
+    #[arg(long, env = "SEXTANT_AUDIT_LOG")]
+    pub audit_log: Option<PathBuf>,
+}
+
+/// Whether requests need a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    Off,
+    On,
+}
+
+impl std::str::FromStr for AuthMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "off" => Ok(AuthMode::Off),
+            "on" => Ok(AuthMode::On),
+            other => Err(format!("unknown auth mode {other:?}: use on or off")),
+        }
+    }
+}
+
+impl std::fmt::Display for AuthMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AuthMode::Off => "off",
+            AuthMode::On => "on",
+        })
+    }
 }
 
 impl Default for ServerConfig {
@@ -380,6 +423,39 @@ impl ServerConfig {
             });
         }
         Ok(())
+    }
+
+    /// Refuses auth off with a listener off loopback unless `insecure_open`: checked on the
+    /// combined configuration (a file's address and a flag's `--auth on` go together).
+    pub fn check_exposure(&self) -> Result<(), ConfigError> {
+        if let Some(open) = self.open_listener() {
+            return Err(ConfigError::Invalid {
+                field: "auth",
+                message: format!(
+                    "auth is off and {open} is not on loopback: anyone who reaches it could \
+                     change the registry. Turn auth on (--auth on, after `sextant acl \
+                     bootstrap`), or give --insecure-open to run open anyway"
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// With auth off and no `insecure_open`: a listener that is not on loopback, if any. DNS
+    /// is left out: it is read-only and answered without auth either way.
+    pub fn open_listener(&self) -> Option<String> {
+        if self.auth == AuthMode::On || self.insecure_open {
+            return None;
+        }
+        let mut listeners = vec![("http_addr", self.http_addr), ("grpc_addr", self.grpc_addr)];
+        if self.nacos {
+            listeners.push(("nacos_http_addr", self.nacos_http_addr));
+            listeners.push(("nacos_grpc_addr", self.nacos_grpc_addr()));
+        }
+        listeners
+            .into_iter()
+            .find(|(_, a)| !a.ip().is_loopback())
+            .map(|(k, a)| format!("{k} ({a})"))
     }
 
     /// Where Nacos 2.x gRPC listens: as set, or the HTTP port + 1000 (port 0 stays 0).

@@ -313,7 +313,7 @@ impl Registry {
             .send(WriteRequest {
                 ops,
                 reply,
-                actor: self.actor.clone(),
+                actor: self.actor.clone().or_else(crate::acl::current_actor),
             })
             .await
             .map_err(|_| CoreError::ShuttingDown)?;

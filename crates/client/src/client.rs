@@ -46,6 +46,17 @@ pub struct ClientBuilder {
     cache_file: Option<PathBuf>,
     cache_write_interval: Duration,
     update_capacity: usize,
+    token: Option<Secret>,
+}
+
+/// A token's secret: never shown by `Debug`.
+#[derive(Clone)]
+struct Secret(String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<secret>")
+    }
 }
 
 impl Default for ClientBuilder {
@@ -60,6 +71,10 @@ impl Default for ClientBuilder {
             cache_file: None,
             cache_write_interval: Duration::from_secs(1),
             update_capacity: 1024,
+            token: std::env::var("SEXTANT_TOKEN")
+                .ok()
+                .filter(|t| !t.is_empty())
+                .map(Secret),
         }
     }
 }
@@ -74,6 +89,13 @@ impl ClientBuilder {
         S: Into<String>,
     {
         self.servers = servers.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The secret of the token to send (`authorization: Bearer`) on every call, for a server
+    /// with auth on; default: the `SEXTANT_TOKEN` variable, if set.
+    pub fn token(mut self, secret: impl Into<String>) -> Self {
+        self.token = Some(Secret(secret.into()));
         self
     }
 
@@ -132,12 +154,15 @@ impl ClientBuilder {
     pub fn build(self) -> Result<Client, Error> {
         let rt = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
         let stats = Arc::new(Counters::default());
-        let transport = Arc::new(Transport::new(
-            &self.servers,
-            self.connect_timeout,
-            self.call_timeout,
-            stats.clone(),
-        )?);
+        let transport = Arc::new(
+            Transport::new(
+                &self.servers,
+                self.connect_timeout,
+                self.call_timeout,
+                stats.clone(),
+            )?
+            .with_token(self.token.as_ref().map(|s| s.0.as_str()))?,
+        );
         let cache = Arc::new(Cache::new(self.update_capacity, stats.clone()));
         if let Some(path) = &self.cache_file {
             match file::load(path) {

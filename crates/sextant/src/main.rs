@@ -29,7 +29,10 @@ fn main() -> std::process::ExitCode {
                 let serve_matches = matches.subcommand_matches("serve").unwrap_or(&matches);
                 run_server(serve, serve_matches).await
             }
-            cmd => commands::run(&args.server, &args.grpc_server, cmd).await,
+            cmd => {
+                let token = args.token.as_deref().filter(|t| !t.is_empty());
+                commands::run(&args.server, &args.grpc_server, token, cmd).await
+            }
         }
     });
     match result {

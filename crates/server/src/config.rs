@@ -586,6 +586,28 @@ mod tests {
         assert_eq!(table_keys, defaults.len(), "rows {rows:#?}");
     }
 
+    /// Auth off with a listener off loopback is refused unless `insecure_open`; auth on, or
+    /// only loopback listeners, is fine. (Checked on the config: tests never bind 0.0.0.0.)
+    #[test]
+    fn auth_off_off_loopback_needs_insecure_open() {
+        let mut c = ServerConfig::default();
+        c.check_exposure().unwrap();
+        c.nacos_http_addr = "0.0.0.0:8848".parse().unwrap();
+        let e = c.check_exposure().unwrap_err().to_string();
+        assert!(
+            e.contains("insecure-open") && e.contains("nacos_http_addr"),
+            "{e}"
+        );
+        c.insecure_open = true;
+        c.check_exposure().unwrap();
+        c.insecure_open = false;
+        c.auth = AuthMode::On;
+        c.check_exposure().unwrap();
+        c.auth = AuthMode::Off;
+        c.nacos = false;
+        c.check_exposure().unwrap();
+    }
+
     /// Flags beat the file beats the defaults. (Variables, which clap reads like flags, are
     /// tested against the real binary in `sextant/tests/http_errors.rs`: tests here do not
     /// touch the process environment.)

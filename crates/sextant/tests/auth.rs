@@ -458,3 +458,41 @@ async fn cli_and_sdk_use_the_token() {
         .await
         .assert_error(409, &["already"]);
 }
+
+/// xDS streams open only with a token that may read every namespace.
+#[tokio::test]
+async fn xds_streams_need_a_token_that_reads_everything() {
+    use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+    use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+
+    let server = Server::start_with_args(&["--auth", "on"]);
+    let (_, admin_secret) = bootstrap(&server.api()).await;
+    let admin = api_with(&server, &admin_secret);
+    let (_, app_secret) = token_for(&admin, "prod-r", "prod", &["read"]).await;
+    let mut c = AggregatedDiscoveryServiceClient::connect(format!("http://{}", server.grpc))
+        .await
+        .unwrap();
+    let open = |secret: Option<&str>| {
+        let first = DiscoveryRequest {
+            type_url: "type.googleapis.com/envoy.config.listener.v3.Listener".into(),
+            resource_names: vec!["web.prod".into()],
+            ..Default::default()
+        };
+        let mut r = tonic::Request::new(tokio_stream::iter(vec![first]));
+        if let Some(s) = secret {
+            r.metadata_mut()
+                .insert("authorization", format!("Bearer {s}").parse().unwrap());
+        }
+        r
+    };
+    let e = c.stream_aggregated_resources(open(None)).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    let e = c
+        .stream_aggregated_resources(open(Some(&app_secret)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    c.stream_aggregated_resources(open(Some(&admin_secret)))
+        .await
+        .unwrap();
+}

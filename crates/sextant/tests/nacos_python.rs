@@ -14,7 +14,8 @@
 //!   bad input, and leases kept by beats or lapsing without them.
 //!
 //! - `.venv/nacos-v2` also runs `v2_auth_flow.py` against a node with `--auth on`: login with
-//!   username/password, register where the token may, refused elsewhere.
+//!   username/password, register where the token may, refused elsewhere; `.venv/nacos-v1`
+//!   likewise runs `v1_auth_flow.py` (login, then `accessToken` on every 1.x request).
 //!
 //! A missing venv fails the test (never a silent skip): run `scripts/test.sh`. Every script run
 //! is bounded; on failure the script's output and the tail of the server's log are printed.
@@ -226,6 +227,18 @@ fn nacos_python_sdk_v2_with_username_and_password() {
         "nacos-v2",
         "requirements-v2.txt",
         "v2_auth_flow.py",
+        Duration::from_secs(150),
+        &["--auth", "on"],
+    );
+}
+
+/// The old 1.x-line client with username/password against auth on (`v1_auth_flow.py`).
+#[test]
+fn nacos_python_sdk_v1_with_username_and_password() {
+    flow_with(
+        "nacos-v1",
+        "requirements-v1.txt",
+        "v1_auth_flow.py",
         Duration::from_secs(150),
         &["--auth", "on"],
     );

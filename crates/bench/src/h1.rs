@@ -28,6 +28,8 @@ pub struct H1 {
     host: String,
     conns: Vec<Mutex<Option<SendRequest<Full<Bytes>>>>>,
     timeout: Duration,
+    /// `Bearer <SEXTANT_BENCH_TOKEN>`, for a node with auth on.
+    authorization: Option<String>,
 }
 
 impl H1 {
@@ -71,6 +73,9 @@ impl H1 {
             host,
             conns: (0..workers.max(1)).map(|_| Mutex::new(None)).collect(),
             timeout,
+            authorization: std::env::var("SEXTANT_BENCH_TOKEN")
+                .ok()
+                .map(|t| format!("Bearer {t}")),
         })
     }
 
@@ -133,6 +138,9 @@ impl H1 {
                 .header(hyper::header::HOST, self.host.as_str());
             if json.is_some() {
                 req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+            }
+            if let Some(a) = &self.authorization {
+                req = req.header(hyper::header::AUTHORIZATION, a.as_str());
             }
             let req = req
                 .body(Full::new(json.unwrap_or_default()))

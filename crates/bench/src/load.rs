@@ -209,6 +209,15 @@ pub fn http_client(timeout: Option<Duration>) -> anyhow::Result<reqwest::Client>
     if let Some(t) = timeout {
         b = b.timeout(t);
     }
+    // A node with auth on: its HTTP calls send this token (the gRPC phases do not yet).
+    if let Ok(token) = std::env::var("SEXTANT_BENCH_TOKEN") {
+        let mut headers = reqwest::header::HeaderMap::new();
+        let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+            .context("SEXTANT_BENCH_TOKEN holds characters a header cannot")?;
+        v.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, v);
+        b = b.default_headers(headers);
+    }
     b.build().context("cannot build the HTTP client")
 }
 

@@ -48,6 +48,17 @@ pub struct ClientBuilder {
     update_capacity: usize,
     tls_ca: Option<TlsSource>,
     tls_identity: Option<(TlsSource, TlsSource)>,
+    token: Option<Secret>,
+}
+
+/// A token's secret: never shown by `Debug`.
+#[derive(Clone)]
+struct Secret(String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<secret>")
+    }
 }
 
 /// PEM given inline or as a file read at [`ClientBuilder::build`].
@@ -83,6 +94,10 @@ impl Default for ClientBuilder {
             update_capacity: 1024,
             tls_ca: None,
             tls_identity: None,
+            token: std::env::var("SEXTANT_TOKEN")
+                .ok()
+                .filter(|t| !t.is_empty())
+                .map(Secret),
         }
     }
 }
@@ -97,6 +112,13 @@ impl ClientBuilder {
         S: Into<String>,
     {
         self.servers = servers.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The secret of the token to send (`authorization: Bearer`) on every call, for a server
+    /// with auth on; default: the `SEXTANT_TOKEN` variable, if set.
+    pub fn token(mut self, secret: impl Into<String>) -> Self {
+        self.token = Some(Secret(secret.into()));
         self
     }
 
@@ -191,13 +213,16 @@ impl ClientBuilder {
     pub fn build(self) -> Result<Client, Error> {
         let rt = tokio::runtime::Handle::try_current().map_err(|_| Error::NoRuntime)?;
         let stats = Arc::new(Counters::default());
-        let transport = Arc::new(Transport::new(
-            &self.servers,
-            &self.tls_config()?,
-            self.connect_timeout,
-            self.call_timeout,
-            stats.clone(),
-        )?);
+        let transport = Arc::new(
+            Transport::new(
+                &self.servers,
+                &self.tls_config()?,
+                self.connect_timeout,
+                self.call_timeout,
+                stats.clone(),
+            )?
+            .with_token(self.token.as_ref().map(|s| s.0.as_str()))?,
+        );
         let cache = Arc::new(Cache::new(self.update_capacity, stats.clone()));
         if let Some(path) = &self.cache_file {
             match file::load(path) {

@@ -9,6 +9,9 @@ pub enum Error {
     /// The builder was given no server address.
     #[error("no server address configured: call ClientBuilder::servers")]
     NoServers,
+    /// The token cannot be sent as a header (it holds characters a header cannot).
+    #[error("invalid token: it must be printable ASCII (the secret `sextant acl` printed)")]
+    InvalidToken,
     /// A server address is not a valid URI.
     #[error("invalid server address {address:?}: {reason}")]
     InvalidAddress {

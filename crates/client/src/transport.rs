@@ -12,6 +12,7 @@ use parking_lot::Mutex;
 use sextant_model::XorShift;
 use sextant_proto::v1::registry_client::RegistryClient;
 use tokio::time::Instant;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
@@ -25,16 +26,33 @@ const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 /// without trying the network again.
 const UNREACHABLE_MEMORY: Duration = Duration::from_secs(3);
 
+/// Adds `authorization: Bearer <secret>` to every call when the client has a token.
+#[derive(Clone, Default)]
+pub(crate) struct Token(pub Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Token {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// The generated client with the token interceptor.
+pub(crate) type Api = RegistryClient<InterceptedService<Channel, Token>>;
+
 /// A channel to one server, and which one (an index into the configured addresses).
 #[derive(Clone)]
 pub(crate) struct Conn {
     pub index: usize,
     pub channel: Channel,
+    pub token: Token,
 }
 
 impl Conn {
-    pub fn client(&self) -> RegistryClient<Channel> {
-        RegistryClient::new(self.channel.clone())
+    pub fn client(&self) -> Api {
+        RegistryClient::with_interceptor(self.channel.clone(), self.token.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
@@ -57,6 +75,7 @@ pub(crate) struct Transport {
     /// One connect round at a time; others wait for its result.
     connecting: tokio::sync::Mutex<()>,
     stats: Arc<Counters>,
+    token: Token,
 }
 
 /// Whether a failed call says "this server cannot serve you now; try another" rather than
@@ -123,7 +142,19 @@ impl Transport {
             }),
             connecting: tokio::sync::Mutex::new(()),
             stats,
+            token: Token::default(),
         })
+    }
+
+    /// Sends `secret` as `authorization: Bearer` on every call.
+    pub fn with_token(mut self, secret: Option<&str>) -> Result<Self, Error> {
+        if let Some(s) = secret {
+            let v = format!("Bearer {s}")
+                .parse()
+                .map_err(|_| Error::InvalidToken)?;
+            self.token = Token(Some(v));
+        }
+        Ok(self)
     }
 
     pub fn address(&self, index: usize) -> &str {
@@ -138,6 +169,7 @@ impl Transport {
         c.channel.clone().map(|channel| Conn {
             index: c.index,
             channel,
+            token: self.token.clone(),
         })
     }
 
@@ -180,7 +212,11 @@ impl Transport {
                     c.index = index;
                     c.channel = Some(channel.clone());
                     c.unreachable_at = None;
-                    return Ok(Conn { index, channel });
+                    return Ok(Conn {
+                        index,
+                        channel,
+                        token: self.token.clone(),
+                    });
                 }
                 Ok(Err(e)) => {
                     tracing::debug!(server = %address, error = %e, "cannot connect");
@@ -213,7 +249,7 @@ impl Transport {
     /// they fail as unreachable. Each attempt is bounded by the call timeout.
     pub async fn call<T, F, Fut>(&self, operation: &'static str, f: F) -> Result<T, Error>
     where
-        F: FnMut(RegistryClient<Channel>) -> Fut,
+        F: FnMut(Api) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         self.call_indexed(operation, f).await.map(|(_, t)| t)
@@ -226,7 +262,7 @@ impl Transport {
         mut f: F,
     ) -> Result<(usize, T), Error>
     where
-        F: FnMut(RegistryClient<Channel>) -> Fut,
+        F: FnMut(Api) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let mut last_error = String::new();

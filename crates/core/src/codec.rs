@@ -1,7 +1,9 @@
 //! How registry records map to store keys and bytes.
 //!
 //! Keys: `i/{ns}/{svc}/{id}/spec`, `i/{ns}/{svc}/{id}/status` (adjacent in key order, so a scan
-//! meets an instance's two halves together), `s/{ns}/{svc}` for service settings. Names never
+//! meets an instance's two halves together), `s/{ns}/{svc}` for service settings;
+//! `acl/token/{id}`, `acl/policy/{name}`, `acl/bootstrap` for access control and
+//! `audit/{revision, 20 digits}` for the audit log. Names never
 //! contain `/`, so keys are unambiguous. Values are a format-version byte followed by postcard;
 //! a future format adds a version and a migration, never reinterprets old bytes.
 
@@ -164,11 +166,44 @@ pub(crate) fn decode_journal(bytes: &[u8]) -> Result<Vec<JournalDelete>, StoreEr
     }
 }
 
+pub(crate) fn token_key(id: &str) -> String {
+    format!("acl/token/{id}")
+}
+
+pub(crate) fn policy_key(name: &str) -> String {
+    format!("acl/policy/{name}")
+}
+
+pub(crate) const BOOTSTRAP_KEY: &str = "acl/bootstrap";
+
+pub(crate) fn audit_key(revision: Revision) -> String {
+    format!("audit/{revision:020}")
+}
+
+/// Tokens, policies and audit entries: version 1 + postcard.
+pub(crate) fn encode_v1<T: Serialize>(v: &T) -> Vec<u8> {
+    encode(FORMAT_V1, v)
+}
+
+pub(crate) fn decode_v1<T: serde::de::DeserializeOwned>(
+    key: &str,
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    match split(key, bytes)? {
+        (FORMAT_V1, rest) => body(key, rest),
+        (v, _) => Err(unknown(key, v)),
+    }
+}
+
 /// A decoded key.
 pub(crate) enum Key<'a> {
     Spec(ServiceKey, &'a str),
     Status(ServiceKey, &'a str),
     Service(ServiceKey),
+    Token,
+    Policy,
+    Bootstrap,
+    Audit,
 }
 
 pub(crate) fn parse_key(key: &str) -> Result<Key<'_>, StoreError> {
@@ -182,6 +217,12 @@ pub(crate) fn parse_key(key: &str) -> Result<Key<'_>, StoreError> {
         ["i", ns, s, id, "spec"] => Ok(Key::Spec(svc(ns, s)?, id)),
         ["i", ns, s, id, "status"] => Ok(Key::Status(svc(ns, s)?, id)),
         ["s", ns, s] => Ok(Key::Service(svc(ns, s)?)),
+        ["acl", "token", id] if !id.is_empty() => Ok(Key::Token),
+        ["acl", "policy", name] if !name.is_empty() => Ok(Key::Policy),
+        ["acl", "bootstrap"] => Ok(Key::Bootstrap),
+        ["audit", rev] if rev.len() == 20 && rev.bytes().all(|b| b.is_ascii_digit()) => {
+            Ok(Key::Audit)
+        }
         _ => Err(corrupt()),
     }
 }
@@ -379,6 +420,7 @@ mod tests {
                     Ok(Key::Spec(svc, id)) => prop_assert_eq!(spec_key(&svc, id), key.clone()),
                     Ok(Key::Status(svc, id)) => prop_assert_eq!(status_key(&svc, id), key.clone()),
                     Ok(Key::Service(svc)) => prop_assert_eq!(service_key(&svc), key.clone()),
+                    Ok(_) => prop_assert!(key.starts_with("acl/") || key.starts_with("audit/")),
                 }
             }
         }

@@ -7,6 +7,7 @@
 //! store it is handed: adapters call [`Registry`] and render what it returns.
 #![forbid(unsafe_code)]
 
+pub mod acl;
 mod codec;
 mod delivery;
 mod lease;
@@ -17,6 +18,7 @@ pub mod store;
 
 use std::time::Duration;
 
+pub use acl::{with_actor, Acl, Actor, AuthError, NewToken, Principal};
 pub use delivery::{Delivery, ServiceSnapshot, SharedEvent, Subscription, SubscriptionClosed};
 pub use metrics::CoreMetrics;
 pub use registry::{
@@ -46,6 +48,29 @@ pub struct CoreConfig {
     /// nobody watches stays in memory, so that a watcher reconnecting meanwhile resumes with
     /// exact events instead of a snapshot. Vacant services nobody ever wrote go at once.
     pub vacant_retention: Duration,
+    /// Refuse requests without a valid token (`auth = "on"`).
+    pub auth: bool,
+    /// Audit entries kept (in the store and in memory); 0 records none.
+    pub audit_retention: usize,
+    /// Also handed every audit entry once it is durable (the `audit_log` file).
+    pub audit_sink: Option<AuditSink>,
+}
+
+/// A callback for audit entries, called on the writer's thread: keep it short.
+#[derive(Clone)]
+pub struct AuditSink(pub std::sync::Arc<dyn Fn(&model::acl::AuditEntry) + Send + Sync>);
+
+impl std::ops::Deref for AuditSink {
+    type Target = dyn Fn(&model::acl::AuditEntry) + Send + Sync;
+    fn deref(&self) -> &Self::Target {
+        &*self.0
+    }
+}
+
+impl std::fmt::Debug for AuditSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AuditSink")
+    }
 }
 
 impl Default for CoreConfig {
@@ -57,6 +82,9 @@ impl Default for CoreConfig {
             lease_check_interval: Duration::from_millis(250),
             writer_thread: true,
             vacant_retention: Duration::from_secs(60),
+            auth: false,
+            audit_retention: 0,
+            audit_sink: None,
         }
     }
 }
@@ -76,6 +104,11 @@ pub enum CoreError {
     /// A write sent to a follower of a cluster; the message names the leader when known.
     #[error("{}", not_leader_message(.0))]
     NotLeader(Option<String>),
+    /// The change contradicts the current state (a second ACL bootstrap).
+    #[error("{0}")]
+    Conflict(String),
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 fn not_leader_message(leader: &Option<String>) -> String {
@@ -97,6 +130,8 @@ impl CoreError {
             CoreError::Store(_) => ErrorKind::Unavailable,
             CoreError::ShuttingDown => ErrorKind::ShuttingDown,
             CoreError::NotLeader(_) => ErrorKind::Unavailable,
+            CoreError::Conflict(_) => ErrorKind::Conflict,
+            CoreError::Internal(_) => ErrorKind::Internal,
         }
     }
 }
@@ -119,11 +154,28 @@ pub enum ErrorKind {
     ShuttingDown,
     /// A bug or an impossible state on the server (e.g. an answer that failed to encode).
     Internal,
+    /// No or a bad credential.
+    Unauthenticated,
+    /// A credential that lacks the right asked for.
+    PermissionDenied,
+    /// The request contradicts the current state (e.g. a second ACL bootstrap).
+    Conflict,
+}
+
+impl AuthError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            AuthError::Unauthenticated(_) => ErrorKind::Unauthenticated,
+            AuthError::Denied(_) => ErrorKind::PermissionDenied,
+        }
+    }
 }
 
 /// gRPC's canonical status codes used here (numbers from `grpc/status.proto`).
 mod grpc_code {
     pub const INVALID_ARGUMENT: i32 = 3;
+    pub const PERMISSION_DENIED: i32 = 7;
+    pub const UNAUTHENTICATED: i32 = 16;
     pub const NOT_FOUND: i32 = 5;
     pub const ALREADY_EXISTS: i32 = 6;
     pub const RESOURCE_EXHAUSTED: i32 = 8;
@@ -136,7 +188,10 @@ mod grpc_code {
 
 impl ErrorKind {
     /// Every kind, for tests and tables.
-    pub const ALL: [ErrorKind; 7] = [
+    pub const ALL: [ErrorKind; 10] = [
+        ErrorKind::Unauthenticated,
+        ErrorKind::PermissionDenied,
+        ErrorKind::Conflict,
         ErrorKind::Invalid,
         ErrorKind::NotFound,
         ErrorKind::TooLarge,
@@ -154,6 +209,9 @@ impl ErrorKind {
             ErrorKind::Unsupported => 501,
             ErrorKind::Unavailable | ErrorKind::ShuttingDown => 503,
             ErrorKind::Internal => 500,
+            ErrorKind::Unauthenticated => 401,
+            ErrorKind::PermissionDenied => 403,
+            ErrorKind::Conflict => 409,
         }
     }
 
@@ -166,6 +224,9 @@ impl ErrorKind {
             ErrorKind::Unsupported => grpc_code::UNIMPLEMENTED,
             ErrorKind::Unavailable | ErrorKind::ShuttingDown => grpc_code::UNAVAILABLE,
             ErrorKind::Internal => grpc_code::INTERNAL,
+            ErrorKind::Unauthenticated => grpc_code::UNAUTHENTICATED,
+            ErrorKind::PermissionDenied => grpc_code::PERMISSION_DENIED,
+            ErrorKind::Conflict => grpc_code::ALREADY_EXISTS,
         }
     }
 
@@ -185,6 +246,9 @@ impl ErrorKind {
             ErrorKind::Unavailable => "unavailable",
             ErrorKind::ShuttingDown => "shutting_down",
             ErrorKind::Internal => "internal",
+            ErrorKind::Unauthenticated => "unauthenticated",
+            ErrorKind::PermissionDenied => "permission_denied",
+            ErrorKind::Conflict => "conflict",
         }
     }
 
@@ -192,6 +256,9 @@ impl ErrorKind {
     /// body); an unknown 4xx is `Invalid`, anything else `Internal`.
     pub fn from_http_status(status: u16) -> Self {
         match status {
+            401 => ErrorKind::Unauthenticated,
+            403 => ErrorKind::PermissionDenied,
+            409 => ErrorKind::Conflict,
             404 => ErrorKind::NotFound,
             413 => ErrorKind::TooLarge,
             501 => ErrorKind::Unsupported,
@@ -209,9 +276,11 @@ impl ErrorKind {
             grpc_code::RESOURCE_EXHAUSTED => ErrorKind::TooLarge,
             grpc_code::UNIMPLEMENTED => ErrorKind::Unsupported,
             grpc_code::UNAVAILABLE => ErrorKind::Unavailable,
+            grpc_code::UNAUTHENTICATED => ErrorKind::Unauthenticated,
+            grpc_code::PERMISSION_DENIED => ErrorKind::PermissionDenied,
+            grpc_code::ALREADY_EXISTS => ErrorKind::Conflict,
             // The caller's request was wrong.
             grpc_code::INVALID_ARGUMENT
-            | grpc_code::ALREADY_EXISTS
             | grpc_code::FAILED_PRECONDITION
             | grpc_code::OUT_OF_RANGE => ErrorKind::Invalid,
             _ => ErrorKind::Internal,

@@ -1,7 +1,8 @@
 //! Consistent snapshots of a registry, for backup and for moving between stores.
 //!
-//! A [`Snapshot`] is every store record of the registry at one revision: the same keys and
-//! versioned values the writer commits (see `codec`), so it restores into any [`Store`] —
+//! A [`Snapshot`] is every store record of the registry at one revision — instances, service
+//! settings, tokens, policies and the audit log's tail: the same keys and versioned values the
+//! writer commits (see `codec`), so it restores into any [`Store`] —
 //! embedded or etcd — and a node started on the restored store loads it as it loads its own.
 //! [`Registry::snapshot`](crate::Registry::snapshot) takes it from memory under the publish
 //! gate, so it is one cut across services without stopping writes.
@@ -175,6 +176,16 @@ fn check_record(key: &str, value: &[u8]) -> Result<(), SnapshotError> {
         codec::Key::Spec(..) => codec::decode_spec(key, value).map(drop).map_err(bad),
         codec::Key::Status(..) => codec::decode_status(key, value).map(drop).map_err(bad),
         codec::Key::Service(..) => codec::decode_service(key, value).map(drop).map_err(bad),
+        codec::Key::Token => codec::decode_v1::<sextant_model::acl::Token>(key, value)
+            .map(drop)
+            .map_err(bad),
+        codec::Key::Policy => codec::decode_v1::<sextant_model::acl::Policy>(key, value)
+            .map(drop)
+            .map_err(bad),
+        codec::Key::Bootstrap => codec::decode_v1::<u64>(key, value).map(drop).map_err(bad),
+        codec::Key::Audit => codec::decode_v1::<sextant_model::acl::AuditEntry>(key, value)
+            .map(drop)
+            .map_err(bad),
     }
 }
 

@@ -855,3 +855,118 @@ async fn a_leader_acknowledges_a_batch_the_store_applied_but_whose_answer_was_lo
         leader.get(&svc("a"), false).instances
     );
 }
+
+mod acl {
+    //! Tokens and policies through the writer, their check, restarts and the audit log.
+
+    use sextant_model::acl::{Policy, Resource, Right, Rule};
+
+    use super::*;
+
+    fn cfg() -> CoreConfig {
+        CoreConfig {
+            auth: true,
+            audit_retention: 3,
+            ..CoreConfig::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn bootstrap_once_check_revoke_and_survive_a_restart() {
+        let store = Arc::new(MemStore::new());
+        let r = open_with(store.clone(), cfg()).await;
+        let acl = r.acl();
+        assert!(matches!(
+            acl.authenticate(None),
+            Err(AuthError::Unauthenticated(_))
+        ));
+        let admin = acl.bootstrap().await.unwrap();
+        let again = acl.bootstrap().await.unwrap_err();
+        assert_eq!(again.kind(), ErrorKind::Conflict, "{again}");
+        let who = acl
+            .check(Some(&admin.secret), Right::Admin, &Resource::Global)
+            .unwrap();
+        assert_eq!(who.token_id(), Some(admin.token.id.as_str()));
+
+        acl.put_policy(Policy {
+            name: "prod-rw".into(),
+            description: String::new(),
+            rules: vec![Rule {
+                namespace: "prod".into(),
+                service_prefix: None,
+                rights: vec![Right::Read, Right::Write],
+                instance_ids: None,
+            }],
+        })
+        .await
+        .unwrap();
+        let bad = acl
+            .create_token("x", vec!["nope".into()])
+            .await
+            .unwrap_err();
+        assert_eq!(bad.kind(), ErrorKind::Invalid);
+        let app = acl
+            .create_token("app", vec!["prod-rw".into()])
+            .await
+            .unwrap();
+        let s = Some(app.secret.as_str());
+        assert!(acl
+            .check(s, Right::Read, &Resource::Namespace("prod"))
+            .is_ok());
+        let denied = acl
+            .check(s, Right::Read, &Resource::Namespace("dev"))
+            .unwrap_err();
+        assert!(matches!(denied, AuthError::Denied(_)), "{denied}");
+        assert!(denied.to_string().contains("read"), "{denied}");
+        assert!(denied.to_string().contains("dev"), "{denied}");
+        let in_use = acl.delete_policy("prod-rw").await.unwrap_err();
+        assert_eq!(in_use.kind(), ErrorKind::Conflict);
+
+        // Writes made for a token are audited with its id; the oldest entries go past the
+        // retention.
+        let who = acl.authenticate(s).unwrap();
+        r.acting(who.actor("10.1.1.1:5000", "test"))
+            .register(Registration {
+                service: ServiceKey::new("prod", "orders").unwrap(),
+                ..reg("x", "a:1", 0)
+            })
+            .await
+            .unwrap();
+        let log = acl.audit(Some("prod"), 0, 100);
+        assert_eq!(log.len(), 1, "{log:?}");
+        assert_eq!(log[0].token_id.as_deref(), Some(app.token.id.as_str()));
+        assert_eq!(log[0].source, "10.1.1.1:5000");
+        assert!(
+            log[0].change.contains("register prod/orders/a:1"),
+            "{log:?}"
+        );
+        assert_eq!(acl.audit(None, 0, 100).len(), 3);
+
+        let changes = acl.changes();
+        acl.revoke_token(&app.token.id).await.unwrap();
+        assert!(changes.has_changed().unwrap());
+        assert!(!acl.is_current(&who));
+        assert!(matches!(
+            acl.authenticate(s),
+            Err(AuthError::Unauthenticated(_))
+        ));
+
+        r.shutdown("test").await;
+        store.reopen();
+        let r = open_with(store.clone(), cfg()).await;
+        let acl = r.acl();
+        assert!(acl.bootstrapped());
+        assert!(acl
+            .check(Some(&admin.secret), Right::Admin, &Resource::Global)
+            .is_ok());
+        assert!(acl.authenticate(s).is_err());
+        assert_eq!(
+            acl.bootstrap().await.unwrap_err().kind(),
+            ErrorKind::Conflict
+        );
+        let log = acl.audit(None, 0, 100);
+        assert_eq!(log.len(), 3, "{log:?}");
+        assert!(log[2].change.contains("revoke"), "{log:?}");
+        r.shutdown("test").await;
+    }
+}

@@ -6,6 +6,7 @@
 //! protocol: adapters translate their wire formats into these types and back.
 #![forbid(unsafe_code)]
 
+pub mod acl;
 mod check;
 mod text;
 mod util;

@@ -81,6 +81,9 @@ pub enum NacosError {
     Unsupported(String),
     #[error(transparent)]
     Core(#[from] CoreError),
+    /// No or a bad `accessToken` (401), or one without the right (403).
+    #[error(transparent)]
+    Auth(#[from] sextant_core::AuthError),
     /// An answer that could not be encoded: a bug, answered 500 rather than an empty body.
     #[error("could not encode the answer: {0}")]
     Encode(#[source] serde_json::Error),
@@ -107,6 +110,7 @@ impl NacosError {
             NacosError::NotFound(_) => ErrorKind::NotFound,
             NacosError::Unsupported(_) => ErrorKind::Unsupported,
             NacosError::Core(e) => e.kind(),
+            NacosError::Auth(e) => e.kind(),
             NacosError::Encode(_) => ErrorKind::Internal,
         }
     }

@@ -224,6 +224,49 @@ pub struct ServerConfig {
     /// (mTLS); its identity is the caller's `PeerIdentity`.
     #[arg(long, env = "SEXTANT_TLS_CLIENT_CA")]
     pub tls_client_ca: Option<PathBuf>,
+    // --- access control and audit ---
+    /// `on`: every request (but health, readiness, metrics and ACL bootstrap) needs a token
+    /// with the right for what it touches; `off`: anyone who can connect may do anything.
+    #[arg(long, env = "SEXTANT_AUTH", default_value = "off")]
+    pub auth: AuthMode,
+    /// Start with auth off even when a listener is not on loopback (refused otherwise).
+    #[arg(long, env = "SEXTANT_INSECURE_OPEN", default_value_t = false, num_args = 0..=1,
+          default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub insecure_open: bool,
+    /// Audit entries kept in the store (the oldest go first); 0 records none.
+    #[arg(long, env = "SEXTANT_AUDIT_RETENTION", default_value_t = 10000)]
+    pub audit_retention: usize,
+    /// Also append every audit entry to this file, as JSON lines.
+    #[arg(long, env = "SEXTANT_AUDIT_LOG")]
+    pub audit_log: Option<PathBuf>,
+}
+
+/// Whether requests need a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    Off,
+    On,
+}
+
+impl std::str::FromStr for AuthMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "off" => Ok(AuthMode::Off),
+            "on" => Ok(AuthMode::On),
+            other => Err(format!("unknown auth mode {other:?}: use on or off")),
+        }
+    }
+}
+
+impl std::fmt::Display for AuthMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AuthMode::Off => "off",
+            AuthMode::On => "on",
+        })
+    }
 }
 
 impl Default for ServerConfig {
@@ -465,6 +508,39 @@ impl ServerConfig {
         Ok(())
     }
 
+    /// Refuses auth off with a listener off loopback unless `insecure_open`: checked on the
+    /// combined configuration (a file's address and a flag's `--auth on` go together).
+    pub fn check_exposure(&self) -> Result<(), ConfigError> {
+        if let Some(open) = self.open_listener() {
+            return Err(ConfigError::Invalid {
+                field: "auth",
+                message: format!(
+                    "auth is off and {open} is not on loopback: anyone who reaches it could \
+                     change the registry. Turn auth on (--auth on, after `sextant acl \
+                     bootstrap`), or give --insecure-open to run open anyway"
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// With auth off and no `insecure_open`: a listener that is not on loopback, if any. DNS
+    /// is left out: it is read-only and answered without auth either way.
+    pub fn open_listener(&self) -> Option<String> {
+        if self.auth == AuthMode::On || self.insecure_open {
+            return None;
+        }
+        let mut listeners = vec![("http_addr", self.http_addr), ("grpc_addr", self.grpc_addr)];
+        if self.nacos {
+            listeners.push(("nacos_http_addr", self.nacos_http_addr));
+            listeners.push(("nacos_grpc_addr", self.nacos_grpc_addr()));
+        }
+        listeners
+            .into_iter()
+            .find(|(_, a)| !a.ip().is_loopback())
+            .map(|(k, a)| format!("{k} ({a})"))
+    }
+
     /// Where Nacos 2.x gRPC listens: as set, or the HTTP port + 1000 (port 0 stays 0).
     pub fn nacos_grpc_addr(&self) -> SocketAddr {
         self.nacos_grpc_addr.unwrap_or_else(|| {
@@ -625,6 +701,28 @@ mod tests {
         }
         let table_keys = rows.iter().filter(|r| r.contains("`SEXTANT_")).count();
         assert_eq!(table_keys, defaults.len(), "rows {rows:#?}");
+    }
+
+    /// Auth off with a listener off loopback is refused unless `insecure_open`; auth on, or
+    /// only loopback listeners, is fine. (Checked on the config: tests never bind 0.0.0.0.)
+    #[test]
+    fn auth_off_off_loopback_needs_insecure_open() {
+        let mut c = ServerConfig::default();
+        c.check_exposure().unwrap();
+        c.nacos_http_addr = "0.0.0.0:8848".parse().unwrap();
+        let e = c.check_exposure().unwrap_err().to_string();
+        assert!(
+            e.contains("insecure-open") && e.contains("nacos_http_addr"),
+            "{e}"
+        );
+        c.insecure_open = true;
+        c.check_exposure().unwrap();
+        c.insecure_open = false;
+        c.auth = AuthMode::On;
+        c.check_exposure().unwrap();
+        c.auth = AuthMode::Off;
+        c.nacos = false;
+        c.check_exposure().unwrap();
     }
 
     /// Flags beat the file beats the defaults. (Variables, which clap reads like flags, are

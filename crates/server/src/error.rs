@@ -47,6 +47,8 @@ impl From<CoreError> for ApiError {
             CoreError::Store(s) => format!("write not durable, retry: {s}"),
             CoreError::ShuttingDown => "server is shutting down".to_string(),
             e @ CoreError::NotLeader(_) => e.to_string(),
+            CoreError::Conflict(m) => m,
+            CoreError::Internal(m) => m,
         };
         // The wire code of the native APIs: clients match on it, so shutting down stays
         // `unavailable` as before.
@@ -57,6 +59,9 @@ impl From<CoreError> for ApiError {
             ErrorKind::TooLarge => "too_large",
             ErrorKind::Unsupported => "unsupported",
             ErrorKind::Internal => "internal",
+            ErrorKind::Unauthenticated => "unauthenticated",
+            ErrorKind::PermissionDenied => "permission_denied",
+            ErrorKind::Conflict => "conflict",
         };
         ApiError::new(status, code, message)
     }

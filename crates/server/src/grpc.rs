@@ -7,8 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
+use sextant_core::model::acl::{status_right, Resource, Right};
 use sextant_core::model::{Event, EventKind, Health, Metadata, ServiceKey, StatusPatch};
-use sextant_core::{CoreMetrics, Delivery, HeartbeatResult, ServiceView, Subscription};
+use sextant_core::{
+    AuthError, CoreMetrics, Delivery, HeartbeatResult, Principal, ServiceView, Subscription,
+};
 use sextant_proto::convert;
 use sextant_proto::v1 as pb;
 use sextant_proto::v1::registry_server::{Registry as RegistryApi, RegistryServer};
@@ -137,14 +140,17 @@ fn delivery_to(d: &Delivery) -> Vec<Result<pb::WatchEvent, Status>> {
 fn watch_stream(
     sub: Subscription,
     metrics: CoreMetrics,
+    revoked: crate::stream::Revoked,
 ) -> impl Stream<Item = Result<pb::WatchEvent, Status>> + Send {
     struct State {
+        revoked: crate::stream::Revoked,
         sub: Subscription,
         queue: VecDeque<Result<pb::WatchEvent, Status>>,
         metrics: CoreMetrics,
         done: bool,
     }
     let state = State {
+        revoked,
         sub,
         queue: VecDeque::new(),
         metrics,
@@ -158,7 +164,15 @@ fn watch_stream(
             if st.done {
                 return None;
             }
-            match st.sub.next().await {
+            let next = tokio::select! {
+                d = st.sub.next() => d,
+                reason = &mut st.revoked => {
+                    st.done = true;
+                    st.queue.push_back(Err(Status::unauthenticated(reason)));
+                    continue;
+                }
+            };
+            match next {
                 Ok(d) => {
                     for e in &d.events {
                         st.metrics
@@ -179,7 +193,42 @@ fn watch_stream(
     })
 }
 
+/// An [`AuthError`] as a gRPC status: UNAUTHENTICATED or PERMISSION_DENIED with the reason.
+pub(crate) fn auth_status(e: AuthError) -> Status {
+    match e {
+        AuthError::Unauthenticated(m) => Status::unauthenticated(format!(
+            "{m}: send the metadata authorization: Bearer <secret>"
+        )),
+        AuthError::Denied(d) => Status::permission_denied(d.to_string()),
+    }
+}
+
+/// The secret in `authorization: Bearer <secret>` metadata, if any.
+pub(crate) fn bearer(md: &tonic::metadata::MetadataMap) -> Option<&str> {
+    let v = md.get("authorization")?.to_str().ok()?.trim();
+    let (scheme, secret) = v.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(secret.trim())
+}
+
+fn allow(who: &Principal, right: Right, res: &Resource<'_>) -> Result<(), Status> {
+    who.authorize(right, res).map_err(auth_status)
+}
+
+fn allow_service(who: &Principal, right: Right, k: &ServiceKey) -> Result<(), Status> {
+    allow(who, right, &Resource::Service(&k.namespace, &k.service))
+}
+
 impl GrpcApi {
+    fn caller<R>(&self, req: &Request<R>) -> Result<Principal, Status> {
+        self.node
+            .registry
+            .acl()
+            .authenticate(bearer(req.metadata()))
+            .map_err(auth_status)
+    }
+
     /// Labels a call with the HTTP status of its outcome's class (one table, the core's
     /// `ErrorKind`), so a store failure counts as 503, not as bad input.
     fn observe(&self, method: &'static str, started: tokio::time::Instant, err: Option<&Status>) {
@@ -195,13 +244,27 @@ impl GrpcApi {
         );
     }
 
-    async fn timed<T>(
+    /// Every unary call goes through here: the caller is authenticated from the request's
+    /// `authorization: Bearer` metadata (UNAUTHENTICATED without a valid token), the call runs
+    /// with its actor set for the audit log, and is counted.
+    async fn timed<T, R, Fut>(
         &self,
         method: &'static str,
-        f: impl std::future::Future<Output = Result<T, Status>>,
-    ) -> Result<Response<T>, Status> {
+        req: Request<R>,
+        f: impl FnOnce(Principal, R) -> Fut,
+    ) -> Result<Response<T>, Status>
+    where
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
         let started = tokio::time::Instant::now();
-        let r = f.await;
+        let r = match self.caller(&req) {
+            Ok(who) => {
+                let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+                let actor = who.actor(peer, "grpc");
+                sextant_core::with_actor(actor, f(who, req.into_inner())).await
+            }
+            Err(e) => Err(e),
+        };
         self.observe(method, started, r.as_ref().err());
         r.map(Response::new)
     }
@@ -215,8 +278,14 @@ impl RegistryApi for GrpcApi {
         &self,
         req: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::WriteResponse>, Status> {
-        self.timed("Register", async {
-            let reg = registration(req.into_inner())?;
+        self.timed("Register", req, |who, r| async move {
+            let reg = registration(r)?;
+            let (ns, svc) = (&reg.service.namespace, &reg.service.service);
+            allow(
+                &who,
+                Right::Write,
+                &Resource::Instance(ns, svc, &reg.spec.id),
+            )?;
             let revision = self
                 .node
                 .registry
@@ -232,14 +301,19 @@ impl RegistryApi for GrpcApi {
         &self,
         req: Request<pb::BatchRegisterRequest>,
     ) -> Result<Response<pb::BatchWriteResponse>, Status> {
-        self.timed("BatchRegister", async {
-            let ops = req
-                .into_inner()
+        self.timed("BatchRegister", req, |who, r| async move {
+            let ops = r
                 .instances
                 .into_iter()
                 .enumerate()
                 .map(|(n, r)| {
                     registration(r)
+                        .and_then(|reg| {
+                            let (ns, svc) = (&reg.service.namespace, &reg.service.service);
+                            let res = Resource::Instance(ns, svc, &reg.spec.id);
+                            allow(&who, Right::Write, &res)?;
+                            Ok(reg)
+                        })
                         .map(sextant_core::Op::Register)
                         .map_err(|s| {
                             Status::new(s.code(), format!("instances[{n}]: {}", s.message()))
@@ -260,12 +334,17 @@ impl RegistryApi for GrpcApi {
         &self,
         req: Request<pb::DeregisterRequest>,
     ) -> Result<Response<pb::WriteResponse>, Status> {
-        self.timed("Deregister", async {
-            let r = req.into_inner();
+        self.timed("Deregister", req, |who, r| async move {
+            let k = key(r.service.as_ref())?;
+            allow(
+                &who,
+                Right::Write,
+                &Resource::Instance(&k.namespace, &k.service, &r.id),
+            )?;
             let revision = self
                 .node
                 .registry
-                .deregister(key(r.service.as_ref())?, r.id)
+                .deregister(k, r.id)
                 .await
                 .map_err(grpc_status)?;
             Ok(pb::WriteResponse { revision })
@@ -277,8 +356,7 @@ impl RegistryApi for GrpcApi {
         &self,
         req: Request<pb::UpdateStatusRequest>,
     ) -> Result<Response<pb::WriteResponse>, Status> {
-        self.timed("UpdateStatus", async {
-            let r = req.into_inner();
+        self.timed("UpdateStatus", req, |who, r| async move {
             let patch = StatusPatch {
                 health: r.health.map(health_from).transpose()?,
                 enabled: r.enabled,
@@ -290,10 +368,13 @@ impl RegistryApi for GrpcApi {
                 },
                 draining: r.draining,
             };
+            let k = key(r.service.as_ref())?;
+            let res = Resource::Instance(&k.namespace, &k.service, &r.id);
+            allow(&who, status_right(&patch), &res)?;
             let revision = self
                 .node
                 .registry
-                .update_status(key(r.service.as_ref())?, r.id, patch)
+                .update_status(k, r.id, patch)
                 .await
                 .map_err(grpc_status)?;
             Ok(pb::WriteResponse { revision })
@@ -305,11 +386,19 @@ impl RegistryApi for GrpcApi {
         &self,
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        self.timed("Heartbeat", async {
-            let items = req.into_inner().instances;
+        self.timed("Heartbeat", req, |who, r| async move {
+            let items = r.instances;
             let keys = items
                 .iter()
-                .map(|i| Ok((key(i.service.as_ref())?, i.id.clone())))
+                .map(|i| {
+                    let k = key(i.service.as_ref())?;
+                    allow(
+                        &who,
+                        Right::Write,
+                        &Resource::Instance(&k.namespace, &k.service, &i.id),
+                    )?;
+                    Ok((k, i.id.clone()))
+                })
                 .collect::<Result<Vec<_>, Status>>()?;
             // A follower's leases are nobody's: the leader decides expiries.
             self.node.registry.writable().map_err(grpc_status)?;
@@ -331,9 +420,9 @@ impl RegistryApi for GrpcApi {
         &self,
         req: Request<pb::GetServiceRequest>,
     ) -> Result<Response<pb::Service>, Status> {
-        self.timed("GetService", async {
-            let r = req.into_inner();
+        self.timed("GetService", req, |who, r| async move {
             let k = key(r.service.as_ref())?;
+            allow_service(&who, Right::Read, &k)?;
             let view = if r.wait_ms > 0 {
                 let wait =
                     Duration::from_millis(u64::from(r.wait_ms)).min(self.node.config.max_wait());
@@ -353,12 +442,15 @@ impl RegistryApi for GrpcApi {
         &self,
         req: Request<pb::DiscoverRequest>,
     ) -> Result<Response<pb::DiscoverResponse>, Status> {
-        self.timed("Discover", async {
-            let r = req.into_inner();
+        self.timed("Discover", req, |who, r| async move {
             let keys = r
                 .services
                 .iter()
-                .map(|s| key(Some(s)))
+                .map(|s| {
+                    let k = key(Some(s))?;
+                    allow_service(&who, Right::Read, &k)?;
+                    Ok::<_, Status>(k)
+                })
                 .collect::<Result<Vec<_>, _>>()?;
             let (revision, views) = self.node.registry.discover(&keys, r.healthy_only);
             Ok(pb::DiscoverResponse {
@@ -371,9 +463,10 @@ impl RegistryApi for GrpcApi {
 
     async fn list_namespaces(
         &self,
-        _req: Request<pb::ListNamespacesRequest>,
+        req: Request<pb::ListNamespacesRequest>,
     ) -> Result<Response<pb::ListNamespacesResponse>, Status> {
-        self.timed("ListNamespaces", async {
+        self.timed("ListNamespaces", req, |who, _| async move {
+            allow(&who, Right::Read, &Resource::Global)?;
             let namespaces = self
                 .node
                 .registry
@@ -394,9 +487,10 @@ impl RegistryApi for GrpcApi {
         &self,
         req: Request<pb::ListServicesRequest>,
     ) -> Result<Response<pb::ListServicesResponse>, Status> {
-        self.timed("ListServices", async {
-            let ns = req.into_inner().namespace;
+        self.timed("ListServices", req, |who, r| async move {
+            let ns = r.namespace;
             sextant_core::model::validate_name("namespace", &ns).map_err(grpc_status)?;
+            allow(&who, Right::Read, &Resource::Namespace(&ns))?;
             let services = self
                 .node
                 .registry
@@ -418,9 +512,9 @@ impl RegistryApi for GrpcApi {
         &self,
         req: Request<pb::ConfigureServiceRequest>,
     ) -> Result<Response<pb::WriteResponse>, Status> {
-        self.timed("ConfigureService", async {
-            let r = req.into_inner();
+        self.timed("ConfigureService", req, |who, r| async move {
             let k = key(r.service.as_ref())?;
+            allow_service(&who, Right::Operate, &k)?;
             let mut config = self.node.registry.get(&k, false).config;
             if let Some(t) = r.protect_threshold {
                 config.protect_threshold = t;
@@ -444,13 +538,12 @@ impl RegistryApi for GrpcApi {
         req: Request<pb::SuspectRequest>,
     ) -> Result<Response<pb::SuspectResponse>, Status> {
         let peer = req.remote_addr().map(|a| a.ip().to_string());
-        self.timed("ReportSuspects", async {
+        self.timed("ReportSuspects", req, |who, r| async move {
             let Some(scanner) = &self.node.scanner else {
                 return Err(Status::unavailable(
                     "the health scanner is turned off on this node",
                 ));
             };
-            let r = req.into_inner();
             let reporter = if r.reporter.is_empty() {
                 peer.unwrap_or_else(|| "unknown".into())
             } else {
@@ -459,6 +552,7 @@ impl RegistryApi for GrpcApi {
             let mut outcomes = Vec::with_capacity(r.instances.len());
             for i in &r.instances {
                 let k = key(i.service.as_ref())?;
+                allow_service(&who, Right::Read, &k)?;
                 outcomes.push(
                     scanner
                         .suspect(k, &i.id, &reporter)
@@ -475,6 +569,7 @@ impl RegistryApi for GrpcApi {
     type WatchStream = WatchStream;
 
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<WatchStream>, Status> {
+        let who = self.caller(&req)?;
         let r = req.into_inner();
         if r.services.is_empty() {
             return Err(Status::invalid_argument(
@@ -484,10 +579,15 @@ impl RegistryApi for GrpcApi {
         let keys = r
             .services
             .iter()
-            .map(|s| key(Some(s)))
+            .map(|s| {
+                let k = key(Some(s))?;
+                allow_service(&who, Right::Read, &k)?;
+                Ok::<_, Status>(k)
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let sub = self.node.registry.subscribe(keys, r.since);
-        let stream = watch_stream(sub, self.node.registry.metrics().clone());
+        let revoked = crate::stream::revoked(self.node.registry.clone(), who);
+        let stream = watch_stream(sub, self.node.registry.metrics().clone(), revoked);
         Ok(Response::new(Box::pin(stream)))
     }
 }

@@ -72,6 +72,11 @@ pub enum ServerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot open the audit log {path}")]
+    AuditLog {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot open the store: {0}")]
     Store(#[from] StoreError),
     #[error("cannot load the registry: {0}")]
@@ -121,6 +126,18 @@ pub struct Server {
 impl Server {
     pub async fn start(config: ServerConfig) -> Result<Server, ServerError> {
         config.validate()?;
+        config.check_exposure()?;
+        if config.auth == config::AuthMode::Off && config.insecure_open {
+            if let Some(open) = (ServerConfig {
+                insecure_open: false,
+                ..config.clone()
+            })
+            .open_listener()
+            {
+                tracing::warn!(listener = %open, "auth is off on a listener that is not on loopback (--insecure-open): anyone who reaches it can change the registry");
+            }
+        }
+        let audit_sink = audit_sink(&config)?;
         let mut prometheus = prometheus_client::registry::Registry::default();
         let (store, etcd) = open_store(&config, Some(&mut prometheus)).await?;
         let core_metrics = CoreMetrics::register(&mut prometheus);
@@ -141,6 +158,9 @@ impl Server {
             event_log_per_service: config.event_log_per_service,
             vacant_retention: std::time::Duration::from_secs(config.vacant_retention_seconds),
             max_batch_ops: config.max_batch_ops,
+            auth: config.auth == config::AuthMode::On,
+            audit_retention: config.audit_retention,
+            audit_sink,
             ..CoreConfig::default()
         };
         let registry = Registry::open(store.clone(), core_config, core_metrics).await?;
@@ -484,6 +504,30 @@ fn node_name() -> String {
         .ok()
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "sextant".into())
+}
+
+/// The `audit_log` file's writer: one JSON line per audit entry, appended.
+fn audit_sink(config: &ServerConfig) -> Result<Option<sextant_core::AuditSink>, ServerError> {
+    use std::io::Write;
+    let Some(path) = &config.audit_log else {
+        return Ok(None);
+    };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|source| ServerError::AuditLog {
+            path: path.clone(),
+            source,
+        })?;
+    let file = parking_lot::Mutex::new(file);
+    Ok(Some(sextant_core::AuditSink(Arc::new(move |e| {
+        let mut line = serde_json::to_vec(e).unwrap_or_default();
+        line.push(b'\n');
+        if let Err(err) = file.lock().write_all(&line) {
+            tracing::warn!(error = %err, "cannot append to the audit log file");
+        }
+    }))))
 }
 
 /// Binds a listener and reports the address it got (port 0 picks one).

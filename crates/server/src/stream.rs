@@ -18,11 +18,33 @@ pub(crate) struct Pump<T> {
     pub core: CoreMetrics,
     pub api: ApiMetrics,
     pub peer: String,
+    /// Resolves, with the reason, when the watcher's token is revoked: the stream ends then.
+    pub revoked: Revoked,
+}
+
+pub(crate) type Revoked = std::pin::Pin<Box<dyn std::future::Future<Output = String> + Send>>;
+
+/// Resolves once `principal`'s token no longer exists (never for a caller without a token).
+pub(crate) fn revoked(
+    registry: sextant_core::Registry,
+    principal: sextant_core::Principal,
+) -> Revoked {
+    Box::pin(async move {
+        let mut changes = registry.acl().changes();
+        loop {
+            if !registry.acl().is_current(&principal) {
+                return "the watch's token was revoked".to_string();
+            }
+            if changes.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    })
 }
 
 impl<T: Clone + Send + 'static> Pump<T> {
     pub async fn run(
-        self,
+        mut self,
         mut sub: Subscription,
         render: impl Fn(&Delivery) -> Vec<T> + Send,
         on_close: impl Fn(&str) -> T + Send,
@@ -48,6 +70,11 @@ impl<T: Clone + Send + 'static> Pump<T> {
                     continue;
                 }
                 _ = self.tx.closed() => return,
+                reason = &mut self.revoked => {
+                    let close = self.tx.send(on_close(&reason));
+                    let _ = tokio::time::timeout(Duration::from_secs(1), close).await;
+                    return;
+                }
             };
             let d = match next {
                 Ok(d) => d,

@@ -54,6 +54,10 @@ pub struct Cli {
         requires = "tls_client_cert"
     )]
     pub tls_client_key: Option<PathBuf>,
+    /// The secret of the token the client commands send (`Authorization: Bearer`), for a
+    /// node with auth on.
+    #[arg(long, global = true, env = "SEXTANT_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -61,7 +65,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run a Sextant node (HTTP on 127.0.0.1:8470, gRPC on 127.0.0.1:8471 by default).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Register (create or replace) an instance.
     Register(RegisterArgs),
     /// Remove an instance.
@@ -143,6 +147,81 @@ pub enum Command {
     /// Back up a registry, or move it to another store (embedded ↔ etcd).
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// Access control: the first admin token, tokens and policies.
+    #[command(subcommand)]
+    Acl(AclCommand),
+    /// Print the audit log: who changed what, from where, at which revision (admin right).
+    Audit {
+        /// Only changes of this namespace.
+        #[arg(long)]
+        namespace: Option<String>,
+        /// Only entries after this revision.
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AclCommand {
+    /// Create the first admin token (once per registry). Its secret is printed alone on the
+    /// last line: keep it, it is never shown again.
+    Bootstrap,
+    /// Tokens: create, list, revoke.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Policies: create (or replace), list, delete.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    /// Create a token with policies; its secret is printed alone on the last line.
+    Create {
+        /// A policy's name (repeat for several).
+        #[arg(long = "policy", required = true)]
+        policies: Vec<String>,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    List,
+    /// Revoke a token by id: its requests are refused and its watches end at once.
+    Revoke {
+        id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PolicyCommand {
+    /// Create or replace a policy of one rule (--namespace, --rights, ...) or of the rules
+    /// given as JSON (--rules-json).
+    Create {
+        name: String,
+        /// A namespace, or `*` for every namespace.
+        #[arg(long, required_unless_present = "rules_json")]
+        namespace: Option<String>,
+        /// Comma-separated: read, write, operate, admin.
+        #[arg(long, required_unless_present = "rules_json")]
+        rights: Option<String>,
+        /// Only services whose name starts with this.
+        #[arg(long)]
+        service_prefix: Option<String>,
+        /// `write` only for instance ids matching this (`*` is a wildcard).
+        #[arg(long)]
+        instance_ids: Option<String>,
+        /// The rules as a JSON array of {namespace, rights, service_prefix, instance_ids}.
+        #[arg(long, conflicts_with_all = ["namespace", "rights", "service_prefix", "instance_ids"])]
+        rules_json: Option<String>,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    List,
+    Delete {
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]

@@ -12,7 +12,10 @@ use serde_json::{json, Value};
 use sextant_client::sse::SseParser;
 use sextant_client::{Health, Location, Registration, ServiceName};
 
-use crate::cli::{Command, RegisterArgs, RestoreArgs, SnapshotCommand, XdsCommand};
+use crate::cli::{
+    AclCommand, Command, PolicyCommand, RegisterArgs, RestoreArgs, SnapshotCommand, TokenCommand,
+    XdsCommand,
+};
 use sextant_server::xds_bootstrap::{self, BootstrapNode};
 
 /// The node's HTTP API (the SDK speaks gRPC only, and has no operator commands).
@@ -63,9 +66,20 @@ impl ClientTls {
 }
 
 impl Http {
-    fn new(base: &str, tls: &ClientTls) -> anyhow::Result<Self> {
+    fn new(base: &str, tls: &ClientTls, token: Option<&str>) -> anyhow::Result<Self> {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(t) = token {
+            let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {t}"))
+                .context("the token holds characters a header cannot")?;
+            v.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, v);
+        }
         let http = tls
-            .http(reqwest::Client::builder().connect_timeout(Duration::from_secs(5)))?
+            .http(
+                reqwest::Client::builder()
+                    .connect_timeout(Duration::from_secs(5))
+                    .default_headers(headers),
+            )?
             .build()?;
         Ok(Self {
             base: base.trim_end_matches('/').to_string(),
@@ -171,11 +185,23 @@ fn instance_path(service: &str, id: &str) -> anyhow::Result<String> {
 
 /// Runs one command against the node whose HTTP API is at `server` (and gRPC API at `grpc`,
 /// for `register`).
-pub async fn run(server: &str, grpc: &str, tls: &ClientTls, cmd: Command) -> anyhow::Result<()> {
-    let c = Http::new(server, tls)?;
+pub async fn run(
+    server: &str,
+    grpc: &str,
+    tls: &ClientTls,
+    token: Option<&str>,
+    cmd: Command,
+) -> anyhow::Result<()> {
+    let c = Http::new(server, tls, token)?;
     match cmd {
         Command::Serve(_) => unreachable!("serve is handled by main"),
-        Command::Register(args) => register(grpc, tls, args).await,
+        Command::Register(args) => register(grpc, tls, token, args).await,
+        Command::Acl(a) => acl(&c, a).await,
+        Command::Audit {
+            namespace,
+            since,
+            json,
+        } => audit(&c, namespace, since, json).await,
         Command::Deregister { service, id } => {
             let v = c
                 .send(c.http.delete(c.url(&instance_path(&service, &id)?)))
@@ -430,7 +456,12 @@ pub async fn run(server: &str, grpc: &str, tls: &ClientTls, cmd: Command) -> any
     }
 }
 
-async fn register(grpc: &str, tls: &ClientTls, a: RegisterArgs) -> anyhow::Result<()> {
+async fn register(
+    grpc: &str,
+    tls: &ClientTls,
+    token: Option<&str>,
+    a: RegisterArgs,
+) -> anyhow::Result<()> {
     let service: ServiceName = a.service.parse()?;
     let port = u16::try_from(a.port).with_context(|| format!("--port {} is not a port", a.port))?;
     let mut r = Registration::new(service, &a.host, port)
@@ -466,9 +497,11 @@ async fn register(grpc: &str, tls: &ClientTls, a: RegisterArgs) -> anyhow::Resul
     if a.disabled {
         r = r.enabled(false);
     }
-    let client = tls
-        .sdk(sextant_client::Client::builder().servers([grpc]))
-        .build()?;
+    let mut builder = tls.sdk(sextant_client::Client::builder().servers([grpc]));
+    if let Some(t) = token {
+        builder = builder.token(t);
+    }
+    let client = builder.build()?;
     let key = client
         .register(r)
         .await
@@ -599,4 +632,120 @@ fn print_event(event: &str, v: &Value) {
         ),
         other => println!("{other} {v}"),
     }
+}
+
+/// Prints a new token: its id, then its secret alone on the last line (for scripts: `tail -1`).
+fn print_new_token(v: &Value) {
+    println!("token id: {}", v["id"].as_str().unwrap_or("?"));
+    println!("policies: {}", v["policies"]);
+    println!("secret (shown once; keep it, send it as --token or SEXTANT_TOKEN):");
+    println!("{}", v["secret"].as_str().unwrap_or(""));
+}
+
+async fn acl(c: &Http, cmd: AclCommand) -> anyhow::Result<()> {
+    match cmd {
+        AclCommand::Bootstrap => {
+            let v = c.send(c.http.post(c.url("/v1/acl/bootstrap"))).await?;
+            print_new_token(&v);
+        }
+        AclCommand::Token(TokenCommand::Create {
+            policies,
+            description,
+        }) => {
+            let body = json!({ "policies": policies, "description": description });
+            let v = c
+                .send(c.http.post(c.url("/v1/acl/tokens")).json(&body))
+                .await?;
+            print_new_token(&v);
+        }
+        AclCommand::Token(TokenCommand::List) => {
+            let v = c.send(c.http.get(c.url("/v1/acl/tokens"))).await?;
+            println!("{:<18} {:<32} DESCRIPTION", "ID", "POLICIES");
+            for t in v["tokens"].as_array().into_iter().flatten() {
+                let policies: Vec<&str> = t["policies"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                    .collect();
+                println!(
+                    "{:<18} {:<32} {}",
+                    t["id"].as_str().unwrap_or(""),
+                    policies.join(","),
+                    t["description"].as_str().unwrap_or("")
+                );
+            }
+        }
+        AclCommand::Token(TokenCommand::Revoke { id }) => {
+            let path = format!("/v1/acl/tokens/{id}");
+            let v = c.send(c.http.delete(c.url(&path))).await?;
+            println!("revoked token {id} at revision {}", v["revision"]);
+        }
+        AclCommand::Policy(PolicyCommand::Create {
+            name,
+            namespace,
+            rights,
+            service_prefix,
+            instance_ids,
+            rules_json,
+            description,
+        }) => {
+            let rules: Value = match rules_json {
+                Some(j) => serde_json::from_str(&j).context("--rules-json is not JSON")?,
+                None => {
+                    let rights: Vec<&str> = rights
+                        .as_deref()
+                        .unwrap_or("")
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|r| !r.is_empty())
+                        .collect();
+                    json!([{
+                        "namespace": namespace,
+                        "rights": rights,
+                        "service_prefix": service_prefix,
+                        "instance_ids": instance_ids,
+                    }])
+                }
+            };
+            let body = json!({ "description": description, "rules": rules });
+            let path = format!("/v1/acl/policies/{name}");
+            let v = c.send(c.http.put(c.url(&path)).json(&body)).await?;
+            println!("policy {name} saved at revision {}", v["revision"]);
+        }
+        AclCommand::Policy(PolicyCommand::List) => {
+            let v = c.send(c.http.get(c.url("/v1/acl/policies"))).await?;
+            println!("{}", serde_json::to_string_pretty(&v["policies"])?);
+        }
+        AclCommand::Policy(PolicyCommand::Delete { name }) => {
+            let path = format!("/v1/acl/policies/{name}");
+            let v = c.send(c.http.delete(c.url(&path))).await?;
+            println!("policy {name} deleted at revision {}", v["revision"]);
+        }
+    }
+    Ok(())
+}
+
+async fn audit(c: &Http, namespace: Option<String>, since: u64, json: bool) -> anyhow::Result<()> {
+    let mut q = vec![("since", since.to_string())];
+    if let Some(ns) = namespace {
+        q.push(("namespace", ns));
+    }
+    let v = c.send(c.http.get(c.url("/v1/audit")).query(&q)).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    for e in v["entries"].as_array().into_iter().flatten() {
+        println!(
+            "{:>8} {} {:<16} {:<5} {:<21} {}",
+            e["revision"],
+            e["time_ms"],
+            e["token_id"].as_str().unwrap_or("-"),
+            e["protocol"].as_str().unwrap_or(""),
+            e["source"].as_str().unwrap_or(""),
+            e["change"].as_str().unwrap_or("")
+        );
+    }
+    Ok(())
 }

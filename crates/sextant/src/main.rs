@@ -27,7 +27,7 @@ fn main() -> std::process::ExitCode {
         match args.command {
             cli::Command::Serve(serve) => {
                 let serve_matches = matches.subcommand_matches("serve").unwrap_or(&matches);
-                run_server(serve, serve_matches).await
+                run_server(*serve, serve_matches).await
             }
             cmd => {
                 let tls = commands::ClientTls {
@@ -35,7 +35,8 @@ fn main() -> std::process::ExitCode {
                     cert: args.tls_client_cert,
                     key: args.tls_client_key,
                 };
-                commands::run(&args.server, &args.grpc_server, &tls, cmd).await
+                let token = args.token.as_deref().filter(|t| !t.is_empty());
+                commands::run(&args.server, &args.grpc_server, &tls, token, cmd).await
             }
         }
     });

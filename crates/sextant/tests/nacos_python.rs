@@ -13,6 +13,10 @@
 //!   cluster (the instance really gone), services, the Java 1.4 client's raw requests,
 //!   bad input, and leases kept by beats or lapsing without them.
 //!
+//! - `.venv/nacos-v2` also runs `v2_auth_flow.py` against a node with `--auth on`: login with
+//!   username/password, register where the token may, refused elsewhere; `.venv/nacos-v1`
+//!   likewise runs `v1_auth_flow.py` (login, then `accessToken` on every 1.x request).
+//!
 //! A missing venv fails the test (never a silent skip): run `scripts/test.sh`. Every script run
 //! is bounded; on failure the script's output and the tail of the server's log are printed.
 
@@ -164,11 +168,16 @@ fn run_script(python: &Path, script: &str, args: &[String], bound: Duration) -> 
 
 /// Runs one flow against a fresh server and asserts it passed.
 fn flow(venv: &str, requirements: &str, script: &str, bound: Duration) {
+    flow_with(venv, requirements, script, bound, &[]);
+}
+
+/// [`flow`] against a server started with `extra` flags.
+fn flow_with(venv: &str, requirements: &str, script: &str, bound: Duration, extra: &[&str]) {
     let python = venv_python(venv, requirements);
     let server = sextant_testkit::spawn_with_nacos(
         env!("CARGO_BIN_EXE_sextant").as_ref(),
         sextant_testkit::free_nacos_port(),
-        &[],
+        extra,
         STARTUP,
     );
     let args = vec![
@@ -206,6 +215,32 @@ fn nacos_python_sdk_v2_grpc_flow() {
         "requirements-v2.txt",
         "v2_grpc_flow.py",
         V2_FLOW,
+    );
+}
+
+/// With auth on: the SDK logs in with a token's id and secret as username and password,
+/// registers in the namespace its token may write, and is refused elsewhere or with a wrong
+/// password (`tests/nacos/v2_auth_flow.py`).
+#[test]
+fn nacos_python_sdk_v2_with_username_and_password() {
+    flow_with(
+        "nacos-v2",
+        "requirements-v2.txt",
+        "v2_auth_flow.py",
+        Duration::from_secs(150),
+        &["--auth", "on"],
+    );
+}
+
+/// The old 1.x-line client with username/password against auth on (`v1_auth_flow.py`).
+#[test]
+fn nacos_python_sdk_v1_with_username_and_password() {
+    flow_with(
+        "nacos-v1",
+        "requirements-v1.txt",
+        "v1_auth_flow.py",
+        Duration::from_secs(150),
+        &["--auth", "on"],
     );
 }
 

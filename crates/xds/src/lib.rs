@@ -63,6 +63,28 @@ impl XdsServer {
             .max_encoding_message_size(usize::MAX)
     }
 
+    /// With auth on, a stream needs `read` on every namespace (it may subscribe to any name,
+    /// or to all of them): its `authorization: Bearer <secret>` metadata is checked when it
+    /// opens. (Per-name checks and a token in the node's metadata are not done.)
+    fn authorize(&self, md: &tonic::metadata::MetadataMap) -> Result<(), Status> {
+        let secret = md
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        let right = sextant_core::model::acl::Right::Read;
+        let all = sextant_core::model::acl::Resource::Global;
+        match self.hub.registry.acl().check(secret, right, &all) {
+            Ok(_) => Ok(()),
+            Err(sextant_core::AuthError::Unauthenticated(m)) => Err(Status::unauthenticated(
+                format!("{m}: send the metadata authorization: Bearer <secret>"),
+            )),
+            Err(sextant_core::AuthError::Denied(d)) => {
+                Err(Status::permission_denied(d.to_string()))
+            }
+        }
+    }
+
     /// Every open ADS stream, for `/v1/xds/clients`.
     pub fn clients(&self) -> Vec<ClientStatus> {
         self.hub.clients.list()
@@ -80,6 +102,7 @@ impl AggregatedDiscoveryService for XdsServer {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        self.authorize(request.metadata())?;
         let session = Session::new(self.hub.clone(), "sotw", request.remote_addr());
         let engine = sotw::Sotw::new(session);
         Ok(Response::new(Box::pin(drive(engine, request.into_inner()))))
@@ -89,6 +112,7 @@ impl AggregatedDiscoveryService for XdsServer {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        self.authorize(request.metadata())?;
         let session = Session::new(self.hub.clone(), "delta", request.remote_addr());
         let engine = delta::Delta::new(session);
         Ok(Response::new(Box::pin(drive(engine, request.into_inner()))))

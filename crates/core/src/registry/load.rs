@@ -1,19 +1,32 @@
-//! Loading: rebuilding the per-service states from the store's ordered scan at start-up.
+//! Loading: rebuilding the per-service states, the ACL tables and the audit log from the
+//! store's ordered scan at start-up.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
+use sextant_model::acl::{AuditEntry, Policy, Token};
 use sextant_model::{Instance, Revision, ServiceKey};
 
 use super::table::ServiceState;
+use crate::acl::AclState;
 use crate::codec;
 use crate::store::{Store, StoreError};
 
-/// Reads the store into per-service states. Runs on a blocking thread.
-pub(super) fn load(
-    store: &dyn Store,
-) -> Result<(Revision, BTreeMap<ServiceKey, ServiceState>), StoreError> {
+/// What the store held at start-up.
+pub(super) struct Loaded {
+    pub revision: Revision,
+    pub states: BTreeMap<ServiceKey, ServiceState>,
+    pub acl: AclState,
+    /// Oldest first.
+    pub audit: VecDeque<AuditEntry>,
+}
+
+/// Reads the store into per-service states, the ACL tables and the audit log. Runs on a
+/// blocking thread.
+pub(super) fn load(store: &dyn Store) -> Result<Loaded, StoreError> {
     let mut states: BTreeMap<ServiceKey, ServiceState> = BTreeMap::new();
+    let mut acl = AclState::default();
+    let mut audit = VecDeque::new();
     let mut pending: Option<(ServiceKey, codec::SpecRecord)> = None;
     fn put(states: &mut BTreeMap<ServiceKey, ServiceState>, key: ServiceKey, inst: Instance) {
         let st = states.entry(key).or_default();
@@ -70,9 +83,25 @@ pub(super) fn load(
                 st.config = rec.config;
                 st.revision = st.revision.max(rec.revision);
             }
+            codec::Key::Token => {
+                let t: Token = codec::decode_v1(key, value)?;
+                acl.tokens.insert(t.id.clone(), t);
+            }
+            codec::Key::Policy => {
+                let p: Policy = codec::decode_v1(key, value)?;
+                acl.policies.insert(p.name.clone(), p);
+            }
+            codec::Key::Bootstrap => acl.bootstrapped = true,
+            codec::Key::Audit => audit.push_back(codec::decode_v1::<AuditEntry>(key, value)?),
         }
         Ok(())
     })?;
     flush(&mut states, &mut pending, None);
-    Ok((revision, states))
+    acl.reindex();
+    Ok(Loaded {
+        revision,
+        states,
+        acl,
+        audit,
+    })
 }

@@ -32,6 +32,7 @@ use sextant_model::{
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
+use crate::acl::{Acl, AclOp, AclState, Actor, AuditLog};
 use crate::lease::{LeaseKey, LeaseTable};
 use crate::metrics::CoreMetrics;
 use crate::store::{Store, StoreError};
@@ -173,6 +174,8 @@ pub enum Op {
         service: ServiceKey,
         id: Arc<str>,
     },
+    /// A token or policy change (see `Registry::acl`).
+    Acl(AclOp),
 }
 
 impl Op {
@@ -187,6 +190,7 @@ impl Op {
             Op::Configure { config, .. } => config.validate()?,
             Op::DefaultCheck { check, .. } => check.validate()?,
             Op::Expire { .. } => {}
+            Op::Acl(a) => a.validate()?,
         }
         Ok(())
     }
@@ -196,6 +200,7 @@ pub(crate) type OpResult = Result<Revision, CoreError>;
 
 pub(crate) struct WriteRequest {
     ops: Vec<Op>,
+    actor: Option<Arc<Actor>>,
     reply: oneshot::Sender<Result<Vec<OpResult>, CoreError>>,
 }
 
@@ -218,12 +223,19 @@ pub(crate) struct RegistryCore {
     writes: mpsc::Sender<WriteRequest>,
     control: mpsc::UnboundedSender<Control>,
     stopped: Mutex<Option<oneshot::Receiver<()>>>,
+    /// Tokens and policies as published; swapped by the writer.
+    pub acl: RwLock<Arc<AclState>>,
+    /// The revision of the last ACL change.
+    pub acl_changed: watch::Sender<Revision>,
+    pub audit: Mutex<AuditLog>,
 }
 
-/// Handle to the registry. Cheap to clone; all clones share one registry.
+/// Handle to the registry. Cheap to clone; all clones share one registry. A handle made by
+/// [`Registry::acting`] records who its writes are for in the audit log.
 #[derive(Clone)]
 pub struct Registry {
-    core: Arc<RegistryCore>,
+    pub(crate) core: Arc<RegistryCore>,
+    actor: Option<Arc<Actor>>,
 }
 
 impl Registry {
@@ -235,9 +247,10 @@ impl Registry {
     ) -> Result<Registry, CoreError> {
         let started = std::time::Instant::now();
         let loader = store.clone();
-        let (revision, states) = tokio::task::spawn_blocking(move || load(&*loader))
+        let loaded = tokio::task::spawn_blocking(move || load(&*loader))
             .await
             .map_err(|e| StoreError::Io(format!("loader panicked: {e}")))??;
+        let (revision, states) = (loaded.revision, loaded.states);
 
         let now = Instant::now();
         let leases = LeaseTable::default();
@@ -295,6 +308,11 @@ impl Registry {
             writes: tx,
             control: control_tx,
             stopped: Mutex::new(Some(stopped_rx)),
+            acl: RwLock::new(Arc::new(loaded.acl)),
+            acl_changed: watch::Sender::new(revision),
+            audit: Mutex::new(AuditLog {
+                entries: loaded.audit,
+            }),
         });
         let writer = Writer {
             core: core.clone(),
@@ -324,10 +342,26 @@ impl Registry {
         // The guard is an argument, not a local of the task: a task dropped before its first
         // poll drops its arguments too.
         tokio::spawn(background(
-            Registry { core: core.clone() },
+            Registry {
+                core: core.clone(),
+                actor: None,
+            },
             CloseOnDrop(core.clone()),
         ));
-        Ok(Registry { core })
+        Ok(Registry { core, actor: None })
+    }
+
+    /// A handle whose writes are audited as made by `actor`.
+    pub fn acting(&self, actor: Actor) -> Registry {
+        Registry {
+            core: self.core.clone(),
+            actor: Some(Arc::new(actor)),
+        }
+    }
+
+    /// Access control: the check adapters call, and tokens, policies and the audit log.
+    pub fn acl(&self) -> Acl<'_> {
+        Acl { registry: self }
     }
 
     /// This node's role (see the module docs).
@@ -384,7 +418,11 @@ impl Registry {
         let (reply, rx) = oneshot::channel();
         self.core
             .writes
-            .send(WriteRequest { ops, reply })
+            .send(WriteRequest {
+                ops,
+                reply,
+                actor: self.actor.clone().or_else(crate::acl::current_actor),
+            })
             .await
             .map_err(|_| CoreError::ShuttingDown)?;
         rx.await.map_err(|_| CoreError::ShuttingDown)?
@@ -549,7 +587,7 @@ impl Registry {
     pub fn snapshot(&self) -> crate::Snapshot {
         // Only the cheap part under the gate (an Arc per service), so writers wait for a
         // moment, not for the encoding.
-        let (revision, states) = {
+        let (revision, states, acl, audit) = {
             let _cut = self.core.publish_gate.read();
             let revision = self.core.published.load(Ordering::Acquire);
             let states: Vec<(ServiceKey, Arc<ServiceState>)> = self
@@ -559,9 +597,35 @@ impl Registry {
                 .iter()
                 .map(|(k, e)| (k.clone(), e.state()))
                 .collect();
-            (revision, states)
+            let acl = self.core.acl.read().clone();
+            let audit: Vec<sextant_model::acl::AuditEntry> =
+                self.core.audit.lock().entries.iter().cloned().collect();
+            (revision, states, acl, audit)
         };
         let mut records = BTreeMap::new();
+        // Tokens (hashed), policies and the audit tail go with the registry: a restored node
+        // answers the same credentials.
+        for t in acl.tokens.values() {
+            records.insert(crate::codec::token_key(&t.id), crate::codec::encode_v1(t));
+        }
+        for p in acl.policies.values() {
+            records.insert(
+                crate::codec::policy_key(&p.name),
+                crate::codec::encode_v1(p),
+            );
+        }
+        if acl.bootstrapped {
+            records.insert(
+                crate::codec::BOOTSTRAP_KEY.to_string(),
+                crate::codec::encode_v1(&0u64),
+            );
+        }
+        for e in audit.iter().filter(|e| e.revision <= revision) {
+            records.insert(
+                crate::codec::audit_key(e.revision),
+                crate::codec::encode_v1(e),
+            );
+        }
         for (key, st) in states {
             if st.is_vacant() {
                 continue;

@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use sextant_model::acl::AuditEntry;
 use sextant_model::{
     CheckKind, DeleteReason, Event, EventKind, HealthCheck, Instance, InstanceStatus, Registration,
     Revision, ServiceConfig, ServiceKey, StatusPatch,
@@ -25,6 +26,7 @@ use tokio::time::Instant;
 
 use super::table::{ServiceEntry, ServiceState};
 use super::{Control, Op, OpResult, RegistryCore, Role, WriteRequest};
+use crate::acl::{AclOp, AclState, Actor};
 use crate::codec;
 use crate::delivery::SharedEvent;
 use crate::lease::LeaseKey;
@@ -45,6 +47,9 @@ struct Pending {
     events: Vec<Event>,
     leases: Vec<LeaseAction>,
     instance_delta: i64,
+    /// The batch's working copy of the ACL tables, once an ACL change is staged.
+    acl: Option<AclState>,
+    audit: Vec<AuditEntry>,
 }
 
 /// What one operation did.
@@ -298,8 +303,51 @@ impl Writer {
         let mut specs: BTreeMap<(ServiceKey, String), Option<codec::SpecRecord>> = BTreeMap::new();
         let mut statuses: BTreeMap<(ServiceKey, String), codec::StatusRecord> = BTreeMap::new();
         let mut records: Vec<(ServiceKey, Option<codec::ServiceRecord>)> = Vec::new();
+        // Tokens and policies the leader changed: the follower's tables follow, so every node
+        // on the store authenticates alike (and a revocation ends watches on every node).
+        let mut acl: Option<AclState> = None;
+        let mut audit: Vec<AuditEntry> = Vec::new();
         for m in &change.mutations {
             let parsed = codec::parse_key(&m.key).and_then(|k| match (k, &m.value) {
+                (codec::Key::Token, v) => {
+                    let a = acl.get_or_insert_with(|| (**self.core.acl.read()).clone());
+                    match v {
+                        Some(v) => {
+                            let t: sextant_model::acl::Token = codec::decode_v1(&m.key, v)?;
+                            a.tokens.insert(t.id.clone(), t);
+                        }
+                        None => {
+                            let id = m.key.trim_start_matches("acl/token/");
+                            a.tokens.remove(id);
+                        }
+                    }
+                    Ok(())
+                }
+                (codec::Key::Policy, v) => {
+                    let a = acl.get_or_insert_with(|| (**self.core.acl.read()).clone());
+                    match v {
+                        Some(v) => {
+                            let pol: sextant_model::acl::Policy = codec::decode_v1(&m.key, v)?;
+                            a.policies.insert(pol.name.clone(), pol);
+                        }
+                        None => {
+                            let name = m.key.trim_start_matches("acl/policy/");
+                            a.policies.remove(name);
+                        }
+                    }
+                    Ok(())
+                }
+                (codec::Key::Bootstrap, v) => {
+                    let a = acl.get_or_insert_with(|| (**self.core.acl.read()).clone());
+                    a.bootstrapped = v.is_some();
+                    Ok(())
+                }
+                (codec::Key::Audit, Some(v)) => {
+                    audit.push(codec::decode_v1(&m.key, v)?);
+                    Ok(())
+                }
+                // The leader trimmed its retention; the follower trims its own tail below.
+                (codec::Key::Audit, None) => Ok(()),
                 (codec::Key::Spec(svc, id), Some(v)) => {
                     let rec = codec::decode_spec(&m.key, v)?;
                     specs.insert((svc, id.to_string()), Some(rec));
@@ -431,7 +479,22 @@ impl Writer {
         }
         p.events.sort_by_key(|e| e.revision);
         self.revision = change.revision;
+        if let Some(mut a) = acl {
+            a.reindex();
+            p.acl = Some(a);
+        }
         self.publish(&mut p, now);
+        self.publish_acl(&mut p);
+        // The leader's audit entries join this node's tail (for `GET /v1/audit` here), but
+        // not its `audit_log` file: the node that made the write wrote that line.
+        if !audit.is_empty() {
+            let cap = self.core.config.audit_retention;
+            let mut log = self.core.audit.lock();
+            log.entries.extend(audit);
+            while log.entries.len() > cap {
+                log.entries.pop_front();
+            }
+        }
         self.release(std::mem::take(&mut p.states));
     }
 
@@ -441,7 +504,12 @@ impl Writer {
     async fn resync(&mut self) -> bool {
         let store = self.store.clone();
         let loaded = tokio::task::spawn_blocking(move || super::load::load(&*store)).await;
-        let (revision, mut states) = match loaded {
+        let super::load::Loaded {
+            revision,
+            mut states,
+            acl,
+            audit,
+        } = match loaded {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "reloading from the store failed; retrying");
@@ -483,6 +551,9 @@ impl Writer {
             self.revision = revision;
             self.core.published.store(revision, Ordering::Release);
         }
+        *self.core.acl.write() = Arc::new(acl);
+        self.core.acl_changed.send_replace(revision);
+        self.core.audit.lock().entries = audit;
         for (entry, rev) in touched {
             // The service's own revision: a blocking query at it must keep waiting.
             entry.changed.send_replace(rev);
@@ -535,14 +606,27 @@ impl Writer {
         let mut next = self.revision + 1;
         let now = Instant::now();
         let mut results = Vec::with_capacity(requests.len());
+        let audit_on = self.core.config.audit_retention > 0;
+        let time_ms = sextant_model::now_ms();
         for req in &requests {
             let r: Vec<OpResult> = req
                 .ops
                 .iter()
-                .map(|op| self.stage(op, &mut p, &mut next, now))
+                .map(|op| {
+                    let before = next;
+                    let r = self.stage(op, &mut p, &mut next, now);
+                    let changed = next > before;
+                    let acl = matches!(op, Op::Acl(_));
+                    if audit_on && changed && (req.actor.is_some() || acl) {
+                        p.audit
+                            .push(audit_entry(op, before, time_ms, req.actor.as_deref()));
+                    }
+                    r
+                })
                 .collect();
             results.push(r);
         }
+        self.stage_audit(&mut p);
         let last = next - 1;
         let n_ops: usize = requests.iter().map(|r| r.ops.len()).sum();
         // Every service that changed gets its record rewritten with its new revision; a
@@ -616,6 +700,7 @@ impl Writer {
             m.commit_batch_ops.observe(n_ops as f64);
             self.revision = last;
             self.publish(&mut p, now);
+            self.publish_acl(&mut p);
         }
         self.release(std::mem::take(&mut p.states));
         // Lease changes apply even when nothing was written: an identical re-registration
@@ -629,6 +714,95 @@ impl Writer {
         for (req, r) in requests.into_iter().zip(results) {
             let _ = req.reply.send(Ok(r));
         }
+    }
+
+    /// Writes the batch's audit entries and deletes the oldest beyond the retention.
+    fn stage_audit(&self, p: &mut Pending) {
+        if p.audit.is_empty() {
+            return;
+        }
+        let cap = self.core.config.audit_retention;
+        if p.audit.len() > cap {
+            p.audit.drain(..p.audit.len() - cap);
+        }
+        let kept = self.core.audit.lock();
+        let excess = (kept.entries.len() + p.audit.len()).saturating_sub(cap);
+        for old in kept.entries.iter().take(excess) {
+            p.mutations.push(Mutation {
+                key: codec::audit_key(old.revision),
+                value: None,
+            });
+        }
+        drop(kept);
+        for e in &p.audit {
+            p.mutations.push(Mutation {
+                key: codec::audit_key(e.revision),
+                value: Some(codec::encode_v1(e)),
+            });
+        }
+    }
+
+    /// After a durable commit: the new ACL tables and audit entries become visible.
+    fn publish_acl(&self, p: &mut Pending) {
+        if let Some(acl) = p.acl.take() {
+            *self.core.acl.write() = Arc::new(acl);
+            self.core.acl_changed.send_replace(self.revision);
+        }
+        if !p.audit.is_empty() {
+            let cap = self.core.config.audit_retention;
+            let mut log = self.core.audit.lock();
+            for e in p.audit.drain(..) {
+                if let Some(line) = &self.core.config.audit_sink {
+                    line(&e);
+                }
+                log.entries.push_back(e);
+            }
+            while log.entries.len() > cap {
+                log.entries.pop_front();
+            }
+        }
+    }
+
+    /// Stages an ACL change against the batch's working copy of the tables.
+    fn acl(&self, op: &AclOp, p: &mut Pending) -> Result<Outcome, CoreError> {
+        let acl = p
+            .acl
+            .get_or_insert_with(|| (**self.core.acl.read()).clone());
+        let mut next = acl.clone();
+        next.apply(op)?;
+        *acl = next;
+        match op {
+            AclOp::Bootstrap(t) | AclOp::CreateToken(t) => {
+                p.mutations.push(Mutation {
+                    key: codec::token_key(&t.id),
+                    value: Some(codec::encode_v1(t)),
+                });
+                if matches!(op, AclOp::Bootstrap(_)) {
+                    let admin = sextant_model::acl::Policy::global_admin();
+                    p.mutations.push(Mutation {
+                        key: codec::policy_key(&admin.name),
+                        value: Some(codec::encode_v1(&admin)),
+                    });
+                    p.mutations.push(Mutation {
+                        key: codec::BOOTSTRAP_KEY.into(),
+                        value: Some(codec::encode_v1(&t.created_ms)),
+                    });
+                }
+            }
+            AclOp::RevokeToken(id) => p.mutations.push(Mutation {
+                key: codec::token_key(id),
+                value: None,
+            }),
+            AclOp::PutPolicy(pol) => p.mutations.push(Mutation {
+                key: codec::policy_key(&pol.name),
+                value: Some(codec::encode_v1(pol)),
+            }),
+            AclOp::DeletePolicy(name) => p.mutations.push(Mutation {
+                key: codec::policy_key(name),
+                value: None,
+            }),
+        }
+        Ok(Outcome::Silent)
     }
 
     /// Gives back the entries a batch held, so vacant ones can leave memory.
@@ -712,6 +886,7 @@ impl Writer {
             Op::Status { service, id, patch } => self.status(service, id, patch, p, rev),
             Op::Configure { service, config } => Ok(self.configure(service, config, p, rev)),
             Op::DefaultCheck { service, check } => Ok(self.default_check(service, check, p, rev)),
+            Op::Acl(a) => self.acl(a, p),
         }?;
         match outcome {
             Outcome::Changed(event) => {
@@ -959,6 +1134,33 @@ impl Writer {
                 reason,
             },
         })
+    }
+}
+
+/// The audit log's record of one change made at `revision`.
+fn audit_entry(op: &Op, revision: Revision, time_ms: u64, actor: Option<&Actor>) -> AuditEntry {
+    let (namespace, change) = match op {
+        Op::Register(r) => (
+            Some(&r.service),
+            format!("register {}/{}", r.service, r.spec.id),
+        ),
+        Op::Deregister { service, id } => (Some(service), format!("deregister {service}/{id}")),
+        Op::Status { service, id, patch } => {
+            (Some(service), format!("status {service}/{id} {patch:?}"))
+        }
+        Op::Configure { service, .. } => (Some(service), format!("configure {service}")),
+        Op::DefaultCheck { service, .. } => (Some(service), format!("default check {service}")),
+        Op::Expire { service, id } => (Some(service), format!("expire {service}/{id}")),
+        Op::Acl(a) => (None, a.describe()),
+    };
+    AuditEntry {
+        revision,
+        time_ms,
+        token_id: actor.and_then(|a| a.token_id.clone()),
+        source: actor.map_or_else(|| "internal".into(), |a| a.source.clone()),
+        protocol: actor.map_or("internal", |a| a.protocol).into(),
+        namespace: namespace.map(|s| s.namespace.to_string()),
+        change,
     }
 }
 

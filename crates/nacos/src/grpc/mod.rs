@@ -31,7 +31,9 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
-use crate::Adapter;
+use sextant_core::model::acl::{Resource, Right};
+
+use crate::{mapping, Adapter, NacosError};
 use conn::{read_stream, renew_leases, Connections};
 use wire::{error_payload, response_type, success_payload, NO_HANDLER};
 
@@ -71,7 +73,13 @@ impl Api {
     /// Answers one unary request from `addr`: decodes `body` as the JSON of a `kind` request,
     /// runs its handler and encodes the response, or an `ErrorResponse` whose `errorCode` is
     /// the error's class (4xx for bad input, whatever the bytes).
-    pub(crate) async fn handle(&self, addr: SocketAddr, kind: &str, body: &[u8]) -> Payload {
+    pub(crate) async fn handle(
+        &self,
+        addr: SocketAddr,
+        kind: &str,
+        body: &[u8],
+        token: Option<&str>,
+    ) -> Payload {
         let adapter = &self.conns.adapter;
         let metrics = &adapter.metrics;
         // The type first: an unknown one is answered "no handler" whatever its body, and
@@ -99,20 +107,31 @@ impl Api {
             }
         };
         let request_id = req.request_id.clone().unwrap_or_default();
-        let conn = self.conns.get(addr);
-        let result = match kind {
-            "ServerCheckRequest" => Ok(json!({
-                "connectionId": conn.id,
-                "supportAbilityNegotiation": false,
-            })),
-            "HealthCheckRequest" => Ok(json!({})),
-            "InstanceRequest" => self.instance(&conn, &req, false).await,
-            "PersistentInstanceRequest" => self.instance(&conn, &req, true).await,
-            "BatchInstanceRequest" => self.batch(&conn, &req).await,
-            "ServiceQueryRequest" => self.query(&req),
-            "ServiceListRequest" => self.list(&req),
-            _ => self.subscribe(&conn, &req),
+        let who = match self.authorize(kind, &req, token) {
+            Ok(w) => w,
+            Err(e) => {
+                metrics.request("grpc", label, e.kind().label());
+                return error_payload(metrics, &request_id, &e);
+            }
         };
+        let conn = self.conns.get(addr);
+        let actor = who.actor(addr.to_string(), "nacos-grpc");
+        let result = sextant_core::with_actor(actor, async {
+            match kind {
+                "ServerCheckRequest" => Ok(json!({
+                    "connectionId": conn.id,
+                    "supportAbilityNegotiation": false,
+                })),
+                "HealthCheckRequest" => Ok(json!({})),
+                "InstanceRequest" => self.instance(&conn, &req, false).await,
+                "PersistentInstanceRequest" => self.instance(&conn, &req, true).await,
+                "BatchInstanceRequest" => self.batch(&conn, &req).await,
+                "ServiceQueryRequest" => self.query(&req),
+                "ServiceListRequest" => self.list(&req),
+                _ => self.subscribe(&conn, &req),
+            }
+        })
+        .await;
         let answer =
             result.and_then(|fields| success_payload(metrics, response, &request_id, fields));
         match answer {
@@ -129,6 +148,39 @@ impl Api {
     }
 }
 
+impl Api {
+    /// The `accessToken` a request carries (Payload metadata header, as the Nacos SDKs send
+    /// it) checked for what the request type needs: instance writes `write`, queries and
+    /// subscriptions `read` of the service, service lists `read` of the namespace. Server
+    /// and health checks pass without one.
+    fn authorize(
+        &self,
+        kind: &str,
+        req: &wire::NamingRequest,
+        token: Option<&str>,
+    ) -> Result<sextant_core::Principal, NacosError> {
+        let acl = self.conns.adapter.registry.acl();
+        if matches!(kind, "ServerCheckRequest" | "HealthCheckRequest") {
+            return Ok(sextant_core::Principal::anonymous());
+        }
+        let who = acl.authenticate(token)?;
+        let ns = mapping::namespace(req.namespace.as_deref());
+        let right = match kind {
+            "InstanceRequest" | "PersistentInstanceRequest" | "BatchInstanceRequest" => {
+                Right::Write
+            }
+            _ => Right::Read,
+        };
+        if kind == "ServiceListRequest" {
+            who.authorize(right, &Resource::Namespace(ns))?;
+        } else {
+            let (_, key) = req.service()?;
+            who.authorize(right, &Resource::Service(&key.namespace, &key.service))?;
+        }
+        Ok(who)
+    }
+}
+
 #[tonic::async_trait]
 impl RequestApi for Api {
     async fn request(
@@ -139,8 +191,13 @@ impl RequestApi for Api {
             .remote_addr()
             .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
         let p = request.into_inner();
+        let token = p
+            .metadata
+            .as_ref()
+            .and_then(|m| m.headers.get("accessToken"))
+            .map(String::as_str);
         Ok(tonic::Response::new(
-            self.handle(addr, p.kind(), p.body_bytes()).await,
+            self.handle(addr, p.kind(), p.body_bytes(), token).await,
         ))
     }
 }

@@ -6,6 +6,7 @@
 //! parameters), [`instance`] (register, deregister, modify, beat, get, list), [`service`]
 //! (service CRUD and listing) and [`operator`] (metrics, switches, servers, namespaces).
 
+pub(crate) mod auth;
 mod instance;
 pub(crate) mod operator;
 mod params;
@@ -57,6 +58,10 @@ pub(crate) fn router(adapter: Arc<Adapter>) -> Router {
         .route("/nacos/v1/console/namespaces", get(operator::namespaces))
         .fallback(unsupported)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(
+            adapter.clone(),
+            auth::gate,
+        ))
         .with_state(adapter)
 }
 

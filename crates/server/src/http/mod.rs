@@ -22,12 +22,16 @@ use bytes::Bytes;
 use futures::StreamExt;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
+use sextant_core::model::acl::{status_right, Resource, Right};
 use sextant_core::model::{Revision, ServiceKey, StatusPatch};
 use sextant_core::{HeartbeatResult, Registry};
 use tokio_stream::wrappers::ReceiverStream;
 
+mod acl;
+mod auth;
 #[cfg(test)]
 mod proptests;
+pub(crate) use auth::Caller;
 mod serve;
 pub(crate) use serve::{serve, HttpLimits};
 
@@ -178,6 +182,7 @@ pub(crate) fn router(node: Arc<Node>) -> Router {
         .route("/v1/snapshot", get(snapshot))
         .route("/v1/cluster", get(cluster_view))
         .route("/v1/whoami", get(whoami))
+        .merge(acl::routes())
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -193,6 +198,10 @@ pub(crate) fn router(node: Arc<Node>) -> Router {
         // The limit is enforced by `read_body` (which answers 413 cleanly); the extractors'
         // own limit is lifted so they see only bodies it let through.
         .layer(DefaultBodyLimit::disable())
+        .layer(middleware::from_fn_with_state(
+            state.node.registry.clone(),
+            auth::gate,
+        ))
         .layer(middleware::from_fn_with_state(limit, read_body))
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .with_state(state)
@@ -280,10 +289,12 @@ fn service_key(ns: &str, svc: &str) -> Result<ServiceKey, ApiError> {
 
 async fn put_instance(
     State(s): State<AppState>,
+    caller: Caller,
     ApiPath((ns, svc, id)): ApiPath<(String, String, String)>,
     ApiJson(body): ApiJson<RegisterBody>,
 ) -> Result<Json<RevisionBody>, ApiError> {
     let key = service_key(&ns, &svc)?;
+    caller.allow(Right::Write, &Resource::Instance(&ns, &svc, &id))?;
     if body.id.as_ref().is_some_and(|b| *b != id) {
         return Err(ApiError::bad_request(
             "invalid id: the body's id differs from the one in the path",
@@ -296,41 +307,50 @@ async fn put_instance(
 
 async fn post_instance(
     State(s): State<AppState>,
+    caller: Caller,
     ApiPath((ns, svc)): ApiPath<(String, String)>,
     ApiJson(body): ApiJson<RegisterBody>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let key = service_key(&ns, &svc)?;
     let reg = body.into_registration(key, None)?;
     let id = reg.spec.id.clone();
+    caller.allow(Right::Write, &Resource::Instance(&ns, &svc, &id))?;
     let revision = s.registry().register(reg).await?;
     Ok(Json(serde_json::json!({"revision": revision, "id": id})))
 }
 
 async fn delete_instance(
     State(s): State<AppState>,
+    caller: Caller,
     ApiPath((ns, svc, id)): ApiPath<(String, String, String)>,
 ) -> Result<Json<RevisionBody>, ApiError> {
     let key = service_key(&ns, &svc)?;
+    caller.allow(Right::Write, &Resource::Instance(&ns, &svc, &id))?;
     let revision = s.registry().deregister(key, id).await?;
     Ok(Json(RevisionBody { revision }))
 }
 
 async fn patch_status(
     State(s): State<AppState>,
+    caller: Caller,
     ApiPath((ns, svc, id)): ApiPath<(String, String, String)>,
     ApiJson(body): ApiJson<StatusBody>,
 ) -> Result<Json<RevisionBody>, ApiError> {
     let key = service_key(&ns, &svc)?;
-    let revision = s.registry().update_status(key, id, body.into()).await?;
+    let patch: StatusPatch = body.into();
+    caller.allow(status_right(&patch), &Resource::Instance(&ns, &svc, &id))?;
+    let revision = s.registry().update_status(key, id, patch).await?;
     Ok(Json(RevisionBody { revision }))
 }
 
 async fn configure_service(
     State(s): State<AppState>,
+    caller: Caller,
     ApiPath((ns, svc)): ApiPath<(String, String)>,
     ApiJson(body): ApiJson<ServiceSettingsBody>,
 ) -> Result<Json<RevisionBody>, ApiError> {
     let key = service_key(&ns, &svc)?;
+    caller.allow(Right::Operate, &Resource::Service(&ns, &svc))?;
     if body.protect_threshold.is_none() && body.check.is_none() {
         return Err(ApiError::bad_request(
             "invalid settings: give at least one of protect_threshold, check",
@@ -349,12 +369,14 @@ async fn configure_service(
 
 async fn set_draining(
     s: &AppState,
+    caller: Caller,
     ns: &str,
     svc: &str,
     id: String,
     on: bool,
 ) -> Result<Json<RevisionBody>, ApiError> {
     let key = service_key(ns, svc)?;
+    caller.allow(Right::Operate, &Resource::Instance(ns, svc, &id))?;
     let patch = StatusPatch {
         draining: Some(on),
         ..Default::default()
@@ -366,21 +388,24 @@ async fn set_draining(
 /// Takes an instance out of discovery at once, keeping its lease and health tracked.
 async fn drain(
     State(s): State<AppState>,
+    caller: Caller,
     ApiPath((ns, svc, id)): ApiPath<(String, String, String)>,
 ) -> Result<Json<RevisionBody>, ApiError> {
-    set_draining(&s, &ns, &svc, id, true).await
+    set_draining(&s, caller, &ns, &svc, id, true).await
 }
 
 async fn undrain(
     State(s): State<AppState>,
+    caller: Caller,
     ApiPath((ns, svc, id)): ApiPath<(String, String, String)>,
 ) -> Result<Json<RevisionBody>, ApiError> {
-    set_draining(&s, &ns, &svc, id, false).await
+    set_draining(&s, caller, &ns, &svc, id, false).await
 }
 
 /// `POST /v1/suspects`: asks the scanner to re-probe instances a client saw failing.
 async fn suspects(
     State(s): State<AppState>,
+    caller: Caller,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     ApiJson(body): ApiJson<SuspectBody>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
@@ -395,6 +420,7 @@ async fn suspects(
     let mut results = Vec::with_capacity(body.instances.len());
     for i in &body.instances {
         let key = service_key(&i.namespace, &i.service)?;
+        caller.allow(Right::Read, &Resource::Service(&i.namespace, &i.service))?;
         let outcome = scanner.suspect(key, &i.id, &reporter).await;
         results.push(serde_json::json!({
             "namespace": i.namespace, "service": i.service, "id": i.id, "outcome": outcome.as_str(),
@@ -405,11 +431,19 @@ async fn suspects(
 
 async fn heartbeats(
     State(s): State<AppState>,
+    caller: Caller,
     ApiJson(items): ApiJson<Vec<InstanceRefBody>>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let keys = items
         .iter()
-        .map(|i| Ok((service_key(&i.namespace, &i.service)?, i.id.clone())))
+        .map(|i| {
+            let key = service_key(&i.namespace, &i.service)?;
+            caller.allow(
+                Right::Write,
+                &Resource::Instance(&i.namespace, &i.service, &i.id),
+            )?;
+            Ok((key, i.id.clone()))
+        })
         .collect::<Result<Vec<_>, ApiError>>()?;
     // A follower's leases are nobody's: the leader decides expiries.
     s.registry().writable()?;
@@ -455,10 +489,12 @@ fn parse_wait(wait: Option<&str>, max: Duration) -> Result<Duration, ApiError> {
 
 async fn get_service(
     State(s): State<AppState>,
+    caller: Caller,
     ApiPath((ns, svc)): ApiPath<(String, String)>,
     ApiQuery(q): ApiQuery<GetQuery>,
 ) -> Result<Response, ApiError> {
     let key = service_key(&ns, &svc)?;
+    caller.allow(Right::Read, &Resource::Service(&ns, &svc))?;
     let view = match q.index {
         Some(index) => {
             let wait = parse_wait(q.wait.as_deref(), s.config().max_wait())?;
@@ -483,12 +519,17 @@ async fn get_service(
 
 async fn discover(
     State(s): State<AppState>,
+    caller: Caller,
     ApiJson(body): ApiJson<DiscoverBody>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let keys = body
         .services
         .iter()
-        .map(|r| service_key(&r.namespace, &r.service))
+        .map(|r| {
+            let key = service_key(&r.namespace, &r.service)?;
+            caller.allow(Right::Read, &Resource::Service(&r.namespace, &r.service))?;
+            Ok::<_, ApiError>(key)
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let (revision, views) = s.registry().discover(&keys, body.healthy_only);
     let services: Vec<ServiceJson<'_>> = views.iter().map(ServiceJson::from).collect();
@@ -499,8 +540,12 @@ async fn discover(
 }
 
 /// A consistent snapshot of the whole registry (`sextant snapshot save`): every store record
-/// at one revision, in the checksummed snapshot format `sextant snapshot restore` reads.
-async fn snapshot(State(s): State<AppState>) -> Response {
+/// at one revision, in the checksummed snapshot format `sextant snapshot restore` reads. It
+/// holds every namespace: `admin` on `*`.
+async fn snapshot(State(s): State<AppState>, caller: Caller) -> Response {
+    if let Err(e) = caller.allow(Right::Admin, &Resource::Global) {
+        return e.into_response();
+    }
     let registry = s.registry().clone();
     // Encoding a large registry takes a while: off the request threads.
     let snap = match tokio::task::spawn_blocking(move || registry.snapshot()).await {
@@ -531,21 +576,27 @@ async fn snapshot(State(s): State<AppState>) -> Response {
     resp
 }
 
-async fn list_namespaces(State(s): State<AppState>) -> Json<serde_json::Value> {
+async fn list_namespaces(
+    State(s): State<AppState>,
+    caller: Caller,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    caller.allow(Right::Read, &Resource::Global)?;
     let list: Vec<_> = s
         .registry()
         .namespaces()
         .into_iter()
         .map(|n| serde_json::json!({"namespace": &*n.namespace, "services": n.services, "instances": n.instances}))
         .collect();
-    Json(serde_json::json!({ "namespaces": list }))
+    Ok(Json(serde_json::json!({ "namespaces": list })))
 }
 
 async fn list_services(
     State(s): State<AppState>,
+    caller: Caller,
     ApiPath(ns): ApiPath<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     sextant_core::model::validate_name("namespace", &ns)?;
+    caller.allow(Right::Read, &Resource::Namespace(&ns))?;
     let list: Vec<_> = s
         .registry()
         .services(&ns)
@@ -561,10 +612,14 @@ async fn list_services(
 /// (sent by EventSource clients on reconnect) resumes like `since`.
 async fn watch(
     State(s): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let (services, since) = parse_watch_query(query.as_deref(), headers.get("last-event-id"))?;
+    for k in &services {
+        caller.allow(Right::Read, &Resource::Service(&k.namespace, &k.service))?;
+    }
     let sub = s.registry().subscribe(services, since);
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
     let pump = Pump {
@@ -577,6 +632,7 @@ async fn watch(
         core: s.registry().metrics().clone(),
         api: s.node.api_metrics.clone(),
         peer: "sse".into(),
+        revoked: crate::stream::revoked(s.registry().clone(), caller.0),
     };
     tokio::spawn(pump.run(sub, sse::delivery, sse::close));
     let body = Body::from_stream(ReceiverStream::new(rx).map(Ok::<_, Infallible>));
@@ -633,17 +689,23 @@ pub(crate) fn parse_watch_query(
 
 /// `GET /v1/xds/clients`: every open ADS stream — its node, locality, and per resource type
 /// what it subscribed to, the versions sent and acknowledged, its NACKs.
-async fn xds_clients(State(s): State<AppState>) -> Result<Response, ApiError> {
+async fn xds_clients(State(s): State<AppState>, caller: Caller) -> Result<Response, ApiError> {
+    caller.allow(Right::Read, &Resource::Global)?;
     let xds = s.node.xds.as_ref().ok_or_else(|| {
         ApiError::not_found("xDS is turned off on this node (see the xds setting)")
     })?;
     Ok(axum::Json(serde_json::json!({ "clients": xds.clients() })).into_response())
 }
 
-async fn cluster_view(State(s): State<AppState>) -> Json<serde_json::Value> {
+/// The cluster's members and roles: operators' view, `read` on `*`.
+async fn cluster_view(
+    State(s): State<AppState>,
+    caller: Caller,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    caller.allow(Right::Read, &Resource::Global)?;
     let n = &s.node;
     let kind = n.config.store.to_string();
-    Json(
+    Ok(Json(
         crate::cluster::view(
             n.cluster.as_ref(),
             &n.registry,
@@ -651,7 +713,7 @@ async fn cluster_view(State(s): State<AppState>) -> Json<serde_json::Value> {
             n.store.write_outage(),
         )
         .await,
-    )
+    ))
 }
 
 /// Not ready while shutting down, or while the store refuses writes (a full disk): reads would

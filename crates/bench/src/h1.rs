@@ -45,19 +45,7 @@ impl H1 {
     }
 
     async fn connect(&self) -> anyhow::Result<SendRequest<Full<Bytes>>> {
-        let stream = tokio::time::timeout(
-            Duration::from_secs(10),
-            tokio::net::TcpStream::connect(self.addr),
-        )
-        .await
-        .with_context(|| format!("connecting to {}: timed out", self.addr))?
-        .with_context(|| format!("connecting to {}", self.addr))?;
-        stream.set_nodelay(true)?;
-        let (sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-        // Runs until the connection closes (or the sender is dropped).
-        tokio::spawn(conn);
-        Ok(sender)
+        connect(self.addr).await
     }
 
     /// Sends `method path_and_query` on worker `w`'s connection (opened, or reopened after a
@@ -115,6 +103,23 @@ impl H1 {
         }
         result
     }
+}
+
+/// One HTTP/1.1 connection to `addr` (TCP_NODELAY), its driver spawned on the runtime.
+pub async fn connect(addr: SocketAddr) -> anyhow::Result<SendRequest<Full<Bytes>>> {
+    let stream = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::net::TcpStream::connect(addr),
+    )
+    .await
+    .with_context(|| format!("connecting to {addr}: timed out"))?
+    .with_context(|| format!("connecting to {addr}"))?;
+    stream.set_nodelay(true)?;
+    let (sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    // Runs until the connection closes (or the sender is dropped).
+    tokio::spawn(conn);
+    Ok(sender)
 }
 
 /// Percent-encodes a query parameter value (everything but RFC 3986's unreserved characters).

@@ -265,6 +265,7 @@ async fn register(c: &mut Conn, service: &str, instances: u32) -> anyhow::Result
 struct Change {
     /// `X-Consul-Index` of the write's answer: an answer at or past it reflects the write.
     index: u64,
+    sent: Instant,
     acked: Instant,
 }
 
@@ -295,6 +296,8 @@ struct Tally {
     /// Pairs whose answer arrived before the writer had its ack (latency clamped to 0).
     clamped: u64,
     latency: Latency,
+    /// From the moment the write was sent: the server answers watchers before the writer.
+    from_sent: Latency,
     /// Per change, the latency to the last watcher that got it.
     to_last: Vec<Duration>,
 }
@@ -307,6 +310,7 @@ impl Tally {
             missing: 0,
             clamped: 0,
             latency: Latency::new(),
+            from_sent: Latency::new(),
             to_last: vec![Duration::ZERO; changes],
         }
     }
@@ -331,6 +335,7 @@ impl Tally {
             }
             let d = at.saturating_duration_since(c.acked);
             self.latency.record(d);
+            self.from_sent.record(at.saturating_duration_since(c.sent));
             self.to_last[n] = self.to_last[n].max(d);
         }
     }
@@ -503,7 +508,7 @@ async fn watch_phase(
         let acked = Instant::now();
         write_latency.record(acked - sent);
         match r {
-            Ok(index) => changes.push(Change { index, acked }),
+            Ok(index) => changes.push(Change { index, sent, acked }),
             Err(e) => {
                 write_errors += 1;
                 first_write_error.get_or_insert_with(|| format!("{e:#}"));
@@ -580,6 +585,16 @@ async fn watch_phase(
         unit: "",
         latency: tally.latency.clone(),
         cpu: Some(push_cpu),
+    });
+    rows.push(Row {
+        scenario: "consul watch: wakeup latency (write sent -> answer)".into(),
+        params: pairs.clone(),
+        ops: tally.delivered,
+        errors: tally.missing,
+        secs: push_cpu.wall.as_secs_f64(),
+        unit: "",
+        latency: tally.from_sent.clone(),
+        cpu: None,
     });
     let mut last_latency = Latency::new();
     for d in &tally.to_last {
@@ -1030,14 +1045,17 @@ mod tests {
         let changes = [
             Change {
                 index: 10,
+                sent: t0 + ms(80),
                 acked: t0 + ms(100),
             },
             Change {
                 index: 12,
+                sent: t0 + ms(190),
                 acked: t0 + ms(200),
             },
             Change {
                 index: 15,
+                sent: t0 + ms(290),
                 acked: t0 + ms(300),
             },
         ];
@@ -1065,6 +1083,9 @@ mod tests {
         );
         assert_eq!(t.to_last, vec![ms(150), ms(50), ms(10)]);
         assert_eq!(t.latency.count(), 5);
+        assert_eq!(t.from_sent.count(), 5);
+        // From the send, watcher 1's first answer took 10 ms (not clamped).
+        assert_eq!(t.from_sent.quantile_us(0.0), Some(10_000));
         // Watcher 3 got no answer past the start: all missing.
         t.add(&changes, &[(5, t0)]);
         assert_eq!((t.delivered, t.missing), (5, 4));

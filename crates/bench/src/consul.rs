@@ -1075,8 +1075,9 @@ mod tests {
             (3, 0, 0, 1)
         );
         assert_eq!(t.to_last, vec![ms(0), ms(3), ms(10)]);
-        // Watcher 2's one answer covers the first two changes; the third never comes.
-        t.add(&changes, &[(5, t0), (13, t0 + ms(250))]);
+        // Watcher 2's one answer, at exactly the second change's index, covers the first two
+        // changes; the third never comes.
+        t.add(&changes, &[(5, t0), (12, t0 + ms(250))]);
         assert_eq!(
             (t.delivered, t.coalesced, t.missing, t.clamped),
             (5, 1, 1, 1)

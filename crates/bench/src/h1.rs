@@ -80,23 +80,11 @@ impl H1 {
     }
 
     async fn connect(&self) -> anyhow::Result<SendRequest<Full<Bytes>>> {
-        let stream = tokio::time::timeout(
-            Duration::from_secs(10),
-            tokio::net::TcpStream::connect(self.addr),
-        )
-        .await
-        .with_context(|| format!("connecting to {}: timed out", self.addr))?
-        .with_context(|| format!("connecting to {}", self.addr))?;
-        stream.set_nodelay(true)?;
         let Some((connector, name)) = &self.tls else {
-            let (sender, conn) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-            // Runs until the connection closes (or the sender is dropped).
-            tokio::spawn(conn);
-            return Ok(sender);
+            return connect(self.addr).await;
         };
         let stream = connector
-            .connect(name.clone(), stream)
+            .connect(name.clone(), tcp(self.addr).await?)
             .await
             .with_context(|| format!("TLS handshake with {}", self.addr))?;
         let (sender, conn) =
@@ -163,6 +151,29 @@ impl H1 {
         }
         result
     }
+}
+
+/// One HTTP/1.1 connection to `addr` (TCP_NODELAY), its driver spawned on the runtime.
+/// A TCP connection to `addr` (bounded, no Nagle).
+async fn tcp(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpStream> {
+    let stream = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::net::TcpStream::connect(addr),
+    )
+    .await
+    .with_context(|| format!("connecting to {addr}: timed out"))?
+    .with_context(|| format!("connecting to {addr}"))?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+pub async fn connect(addr: SocketAddr) -> anyhow::Result<SendRequest<Full<Bytes>>> {
+    let (sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp(addr).await?))
+            .await?;
+    // Runs until the connection closes (or the sender is dropped).
+    tokio::spawn(conn);
+    Ok(sender)
 }
 
 /// Percent-encodes a query parameter value (everything but RFC 3986's unreserved characters).

@@ -4,7 +4,8 @@
 //! (a million instances: load throughput, memory, restart time), `health` (the scanner probing
 //! many endpoints: probes/s, cycle lag), `xds` (ADS streams subscribed to one service's EDS:
 //! push latency, delivery, memory and CPU per push), `compare` (register and push side by side against
-//! ZooKeeper and etcd, which it starts itself) — and their measurement:
+//! ZooKeeper and etcd, which it starts itself), `consul` (blocking-query wakeups of many Consul
+//! watchers, DNS queries/s side by side with dnsmasq) — and their measurement:
 //! latency percentiles, and the CPU seconds the server and this tool each used, read from
 //! `/proc`, because both usually share one small machine.
 //!
@@ -21,6 +22,7 @@
 
 mod compare;
 mod connections;
+mod consul;
 mod etcd;
 mod h1;
 mod health;
@@ -145,6 +147,10 @@ enum Scenario {
     /// The `nacos` phases on Sextant's Nacos adapter and on rnacos, one after the other, each
     /// started by the tool on fresh data, with ratios Sextant/rnacos.
     NacosCompare(Box<nacos_compare::NacosCompareArgs>),
+    /// Consul's API: W blocking-query watchers woken by K changes at R/s (latency from the
+    /// write's ack, delivery of every change), then DNS queries/s from C UDP clients,
+    /// side by side with dnsmasq (--dnsmasq PATH) when it is installed.
+    Consul(Box<consul::ConsulArgs>),
 }
 
 fn main() -> std::process::ExitCode {
@@ -195,6 +201,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Scenario::Compare(c) => Some(c.watchers.max(c.peer_watchers.unwrap_or(0))),
         Scenario::Nacos(n) => Some(n.work.watchers),
         Scenario::NacosCompare(n) => Some(n.work.watchers),
+        Scenario::Consul(c) => Some(c.watchers),
         _ => None,
     };
     if let (Some(watchers), Some(limit)) = (watchers, fds) {
@@ -255,6 +262,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Scenario::Connections(_) => "connections",
             Scenario::Xds(_) => "xds",
             Scenario::Compare(_) => "compare",
+            Scenario::Consul(_) => "consul",
             Scenario::Nacos(_) | Scenario::NacosCompare(_) => unreachable!("handled above"),
         },
         target.http,
@@ -275,6 +283,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Scenario::Connections(a) => connections::run(&target, a).await,
         Scenario::Xds(a) => xds::run(&target, a).await,
         Scenario::Compare(a) => compare::run(&target, a).await,
+        Scenario::Consul(a) => consul::run(&target, a).await,
         Scenario::Nacos(_) | Scenario::NacosCompare(_) => unreachable!("handled above"),
     };
     println!("load average at the end: {}", load_average());

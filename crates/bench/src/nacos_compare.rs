@@ -70,6 +70,8 @@ pub struct Launch {
     pub startup_timeout: Duration,
 }
 
+// One per system under test and run: the size of a variant does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Process {
     Sextant(Target),
     Rnacos {

@@ -77,7 +77,18 @@ pub struct Target {
     pub http: String,
     pub grpc: String,
     pub pid: Option<u32>,
+    /// Consul's HTTP API and the DNS listener, when a spawned server named them.
+    pub consul: Option<SocketAddr>,
+    pub dns: Option<SocketAddr>,
     spawned: Option<Spawned>,
+}
+
+/// The addresses a `sextant serving` line names.
+struct Serving {
+    http: SocketAddr,
+    grpc: SocketAddr,
+    consul: Option<SocketAddr>,
+    dns: Option<SocketAddr>,
 }
 
 /// What one start of a spawned server took.
@@ -93,6 +104,8 @@ impl Target {
             http: http.trim_end_matches('/').to_string(),
             grpc: grpc.trim_end_matches('/').to_string(),
             pid,
+            consul: None,
+            dns: None,
             spawned: None,
         }
     }
@@ -140,6 +153,8 @@ impl Target {
             http: String::new(),
             grpc: String::new(),
             pid: None,
+            consul: None,
+            dns: None,
             spawned: Some(Spawned {
                 bin: bin.to_path_buf(),
                 extra_args,
@@ -201,7 +216,7 @@ impl Target {
         let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
         tokio::spawn(pump_stderr(stderr, log_file, s.log.clone(), addr_tx));
         let addrs = tokio::time::timeout(s.startup_timeout, addr_rx).await;
-        let (http, grpc) = match addrs {
+        let serving = match addrs {
             Ok(Ok(a)) => a,
             Ok(Err(_)) => {
                 let status = child.wait().await.ok();
@@ -222,8 +237,10 @@ impl Target {
         let until_serving = spawned_at.elapsed();
         s.child = Some(child);
         let scheme = if s.tls.is_some() { "https" } else { "http" };
-        self.http = format!("{scheme}://{http}");
-        self.grpc = format!("{scheme}://{grpc}");
+        self.http = format!("{scheme}://{}", serving.http);
+        self.grpc = format!("{scheme}://{}", serving.grpc);
+        self.consul = serving.consul;
+        self.dns = serving.dns;
         self.pid = Some(pid);
         Ok(Started {
             until_serving,
@@ -267,13 +284,14 @@ impl Target {
 }
 
 /// Copies the server's stderr to its log file, counts warnings, and reports the addresses of
-/// the `sextant serving http_addr=... grpc_addr=...` line (parsed as the test suites parse it). Runs until the pipe closes, so the
-/// server never blocks on a full pipe.
+/// the `sextant serving http_addr=... grpc_addr=...` line (parsed as the test suites parse it),
+/// with Consul's and DNS's when it names them. Runs until the pipe closes, so the server never
+/// blocks on a full pipe.
 async fn pump_stderr(
     stderr: ChildStderr,
     mut file: tokio::fs::File,
     log: Arc<ServerLog>,
-    addr_tx: tokio::sync::oneshot::Sender<(SocketAddr, SocketAddr)>,
+    addr_tx: tokio::sync::oneshot::Sender<Serving>,
 ) {
     let mut addr_tx = Some(addr_tx);
     let mut lines = BufReader::new(stderr).lines();
@@ -283,7 +301,12 @@ async fn pump_stderr(
         log.observe(&line);
         if let Some((http, grpc)) = sextant_testkit::parse_serving_line(&line) {
             if let Some(tx) = addr_tx.take() {
-                let _ = tx.send((http, grpc));
+                let _ = tx.send(Serving {
+                    http,
+                    grpc,
+                    consul: sextant_testkit::field(&line, "consul_http_addr="),
+                    dns: sextant_testkit::field(&line, "dns_addr="),
+                });
             }
         }
     }

@@ -162,7 +162,9 @@ pub fn spawn(mut cmd: Command, startup: Duration) -> Spawned {
     }
 }
 
-fn field(line: &str, name: &str) -> Option<SocketAddr> {
+/// The address in field `name` (with its `=`, e.g. `"dns_addr="`) of a log line such as the
+/// serving line; `None` when the field is absent or not an address.
+pub fn field(line: &str, name: &str) -> Option<SocketAddr> {
     // `name` must start the field, not end another one (`http_addr=` in `nacos_http_addr=`).
     let start = line
         .match_indices(name)
@@ -313,6 +315,15 @@ mod tests {
         let (nh, ng) = parse_nacos_addrs(with_nacos).unwrap();
         assert_eq!((nh.port(), ng.port()), (3, 4));
         assert!(parse_nacos_addrs(line).is_none());
+    }
+
+    #[test]
+    fn reads_one_field_by_its_whole_name() {
+        let line = "INFO sextant serving http_addr=127.0.0.1:1 grpc_addr=127.0.0.1:2 consul_http_addr=127.0.0.1:5 dns_addr=127.0.0.1:6";
+        assert_eq!(field(line, "http_addr=").map(|a| a.port()), Some(1));
+        assert_eq!(field(line, "consul_http_addr=").map(|a| a.port()), Some(5));
+        assert_eq!(field(line, "dns_addr=").map(|a| a.port()), Some(6));
+        assert!(field(line, "nacos_http_addr=").is_none());
     }
 
     #[test]

@@ -22,17 +22,18 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, OriginalUri, Path, RawQuery, Request, State};
+use axum::extract::{ConnectInfo, Extension, OriginalUri, Path, RawQuery, Request, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, put};
 use axum::Router;
 use serde_json::{json, Map, Value};
+use sextant_core::model::acl::{Resource, Right};
 use sextant_core::model::{
     InstanceStatus, Registration, Revision, ServiceKey, StatusPatch, XorShift,
 };
-use sextant_core::{CoreError, Op, ServiceView};
+use sextant_core::{CoreError, Op, Principal, ServiceView};
 use tokio::time::Instant;
 
 use crate::agent::TtlError;
@@ -98,11 +99,62 @@ pub(crate) fn routes(consul: Consul) -> Router {
         .route("/v1/health/checks/{name}", get(health_checks))
         .route("/v1/health/state/{state}", get(health_state))
         .fallback(unknown)
+        .layer(axum::middleware::from_fn_with_state(consul.clone(), gate))
         .layer(axum::middleware::from_fn_with_state(
             consul.clone(),
             consul_headers,
         ))
         .with_state(consul)
+}
+
+/// The caller as the gate authenticated it; handlers authorize what they touch with it.
+#[derive(Clone)]
+struct Caller(Principal);
+
+impl Caller {
+    fn allow(&self, right: Right, resource: &Resource<'_>) -> Result<(), ConsulError> {
+        Ok(self.0.authorize(right, resource)?)
+    }
+}
+
+/// The token a Consul client sends: `X-Consul-Token`, `Authorization: Bearer`, or `?token=`.
+fn token_of(headers: &HeaderMap, query: Option<&str>) -> Option<String> {
+    if let Some(t) = headers.get("x-consul-token").and_then(|v| v.to_str().ok()) {
+        return Some(t.to_string());
+    }
+    if let Some(t) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+    {
+        return Some(t.trim().to_string());
+    }
+    form_urlencoded::parse(query?.as_bytes())
+        .find(|(k, _)| k == "token")
+        .map(|(_, v)| v.into_owned())
+}
+
+/// Every request passes here first: with auth on, no or a bad token is a 401 before any
+/// handler runs (so a handler cannot forget it); the request runs as its token's actor, so
+/// its writes are audited with the token's id and the caller's address.
+async fn gate(State(c): State<Consul>, mut req: Request, next: Next) -> Response {
+    let token = token_of(req.headers(), req.uri().query());
+    match c.registry.acl().authenticate(token.as_deref()) {
+        Err(e) => answer(&c, "auth", Err(e.into())),
+        Ok(p) => {
+            let peer = req
+                .extensions()
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|ConnectInfo(a)| a.to_string())
+                .unwrap_or_default();
+            let actor = p.actor(peer, "consul");
+            req.extensions_mut().insert(Caller(p));
+            sextant_core::with_actor(actor, next.run(req)).await
+        }
+    }
 }
 
 /// Adds the headers Consul clients require on every answer (the Go client fails without
@@ -315,6 +367,7 @@ fn path_id(
 
 async fn register(
     State(c): State<Consul>,
+    Extension(caller): Extension<Caller>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     RawQuery(q): RawQuery,
@@ -335,6 +388,7 @@ async fn register(
             o.namespace = ns.clone();
         }
         let key = o.key(&reg.name)?;
+        caller.allow(Right::Write, &Resource::Service(&key.namespace, &key.service))?;
         let id = reg.spec.id.to_string();
         let has_ttl = reg.service_check.is_none() && !reg.checks.is_empty();
         let config = c.registry.service_config(&key);
@@ -400,6 +454,7 @@ async fn register(
 
 async fn deregister(
     State(c): State<Consul>,
+    Extension(caller): Extension<Caller>,
     id: Result<Path<String>, axum::extract::rejection::PathRejection>,
     headers: HeaderMap,
     RawQuery(q): RawQuery,
@@ -413,6 +468,10 @@ async fn deregister(
             Some(k) => k,
             None => find_by_id(&c, &o.namespace, &id).ok_or_else(|| unknown_service(&id))?,
         };
+        caller.allow(
+            Right::Write,
+            &Resource::Service(&key.namespace, &key.service),
+        )?;
         match c.registry.deregister(key.clone(), id.clone()).await {
             Ok(_) | Err(CoreError::NotFound(_)) => {}
             Err(e) => return Err(e.into()),
@@ -441,6 +500,7 @@ fn unknown_service(id: &str) -> ConsulError {
 
 async fn maintenance(
     State(c): State<Consul>,
+    Extension(caller): Extension<Caller>,
     id: Result<Path<String>, axum::extract::rejection::PathRejection>,
     RawQuery(q): RawQuery,
 ) -> Response {
@@ -456,6 +516,10 @@ async fn maintenance(
             }
         };
         let (key, _) = c.agent_instance(&id).ok_or_else(|| unknown_service(&id))?;
+        caller.allow(
+            Right::Write,
+            &Resource::Service(&key.namespace, &key.service),
+        )?;
         let reason = q.get("reason").unwrap_or_default().to_string();
         c.registry
             .update_status(
@@ -476,7 +540,11 @@ async fn maintenance(
     answer(&c, "maintenance", r)
 }
 
-async fn agent_services(State(c): State<Consul>) -> Response {
+async fn agent_services(State(c): State<Consul>, Extension(caller): Extension<Caller>) -> Response {
+    // The agent's services span namespaces: reading them all needs `read` on every one.
+    if let Err(e) = caller.allow(Right::Read, &Resource::Global) {
+        return answer(&c, "agent_services", Err(e));
+    }
     let mut out = Map::new();
     let dc = &c.config.datacenter;
     let mut services = c.agent.services();
@@ -496,11 +564,16 @@ async fn agent_services(State(c): State<Consul>) -> Response {
 
 async fn agent_service(
     State(c): State<Consul>,
+    Extension(caller): Extension<Caller>,
     id: Result<Path<String>, axum::extract::rejection::PathRejection>,
 ) -> Response {
     let r = async {
         let id = path_id(id)?;
         let (key, inst) = c.agent_instance(&id).ok_or_else(|| unknown_service(&id))?;
+        caller.allow(
+            Right::Read,
+            &Resource::Service(&key.namespace, &key.service),
+        )?;
         let tags = mapping::tags_of(&inst);
         Ok(json_at(
             inst.revision(),
@@ -511,7 +584,10 @@ async fn agent_service(
     answer(&c, "agent_service", r)
 }
 
-async fn agent_checks(State(c): State<Consul>) -> Response {
+async fn agent_checks(State(c): State<Consul>, Extension(caller): Extension<Caller>) -> Response {
+    if let Err(e) = caller.allow(Right::Read, &Resource::Global) {
+        return answer(&c, "agent_checks", Err(e));
+    }
     let mut out = Map::new();
     for (id, key) in c.agent.services() {
         if let Some(inst) = c.registry.instance(&key, &id) {
@@ -536,12 +612,19 @@ async fn agent_checks(State(c): State<Consul>) -> Response {
 
 async fn ttl_report(
     c: &Consul,
+    caller: &Caller,
     check_id: String,
     status: Status,
     output: String,
 ) -> Result<Response, ConsulError> {
     // A follower refuses before it records anything: the client retries on the leader.
     c.registry.writable()?;
+    if let Some((key, _)) = c.agent.check_owner(&check_id) {
+        caller.allow(
+            Right::Write,
+            &Resource::Service(&key.namespace, &key.service),
+        )?;
+    }
     let w = c
         .agent
         .ttl_update(&check_id, status, output, Instant::now())
@@ -571,6 +654,7 @@ async fn ttl_report(
 
 async fn ttl_query(
     c: Consul,
+    caller: Caller,
     endpoint: &'static str,
     status: Status,
     id: Result<Path<String>, axum::extract::rejection::PathRejection>,
@@ -579,7 +663,7 @@ async fn ttl_query(
     let r = async {
         let id = path_id(id)?;
         let note = Query::parse(&q).get("note").unwrap_or_default().to_string();
-        ttl_report(&c, id, status, note).await
+        ttl_report(&c, &caller, id, status, note).await
     }
     .await;
     answer(&c, endpoint, r)
@@ -587,30 +671,34 @@ async fn ttl_query(
 
 async fn check_pass(
     State(c): State<Consul>,
+    Extension(caller): Extension<Caller>,
     id: Result<Path<String>, axum::extract::rejection::PathRejection>,
     RawQuery(q): RawQuery,
 ) -> Response {
-    ttl_query(c, "check_pass", Status::Passing, id, q).await
+    ttl_query(c, caller, "check_pass", Status::Passing, id, q).await
 }
 
 async fn check_warn(
     State(c): State<Consul>,
+    Extension(caller): Extension<Caller>,
     id: Result<Path<String>, axum::extract::rejection::PathRejection>,
     RawQuery(q): RawQuery,
 ) -> Response {
-    ttl_query(c, "check_warn", Status::Warning, id, q).await
+    ttl_query(c, caller, "check_warn", Status::Warning, id, q).await
 }
 
 async fn check_fail(
     State(c): State<Consul>,
+    Extension(caller): Extension<Caller>,
     id: Result<Path<String>, axum::extract::rejection::PathRejection>,
     RawQuery(q): RawQuery,
 ) -> Response {
-    ttl_query(c, "check_fail", Status::Critical, id, q).await
+    ttl_query(c, caller, "check_fail", Status::Critical, id, q).await
 }
 
 async fn check_update(
     State(c): State<Consul>,
+    Extension(caller): Extension<Caller>,
     id: Result<Path<String>, axum::extract::rejection::PathRejection>,
     body: Bytes,
 ) -> Response {
@@ -624,7 +712,7 @@ async fn check_update(
         let f = Fields::new(&body, "")?;
         let status = Status::parse(f.str("Status")?.unwrap_or_default())?;
         let output = f.str("Output")?.unwrap_or_default().to_string();
-        ttl_report(&c, id, status, output).await
+        ttl_report(&c, &caller, id, status, output).await
     }
     .await;
     answer(&c, "check_update", r)
@@ -711,11 +799,13 @@ async fn status_peers(State(c): State<Consul>) -> Response {
 
 async fn catalog_services(
     State(c): State<Consul>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> Response {
     let r = async {
         let o = Opts::parse(&c, &headers, &Query::parse(&q))?;
+        caller.allow(Right::Read, &Resource::Namespace(&o.namespace))?;
         let index = c.catalog_wait(&o).await;
         let mut out = Map::new();
         for s in c.registry.services(&o.namespace) {
@@ -741,6 +831,7 @@ async fn catalog_services(
 
 async fn catalog_service(
     State(c): State<Consul>,
+    Extension(caller): Extension<Caller>,
     name: Result<Path<String>, axum::extract::rejection::PathRejection>,
     headers: HeaderMap,
     RawQuery(q): RawQuery,
@@ -749,6 +840,10 @@ async fn catalog_service(
         let name = path_id(name)?;
         let o = Opts::parse(&c, &headers, &Query::parse(&q))?;
         let key = o.key(&name)?;
+        caller.allow(
+            Right::Read,
+            &Resource::Service(&key.namespace, &key.service),
+        )?;
         let view = c.service_view(&key, &o).await;
         let dc = &c.config.datacenter;
         let out: Vec<Value> = view
@@ -768,11 +863,13 @@ async fn catalog_service(
 
 async fn catalog_nodes(
     State(c): State<Consul>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> Response {
     let r = async {
         let o = Opts::parse(&c, &headers, &Query::parse(&q))?;
+        caller.allow(Right::Read, &Resource::Namespace(&o.namespace))?;
         let index = c.catalog_wait(&o).await;
         let mut hosts: Vec<String> = Vec::new();
         for s in c.registry.services(&o.namespace) {
@@ -805,6 +902,7 @@ async fn catalog_datacenters(State(c): State<Consul>) -> Response {
 
 async fn health_service(
     State(c): State<Consul>,
+    Extension(caller): Extension<Caller>,
     name: Result<Path<String>, axum::extract::rejection::PathRejection>,
     headers: HeaderMap,
     RawQuery(q): RawQuery,
@@ -813,6 +911,10 @@ async fn health_service(
         let name = path_id(name)?;
         let o = Opts::parse(&c, &headers, &Query::parse(&q))?;
         let key = o.key(&name)?;
+        caller.allow(
+            Right::Read,
+            &Resource::Service(&key.namespace, &key.service),
+        )?;
         let view = c.service_view(&key, &o).await;
         let dc = &c.config.datacenter;
         let serf = mapping::serf_check();
@@ -856,6 +958,7 @@ async fn health_service(
 
 async fn health_checks(
     State(c): State<Consul>,
+    Extension(caller): Extension<Caller>,
     name: Result<Path<String>, axum::extract::rejection::PathRejection>,
     headers: HeaderMap,
     RawQuery(q): RawQuery,
@@ -864,6 +967,10 @@ async fn health_checks(
         let name = path_id(name)?;
         let o = Opts::parse(&c, &headers, &Query::parse(&q))?;
         let key = o.key(&name)?;
+        caller.allow(
+            Right::Read,
+            &Resource::Service(&key.namespace, &key.service),
+        )?;
         let view = c.service_view(&key, &o).await;
         let mut out = Vec::new();
         for inst in &view.instances {
@@ -886,6 +993,7 @@ async fn health_checks(
 
 async fn health_state(
     State(c): State<Consul>,
+    Extension(caller): Extension<Caller>,
     state: Result<Path<String>, axum::extract::rejection::PathRejection>,
     headers: HeaderMap,
     RawQuery(q): RawQuery,
@@ -901,6 +1009,7 @@ async fn health_state(
             })?),
         };
         let o = Opts::parse(&c, &headers, &Query::parse(&q))?;
+        caller.allow(Right::Read, &Resource::Namespace(&o.namespace))?;
         let index = c.catalog_wait(&o).await;
         let serf = mapping::serf_check();
         let mut out = Vec::new();

@@ -49,6 +49,9 @@ pub enum ConsulError {
     Unsupported(String),
     #[error(transparent)]
     Core(#[from] CoreError),
+    /// No or a bad token (401), or a right the token lacks (403).
+    #[error(transparent)]
+    Auth(#[from] sextant_core::AuthError),
 }
 
 impl ConsulError {
@@ -58,6 +61,7 @@ impl ConsulError {
             ConsulError::NotFound(_) => ErrorKind::NotFound,
             ConsulError::Unsupported(_) => ErrorKind::Unsupported,
             ConsulError::Core(e) => e.kind(),
+            ConsulError::Auth(e) => e.kind(),
         }
     }
 }

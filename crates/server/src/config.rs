@@ -535,6 +535,9 @@ impl ServerConfig {
             listeners.push(("nacos_http_addr", self.nacos_http_addr));
             listeners.push(("nacos_grpc_addr", self.nacos_grpc_addr()));
         }
+        if self.consul {
+            listeners.push(("consul_http_addr", self.consul_http_addr));
+        }
         listeners
             .into_iter()
             .find(|(_, a)| !a.ip().is_loopback())
@@ -722,6 +725,11 @@ mod tests {
         c.check_exposure().unwrap();
         c.auth = AuthMode::Off;
         c.nacos = false;
+        c.check_exposure().unwrap();
+        c.consul_http_addr = "0.0.0.0:8500".parse().unwrap();
+        let e = c.check_exposure().unwrap_err().to_string();
+        assert!(e.contains("consul_http_addr"), "{e}");
+        c.consul = false;
         c.check_exposure().unwrap();
     }
 

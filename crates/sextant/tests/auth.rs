@@ -496,3 +496,87 @@ async fn xds_streams_need_a_token_that_reads_everything() {
         .await
         .unwrap();
 }
+
+/// Consul's HTTP API passes the same check: no token (or a bad one) is a 401 — also for
+/// endpoints that read nothing of the registry —, a token of another namespace a 403, the
+/// right one works through `X-Consul-Token` or `?token=`, and its writes are audited as
+/// `consul` with the token's id.
+#[tokio::test]
+async fn consul_api_refuses_then_allows_by_scope() {
+    let server = Server::start_with_args(&["--auth", "on"]);
+    let consul = format!("http://{}", server.consul.expect("Consul is on"));
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let (_, admin_secret) = bootstrap(&server.api()).await;
+    let admin = api_with(&server, &admin_secret);
+    let (app_id, app_secret) = token_for(&admin, "pub-rw", "public", &["read", "write"]).await;
+    let reg = json!({"ID": "web-1", "Name": "web", "Address": "10.0.0.1", "Port": 80});
+
+    let r = http
+        .put(format!("{consul}/v1/agent/service/register"))
+        .json(&reg)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.headers().contains_key("x-consul-index"));
+    for path in ["/v1/agent/self", "/v1/health/service/web", "/v1/kv/x"] {
+        let r = http.get(format!("{consul}{path}")).send().await.unwrap();
+        assert_eq!(r.status(), 401, "{path}");
+    }
+    let r = http
+        .get(format!("{consul}/v1/catalog/services"))
+        .header("x-consul-token", "nope")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+
+    // The right scope, by header and by query.
+    let r = http
+        .put(format!("{consul}/v1/agent/service/register"))
+        .header("x-consul-token", &app_secret)
+        .json(&reg)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+    let r = http
+        .get(format!("{consul}/v1/health/service/web?token={app_secret}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v[0]["Service"]["ID"], "web-1");
+
+    // Another namespace: 403 naming the right and the namespace.
+    let r = http
+        .get(format!("{consul}/v1/health/service/web?ns=prod"))
+        .header("x-consul-token", &app_secret)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let text = r.text().await.unwrap();
+    assert!(text.contains("read") && text.contains("prod"), "{text}");
+    // The agent's listing spans namespaces: it needs `read` on all of them.
+    let r = http
+        .get(format!("{consul}/v1/agent/services"))
+        .header("x-consul-token", &app_secret)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+
+    // Audited as a Consul write by the app's token.
+    let audit = admin.get("/v1/audit?namespace=public").await.ok();
+    let entry = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["change"].as_str().unwrap_or("").contains("web-1"))
+        .cloned()
+        .unwrap_or_else(|| panic!("no audit entry for web-1: {audit}"));
+    assert_eq!(entry["token_id"], app_id.as_str(), "{entry}");
+    assert_eq!(entry["protocol"], "consul", "{entry}");
+}

@@ -12,6 +12,8 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use parking_lot::Mutex;
 use sextant_core::model::{Health, Instance, ServiceKey};
 use tokio::time::Instant;
@@ -78,9 +80,22 @@ pub struct HealthWrite {
 #[derive(Default)]
 pub struct Agent {
     state: Mutex<State>,
+    /// Bumped on every change of what answers show but the registry does not version (TTL
+    /// outputs and statuses, maintenance reasons, the set of agent services), so a cached
+    /// answer is rebuilt.
+    generation: AtomicU64,
 }
 
 impl Agent {
+    /// See the field: a cached answer built at another generation is stale.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    fn changed(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
     /// Takes an agent-registered instance (at start, or after a registration) with each
     /// check's initial status; a TTL check it already tracked keeps its state.
     pub fn adopt(
@@ -135,6 +150,8 @@ impl Agent {
                 critical_since: None,
             },
         );
+        drop(st);
+        self.changed();
     }
 
     /// Forgets an instance and its checks.
@@ -145,6 +162,8 @@ impl Agent {
                 st.checks.remove(&d.id);
             }
         }
+        drop(st);
+        self.changed();
     }
 
     /// The service of an agent-registered instance.
@@ -198,6 +217,7 @@ impl Agent {
         if let Some(e) = self.state.lock().services.get_mut(id) {
             e.maintenance = reason;
         }
+        self.changed();
     }
 
     /// Records a TTL check's report and restarts its deadline; returns the instance's health
@@ -217,11 +237,14 @@ impl Agent {
         t.output = output;
         t.deadline = now + t.ttl;
         let health = e.ttl_health().unwrap_or(Health::Unknown);
-        Ok(HealthWrite {
+        let w = HealthWrite {
             key: e.key.clone(),
             id,
             health,
-        })
+        };
+        drop(st);
+        self.changed();
+        Ok(w)
     }
 
     /// Marks every TTL check past its deadline critical; returns how many expired.
@@ -236,6 +259,10 @@ impl Agent {
                     n += 1;
                 }
             }
+        }
+        drop(st);
+        if n > 0 {
+            self.changed();
         }
         n
     }

@@ -37,6 +37,7 @@ use sextant_core::{CoreError, Op, Principal, ServiceView};
 use tokio::time::Instant;
 
 use crate::agent::TtlError;
+use crate::answers::Question;
 use crate::mapping::{self, Fields, Status, NAMESPACE};
 use crate::{health_op, Consul, ConsulError};
 
@@ -195,6 +196,14 @@ fn json_at(index: Revision, body: Value) -> Response {
         body.to_string(),
     )
         .into_response();
+    resp.headers_mut()
+        .insert(INDEX, HeaderValue::from(index.max(1)));
+    resp
+}
+
+/// A JSON answer already encoded, with its index.
+fn bytes_at(index: Revision, body: Bytes) -> Response {
+    let mut resp = ([(header::CONTENT_TYPE, "application/json")], body).into_response();
     resp.headers_mut()
         .insert(INDEX, HeaderValue::from(index.max(1)));
     resp
@@ -916,44 +925,61 @@ async fn health_service(
             &Resource::Service(&key.namespace, &key.service),
         )?;
         let view = c.service_view(&key, &o).await;
-        let dc = &c.config.datacenter;
-        let serf = mapping::serf_check();
-        let mut out = Vec::with_capacity(view.instances.len());
-        for inst in &view.instances {
-            let tags = mapping::tags_of(inst);
-            if !mapping::has_tags(&tags, &o.tags) {
-                continue;
-            }
-            let checks = c.checks_of(inst);
-            // Sextant's protection (an opt-in per service) wins over `?passing`: with too
-            // few instances serving, every instance is returned, as native discovery does.
-            if o.passing && !view.protected && checks.iter().any(|ch| ch.status != Status::Passing)
-            {
-                continue;
-            }
-            let node = mapping::node_of(inst.spec.host.as_str());
-            let mut cj = vec![mapping::check_json(
-                &serf,
-                &node.name,
-                &key.service,
-                inst,
-                &tags,
-            )];
-            cj.extend(
-                checks
-                    .iter()
-                    .map(|ch| mapping::check_json(ch, &node.name, &key.service, inst, &tags)),
-            );
-            out.push(json!({
-                "Node": mapping::node_json(&node, dc),
-                "Service": mapping::service_json(&key.service, inst, &tags, dc),
-                "Checks": cj,
-            }));
-        }
-        Ok(json_at(view.revision, Value::Array(out)))
+        let mut tags = o.tags.clone();
+        tags.sort();
+        let question = Question {
+            endpoint: "health_service",
+            service: key.clone(),
+            passing: o.passing,
+            tags,
+        };
+        // Read before building: a TTL report meanwhile makes the next reader build again.
+        let version = (view.revision, c.agent.generation());
+        let bytes = c
+            .answers
+            .get(question, version, || health_entries(&c, &key, &view, &o));
+        Ok(bytes_at(view.revision, bytes))
     }
     .await;
     answer(&c, "health_service", r)
+}
+
+/// `/v1/health/service/:name`'s answer, as JSON bytes.
+fn health_entries(c: &Consul, key: &ServiceKey, view: &ServiceView, o: &Opts) -> Bytes {
+    let dc = &c.config.datacenter;
+    let serf = mapping::serf_check();
+    let mut out = Vec::with_capacity(view.instances.len());
+    for inst in &view.instances {
+        let tags = mapping::tags_of(inst);
+        if !mapping::has_tags(&tags, &o.tags) {
+            continue;
+        }
+        let checks = c.checks_of(inst);
+        // Sextant's protection (an opt-in per service) wins over `?passing`: with too
+        // few instances serving, every instance is returned, as native discovery does.
+        if o.passing && !view.protected && checks.iter().any(|ch| ch.status != Status::Passing) {
+            continue;
+        }
+        let node = mapping::node_of(inst.spec.host.as_str());
+        let mut cj = vec![mapping::check_json(
+            &serf,
+            &node.name,
+            &key.service,
+            inst,
+            &tags,
+        )];
+        cj.extend(
+            checks
+                .iter()
+                .map(|ch| mapping::check_json(ch, &node.name, &key.service, inst, &tags)),
+        );
+        out.push(json!({
+            "Node": mapping::node_json(&node, dc),
+            "Service": mapping::service_json(&key.service, inst, &tags, dc),
+            "Checks": cj,
+        }));
+    }
+    Bytes::from(Value::Array(out).to_string())
 }
 
 async fn health_checks(

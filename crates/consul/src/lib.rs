@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+mod answers;
 pub mod http;
 pub mod mapping;
 mod metrics;
@@ -118,6 +119,7 @@ pub struct Consul {
     pub(crate) config: Arc<ConsulConfig>,
     pub(crate) agent: Arc<Agent>,
     pub(crate) metrics: ConsulMetrics,
+    pub(crate) answers: Arc<answers::Answers>,
 }
 
 impl Consul {
@@ -148,6 +150,7 @@ impl Consul {
             config: Arc::new(config),
             agent,
             metrics,
+            answers: Arc::default(),
         };
         tokio::spawn(c.clone().background());
         c

@@ -81,10 +81,7 @@ pub(crate) fn routes(consul: Consul) -> Router {
         .route("/v1/agent/service/{id}", get(agent_service))
         .route("/v1/agent/services", get(agent_services))
         .route("/v1/agent/checks", get(agent_checks))
-        .route("/v1/agent/check/pass/{id}", put(check_pass))
-        .route("/v1/agent/check/warn/{id}", put(check_warn))
-        .route("/v1/agent/check/fail/{id}", put(check_fail))
-        .route("/v1/agent/check/update/{id}", put(check_update))
+        .route("/v1/agent/check/{verb}/{id}", put(check_report))
         .route("/v1/agent/check/register", any(check_register))
         .route("/v1/agent/check/deregister/{id}", any(check_register))
         .route("/v1/agent/maintenance", any(node_maintenance))
@@ -363,6 +360,40 @@ impl Consul {
         let inst = self.registry.instance(&key, id)?;
         Some((key, inst))
     }
+}
+
+/// The start of every read of one service: its name, the options, the `read` right, then the
+/// service once its revision passes the query's index.
+async fn read_service(
+    c: &Consul,
+    caller: &Caller,
+    name: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    headers: &HeaderMap,
+    q: &Option<String>,
+) -> Result<(ServiceKey, Opts, ServiceView), ConsulError> {
+    let name = path_id(name)?;
+    let o = Opts::parse(c, headers, &Query::parse(q))?;
+    let key = o.key(&name)?;
+    caller.allow(
+        Right::Read,
+        &Resource::Service(&key.namespace, &key.service),
+    )?;
+    let view = c.service_view(&key, &o).await;
+    Ok((key, o, view))
+}
+
+/// The start of every catalog-wide read: the options, `read` on the namespace, then the
+/// registry's revision once it passes the query's index.
+async fn read_catalog(
+    c: &Consul,
+    caller: &Caller,
+    headers: &HeaderMap,
+    q: &Option<String>,
+) -> Result<(Opts, Revision), ConsulError> {
+    let o = Opts::parse(c, headers, &Query::parse(q))?;
+    caller.allow(Right::Read, &Resource::Namespace(&o.namespace))?;
+    let index = c.catalog_wait(&o).await;
+    Ok((o, index))
 }
 
 fn path_id(
@@ -661,70 +692,52 @@ async fn ttl_report(
     Ok(ok_empty())
 }
 
-async fn ttl_query(
-    c: Consul,
-    caller: Caller,
-    endpoint: &'static str,
-    status: Status,
-    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
-    q: Option<String>,
+/// `PUT /v1/agent/check/{pass,warn,fail}/:id?note=` and `/v1/agent/check/update/:id`
+/// (`{"Status", "Output"}`): one TTL report.
+async fn check_report(
+    State(c): State<Consul>,
+    Extension(caller): Extension<Caller>,
+    p: Result<Path<(String, String)>, axum::extract::rejection::PathRejection>,
+    RawQuery(q): RawQuery,
+    body: Bytes,
 ) -> Response {
-    let r = async {
-        let id = path_id(id)?;
-        let note = Query::parse(&q).get("note").unwrap_or_default().to_string();
-        ttl_report(&c, &caller, id, status, note).await
-    }
-    .await;
+    let (verb, id) = match p {
+        Ok(Path(v)) => v,
+        Err(r) => {
+            return answer(
+                &c,
+                "check_report",
+                Err(ConsulError::BadRequest(r.body_text())),
+            )
+        }
+    };
+    let note = || Query::parse(&q).get("note").unwrap_or_default().to_string();
+    let (endpoint, report) = match verb.as_str() {
+        "pass" => ("check_pass", Ok((Status::Passing, note()))),
+        "warn" => ("check_warn", Ok((Status::Warning, note()))),
+        "fail" => ("check_fail", Ok((Status::Critical, note()))),
+        "update" => ("check_update", update_body(&body)),
+        _ => ("unknown", Err(ConsulError::NotFound(format!(
+            "/v1/agent/check/{verb}/ is not a Consul endpoint Sextant serves (pass, warn, fail, update)"
+        )))),
+    };
+    let r = match report {
+        Ok((status, output)) => ttl_report(&c, &caller, id, status, output).await,
+        Err(e) => Err(e),
+    };
     answer(&c, endpoint, r)
 }
 
-async fn check_pass(
-    State(c): State<Consul>,
-    Extension(caller): Extension<Caller>,
-    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
-    RawQuery(q): RawQuery,
-) -> Response {
-    ttl_query(c, caller, "check_pass", Status::Passing, id, q).await
-}
-
-async fn check_warn(
-    State(c): State<Consul>,
-    Extension(caller): Extension<Caller>,
-    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
-    RawQuery(q): RawQuery,
-) -> Response {
-    ttl_query(c, caller, "check_warn", Status::Warning, id, q).await
-}
-
-async fn check_fail(
-    State(c): State<Consul>,
-    Extension(caller): Extension<Caller>,
-    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
-    RawQuery(q): RawQuery,
-) -> Response {
-    ttl_query(c, caller, "check_fail", Status::Critical, id, q).await
-}
-
-async fn check_update(
-    State(c): State<Consul>,
-    Extension(caller): Extension<Caller>,
-    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
-    body: Bytes,
-) -> Response {
-    let r = async {
-        let id = path_id(id)?;
-        let body: Value = serde_json::from_slice(&body).map_err(|e| {
-            ConsulError::BadRequest(format!(
-                "the body is not JSON {{\"Status\", \"Output\"}}: {e}"
-            ))
-        })?;
-        let f = Fields::new(&body, "")?;
-        let status = Status::parse(f.str("Status")?.unwrap_or_default())?;
-        let output = f.str("Output")?.unwrap_or_default().to_string();
-        ttl_report(&c, &caller, id, status, output).await
-    }
-    .await;
-    answer(&c, "check_update", r)
+/// The body of `/v1/agent/check/update/:id`.
+fn update_body(body: &[u8]) -> Result<(Status, String), ConsulError> {
+    let body: Value = serde_json::from_slice(body).map_err(|e| {
+        ConsulError::BadRequest(format!(
+            "the body is not JSON {{\"Status\", \"Output\"}}: {e}"
+        ))
+    })?;
+    let f = Fields::new(&body, "")?;
+    let status = Status::parse(f.str("Status")?.unwrap_or_default())?;
+    Ok((status, f.str("Output")?.unwrap_or_default().to_string()))
 }
 
 async fn check_register(State(c): State<Consul>) -> Response {
@@ -813,9 +826,7 @@ async fn catalog_services(
     RawQuery(q): RawQuery,
 ) -> Response {
     let r = async {
-        let o = Opts::parse(&c, &headers, &Query::parse(&q))?;
-        caller.allow(Right::Read, &Resource::Namespace(&o.namespace))?;
-        let index = c.catalog_wait(&o).await;
+        let (o, index) = read_catalog(&c, &caller, &headers, &q).await?;
         let mut out = Map::new();
         for s in c.registry.services(&o.namespace) {
             if s.instances == 0 {
@@ -846,14 +857,7 @@ async fn catalog_service(
     RawQuery(q): RawQuery,
 ) -> Response {
     let r = async {
-        let name = path_id(name)?;
-        let o = Opts::parse(&c, &headers, &Query::parse(&q))?;
-        let key = o.key(&name)?;
-        caller.allow(
-            Right::Read,
-            &Resource::Service(&key.namespace, &key.service),
-        )?;
-        let view = c.service_view(&key, &o).await;
+        let (key, o, view) = read_service(&c, &caller, name, &headers, &q).await?;
         let dc = &c.config.datacenter;
         let out: Vec<Value> = view
             .instances
@@ -877,9 +881,7 @@ async fn catalog_nodes(
     RawQuery(q): RawQuery,
 ) -> Response {
     let r = async {
-        let o = Opts::parse(&c, &headers, &Query::parse(&q))?;
-        caller.allow(Right::Read, &Resource::Namespace(&o.namespace))?;
-        let index = c.catalog_wait(&o).await;
+        let (o, index) = read_catalog(&c, &caller, &headers, &q).await?;
         let mut hosts: Vec<String> = Vec::new();
         for s in c.registry.services(&o.namespace) {
             for inst in c.registry.get(&s.service, false).instances {
@@ -917,14 +919,7 @@ async fn health_service(
     RawQuery(q): RawQuery,
 ) -> Response {
     let r = async {
-        let name = path_id(name)?;
-        let o = Opts::parse(&c, &headers, &Query::parse(&q))?;
-        let key = o.key(&name)?;
-        caller.allow(
-            Right::Read,
-            &Resource::Service(&key.namespace, &key.service),
-        )?;
-        let view = c.service_view(&key, &o).await;
+        let (key, o, view) = read_service(&c, &caller, name, &headers, &q).await?;
         let mut tags = o.tags.clone();
         tags.sort();
         let question = Question {
@@ -990,14 +985,7 @@ async fn health_checks(
     RawQuery(q): RawQuery,
 ) -> Response {
     let r = async {
-        let name = path_id(name)?;
-        let o = Opts::parse(&c, &headers, &Query::parse(&q))?;
-        let key = o.key(&name)?;
-        caller.allow(
-            Right::Read,
-            &Resource::Service(&key.namespace, &key.service),
-        )?;
-        let view = c.service_view(&key, &o).await;
+        let (key, _, view) = read_service(&c, &caller, name, &headers, &q).await?;
         let mut out = Vec::new();
         for inst in &view.instances {
             let tags = mapping::tags_of(inst);
@@ -1034,9 +1022,7 @@ async fn health_state(
                 ))
             })?),
         };
-        let o = Opts::parse(&c, &headers, &Query::parse(&q))?;
-        caller.allow(Right::Read, &Resource::Namespace(&o.namespace))?;
-        let index = c.catalog_wait(&o).await;
+        let (o, index) = read_catalog(&c, &caller, &headers, &q).await?;
         let serf = mapping::serf_check();
         let mut out = Vec::new();
         let mut nodes: Vec<String> = Vec::new();

@@ -90,14 +90,7 @@ impl EtcdStore {
                 key: from,
                 ..Default::default()
             };
-            let resp = inner
-                .conn
-                .call(|mut c| {
-                    let req = req.clone();
-                    async move { c.range(req).await }
-                })
-                .await
-                .map_err(|e| inner.map(e, "read"))?;
+            let resp = inner.range(req).await?;
             let mut members: Vec<Member> = resp
                 .kvs
                 .iter()
@@ -109,13 +102,8 @@ impl EtcdStore {
                 ..Default::default()
             };
             let leader = inner
-                .conn
-                .call(|mut c| {
-                    let req = req.clone();
-                    async move { c.range(req).await }
-                })
-                .await
-                .map_err(|e| inner.map(e, "read"))?
+                .range(req)
+                .await?
                 .kvs
                 .first()
                 .and_then(|kv| serde_json::from_slice::<Member>(&kv.value).ok());
@@ -312,7 +300,9 @@ async fn hold_lease(
             }
             Some(created) => {
                 // Still ours? (An operator may have deleted it; etcd may have expired it.)
-                let still = read_create_revision(inner, &inner.keys.leader).await?;
+                let still = create_revision_at(inner, 0)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 if still != created {
                     *inner.fence.lock() = None;
                     return Err("the leader key is no longer this node's".into());
@@ -323,37 +313,15 @@ async fn hold_lease(
     }
 }
 
-async fn read_create_revision(inner: &Inner, key: &[u8]) -> Result<i64, String> {
-    let req = RangeRequest {
-        key: key.to_vec(),
-        ..Default::default()
-    };
-    let resp = inner
-        .conn
-        .call(|mut c| {
-            let req = req.clone();
-            async move { c.range(req).await }
-        })
-        .await
-        .map_err(|e| inner.map(e, "read").to_string())?;
-    Ok(resp.kvs.first().map_or(0, |kv| kv.create_revision))
-}
-
-/// The leader key's create revision (0: none) at etcd revision `at`.
+/// The leader key's create revision (0: none), at etcd revision `at` (0: now).
 pub(crate) async fn create_revision_at(inner: &Inner, at: i64) -> Result<i64, StoreError> {
-    let req = RangeRequest {
-        key: inner.keys.leader.clone(),
-        revision: at,
-        ..Default::default()
-    };
     let resp = inner
-        .conn
-        .call(|mut c| {
-            let req = req.clone();
-            async move { c.range(req).await }
+        .range(RangeRequest {
+            key: inner.keys.leader.clone(),
+            revision: at,
+            ..Default::default()
         })
-        .await
-        .map_err(|e| inner.map(e, "read"))?;
+        .await?;
     Ok(resp.kvs.first().map_or(0, |kv| kv.create_revision))
 }
 

@@ -419,6 +419,17 @@ impl Inner {
         ))
     }
 
+    /// One range read, with the store's failover and error mapping.
+    pub(crate) async fn range(&self, req: RangeRequest) -> Result<RangeResponse, StoreError> {
+        self.conn
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.range(req).await }
+            })
+            .await
+            .map_err(|e| self.map(e, "read"))
+    }
+
     fn map(&self, e: CallError, what: &str) -> StoreError {
         match e {
             CallError::Unreachable(m) => self.unavailable(&m),
@@ -439,14 +450,7 @@ impl Inner {
             revision: at,
             ..Default::default()
         };
-        let resp: RangeResponse = self
-            .conn
-            .call(|mut c| {
-                let req = req.clone();
-                async move { c.range(req).await }
-            })
-            .await
-            .map_err(|e| self.map(e, "read"))?;
+        let resp = self.range(req).await?;
         let header_rev = resp.header.map(|h| h.revision).unwrap_or(at);
         let rev = match resp.kvs.first() {
             Some(kv) => decode_revision(key, &kv.value)?,

@@ -3,8 +3,9 @@
 //! When a service changes, every blocking query parked on it wakes at once (a thousand
 //! Prometheus, Traefik or consul-template watchers of one service); building and serializing
 //! the JSON once per watcher cost about 200 µs of CPU each (docs/benchmarks.md, Run 8). The
-//! answer depends only on the question (endpoint, service, `passing`, tags) and the state
-//! (the service's revision, and the agent's generation for TTL outputs and maintenance
+//! answer depends only on the question (endpoint, service or namespace, `passing`, tags) and the
+//! state (the service's revision — the registry's for catalog-wide answers — and the agent's
+//! generation for TTL outputs and maintenance
 //! reasons, which change without a revision), so the first reader of a state builds it and the
 //! others clone its bytes. One entry per question: a newer state replaces it, and the table is
 //! emptied if it ever holds more than `MAX_QUESTIONS` (made-up names cannot grow it for long).
@@ -14,7 +15,7 @@ use std::sync::{Arc, OnceLock};
 
 use axum::body::Bytes;
 use parking_lot::Mutex;
-use sextant_core::model::{Revision, ServiceKey};
+use sextant_core::model::Revision;
 
 const MAX_QUESTIONS: usize = 4096;
 
@@ -22,13 +23,15 @@ const MAX_QUESTIONS: usize = 4096;
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct Question {
     pub endpoint: &'static str,
-    pub service: ServiceKey,
+    /// What it is about: `namespace/service`, or a namespace for catalog-wide answers.
+    pub scope: String,
     pub passing: bool,
     /// Sorted, so the order they were given in does not matter.
     pub tags: Vec<String>,
 }
 
-/// The state an answer was built from: (service revision, agent generation).
+/// The state an answer was built from: (the service's or the registry's revision, agent
+/// generation).
 pub(crate) type Version = (Revision, u64);
 
 /// An answer being built or built: the first reader builds it, the others wait for it.
@@ -73,7 +76,7 @@ mod tests {
     fn q(passing: bool) -> Question {
         Question {
             endpoint: "health_service",
-            service: ServiceKey::new("public", "web").unwrap(),
+            scope: "public/web".into(),
             passing,
             tags: Vec::new(),
         }

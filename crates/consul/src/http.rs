@@ -827,26 +827,41 @@ async fn catalog_services(
 ) -> Response {
     let r = async {
         let (o, index) = read_catalog(&c, &caller, &headers, &q).await?;
-        let mut out = Map::new();
-        for s in c.registry.services(&o.namespace) {
-            if s.instances == 0 {
-                continue;
-            }
-            let mut tags: Vec<String> = Vec::new();
-            for inst in c.registry.get(&s.service, false).instances {
-                for t in mapping::tags_of(&inst) {
-                    if !tags.contains(&t) {
-                        tags.push(t);
-                    }
-                }
-            }
-            tags.sort();
-            out.insert(s.service.service.to_string(), json!(tags));
-        }
-        Ok(json_at(index, Value::Object(out)))
+        // Every change anywhere wakes these watchers (Prometheus' service discovery): one
+        // answer per revision, shared.
+        let question = Question {
+            endpoint: "catalog_services",
+            scope: o.namespace.clone(),
+            passing: false,
+            tags: Vec::new(),
+        };
+        let bytes = c.answers.get(question, (index, 0), || {
+            catalog_services_body(&c, &o.namespace)
+        });
+        Ok(bytes_at(index, bytes))
     }
     .await;
     answer(&c, "catalog_services", r)
+}
+
+/// `/v1/catalog/services`' answer: each service of the namespace with instances, and the union
+/// of their tags, sorted.
+fn catalog_services_body(c: &Consul, namespace: &str) -> Bytes {
+    let mut out = Map::new();
+    for s in c.registry.services(namespace) {
+        if s.instances == 0 {
+            continue;
+        }
+        let tags: std::collections::BTreeSet<String> = c
+            .registry
+            .get(&s.service, false)
+            .instances
+            .iter()
+            .flat_map(mapping::tags_of)
+            .collect();
+        out.insert(s.service.service.to_string(), json!(tags));
+    }
+    Bytes::from(Value::Object(out).to_string())
 }
 
 async fn catalog_service(
@@ -924,7 +939,7 @@ async fn health_service(
         tags.sort();
         let question = Question {
             endpoint: "health_service",
-            service: key.clone(),
+            scope: key.to_string(),
             passing: o.passing,
             tags,
         };

@@ -11,7 +11,6 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use sextant_proto::v1 as pb;
-use sextant_proto::v1::registry_client::RegistryClient;
 use tokio::time::Instant;
 
 use crate::load::{self, NAMESPACE};
@@ -86,7 +85,7 @@ pub async fn run(t: &Target, a: &ConnectionsArgs) -> anyhow::Result<()> {
         let n = a.per_connection.min(a.streams - conn * a.per_connection);
         for _ in 0..n {
             let mut client =
-                RegistryClient::new(channel.clone()).max_decoding_message_size(64 << 20);
+                crate::load::grpc_client(channel.clone())?.max_decoding_message_size(64 << 20);
             let svc = service.clone();
             let (ready, failed, events) = (ready.clone(), failed.clone(), events.clone());
             let mut stop = stop_rx.clone();

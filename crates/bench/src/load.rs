@@ -12,6 +12,7 @@ use anyhow::Context;
 use sextant_proto::v1 as pb;
 use sextant_proto::v1::registry_client::RegistryClient;
 use tokio::time::Instant;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use crate::stats::{CpuUsed, Latency, Row};
@@ -209,7 +210,7 @@ pub fn http_client(timeout: Option<Duration>) -> anyhow::Result<reqwest::Client>
     if let Some(t) = timeout {
         b = b.timeout(t);
     }
-    // A node with auth on: its HTTP calls send this token (the gRPC phases do not yet).
+    // A node with auth on: its HTTP calls send this token (gRPC ones: `BenchToken`).
     if let Ok(token) = std::env::var("SEXTANT_BENCH_TOKEN") {
         let mut headers = reqwest::header::HeaderMap::new();
         let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
@@ -221,13 +222,40 @@ pub fn http_client(timeout: Option<Duration>) -> anyhow::Result<reqwest::Client>
     b.build().context("cannot build the HTTP client")
 }
 
+/// The bench's gRPC client: with auth on, every call carries `SEXTANT_BENCH_TOKEN`.
+pub type Grpc = RegistryClient<InterceptedService<Channel, BenchToken>>;
+
+/// Adds `authorization: Bearer $SEXTANT_BENCH_TOKEN` to every gRPC call, when set.
+#[derive(Clone)]
+pub struct BenchToken(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for BenchToken {
+    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            r.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(r)
+    }
+}
+
+/// A gRPC client on `ch` that sends the bench's token.
+pub fn grpc_client(ch: Channel) -> anyhow::Result<Grpc> {
+    let token = match std::env::var("SEXTANT_BENCH_TOKEN") {
+        Ok(t) => {
+            let mut v: tonic::metadata::MetadataValue<_> = format!("Bearer {t}")
+                .parse()
+                .context("SEXTANT_BENCH_TOKEN holds characters metadata cannot")?;
+            v.set_sensitive(true);
+            Some(v)
+        }
+        Err(_) => None,
+    };
+    Ok(RegistryClient::with_interceptor(ch, BenchToken(token)))
+}
+
 /// Registers `service` with `n` instances (`i0`, `i1`, ...) in one `BatchRegister`: the watched
 /// service of the streaming scenarios.
-pub async fn register_service(
-    c: RegistryClient<Channel>,
-    service: &str,
-    n: u64,
-) -> anyhow::Result<()> {
+pub async fn register_service(c: Grpc, service: &str, n: u64) -> anyhow::Result<()> {
     let instances = (0..n)
         .map(|i| grpc_request(service, format!("i{i}"), i))
         .collect();
@@ -239,7 +267,7 @@ pub async fn register_service(
 
 /// One `BatchRegister`, checked to answer one revision per instance; returns how many.
 pub async fn batch_register(
-    mut c: RegistryClient<Channel>,
+    mut c: Grpc,
     instances: Vec<pb::RegisterRequest>,
 ) -> anyhow::Result<u64> {
     let len = instances.len() as u64;
@@ -256,7 +284,7 @@ pub async fn batch_register(
 }
 
 /// `n` gRPC clients, each on its own connection (as `n` independent clients would be).
-pub async fn grpc_clients(url: &str, n: usize) -> anyhow::Result<Vec<RegistryClient<Channel>>> {
+pub async fn grpc_clients(url: &str, n: usize) -> anyhow::Result<Vec<Grpc>> {
     let mut out = Vec::with_capacity(n);
     for _ in 0..n.max(1) {
         let ch = endpoint(url)?
@@ -267,7 +295,7 @@ pub async fn grpc_clients(url: &str, n: usize) -> anyhow::Result<Vec<RegistryCli
             .await
             .with_context(|| format!("cannot connect to gRPC at {url}"))?;
         out.push(
-            RegistryClient::new(ch)
+            grpc_client(ch)?
                 .max_decoding_message_size(64 << 20)
                 .max_encoding_message_size(64 << 20),
         );

@@ -459,11 +459,7 @@ async fn measure(t: &Target, a: &XdsArgs, p: Protocol) -> anyhow::Result<(Vec<Ro
 }
 
 /// Sets the marker instance's weight (the change number + 1).
-async fn set_marker(
-    c: &mut sextant_proto::v1::registry_client::RegistryClient<Channel>,
-    service: &str,
-    weight: u32,
-) -> anyhow::Result<()> {
+async fn set_marker(c: &mut crate::load::Grpc, service: &str, weight: u32) -> anyhow::Result<()> {
     c.update_status(pb::UpdateStatusRequest {
         service: Some(pb::ServiceRef {
             namespace: NAMESPACE.into(),

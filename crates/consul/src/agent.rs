@@ -213,11 +213,17 @@ impl Agent {
             .and_then(|e| e.maintenance.clone())
     }
 
-    pub fn set_maintenance(&self, id: &str, reason: Option<String>) {
-        if let Some(e) = self.state.lock().services.get_mut(id) {
-            e.maintenance = reason;
-        }
+    /// Sets (or clears) a service's maintenance reason; returns the one it had, so a caller
+    /// whose registry write then fails can put it back.
+    pub fn set_maintenance(&self, id: &str, reason: Option<String>) -> Option<String> {
+        let old = self
+            .state
+            .lock()
+            .services
+            .get_mut(id)
+            .and_then(|e| std::mem::replace(&mut e.maintenance, reason));
         self.changed();
+        old
     }
 
     /// Records a TTL check's report and restarts its deadline; returns the instance's health

@@ -150,7 +150,10 @@ async fn gate(State(c): State<Consul>, mut req: Request, next: Next) -> Response
                 .unwrap_or_default();
             let actor = p.actor(peer, "consul");
             req.extensions_mut().insert(Caller(p));
-            sextant_core::with_actor(actor, next.run(req)).await
+            match c.registry.admitted(actor, next.run(req)).await {
+                Ok(resp) => resp,
+                Err(e) => answer(&c, "admission", Err(e.into())),
+            }
         }
     }
 }
@@ -561,7 +564,13 @@ async fn maintenance(
             &Resource::Service(&key.namespace, &key.service),
         )?;
         let reason = q.get("reason").unwrap_or_default().to_string();
-        c.registry
+        // The reason is recorded before the write: a blocking query that the write wakes
+        // renders the maintenance check at once, and must see this reason, not the default.
+        let before = c
+            .agent
+            .set_maintenance(&id, enable.then_some(reason.clone()));
+        let written = c
+            .registry
             .update_status(
                 key.clone(),
                 id.clone(),
@@ -570,9 +579,11 @@ async fn maintenance(
                     ..StatusPatch::default()
                 },
             )
-            .await?;
-        c.agent
-            .set_maintenance(&id, enable.then_some(reason.clone()));
+            .await;
+        if let Err(e) = written {
+            c.agent.set_maintenance(&id, before);
+            return Err(e.into());
+        }
         tracing::info!(service = %key, id, enable, reason, "consul: maintenance mode");
         Ok(ok_empty())
     }

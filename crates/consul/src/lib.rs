@@ -71,15 +71,25 @@ impl IntoResponse for ConsulError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.kind().http_status())
             .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let wait = match &self {
+            ConsulError::Core(e) => e.retry_after(),
+            _ => None,
+        };
+        let wait = wait.or_else(|| {
+            matches!(
+                self.kind(),
+                ErrorKind::Unavailable | ErrorKind::ShuttingDown
+            )
+            .then_some(sextant_core::RETRY_AFTER_BUSY)
+        });
         let mut resp = (status, self.to_string()).into_response();
-        if matches!(
-            self.kind(),
-            ErrorKind::Unavailable | ErrorKind::ShuttingDown
-        ) {
-            resp.headers_mut().insert(
-                axum::http::header::RETRY_AFTER,
-                axum::http::HeaderValue::from_static("1"),
-            );
+        if let Some(wait) = wait {
+            if let Ok(v) =
+                axum::http::HeaderValue::from_str(&sextant_core::retry_after_header(wait))
+            {
+                resp.headers_mut()
+                    .insert(axum::http::header::RETRY_AFTER, v);
+            }
         }
         resp
     }

@@ -315,6 +315,23 @@ impl Acl<'_> {
         self.registry.core.acl_changed.subscribe()
     }
 
+    /// Resolves, with the reason, once `principal`'s token no longer exists; never for a
+    /// caller without a token. Every watch of every adapter ends on it.
+    pub fn revoked(&self, principal: Principal) -> impl std::future::Future<Output = String> {
+        let registry = self.registry.clone();
+        async move {
+            let mut changes = registry.acl().changes();
+            loop {
+                if !registry.acl().is_current(&principal) {
+                    return "the watch's token was revoked".to_string();
+                }
+                if changes.changed().await.is_err() {
+                    return std::future::pending().await;
+                }
+            }
+        }
+    }
+
     pub fn tokens(&self) -> Vec<Token> {
         self.state().tokens.values().cloned().collect()
     }

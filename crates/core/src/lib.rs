@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod acl;
+pub mod admission;
 mod codec;
 mod delivery;
 mod lease;
@@ -19,6 +20,7 @@ pub mod store;
 use std::time::Duration;
 
 pub use acl::{with_actor, Acl, Actor, AuthError, NewToken, Principal};
+pub use admission::{ConnectionPermit, Limits, RETRY_AFTER_BUSY};
 pub use delivery::{Delivery, ServiceSnapshot, SharedEvent, Subscription, SubscriptionClosed};
 pub use metrics::CoreMetrics;
 pub use registry::{
@@ -54,6 +56,8 @@ pub struct CoreConfig {
     pub audit_retention: usize,
     /// Also handed every audit entry once it is durable (the `audit_log` file).
     pub audit_sink: Option<AuditSink>,
+    /// Request rates, requests in flight, connections and write shedding (see `admission`).
+    pub limits: Limits,
 }
 
 /// A callback for audit entries, called on the writer's thread: keep it short.
@@ -85,6 +89,7 @@ impl Default for CoreConfig {
             auth: false,
             audit_retention: 0,
             audit_sink: None,
+            limits: Limits::default(),
         }
     }
 }
@@ -109,6 +114,13 @@ pub enum CoreError {
     Conflict(String),
     #[error("internal error: {0}")]
     Internal(String),
+    /// Over a request-rate limit; `what` names the limit and its key (address or token id).
+    #[error("too many requests: {what}; retry in {:.1} s", .retry_after.as_secs_f64())]
+    RateLimited { what: String, retry_after: Duration },
+    /// Refused to protect the node (too many requests in flight, or the writer's queue is
+    /// deep); the message says which.
+    #[error("overloaded: {0}")]
+    Overloaded(String),
 }
 
 fn not_leader_message(leader: &Option<String>) -> String {
@@ -132,8 +144,31 @@ impl CoreError {
             CoreError::NotLeader(_) => ErrorKind::Unavailable,
             CoreError::Conflict(_) => ErrorKind::Conflict,
             CoreError::Internal(_) => ErrorKind::Internal,
+            CoreError::RateLimited { .. } => ErrorKind::RateLimited,
+            CoreError::Overloaded(_) => ErrorKind::Unavailable,
         }
     }
+
+    /// How long a client should wait before trying again (the `Retry-After` of a 429 or 503),
+    /// for the errors that are about the node's state rather than the request.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            CoreError::RateLimited { retry_after, .. } => {
+                // Whole seconds on the wire; never tell a client to retry at once.
+                Some((*retry_after).max(Duration::from_millis(1)))
+            }
+            CoreError::Overloaded(_) | CoreError::Store(_) | CoreError::NotLeader(_) => {
+                Some(RETRY_AFTER_BUSY)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A `Retry-After` header value: whole seconds, rounded up, at least 1.
+pub fn retry_after_header(wait: Duration) -> String {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    secs.max(1).to_string()
 }
 
 /// The class of an error as every adapter reports it: the one table from an error to its HTTP
@@ -160,6 +195,8 @@ pub enum ErrorKind {
     PermissionDenied,
     /// The request contradicts the current state (e.g. a second ACL bootstrap).
     Conflict,
+    /// Over a request-rate limit (429 with `Retry-After`).
+    RateLimited,
 }
 
 impl AuthError {
@@ -188,7 +225,8 @@ mod grpc_code {
 
 impl ErrorKind {
     /// Every kind, for tests and tables.
-    pub const ALL: [ErrorKind; 10] = [
+    pub const ALL: [ErrorKind; 11] = [
+        ErrorKind::RateLimited,
         ErrorKind::Unauthenticated,
         ErrorKind::PermissionDenied,
         ErrorKind::Conflict,
@@ -212,6 +250,7 @@ impl ErrorKind {
             ErrorKind::Unauthenticated => 401,
             ErrorKind::PermissionDenied => 403,
             ErrorKind::Conflict => 409,
+            ErrorKind::RateLimited => 429,
         }
     }
 
@@ -227,6 +266,7 @@ impl ErrorKind {
             ErrorKind::Unauthenticated => grpc_code::UNAUTHENTICATED,
             ErrorKind::PermissionDenied => grpc_code::PERMISSION_DENIED,
             ErrorKind::Conflict => grpc_code::ALREADY_EXISTS,
+            ErrorKind::RateLimited => grpc_code::RESOURCE_EXHAUSTED,
         }
     }
 
@@ -249,6 +289,7 @@ impl ErrorKind {
             ErrorKind::Unauthenticated => "unauthenticated",
             ErrorKind::PermissionDenied => "permission_denied",
             ErrorKind::Conflict => "conflict",
+            ErrorKind::RateLimited => "rate_limited",
         }
     }
 
@@ -259,6 +300,7 @@ impl ErrorKind {
             401 => ErrorKind::Unauthenticated,
             403 => ErrorKind::PermissionDenied,
             409 => ErrorKind::Conflict,
+            429 => ErrorKind::RateLimited,
             404 => ErrorKind::NotFound,
             413 => ErrorKind::TooLarge,
             501 => ErrorKind::Unsupported,
@@ -303,6 +345,12 @@ mod error_kind_tests {
             let via_http = ErrorKind::from_http_status(k.http_status());
             let via_grpc = ErrorKind::from_grpc_code(k.grpc_code());
             assert_eq!(via_http.http_status(), k.http_status(), "{k:?}");
+            if k == ErrorKind::RateLimited {
+                // gRPC has one code for "too large" and "over a quota": it reads back as
+                // too large, the code still the same.
+                assert_eq!(via_grpc.grpc_code(), k.grpc_code());
+                continue;
+            }
             assert_eq!(via_grpc.http_status(), k.http_status(), "{k:?}");
             assert_eq!(via_grpc.grpc_code(), k.grpc_code(), "{k:?}");
         }

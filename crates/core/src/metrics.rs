@@ -23,6 +23,20 @@ pub struct CoreMetrics {
     /// Time from a change being published to its delivery to one subscriber.
     pub push_seconds: Histogram,
     pub resyncs: Counter,
+    /// Requests, connections and writes refused by admission (see `admission`).
+    pub refusals: Family<RefusalLabels, Counter>,
+    pub requests_in_flight: Gauge,
+    pub connections_open: Gauge,
+    /// Writes waiting for the writer.
+    pub write_queue: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// `rate_per_source`, `rate_per_token`, `max_requests`, `max_connections`, `shed_write`.
+    pub reason: &'static str,
+    /// The protocol of the request, or the listener of the connection.
+    pub protocol: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
@@ -45,6 +59,10 @@ impl Default for CoreMetrics {
             events: Family::default(),
             push_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             resyncs: Counter::default(),
+            refusals: Family::default(),
+            requests_in_flight: Gauge::default(),
+            connections_open: Gauge::default(),
+            write_queue: Gauge::default(),
         }
     }
 }
@@ -109,6 +127,28 @@ impl CoreMetrics {
             "subscriber_resyncs",
             "Snapshots sent to subscribers that fell behind the change log",
             m.resyncs.clone(),
+        );
+        r.register(
+            "refusals",
+            "Requests, connections and writes refused to protect the node, by reason \
+             (rate_per_source, rate_per_token, max_requests, max_connections, shed_write) and \
+             protocol or listener",
+            m.refusals.clone(),
+        );
+        r.register(
+            "requests_in_flight",
+            "Requests being handled (blocking queries included), against max_requests",
+            m.requests_in_flight.clone(),
+        );
+        r.register(
+            "connections_open",
+            "Open TCP connections over all listeners, against max_connections",
+            m.connections_open.clone(),
+        );
+        r.register(
+            "write_queue",
+            "Writes waiting for the writer, against shed_write_queue",
+            m.write_queue.clone(),
         );
         m
     }

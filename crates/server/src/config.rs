@@ -239,6 +239,25 @@ pub struct ServerConfig {
     /// Also append every audit entry to this file, as JSON lines.
     #[arg(long, env = "SEXTANT_AUDIT_LOG")]
     pub audit_log: Option<PathBuf>,
+    // --- limits and overload protection (0 turns one off) ---
+    /// Requests per second one source IP address may make, on every protocol but DNS (burst:
+    /// one second's worth); more get 429 with Retry-After.
+    #[arg(long, env = "SEXTANT_RATE_PER_SOURCE", default_value_t = 50000)]
+    pub rate_per_source: u32,
+    /// Requests per second one token may make (burst: one second's worth); more get 429 with
+    /// Retry-After.
+    #[arg(long, env = "SEXTANT_RATE_PER_TOKEN", default_value_t = 50000)]
+    pub rate_per_token: u32,
+    /// Requests handled at once, blocking queries included; more get 503 with Retry-After.
+    #[arg(long, env = "SEXTANT_MAX_REQUESTS", default_value_t = 100000)]
+    pub max_requests: usize,
+    /// Open TCP connections over all listeners; more are closed as they arrive.
+    #[arg(long, env = "SEXTANT_MAX_CONNECTIONS", default_value_t = 100000)]
+    pub max_connections: usize,
+    /// Writes waiting for the writer beyond which client writes get 503 with Retry-After
+    /// (shed before latency grows with the queue); heartbeats and reads are still served.
+    #[arg(long, env = "SEXTANT_SHED_WRITE_QUEUE", default_value_t = 2048)]
+    pub shed_write_queue: usize,
 }
 
 /// Whether requests need a token.
@@ -614,6 +633,24 @@ mod tests {
         assert_eq!(c.grpc_addr.port(), 8471);
         let e = ServerConfig::from_toml("htp_addr = \"x\"").unwrap_err();
         assert!(e.contains("htp_addr"), "{e}");
+    }
+
+    /// The limits' defaults are written twice (here for `--help`, in the core for embedders);
+    /// they must agree.
+    #[test]
+    fn limit_defaults_match_the_core() {
+        let d = ServerConfig::default();
+        let core = sextant_core::Limits::default();
+        assert_eq!(
+            sextant_core::Limits {
+                rate_per_source: d.rate_per_source,
+                rate_per_token: d.rate_per_token,
+                max_requests: d.max_requests,
+                max_connections: d.max_connections,
+                shed_write_queue: d.shed_write_queue,
+            },
+            core
+        );
     }
 
     /// The table is complete: every file key has its flag and its variable, named by the rule

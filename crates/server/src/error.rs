@@ -10,6 +10,9 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// Sent as `Retry-After` (HTTP) or `retry-after` metadata (gRPC): how long a client
+    /// refused by a limit, or by a node that cannot write now, should wait.
+    pub retry_after: Option<std::time::Duration>,
 }
 
 impl ApiError {
@@ -18,6 +21,7 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after: None,
         }
     }
 
@@ -39,6 +43,7 @@ impl From<InvalidField> for ApiError {
 impl From<CoreError> for ApiError {
     fn from(e: CoreError) -> Self {
         let kind = e.kind();
+        let retry_after = e.retry_after();
         let status =
             StatusCode::from_u16(kind.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let message = match e {
@@ -49,6 +54,7 @@ impl From<CoreError> for ApiError {
             e @ CoreError::NotLeader(_) => e.to_string(),
             CoreError::Conflict(m) => m,
             CoreError::Internal(m) => m,
+            e @ (CoreError::RateLimited { .. } | CoreError::Overloaded(_)) => e.to_string(),
         };
         // The wire code of the native APIs: clients match on it, so shutting down stays
         // `unavailable` as before.
@@ -62,15 +68,26 @@ impl From<CoreError> for ApiError {
             ErrorKind::Unauthenticated => "unauthenticated",
             ErrorKind::PermissionDenied => "permission_denied",
             ErrorKind::Conflict => "conflict",
+            ErrorKind::RateLimited => "rate_limited",
         };
-        ApiError::new(status, code, message)
+        ApiError {
+            retry_after,
+            ..ApiError::new(status, code, message)
+        }
     }
 }
 
 impl From<ApiError> for tonic::Status {
     fn from(e: ApiError) -> Self {
         let kind = ErrorKind::from_http_status(e.status.as_u16());
-        tonic::Status::new(tonic::Code::from(kind.grpc_code()), e.message)
+        let mut status = tonic::Status::new(tonic::Code::from(kind.grpc_code()), e.message);
+        if let Some(v) = e
+            .retry_after
+            .and_then(|w| sextant_core::retry_after_header(w).parse().ok())
+        {
+            status.metadata_mut().insert("retry-after", v);
+        }
+        status
     }
 }
 
@@ -82,6 +99,13 @@ pub fn grpc_status(e: impl Into<ApiError>) -> tonic::Status {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
-        (self.status, axum::Json(body)).into_response()
+        let mut resp = (self.status, axum::Json(body)).into_response();
+        if let Some(v) = self.retry_after.and_then(|w| {
+            axum::http::HeaderValue::from_str(&sextant_core::retry_after_header(w)).ok()
+        }) {
+            resp.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, v);
+        }
+        resp
     }
 }

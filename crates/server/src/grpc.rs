@@ -261,7 +261,11 @@ impl GrpcApi {
             Ok(who) => {
                 let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
                 let actor = who.actor(peer, "grpc");
-                sextant_core::with_actor(actor, f(who, req.into_inner())).await
+                self.node
+                    .registry
+                    .admitted(actor, f(who, req.into_inner()))
+                    .await
+                    .unwrap_or_else(|refused| Err(grpc_status(refused)))
             }
             Err(e) => Err(e),
         };
@@ -570,6 +574,11 @@ impl RegistryApi for GrpcApi {
 
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<WatchStream>, Status> {
         let who = self.caller(&req)?;
+        let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        self.node
+            .registry
+            .admit(&who.actor(peer, "grpc"))
+            .map_err(grpc_status)?;
         let r = req.into_inner();
         if r.services.is_empty() {
             return Err(Status::invalid_argument(

@@ -161,6 +161,13 @@ impl Server {
             auth: config.auth == config::AuthMode::On,
             audit_retention: config.audit_retention,
             audit_sink,
+            limits: sextant_core::Limits {
+                rate_per_source: config.rate_per_source,
+                rate_per_token: config.rate_per_token,
+                max_requests: config.max_requests,
+                max_connections: config.max_connections,
+                shed_write_queue: config.shed_write_queue,
+            },
             ..CoreConfig::default()
         };
         let registry = Registry::open(store.clone(), core_config, core_metrics).await?;
@@ -280,6 +287,7 @@ impl Server {
         let mut s1 = stopped.clone();
         let http = tokio::spawn(http::serve(
             http_listener,
+            registry.clone(),
             app,
             limits,
             node.tls.clone(),
@@ -300,6 +308,7 @@ impl Server {
         let grpc = tokio::spawn(tls::serve_grpc(
             routes,
             grpc_listener,
+            registry.clone(),
             tls.clone(),
             tls::GrpcOptions {
                 keepalive_interval: Duration::from_secs(30),
@@ -339,6 +348,7 @@ impl Server {
             let mut s4 = stop.subscribe();
             consul_http = Some(tokio::spawn(http::serve(
                 listener,
+                registry.clone(),
                 consul.router(),
                 limits,
                 tls.clone(),
@@ -356,9 +366,11 @@ impl Server {
             let mut s3 = stop.subscribe();
             // The Nacos listeners are served like the native ones, with the same limits and TLS.
             let nacos_tls = tls.clone();
+            let (r1, r2) = (registry.clone(), registry.clone());
             let serve_http = move |app| {
                 tokio::spawn(http::serve(
                     h,
+                    r1,
                     app,
                     limits,
                     nacos_tls,
@@ -373,6 +385,7 @@ impl Server {
                 tokio::spawn(tls::serve_grpc(
                     routes,
                     g,
+                    r2,
                     tls,
                     tls::GrpcOptions {
                         keepalive_interval: sextant_nacos::GRPC_KEEPALIVE_INTERVAL,

@@ -29,17 +29,7 @@ pub(crate) fn revoked(
     registry: sextant_core::Registry,
     principal: sextant_core::Principal,
 ) -> Revoked {
-    Box::pin(async move {
-        let mut changes = registry.acl().changes();
-        loop {
-            if !registry.acl().is_current(&principal) {
-                return "the watch's token was revoked".to_string();
-            }
-            if changes.changed().await.is_err() {
-                return std::future::pending().await;
-            }
-        }
-    })
+    Box::pin(registry.acl().revoked(principal))
 }
 
 impl<T: Clone + Send + 'static> Pump<T> {

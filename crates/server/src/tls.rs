@@ -27,6 +27,7 @@ use rustls::RootCertStore;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Serialize;
+use sextant_core::Registry;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
@@ -219,8 +220,9 @@ impl ResolvesServerCert for Current {
     }
 }
 
-/// Modification time and length of the certificate and key files: a change means reload.
-type Stamp = [(Option<SystemTime>, u64); 2];
+/// Modification time and length of the certificate, key and client CA files: a change means
+/// reload.
+type Stamp = [(Option<SystemTime>, u64); 3];
 
 /// A node's TLS: one per node, shared (cheaply cloned) by every listener.
 #[derive(Clone)]
@@ -232,8 +234,8 @@ struct Inner {
     files: TlsFiles,
     provider: Arc<CryptoProvider>,
     current: Arc<Current>,
-    http: TlsAcceptor,
-    grpc: TlsAcceptor,
+    /// The acceptors (HTTP, gRPC), rebuilt when the client CA is reloaded.
+    acceptors: RwLock<(TlsAcceptor, TlsAcceptor)>,
     metrics: TlsMetrics,
     /// The files' stamp at the last load attempt.
     seen: Mutex<Stamp>,
@@ -245,31 +247,13 @@ impl Tls {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let seen = stamp(&files);
         let current = Arc::new(Current(RwLock::new(load_key(&files, &provider)?)));
-        let verifier = match &files.client_ca {
-            Some(path) => Some(client_verifier(path, &provider)?),
-            None => None,
-        };
-        let config = |alpn: &[&[u8]]| -> Result<TlsAcceptor, TlsError> {
-            let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
-                .with_safe_default_protocol_versions()
-                .map_err(|e| TlsError::Setup(e.to_string()))?;
-            let builder = match &verifier {
-                Some(v) => builder.with_client_cert_verifier(v.clone()),
-                None => builder.with_no_client_auth(),
-            };
-            let mut c = builder.with_cert_resolver(current.clone());
-            c.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-            Ok(TlsAcceptor::from(Arc::new(c)))
-        };
-        let http = config(&[b"h2", b"http/1.1"])?;
-        let grpc = config(&[b"h2"])?;
+        let acceptors = acceptors(&files, &provider, &current)?;
         Ok(Tls {
             inner: Arc::new(Inner {
                 files,
                 provider,
                 current,
-                http,
-                grpc,
+                acceptors: RwLock::new(acceptors),
                 metrics,
                 seen: Mutex::new(seen),
             }),
@@ -281,15 +265,26 @@ impl Tls {
         self.inner.files.client_ca.is_some()
     }
 
-    /// Loads the certificate and key again; new handshakes use them, open connections keep
-    /// theirs. A pair that does not load is logged and the old one kept.
+    /// Loads the certificate and key again, and the client CA (mTLS); new handshakes use
+    /// them, open connections keep theirs. Files that do not load are logged and the old
+    /// set-up kept whole.
     pub fn reload(&self, why: &'static str) -> Result<(), TlsError> {
         let i = &self.inner;
         *i.seen.lock().unwrap_or_else(|e| e.into_inner()) = stamp(&i.files);
-        let r = load_key(&i.files, &i.provider);
+        let r = load_key(&i.files, &i.provider).and_then(|key| {
+            // The CA is checked before the key is swapped in: both change, or neither.
+            let rebuilt = match i.files.client_ca {
+                Some(_) => Some(acceptors(&i.files, &i.provider, &i.current)?),
+                None => None,
+            };
+            Ok((key, rebuilt))
+        });
         let outcome = match &r {
-            Ok(key) => {
+            Ok((key, rebuilt)) => {
                 i.current.set(key.clone());
+                if let Some(a) = rebuilt {
+                    *i.acceptors.write().unwrap_or_else(|e| e.into_inner()) = a.clone();
+                }
                 tracing::info!(cause = why, cert = %i.files.cert.display(), "TLS certificate reloaded");
                 "ok"
             }
@@ -357,9 +352,16 @@ impl Tls {
     where
         IO: AsyncRead + AsyncWrite + Unpin,
     {
-        let acceptor = match speaks {
-            Speaks::Http => &self.inner.http,
-            Speaks::Grpc => &self.inner.grpc,
+        let acceptor = {
+            let a = self
+                .inner
+                .acceptors
+                .read()
+                .unwrap_or_else(|e| e.into_inner());
+            match speaks {
+                Speaks::Http => a.0.clone(),
+                Speaks::Grpc => a.1.clone(),
+            }
         };
         let reason = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
             Ok(Ok(stream)) => {
@@ -370,6 +372,7 @@ impl Tls {
                     .and_then(|c| c.first())
                     .and_then(|c| PeerIdentity::from_der(c.as_ref()));
                 return Some(Accepted {
+                    permit: None,
                     io: Conn::Tls(Box::new(stream)),
                     info: ConnInfo {
                         remote,
@@ -487,7 +490,34 @@ fn stamp(files: &TlsFiles) -> Stamp {
         Ok(m) => (m.modified().ok(), m.len()),
         Err(_) => (None, 0),
     };
-    [one(&files.cert), one(&files.key)]
+    let ca = files.client_ca.as_deref().map_or((None, 0), one);
+    [one(&files.cert), one(&files.key), ca]
+}
+
+/// The HTTP and gRPC acceptors (they differ in ALPN) presenting `current`, verifying clients
+/// against the client CA file when there is one.
+fn acceptors(
+    files: &TlsFiles,
+    provider: &Arc<CryptoProvider>,
+    current: &Arc<Current>,
+) -> Result<(TlsAcceptor, TlsAcceptor), TlsError> {
+    let verifier = match &files.client_ca {
+        Some(path) => Some(client_verifier(path, provider)?),
+        None => None,
+    };
+    let config = |alpn: &[&[u8]]| -> Result<TlsAcceptor, TlsError> {
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Setup(e.to_string()))?;
+        let builder = match &verifier {
+            Some(v) => builder.with_client_cert_verifier(v.clone()),
+            None => builder.with_no_client_auth(),
+        };
+        let mut c = builder.with_cert_resolver(current.clone());
+        c.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Ok(TlsAcceptor::from(Arc::new(c)))
+    };
+    Ok((config(&[b"h2", b"http/1.1"])?, config(&[b"h2"])?))
 }
 
 /// A connection's byte stream: plain or TLS.
@@ -500,14 +530,19 @@ pub enum Conn<IO> {
 pub struct Accepted<IO> {
     pub io: Conn<IO>,
     pub info: ConnInfo,
+    /// Counts the connection against `max_connections` until it is dropped.
+    pub permit: Option<sextant_core::ConnectionPermit>,
 }
 
 /// Accepts on `listener` until the returned stream is dropped: sets no-Nagle, wraps each
 /// socket with `wrap` (the HTTP server's linger-on-close) and, with `tls`, runs its handshake
 /// on a task of its own. Accept errors are logged and retried, never the end of the stream.
 /// `name` labels log lines and the handshake failure metric (`http`, `grpc`, `nacos-http`…).
+/// A connection over the node's `max_connections` (asked of `registry`) is closed at once,
+/// before any TLS handshake; the refusal is counted.
 pub fn incoming<IO, W>(
     listener: TcpListener,
+    registry: Registry,
     tls: Option<Tls>,
     speaks: Speaks,
     name: &'static str,
@@ -530,6 +565,13 @@ where
                 },
                 _ = tx.closed() => break,
             };
+            let Some(permit) = registry.admit_connection(name) else {
+                // Closing at once tells the client now (a reset or EOF) instead of letting it
+                // wait; logged at debug, since a flood would otherwise flood the log.
+                tracing::debug!(listener = name, %remote, "max_connections reached; closing");
+                drop(tcp);
+                continue;
+            };
             // No Nagle: SSE frames, pushes and answers written in pieces must not wait for
             // delayed ACKs.
             let _ = tcp.set_nodelay(true);
@@ -546,6 +588,7 @@ where
                     let a = Accepted {
                         io: Conn::Plain(io),
                         info,
+                        permit: Some(permit),
                     };
                     if tx.send(a).await.is_err() {
                         break;
@@ -554,7 +597,8 @@ where
                 Some(tls) => {
                     let (tls, tx) = (tls.clone(), tx.clone());
                     tokio::spawn(async move {
-                        if let Some(a) = tls.accept(io, remote, local, speaks, name).await {
+                        if let Some(mut a) = tls.accept(io, remote, local, speaks, name).await {
+                            a.permit = Some(permit);
                             let _ = tx.send(a).await;
                         }
                     });
@@ -679,12 +723,13 @@ pub(crate) struct GrpcOptions {
 pub(crate) async fn serve_grpc(
     routes: tonic::service::Routes,
     listener: TcpListener,
+    registry: Registry,
     tls: Option<Tls>,
     options: GrpcOptions,
     mut stop: watch::Receiver<bool>,
     name: &'static str,
 ) {
-    let incoming = incoming(listener, tls, Speaks::Grpc, name, |tcp| tcp);
+    let incoming = incoming(listener, registry, tls, Speaks::Grpc, name, |tcp| tcp);
     let mut builder = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(options.keepalive_interval))
         .max_concurrent_streams(options.max_concurrent_streams);

@@ -136,6 +136,15 @@ impl NacosConn {
         drop(self.unary);
     }
 
+    /// A call carrying `accessToken` in the payload's headers, as the Nacos SDKs send it.
+    async fn call_with_token(&mut self, kind: &str, body: Value, token: &str) -> (String, Value) {
+        let mut p = payload(kind, body);
+        if let Some(m) = p.metadata.as_mut() {
+            m.headers.insert("accessToken".into(), token.into());
+        }
+        parse(&self.unary.request(p).await.unwrap().into_inner())
+    }
+
     async fn call(&mut self, kind: &str, body: Value) -> (String, Value) {
         parse(
             &self
@@ -439,4 +448,82 @@ async fn a_newer_stream_on_the_same_connection_keeps_its_instances() {
         vec![8080],
         "{body}"
     );
+}
+
+#[tokio::test]
+async fn revoking_a_token_ends_its_nacos_subscriptions() {
+    let server = Server::start_with_args(&["--auth", "on"]);
+    let anon = server.api();
+    let boot = anon.post("/v1/acl/bootstrap", &json!({})).await;
+    assert_eq!(boot.status, 201, "{}", boot.text);
+    let admin_secret = boot.body["secret"].as_str().unwrap().to_string();
+    let admin = server.api().with_bearer(&admin_secret);
+    admin
+        .put(
+            "/v1/acl/policies/reader",
+            &json!({"rules": [{"namespace": "public", "rights": ["read"]}]}),
+        )
+        .await
+        .ok();
+    let t = admin
+        .post("/v1/acl/tokens", &json!({"policies": ["reader"]}))
+        .await;
+    assert_eq!(t.status, 201, "{}", t.text);
+    let (id, secret) = (
+        t.body["id"].as_str().unwrap().to_string(),
+        t.body["secret"].as_str().unwrap().to_string(),
+    );
+
+    let mut watcher = NacosConn::open(&server).await;
+    let (kind, body) = watcher
+        .call_with_token(
+            "SubscribeServiceRequest",
+            json!({"requestId": "1", "namespace": "", "serviceName": "orders",
+                   "groupName": "G1", "clusters": "", "subscribe": true}),
+            &secret,
+        )
+        .await;
+    assert_eq!(kind, "SubscribeServiceResponse", "{body}");
+    assert_eq!(body["resultCode"], 200, "{body}");
+    let reg = |port: u16| json!({"host": "10.0.0.2", "port": port, "protocol": "http"});
+    admin
+        .put(&instance_path("public", "G1@@orders", "a"), &reg(9090))
+        .await
+        .ok();
+    watcher
+        .push_where("the first instance is pushed", |h| ports(h) == vec![9090])
+        .await;
+    let metrics_api = server.api().with_bearer(&admin_secret);
+    assert_eq!(
+        metric(&metrics_api, "sextant_nacos_subscriptions").await,
+        1.0
+    );
+
+    // Revoked: the subscription ends (no more pushes) and a new subscribe is refused.
+    let r = admin.delete(&format!("/v1/acl/tokens/{id}")).await;
+    assert!(r.status < 300, "{}", r.text);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(&metrics_api, "sextant_nacos_subscriptions").await != 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the subscription outlived its token"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    while watcher.pushes.try_recv().is_ok() {}
+    admin
+        .put(&instance_path("public", "G1@@orders", "b"), &reg(9091))
+        .await
+        .ok();
+    let late = tokio::time::timeout(Duration::from_millis(700), watcher.pushes.recv()).await;
+    assert!(late.is_err(), "a push after revocation: {late:?}");
+    let (_, body) = watcher
+        .call_with_token(
+            "SubscribeServiceRequest",
+            json!({"requestId": "2", "namespace": "", "serviceName": "orders",
+                   "groupName": "G1", "clusters": "", "subscribe": true}),
+            &secret,
+        )
+        .await;
+    assert_eq!(body["errorCode"], 401, "{body}");
 }

@@ -485,3 +485,51 @@ async fn grpcio_xds_client_over_tls() {
         .unwrap_or_else(|| panic!("no result from client.py: {out:?}"));
     assert_eq!(last["counts"]["e1"], json!(3), "{last} {out:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_ca_reloads_too() {
+    let server_ca = TestCa::new("server CA");
+    let (old_ca, new_ca) = (TestCa::new("clients before"), TestCa::new("clients after"));
+    let server_files = server_ca.server("server", "sextant-test");
+    // The client CA file the node reads: a copy, replaced below.
+    let clients = server_ca.dir().join("clients.pem");
+    std::fs::copy(old_ca.ca_file(), &clients).unwrap();
+    let mut args = server_ca.serve_args(&server_files, false);
+    args.extend(["--tls-client-ca".into(), clients.display().to_string()]);
+    let s = start(&args);
+    let whoami = format!("https://{}/v1/whoami", s.http);
+    let before = old_ca.client("before", "before", vec![]);
+    let after = new_ca.client("after", "after", vec![]);
+    let ca = server_ca.ca_file().display().to_string();
+    let works = |c: &CertFiles| {
+        let (cert, key) = (c.cert.display().to_string(), c.key.display().to_string());
+        curl(&[
+            "--fail", "--cacert", &ca, "--cert", &cert, "--key", &key, &whoami,
+        ])
+        .0
+    };
+    assert!(works(&before) && !works(&after));
+
+    std::fs::copy(new_ca.ca_file(), &clients).unwrap();
+    sighup(&s);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !works(&after) {
+        assert!(
+            Instant::now() < deadline,
+            "the new client CA was not used; log:\n{}",
+            s.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!works(&before), "a client of the old CA still accepted");
+
+    // A bad CA file keeps the current set-up whole.
+    std::fs::write(&clients, b"not a certificate").unwrap();
+    sighup(&s);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !s.log().contains("not reloaded") {
+        assert!(Instant::now() < deadline, "{}", s.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(works(&after));
+}

@@ -65,8 +65,10 @@ impl XdsServer {
 
     /// With auth on, a stream needs `read` on every namespace (it may subscribe to any name,
     /// or to all of them): its `authorization: Bearer <secret>` metadata is checked when it
-    /// opens. (Per-name checks and a token in the node's metadata are not done.)
-    fn authorize(&self, md: &tonic::metadata::MetadataMap) -> Result<(), Status> {
+    /// opens. (Per-name checks and a token in the node's metadata are not done.) The stream
+    /// is admitted once, by the rate limits of its address and token.
+    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let md = request.metadata();
         let secret = md
             .get("authorization")
             .and_then(|v| v.to_str().ok())
@@ -75,7 +77,20 @@ impl XdsServer {
         let right = sextant_core::model::acl::Right::Read;
         let all = sextant_core::model::acl::Resource::Global;
         match self.hub.registry.acl().check(secret, right, &all) {
-            Ok(_) => Ok(()),
+            Ok(who) => {
+                let source = request.remote_addr().map(|a| a.to_string());
+                let actor = who.actor(source.unwrap_or_default(), "xds");
+                self.hub.registry.admit(&actor).map_err(|e| {
+                    let mut status = Status::resource_exhausted(e.to_string());
+                    if let Some(v) = e
+                        .retry_after()
+                        .and_then(|w| sextant_core::retry_after_header(w).parse().ok())
+                    {
+                        status.metadata_mut().insert("retry-after", v);
+                    }
+                    status
+                })
+            }
             Err(sextant_core::AuthError::Unauthenticated(m)) => Err(Status::unauthenticated(
                 format!("{m}: send the metadata authorization: Bearer <secret>"),
             )),
@@ -102,7 +117,7 @@ impl AggregatedDiscoveryService for XdsServer {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        self.authorize(request.metadata())?;
+        self.authorize(&request)?;
         let session = Session::new(self.hub.clone(), "sotw", request.remote_addr());
         let engine = sotw::Sotw::new(session);
         Ok(Response::new(Box::pin(drive(engine, request.into_inner()))))
@@ -112,7 +127,7 @@ impl AggregatedDiscoveryService for XdsServer {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        self.authorize(request.metadata())?;
+        self.authorize(&request)?;
         let session = Session::new(self.hub.clone(), "delta", request.remote_addr());
         let engine = delta::Delta::new(session);
         Ok(Response::new(Box::pin(drive(engine, request.into_inner()))))

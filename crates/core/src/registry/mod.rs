@@ -228,6 +228,7 @@ pub(crate) struct RegistryCore {
     /// The revision of the last ACL change.
     pub acl_changed: watch::Sender<Revision>,
     pub audit: Mutex<AuditLog>,
+    pub admission: crate::admission::Admission,
 }
 
 /// Handle to the registry. Cheap to clone; all clones share one registry. A handle made by
@@ -294,6 +295,7 @@ impl Registry {
         let (stopped_tx, stopped_rx) = oneshot::channel();
         // History before this start is gone for every name, loaded or not.
         let services = ServiceTable::new(services, revision, config.vacant_retention);
+        let admission = crate::admission::Admission::new(config.limits.clone(), metrics.clone());
         let core = Arc::new(RegistryCore {
             config,
             services,
@@ -313,6 +315,7 @@ impl Registry {
             audit: Mutex::new(AuditLog {
                 entries: loaded.audit,
             }),
+            admission,
         });
         let writer = Writer {
             core: core.clone(),
@@ -408,6 +411,9 @@ impl Registry {
     }
 
     /// Applies `ops` in order; each gets its own result. Returns once they are durable.
+    ///
+    /// A write made for a client (one with an actor) is shed with a 503 when the writer's
+    /// queue is deep (`Limits::shed_write_queue`); the node's own writes are never shed.
     pub async fn apply(&self, ops: Vec<Op>) -> Result<Vec<OpResult>, CoreError> {
         for op in &ops {
             op.validate()?;
@@ -415,17 +421,57 @@ impl Registry {
         if self.core.closing.borrow().is_some() {
             return Err(CoreError::ShuttingDown);
         }
+        let actor = self.actor.clone().or_else(crate::acl::current_actor);
+        if let Some(a) = &actor {
+            self.core
+                .admission
+                .shed(self.write_queue_depth(), a.protocol)?;
+        }
         let (reply, rx) = oneshot::channel();
         self.core
             .writes
-            .send(WriteRequest {
-                ops,
-                reply,
-                actor: self.actor.clone().or_else(crate::acl::current_actor),
-            })
+            .send(WriteRequest { ops, reply, actor })
             .await
             .map_err(|_| CoreError::ShuttingDown)?;
         rx.await.map_err(|_| CoreError::ShuttingDown)?
+    }
+
+    /// Writes waiting for the writer.
+    pub fn write_queue_depth(&self) -> usize {
+        let w = &self.core.writes;
+        w.max_capacity() - w.capacity()
+    }
+
+    /// Admits one request made by `actor` and runs it: the rate limits of its source address
+    /// and token, then a place among the requests in flight (held until `f` completes), with
+    /// every registry write `f` makes audited as made by `actor`. Every adapter runs each
+    /// request through here (see `admission`); a refusal is a 429 or 503 with `Retry-After`.
+    pub async fn admitted<F: std::future::Future>(
+        &self,
+        actor: Actor,
+        f: F,
+    ) -> Result<F::Output, CoreError> {
+        let admission = &self.core.admission;
+        admission.check_rates(&actor)?;
+        let _in_flight = admission.request(actor.protocol)?;
+        Ok(crate::acl::with_actor(actor, f).await)
+    }
+
+    /// The rate limits alone, for a request that opens a long-lived stream (a watch, an xDS
+    /// stream): it is admitted once, and does not hold a place among the requests in flight.
+    pub fn admit(&self, actor: &Actor) -> Result<(), CoreError> {
+        self.core.admission.check_rates(actor)
+    }
+
+    /// A place among the node's open connections, held by the connection; `None` when the
+    /// node is at `Limits::max_connections` (the caller closes the connection).
+    pub fn admit_connection(&self, listener: &'static str) -> Option<crate::ConnectionPermit> {
+        self.core.admission.connection(listener)
+    }
+
+    /// The limits this node runs with.
+    pub fn limits(&self) -> &crate::Limits {
+        self.core.admission.limits()
     }
 
     async fn apply_one(&self, op: Op) -> Result<Revision, CoreError> {
@@ -811,7 +857,14 @@ async fn background(registry: Registry, _close: CloseOnDrop) {
         }
         ticks += 1;
         core.metrics.service_entries.set(core.services.len() as i64);
+        let (requests, connections) = core.admission.in_use();
+        core.metrics.requests_in_flight.set(requests as i64);
+        core.metrics.connections_open.set(connections as i64);
+        core.metrics
+            .write_queue
+            .set(registry.write_queue_depth() as i64);
         if ticks.is_multiple_of(VACANT_SWEEP_TICKS) {
+            core.admission.forget_idle();
             let removed = core.services.sweep();
             if removed > 0 {
                 tracing::debug!(removed, "vacant services swept out of memory");

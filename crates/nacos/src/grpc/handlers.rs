@@ -220,6 +220,7 @@ impl Api {
         &self,
         conn: &Arc<Conn>,
         req: &NamingRequest,
+        who: &sextant_core::Principal,
     ) -> Result<Value, NacosError> {
         let (_, key) = req.service()?;
         let adapter = &self.conns.adapter;
@@ -237,6 +238,7 @@ impl Api {
                     key,
                     opts,
                     view.revision,
+                    adapter.registry.acl().revoked(who.clone()),
                 ));
                 st.subscriptions.insert(sub_key, task);
                 adapter.metrics.subscriptions.inc();

@@ -116,22 +116,25 @@ impl Api {
         };
         let conn = self.conns.get(addr);
         let actor = who.actor(addr.to_string(), "nacos-grpc");
-        let result = sextant_core::with_actor(actor, async {
-            match kind {
-                "ServerCheckRequest" => Ok(json!({
-                    "connectionId": conn.id,
-                    "supportAbilityNegotiation": false,
-                })),
-                "HealthCheckRequest" => Ok(json!({})),
-                "InstanceRequest" => self.instance(&conn, &req, false).await,
-                "PersistentInstanceRequest" => self.instance(&conn, &req, true).await,
-                "BatchInstanceRequest" => self.batch(&conn, &req).await,
-                "ServiceQueryRequest" => self.query(&req),
-                "ServiceListRequest" => self.list(&req),
-                _ => self.subscribe(&conn, &req),
-            }
-        })
-        .await;
+        let registry = &self.conns.adapter.registry;
+        let result = registry
+            .admitted(actor, async {
+                match kind {
+                    "ServerCheckRequest" => Ok(json!({
+                        "connectionId": conn.id,
+                        "supportAbilityNegotiation": false,
+                    })),
+                    "HealthCheckRequest" => Ok(json!({})),
+                    "InstanceRequest" => self.instance(&conn, &req, false).await,
+                    "PersistentInstanceRequest" => self.instance(&conn, &req, true).await,
+                    "BatchInstanceRequest" => self.batch(&conn, &req).await,
+                    "ServiceQueryRequest" => self.query(&req),
+                    "ServiceListRequest" => self.list(&req),
+                    _ => self.subscribe(&conn, &req, &who),
+                }
+            })
+            .await
+            .unwrap_or_else(|refused| Err(refused.into()));
         let answer =
             result.and_then(|fields| success_payload(metrics, response, &request_id, fields));
         match answer {

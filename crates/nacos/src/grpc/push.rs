@@ -22,7 +22,9 @@ pub(super) async fn push_changes(
     key: ServiceKey,
     opts: InfoOptions,
     since: Revision,
+    revoked: impl std::future::Future<Output = String>,
 ) {
+    tokio::pin!(revoked);
     let adapter = &conns.adapter;
     let metrics = &adapter.metrics;
     let mut sub = adapter.registry.subscribe(vec![key.clone()], Some(since));
@@ -53,7 +55,17 @@ pub(super) async fn push_changes(
         let published = if std::mem::take(&mut initial) {
             None
         } else {
-            let Ok(delivery) = sub.next().await else {
+            let next = tokio::select! {
+                d = sub.next() => d,
+                why = &mut revoked => {
+                    // Nacos has no message that ends one subscription: pushes stop, and the
+                    // client's next subscribe with that token is refused.
+                    tracing::info!(connection = %conn.id, service = %key, reason = %why, "nacos subscription ended");
+                    forget(&conns, &conn, &key);
+                    return;
+                }
+            };
+            let Ok(delivery) = next else {
                 return;
             };
             if delivery.events.is_empty() && delivery.snapshots.is_empty() {
@@ -89,5 +101,22 @@ pub(super) async fn push_changes(
         if let Some(at) = published {
             metrics.push_latency.observe(at.elapsed().as_secs_f64());
         }
+    }
+}
+
+/// Drops the connection's subscriptions of `key` (whatever their clusters: one connection is
+/// one client with one token) and ends their push tasks, this one included, so a later
+/// subscribe starts afresh.
+fn forget(conns: &Connections, conn: &Conn, key: &ServiceKey) {
+    let mut st = conn.state.lock();
+    let ended: Vec<_> = st
+        .subscriptions
+        .extract_if(|(k, _), _| k == key)
+        .map(|(_, task)| task)
+        .collect();
+    drop(st);
+    for task in ended {
+        task.abort();
+        conns.adapter.metrics.subscriptions.dec();
     }
 }

@@ -168,7 +168,10 @@ pub(crate) async fn gate(
     }
     let actor = who.actor(peer, "nacos-http");
     let req = Request::from_parts(parts, Body::from(body));
-    sextant_core::with_actor(actor, next.run(req)).await
+    match registry.admitted(actor, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(e) => crate::NacosError::from(e).into_response(),
+    }
 }
 
 /// The right a 1.x route needs.

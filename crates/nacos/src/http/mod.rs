@@ -69,8 +69,18 @@ impl IntoResponse for NacosError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.kind().http_status())
             .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let wait = match &self {
+            NacosError::Core(e) => e.retry_after(),
+            _ => None,
+        };
         // Nacos' own error body: plain text, `caused: <message>;`.
-        (status, format!("caused: {self};")).into_response()
+        let mut resp = (status, format!("caused: {self};")).into_response();
+        if let Some(v) = wait
+            .and_then(|w| header::HeaderValue::from_str(&sextant_core::retry_after_header(w)).ok())
+        {
+            resp.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        resp
     }
 }
 

@@ -137,7 +137,10 @@ pub(crate) async fn gate(State(registry): State<Registry>, req: Request, next: N
     let actor = principal.actor(peer, "http");
     let mut req = req;
     req.extensions_mut().insert(principal);
-    sextant_core::with_actor(actor, next.run(req)).await
+    match registry.admitted(actor, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(e) => ApiError::from(e).into_response(),
+    }
 }
 
 /// Eureka's scope is its path: `apps/{app}[/{id}[/status]]` in the `public` namespace.

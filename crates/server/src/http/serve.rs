@@ -61,6 +61,7 @@ const LINGER_TIME: Duration = Duration::from_secs(2);
 /// `nacos-http`).
 pub(crate) async fn serve(
     listener: TcpListener,
+    registry: sextant_core::Registry,
     app: Router,
     limits: HttpLimits,
     tls: Option<Tls>,
@@ -79,7 +80,7 @@ pub(crate) async fn serve(
         .http2()
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
     let graceful = GracefulShutdown::new();
-    let mut incoming = tls::incoming(listener, tls, Speaks::Http, name, |tcp| {
+    let mut incoming = tls::incoming(listener, registry, tls, Speaks::Http, name, |tcp| {
         LingerOnClose(Some(tcp))
     });
     tokio::pin!(stop);

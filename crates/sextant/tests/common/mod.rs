@@ -276,6 +276,24 @@ impl Api {
         }
     }
 
+    /// The same API, sending `secret` as a bearer token on every request.
+    #[allow(dead_code)]
+    pub fn with_bearer(&self, secret: &str) -> Api {
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert(
+            reqwest::header::AUTHORIZATION,
+            reqwest::header::HeaderValue::from_str(&format!("Bearer {secret}")).unwrap(),
+        );
+        Api {
+            base: self.base.clone(),
+            client: reqwest::Client::builder()
+                .no_proxy()
+                .default_headers(h)
+                .build()
+                .unwrap(),
+        }
+    }
+
     pub async fn get(&self, path: &str) -> Resp {
         self.send(Method::GET, path, None).await
     }

@@ -274,20 +274,25 @@ fn request() -> impl Strategy<Value = (Method, String, Option<HeaderValue>, Vec<
 /// The router of a node on an in-memory store, without a health scanner, whose blocking reads
 /// return at once.
 fn test_router(rt: &tokio::runtime::Runtime) -> Router {
+    test_node(rt, CoreConfig::default()).0
+}
+
+/// [`test_router`] with `core` settings, and the node's registry.
+fn test_node(rt: &tokio::runtime::Runtime, core: CoreConfig) -> (Router, Registry) {
     rt.block_on(async {
         let mut prometheus = prometheus_client::registry::Registry::default();
         let core_metrics = CoreMetrics::register(&mut prometheus);
         let api_metrics = ApiMetrics::register(&mut prometheus);
         let store: Arc<dyn sextant_core::Store> = Arc::new(MemStore::new());
-        let registry = Registry::open(store.clone(), CoreConfig::default(), core_metrics)
+        let registry = Registry::open(store.clone(), core, core_metrics)
             .await
             .expect("open a registry on a MemStore");
         let config = ServerConfig {
             max_wait_seconds: 0,
             ..ServerConfig::default()
         };
-        router(Arc::new(Node {
-            registry,
+        let app = router(Arc::new(Node {
+            registry: registry.clone(),
             scanner: None,
             config,
             api_metrics,
@@ -297,8 +302,87 @@ fn test_router(rt: &tokio::runtime::Runtime) -> Router {
             eureka: None,
             cluster: None,
             tls: None,
-        }))
+        }));
+        (app, registry)
     })
+}
+
+/// With auth on, no request without a valid credential — any method, path, query and body,
+/// no `Authorization` header or a wrong one — gets past the gate: every answer is a 401 but
+/// on the public routes, and the registry never changes (no revision, no audit entry).
+#[test]
+fn with_auth_on_nothing_reaches_the_registry_without_a_valid_token() {
+    let rt = tokio::runtime::Runtime::new().expect("a runtime");
+    let (app, registry) = test_node(
+        &rt,
+        CoreConfig {
+            auth: true,
+            audit_retention: 100,
+            ..CoreConfig::default()
+        },
+    );
+    // One real token exists, so a wrong secret is a near miss, not an empty table.
+    rt.block_on(registry.acl().bootstrap())
+        .expect("bootstrap the first token");
+    let revision = registry.revision();
+    let peer = SocketAddr::from(([127, 0, 0, 1], 4000));
+    let credential = prop_oneof![
+        Just(None),
+        "[ -~]{0,80}".prop_map(Some),
+        "[0-9a-f]{64}".prop_map(|s| Some(format!("Bearer {s}"))),
+        "[ -~]{0,40}".prop_map(|s| Some(format!("Basic {s}"))),
+    ];
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(300));
+    runner
+        .run(
+            &(request(), credential),
+            |((method, uri, ct, body), cred)| {
+                let mut req = match Request::builder()
+                    .method(method.clone())
+                    .uri(&uri)
+                    .body(Body::from(body))
+                {
+                    Ok(r) => r,
+                    Err(_) => return Err(TestCaseError::reject("not a valid request")),
+                };
+                if let Some(ct) = ct {
+                    req.headers_mut().insert(header::CONTENT_TYPE, ct);
+                }
+                if let Some(v) = cred.and_then(|c| HeaderValue::from_str(&c).ok()) {
+                    req.headers_mut().insert(header::AUTHORIZATION, v);
+                }
+                req.extensions_mut().insert(ConnectInfo(peer));
+                let path = req.uri().path().to_string();
+                let resp = rt
+                    .block_on(app.clone().call(req))
+                    .unwrap_or_else(|e| match e {});
+                let public = auth::PUBLIC
+                    .iter()
+                    .any(|(m, p)| *m == method.as_str() && *p == path);
+                if !public {
+                    prop_assert_eq!(
+                        resp.status(),
+                        StatusCode::UNAUTHORIZED,
+                        "{} {}",
+                        method,
+                        uri
+                    );
+                }
+                prop_assert_eq!(
+                    registry.revision(),
+                    revision,
+                    "{} {} changed the registry",
+                    method,
+                    uri
+                );
+                Ok(())
+            },
+        )
+        .unwrap();
+    assert!(
+        registry.acl().audit(None, 0, 1000).len() <= 1,
+        "only the bootstrap is audited"
+    );
 }
 
 #[test]

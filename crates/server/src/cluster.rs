@@ -138,9 +138,13 @@ pub(crate) async fn view(
         });
     };
     let now = sextant_core::model::now_ms();
-    let (head, members, error) = match (c.store.head().await, c.store.members().await) {
-        (Ok(h), Ok(m)) => (Some(h), m, outage),
-        (Err(e), _) | (_, Err(e)) => (None, Vec::new(), Some(e.to_string())),
+    // In an outage the answer is this node's own view, at once (not after etcd's timeouts).
+    let (head, members, error) = match outage {
+        Some(o) => (None, Vec::new(), Some(o)),
+        None => match (c.store.head().await, c.store.members().await) {
+            (Ok(h), Ok(m)) => (Some(h), m, None),
+            (Err(e), _) | (_, Err(e)) => (None, Vec::new(), Some(e.to_string())),
+        },
     };
     let members: Vec<MemberView> = members
         .into_iter()

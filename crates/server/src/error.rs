@@ -79,9 +79,20 @@ pub fn grpc_status(e: impl Into<ApiError>) -> tonic::Status {
     e.into().into()
 }
 
+/// Seconds a client is told to wait before retrying a 503 (`Retry-After`): a store outage, a
+/// follower, shutting down. Short: an outage's end is noticed within a fraction of it.
+pub const RETRY_AFTER_SECONDS: u32 = 1;
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
-        (self.status, axum::Json(body)).into_response()
+        let mut resp = (self.status, axum::Json(body)).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(RETRY_AFTER_SECONDS),
+            );
+        }
+        resp
     }
 }

@@ -38,9 +38,15 @@
 //! most).
 //!
 //! **Failures.** Every call is bounded by [`EtcdConfig::request_timeout`]; an endpoint that does
-//! not answer is left for the next one. When no endpoint answers, the error is
-//! [`StoreError::Unavailable`] naming etcd and the endpoints, and [`Store::write_outage`]
-//! reports it (for `/readyz`) until a commit gets through again. All I/O runs on the store's
+//! not answer is left for the next one. When no endpoint answers (a read, a commit, or the
+//! cluster lease's renewal), the error is [`StoreError::Unavailable`] naming etcd and the
+//! endpoints, and the store is *in an outage*: [`Store::write_outage`] reports it (for
+//! `/readyz` and the registry's lease sweeper), and commits and [`Store::committed_revision`]
+//! fail at once with that error instead of waiting for timeouts again, so a write in an outage
+//! gets its 503 promptly. A probe (every [`PROBE_INTERVAL`], a read of the revision key on
+//! each endpoint, bounded by [`PROBE_TIMEOUT`]) ends the outage as soon as etcd answers (and
+//! makes the endpoint that answered the one tried first); a successful transaction ends it
+//! too. All I/O runs on the store's
 //! own small runtime (thread `sextant-etcd`), so the store works from any runtime, and
 //! [`Store::load`] (blocking) from any thread.
 //!
@@ -293,6 +299,12 @@ struct Keys {
     leader: Vec<u8>,
 }
 
+/// How often an outage's probe asks etcd whether it is back.
+pub const PROBE_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Longest wait for one endpoint's answer to the probe.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Sextant revisions whose etcd revision a store remembers, for feeds (the latest ones).
 const POSITIONS: usize = 4096;
 
@@ -359,6 +371,7 @@ impl EtcdStore {
             fence: Mutex::new(None),
             lease: Mutex::new(None),
         });
+        runtime.spawn(probe(inner.clone()));
         let store = EtcdStore {
             inner: inner.clone(),
             runtime: Some(runtime),
@@ -412,6 +425,30 @@ impl Inner {
         }
     }
 
+    /// Enters (or stays in) an outage: see the crate docs.
+    pub(crate) fn set_outage(&self, why: &str) {
+        let mut o = self.outage.lock();
+        if o.is_none() {
+            tracing::warn!(reason = why, "etcd unreachable: writes refused until it answers again");
+        }
+        *o = Some(why.to_string());
+    }
+
+    /// Ends an outage (etcd answered).
+    fn clear_outage(&self) {
+        if self.outage.lock().take().is_some() {
+            tracing::info!("etcd answers again: writes taken");
+        }
+    }
+
+    /// The error of a commit tried during an outage, without asking etcd again.
+    fn in_outage(&self) -> Option<StoreError> {
+        self.outage
+            .lock()
+            .as_ref()
+            .map(|m| StoreError::Unavailable(m.clone()))
+    }
+
     fn unavailable(&self, detail: &str) -> StoreError {
         StoreError::Unavailable(format!(
             "etcd is unreachable at {} ({detail})",
@@ -421,13 +458,18 @@ impl Inner {
 
     /// One range read, with the store's failover and error mapping.
     pub(crate) async fn range(&self, req: RangeRequest) -> Result<RangeResponse, StoreError> {
-        self.conn
+        let r = self
+            .conn
             .call(|mut c| {
                 let req = req.clone();
                 async move { c.range(req).await }
             })
             .await
-            .map_err(|e| self.map(e, "read"))
+            .map_err(|e| self.map(e, "read"));
+        if let Err(StoreError::Unavailable(m)) = &r {
+            self.set_outage(m);
+        }
+        r
     }
 
     fn map(&self, e: CallError, what: &str) -> StoreError {
@@ -626,15 +668,15 @@ impl Inner {
             .await;
         match r {
             Ok(resp) => {
-                *self.outage.lock() = None;
+                self.clear_outage();
                 Ok(resp)
             }
             Err(e) => {
                 let err = self.map(e, "transaction");
                 if let StoreError::Unavailable(m) = &err {
-                    *self.outage.lock() = Some(m.clone());
+                    self.set_outage(m);
                 } else {
-                    *self.outage.lock() = None;
+                    self.clear_outage();
                 }
                 Err(err)
             }
@@ -745,6 +787,37 @@ impl Inner {
     }
 }
 
+/// While the store is in an outage, asks each endpoint (a read of the revision key) every
+/// [`PROBE_INTERVAL`] until one answers, then ends the outage. Runs until the store closes.
+async fn probe(inner: Arc<Inner>) {
+    let n = inner.conn.channels.len();
+    let timeout = PROBE_TIMEOUT.min(inner.config.request_timeout);
+    loop {
+        tokio::time::sleep(PROBE_INTERVAL).await;
+        if inner.closed.load(Ordering::SeqCst) {
+            return;
+        }
+        if inner.outage.lock().is_none() {
+            continue;
+        }
+        let first = inner.conn.current.load(Ordering::Relaxed);
+        for i in 0..n {
+            let idx = (first + i) % n;
+            let mut c = inner.conn.channels[idx].clone();
+            let req = RangeRequest {
+                key: inner.keys.revision.clone(),
+                ..Default::default()
+            };
+            // A linearizable read: answered only by a member with a quorum behind it.
+            if let Ok(Ok(_)) = tokio::time::timeout(timeout, c.range(req)).await {
+                inner.conn.current.store(idx, Ordering::Relaxed);
+                inner.clear_outage();
+                break;
+            }
+        }
+    }
+}
+
 /// Why a scan stopped.
 enum ScanError {
     /// etcd no longer has the revision the scan reads at.
@@ -773,6 +846,11 @@ impl Store for EtcdStore {
     async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
         if self.inner.closed.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable("the etcd store is closed".into()));
+        }
+        // In an outage: the 503 now, not after the endpoints' timeouts again (the probe
+        // notices etcd's return within its interval).
+        if let Some(e) = self.inner.in_outage() {
+            return Err(e);
         }
         let inner = self.inner.clone();
         self.run(async move { inner.commit(batch).await }).await
@@ -816,6 +894,11 @@ impl Store for EtcdStore {
     }
 
     async fn committed_revision(&self) -> Option<Result<Revision, StoreError>> {
+        // The commit that just failed put the store in an outage: asking etcd now would only
+        // wait for the timeouts again (the writer asks again before its next commit).
+        if let Some(e) = self.inner.in_outage() {
+            return Some(Err(e));
+        }
         let inner = self.inner.clone();
         Some(
             self.run(async move {

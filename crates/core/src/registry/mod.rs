@@ -14,6 +14,17 @@
 //! blocking queries and adapters see every change at the leader's revisions. Who leads is
 //! decided outside the core (an election in the store's adapter) and told to the registry
 //! through [`Registry::follow`] and [`Registry::lead`].
+//!
+//! **Store outages** (the store cannot take writes: etcd down, or this node cut off from it).
+//! Reads and watches go on from memory. No lease expires: the sweeper does not expire while
+//! the store reports an outage (an expiry could not be written anyway), and when the outage
+//! ends every lease gets a fresh TTL, so clients whose heartbeats could not be counted are not
+//! removed in one sweep. A cluster node that knows no leader while the store is unreachable
+//! (a leader whose election lease lapsed in the outage steps down: without its fence a write
+//! could interleave with a new leader's) *holds*: it answers heartbeats from memory (nothing
+//! can expire anywhere until a leader is elected, and the next leader gives every ephemeral
+//! instance a fresh TTL when it takes over) and refuses writes as the store's outage, a 503
+//! naming the store.
 
 mod load;
 pub(crate) mod table;
@@ -122,7 +133,7 @@ impl Role {
         }
     }
 
-    fn refusal(&self) -> CoreError {
+    pub(crate) fn refusal(&self) -> CoreError {
         match self {
             Role::Follower { leader } => CoreError::NotLeader(leader.clone()),
             _ => CoreError::NotLeader(None),
@@ -215,6 +226,8 @@ pub(crate) struct RegistryCore {
     /// queries over the whole catalog); sent after each batch's services are woken.
     pub published_tx: watch::Sender<Revision>,
     pub leases: LeaseTable,
+    /// The store, asked (cheaply) whether it takes writes: see "Store outages" above.
+    pub store: Arc<dyn Store>,
     pub metrics: CoreMetrics,
     /// `Some(reason)` once shutdown began.
     pub closing: watch::Sender<Option<String>>,
@@ -228,6 +241,27 @@ pub(crate) struct RegistryCore {
     /// The revision of the last ACL change.
     pub acl_changed: watch::Sender<Revision>,
     pub audit: Mutex<AuditLog>,
+}
+
+impl RegistryCore {
+    /// Holding through a store outage: no leader known and the store unreachable.
+    pub(crate) fn holding(&self) -> bool {
+        matches!(*self.role.borrow(), Role::Follower { leader: None })
+            && self.store.write_outage().is_some()
+    }
+
+    /// Why a write is refused in `role`: a follower names its leader; one holding through a
+    /// store outage names the store (503 with its reason, like a leader's failed commit).
+    pub(crate) fn refusal(&self, role: &Role) -> CoreError {
+        if matches!(role, Role::Follower { leader: None }) {
+            if let Some(why) = self.store.write_outage() {
+                return CoreError::Store(StoreError::Unavailable(format!(
+                    "no cluster leader while the store is unreachable; {why}"
+                )));
+            }
+        }
+        role.refusal()
+    }
 }
 
 /// Handle to the registry. Cheap to clone; all clones share one registry. A handle made by
@@ -301,6 +335,7 @@ impl Registry {
             published: AtomicU64::new(revision),
             published_tx: watch::Sender::new(revision),
             leases,
+            store: store.clone(),
             metrics,
             closing: watch::Sender::new(None),
             next_subscriber: AtomicU64::new(1),
@@ -377,12 +412,26 @@ impl Registry {
     /// `Ok` when this node takes writes; on a follower, the error naming the leader. For
     /// calls that change state without a write (heartbeats renew leases the leader keeps).
     pub fn writable(&self) -> Result<(), CoreError> {
-        let role = self.core.role.borrow();
+        let role = self.core.role.borrow().clone();
         if role.takes_writes() {
             Ok(())
         } else {
-            Err(role.refusal())
+            Err(self.core.refusal(&role))
         }
+    }
+
+    /// `Ok` when this node renews leases on heartbeats: it takes writes, or it holds through a
+    /// store outage (see the module docs); otherwise [`Registry::writable`]'s error.
+    pub fn renews_leases(&self) -> Result<(), CoreError> {
+        if self.core.holding() {
+            return Ok(());
+        }
+        self.writable()
+    }
+
+    /// Why the store cannot take writes now (`None`: it can). For `/readyz`.
+    pub fn store_outage(&self) -> Option<String> {
+        self.core.store.write_outage()
     }
 
     /// Makes this node a follower (`leader`: the leader's address, for refusals): writes are
@@ -475,6 +524,9 @@ impl Registry {
     /// registers again, which the follower refuses naming the leader.
     pub fn heartbeat(&self, items: &[(ServiceKey, String)]) -> Vec<HeartbeatResult> {
         if !self.core.role.borrow().takes_writes() {
+            if self.core.holding() {
+                return self.heartbeat_from_memory(items);
+            }
             return vec![HeartbeatResult::Unknown; items.len()];
         }
         let now = Instant::now();
@@ -496,6 +548,32 @@ impl Registry {
                     HeartbeatResult::Persistent
                 } else {
                     HeartbeatResult::Unknown
+                }
+            })
+            .collect()
+    }
+
+    /// Heartbeats while holding through a store outage: an instance this node has is renewed
+    /// (its lease here too, if it has one); the next leader grants every one a fresh TTL.
+    fn heartbeat_from_memory(&self, items: &[(ServiceKey, String)]) -> Vec<HeartbeatResult> {
+        let now = Instant::now();
+        items
+            .iter()
+            .map(|(service, id)| {
+                let inst = self.instance(service, id);
+                match inst {
+                    Some(i) if i.is_ephemeral() => {
+                        self.core.leases.renew(
+                            &LeaseKey {
+                                service: service.clone(),
+                                id: id.as_str().into(),
+                            },
+                            now,
+                        );
+                        HeartbeatResult::Renewed
+                    }
+                    Some(_) => HeartbeatResult::Persistent,
+                    None => HeartbeatResult::Unknown,
                 }
             })
             .collect()
@@ -804,6 +882,8 @@ async fn background(registry: Registry, _close: CloseOnDrop) {
     let mut tick = tokio::time::interval(core.config.lease_check_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ticks = 0u64;
+    // An outage was seen since the last sweep that could write: leases get a fresh TTL first.
+    let mut outage_seen = false;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -816,6 +896,19 @@ async fn background(registry: Registry, _close: CloseOnDrop) {
             if removed > 0 {
                 tracing::debug!(removed, "vacant services swept out of memory");
             }
+        }
+        // No expiry while the store cannot take writes (see the module docs); a fresh TTL
+        // for every lease once it can, instead of expiring every lease that lapsed meanwhile.
+        if let Some(why) = core.store.write_outage() {
+            if !outage_seen {
+                tracing::warn!(reason = %why, "the store takes no writes: lease expiry suspended");
+            }
+            outage_seen = true;
+            continue;
+        }
+        if std::mem::take(&mut outage_seen) {
+            let n = core.leases.refresh(Instant::now());
+            tracing::info!(leases = n, "the store takes writes again: every lease gets a fresh TTL");
         }
         // Expiries are the leader's to decide: a follower's leases are renewed by nobody.
         if !core.role.borrow().takes_writes() {
@@ -832,6 +925,8 @@ async fn background(registry: Registry, _close: CloseOnDrop) {
                 .collect();
             if let Err(e) = registry.apply(ops).await {
                 tracing::warn!(error = %e, "could not remove expired instances; will retry");
+                // A brief outage may end before the next tick looks: count it all the same.
+                outage_seen |= matches!(e, CoreError::Store(StoreError::Unavailable(_)));
                 break;
             }
         }

@@ -1,0 +1,300 @@
+//! Cluster mode under faults of etcd and of nodes, with real etcd (`sextant_testkit::Etcd`,
+//! `EtcdCluster`) and real `sextant serve` nodes on loopback:
+//! - etcd down (killed) for three instance TTLs under heartbeats: reads, watches and heartbeats
+//!   go on, writes answer 503 with `Retry-After` naming etcd, `/readyz` is 503 (degraded) and
+//!   `/healthz` 200, nothing expires; after etcd's restart a client's retried write succeeds,
+//!   watchers see later writes in order, and no live instance is removed.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+use sextant_testkit::Etcd;
+
+const LEASE_SECONDS: &str = "2";
+const FRAME: Duration = Duration::from_secs(10);
+
+fn start_node(endpoints: &str, prefix: &str) -> Server {
+    Server::start_with_args(&[
+        "--store",
+        "etcd",
+        "--etcd-endpoints",
+        endpoints,
+        "--etcd-prefix",
+        prefix,
+        "--cluster-lease-seconds",
+        LEASE_SECONDS,
+        "--no-nacos",
+        "--no-dns",
+        "--no-consul",
+    ])
+}
+
+/// Waits (bounded) until exactly one of `nodes` leads and the others name it; its index.
+async fn leader_of(nodes: &[&Server], within: Duration) -> usize {
+    let deadline = Instant::now() + within;
+    loop {
+        let mut views = Vec::new();
+        for n in nodes {
+            views.push(n.api().get("/v1/cluster").await.body);
+        }
+        let leaders: Vec<usize> = (0..nodes.len())
+            .filter(|&i| views[i]["role"] == "leader")
+            .collect();
+        if let [l] = leaders.as_slice() {
+            let addr = format!("http://{}", nodes[*l].http);
+            let named = views
+                .iter()
+                .enumerate()
+                .all(|(i, v)| i == *l || v["leader"].as_str().is_some_and(|s| s.contains(&addr)));
+            if named {
+                return *l;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no single leader within {within:?}: {views:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The next `n` change events of a watch: (kind, instance id, revision). Snapshots and
+/// bookmarks are skipped.
+async fn changes(sse: &mut Sse, n: usize) -> Vec<(String, String, u64)> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        let f = sse.expect(FRAME).await;
+        let id = match f.event.as_str() {
+            "upsert" => f.data["instance"]["id"].as_str(),
+            "status" | "delete" => f.data["id"].as_str(),
+            _ => continue,
+        };
+        got.push((
+            f.event.clone(),
+            id.unwrap_or("?").to_string(),
+            f.data["revision"].as_u64().expect("revision"),
+        ));
+    }
+    got
+}
+
+/// Retries a PUT of an instance on whichever node takes it (503: another node, then again),
+/// as a client with a server list does; the acknowledged revision.
+async fn put_retrying(nodes: &[&Server], path: &str, body: &Value, within: Duration) -> u64 {
+    let deadline = Instant::now() + within;
+    loop {
+        for n in nodes {
+            let r = n.api().put(path, body).await;
+            match r.status {
+                200 => return r.body["revision"].as_u64().expect("revision"),
+                503 => {}
+                s => panic!("PUT {path}: unexpected {s}: {}", r.text),
+            }
+        }
+        assert!(Instant::now() < deadline, "PUT {path} not taken within {within:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One heartbeat round's answer from one node: when, its status, how many it renewed.
+#[derive(Debug, Clone)]
+struct Beat {
+    at: Instant,
+    node: usize,
+    status: u16,
+    renewed: u64,
+}
+
+const TTL: u64 = 2;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_outage_keeps_reads_watches_and_heartbeats_and_expires_nothing() {
+    let mut etcd = Etcd::start();
+    let nodes = [
+        start_node(&etcd.endpoint, "/outage/"),
+        start_node(&etcd.endpoint, "/outage/"),
+    ];
+    let refs: Vec<&Server> = nodes.iter().collect();
+    let l = leader_of(&refs, Duration::from_secs(15)).await;
+    let f = 1 - l;
+    let leader = nodes[l].api();
+    let eph: Vec<String> = (0..3).map(|i| format!("e{i}")).collect();
+    for (i, id) in eph.iter().enumerate() {
+        leader
+            .register(
+                "o",
+                "s",
+                id,
+                &json!({"host": "10.2.0.1", "port": 100 + i, "ttl_seconds": TTL}),
+            )
+            .await;
+    }
+    // A watcher on each node, from the snapshot.
+    let mut watches = Vec::new();
+    for n in &nodes {
+        let mut sse = Sse::open(&n.api(), "service=o/s", None).await;
+        let snap = sse.expect(FRAME).await;
+        assert_eq!(snap.event, "snapshot");
+        watches.push(sse);
+    }
+    // Until the node that receives the first frame catches up, the follower's snapshot may
+    // miss some: wait until both serve the three.
+    for n in &nodes {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ids(&n.api().service("o", "s").await).len() < 3 {
+            assert!(Instant::now() < deadline, "the follower never caught up");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    // The clients of the three instances heartbeat every node every 300 ms (a client's server
+    // list): a node that takes them renews, one that does not answers 503.
+    let beats: Arc<Mutex<Vec<Beat>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let beater = {
+        let apis: Vec<Api> = nodes.iter().map(Server::api).collect();
+        let (beats, stop) = (beats.clone(), stop.clone());
+        let items: Vec<Value> = eph
+            .iter()
+            .map(|id| json!({"namespace": "o", "service": "s", "id": id}))
+            .collect();
+        tokio::spawn(async move {
+            let body = Value::Array(items);
+            while !stop.load(Ordering::SeqCst) {
+                for (node, api) in apis.iter().enumerate() {
+                    let r = api.post("/v1/heartbeats", &body).await;
+                    beats.lock().unwrap().push(Beat {
+                        at: Instant::now(),
+                        node,
+                        status: r.status,
+                        renewed: r.body["renewed"].as_u64().unwrap_or(0),
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+
+    // etcd goes away.
+    etcd.kill();
+    let down = Instant::now();
+    for n in &nodes {
+        let api = n.api();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let r = api.get("/readyz").await;
+            if r.status == 503 {
+                assert!(r.text.contains("degraded") && r.text.contains("etcd"), "{}", r.text);
+                break;
+            }
+            assert!(Instant::now() < deadline, "/readyz stayed {}: {}", r.status, r.text);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(api.get("/healthz").await.status, 200);
+    }
+    let degraded = down.elapsed();
+    // Writes: 503 at once, Retry-After, naming etcd; on both nodes.
+    let mut write_latency = Duration::ZERO;
+    for n in &nodes {
+        let started = Instant::now();
+        let r = n
+            .api()
+            .put(
+                &instance_path("o", "s", "during"),
+                &json!({"host": "10.2.0.9", "port": 9}),
+            )
+            .await;
+        write_latency = write_latency.max(started.elapsed());
+        r.assert_error(503, &["etcd"]);
+        assert_eq!(
+            r.headers.get("retry-after").and_then(|v| v.to_str().ok()),
+            Some("1"),
+            "{:?}",
+            r.headers
+        );
+    }
+    assert!(
+        write_latency < Duration::from_secs(2),
+        "a write in the outage took {write_latency:?} to be refused"
+    );
+    // Three TTLs of outage; reads on both nodes all along.
+    let outage = Duration::from_secs(3 * TTL);
+    while down.elapsed() < outage {
+        for n in &nodes {
+            let s = n.api().service("o", "s").await;
+            assert_eq!(ids(&s), eph, "a read in the outage");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (held_from, restarted) = {
+        etcd.restart().expect("etcd comes back");
+        (down + degraded, Instant::now())
+    };
+
+    // A client's retried write is taken once a leader is elected again.
+    let pending = put_retrying(
+        &refs,
+        &instance_path("o", "s", "after"),
+        &json!({"host": "10.2.0.2", "port": 200}),
+        Duration::from_secs(25),
+    )
+    .await;
+    let writable_after = restarted.elapsed();
+    let l2 = leader_of(&refs, Duration::from_secs(10)).await;
+    let r2 = nodes[l2].api().deregister("o", "s", "after").await;
+    // Both watchers: exactly these, in order — no delete of a live instance first.
+    for sse in &mut watches {
+        let got = changes(sse, 2).await;
+        assert_eq!(
+            got,
+            [
+                ("upsert".to_string(), "after".to_string(), pending),
+                ("delete".to_string(), "after".to_string(), r2),
+            ]
+        );
+    }
+    // Two more TTLs after the return: the live instances stay (fresh TTLs, renewed).
+    tokio::time::sleep(Duration::from_secs(2 * TTL)).await;
+    for sse in &mut watches {
+        sse.expect_quiet(Duration::from_millis(200)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    beater.await.expect("the heartbeat task");
+    for n in &nodes {
+        let s = n.api().service("o", "s").await;
+        assert_eq!(ids(&s), eph, "live instances after the outage");
+        assert_eq!(
+            metric(&n.api(), "sextant_lease_expiries_total").await,
+            0.0,
+            "an instance expired"
+        );
+    }
+    // Every heartbeat in the outage was taken, by both nodes, once they knew of it.
+    let beats = beats.lock().unwrap().clone();
+    let in_outage: Vec<&Beat> = beats
+        .iter()
+        .filter(|b| b.at > held_from && b.at < restarted)
+        .collect();
+    assert!(in_outage.len() >= 8, "{} heartbeats in the outage", in_outage.len());
+    for b in &in_outage {
+        assert_eq!(
+            (b.status, b.renewed),
+            (200, 3),
+            "a heartbeat in the outage was not taken: {b:?}"
+        );
+    }
+    // Before the outage the leader took them and the follower refused them (it is the leader's
+    // to renew leases), so both kinds of node are covered.
+    assert!(beats.iter().any(|b| b.at < down && b.node == l && b.status == 200));
+    assert!(beats.iter().any(|b| b.at < down && b.node == f && b.status == 503));
+    eprintln!(
+        "etcd outage {outage:?}: /readyz degraded on both nodes {degraded:?} after the kill; a write refused in {write_latency:?}; {} heartbeats taken in the outage; writes taken again {writable_after:?} after etcd's restart",
+        in_outage.len()
+    );
+}

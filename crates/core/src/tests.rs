@@ -970,3 +970,96 @@ mod acl {
         r.shutdown("test").await;
     }
 }
+
+/// A shared store that can be told to be unreachable: commits then fail and `write_outage`
+/// says why (as the etcd store in an outage does).
+#[derive(Default)]
+struct OutageStore {
+    inner: MemStore,
+    outage: parking_lot::Mutex<Option<String>>,
+}
+
+impl OutageStore {
+    fn set(&self, outage: Option<&str>) {
+        *self.outage.lock() = outage.map(String::from);
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for OutageStore {
+    async fn commit(&self, batch: store::Batch) -> Result<(), StoreError> {
+        if let Some(m) = self.outage.lock().clone() {
+            return Err(StoreError::Unavailable(m));
+        }
+        self.inner.commit(batch).await
+    }
+
+    fn load(&self, visit: &mut store::Visit<'_>) -> Result<Revision, StoreError> {
+        self.inner.load(visit)
+    }
+
+    async fn close(&self) -> Result<(), StoreError> {
+        self.inner.close().await
+    }
+
+    fn write_outage(&self) -> Option<String> {
+        self.outage.lock().clone()
+    }
+
+    fn watch_from(&self, revision: Revision) -> Option<store::Feed> {
+        self.inner.watch_from(revision)
+    }
+}
+
+/// A store outage expires nothing however long it lasts, and every lease gets a fresh TTL when
+/// it ends (not a mass expiry of the leases that lapsed meanwhile); a follower in the outage
+/// holds: it renews heartbeats from memory and refuses writes naming the store's outage.
+#[tokio::test(start_paused = true)]
+async fn an_outage_expires_nothing_and_ends_with_fresh_leases() {
+    let store = Arc::new(OutageStore::default());
+    let r = open_with(store.clone(), paused()).await;
+    r.register(reg("a", "eph", 2)).await.unwrap();
+    store.set(Some("etcd is unreachable at http://x:2379"));
+    // Five TTLs without a heartbeat: nothing expires.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(r.get(&svc("a"), false).instances.len(), 1);
+    assert_eq!(r.metrics().lease_expiries.get(), 0);
+    let err = r.register(reg("a", "new", 0)).await.unwrap_err();
+    assert!(err.to_string().contains("etcd is unreachable"), "{err}");
+    // The store returns: a fresh TTL from then, not an expiry at the next sweep...
+    store.set(None);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(r.get(&svc("a"), false).instances.len(), 1, "expired at once");
+    // ...and without heartbeats it lapses one TTL later.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(r.get(&svc("a"), false).instances.len(), 0);
+    assert_eq!(r.metrics().lease_expiries.get(), 1);
+
+    // A follower in an outage holds.
+    r.register(reg("a", "e2", 2)).await.unwrap();
+    r.follow(None);
+    let hb = [(svc("a"), "e2".to_string()), (svc("a"), "nope".to_string())];
+    assert_eq!(
+        r.heartbeat(&hb),
+        vec![HeartbeatResult::Unknown, HeartbeatResult::Unknown],
+        "a follower renews nothing while the store is up"
+    );
+    assert!(r.renews_leases().is_err());
+    store.set(Some("etcd is unreachable at http://x:2379"));
+    assert!(r.renews_leases().is_ok());
+    assert_eq!(
+        r.heartbeat(&hb),
+        vec![HeartbeatResult::Renewed, HeartbeatResult::Unknown]
+    );
+    match r.register(reg("a", "e3", 0)).await.unwrap_err() {
+        CoreError::Store(StoreError::Unavailable(m)) => {
+            assert!(m.contains("etcd is unreachable"), "{m}")
+        }
+        other => panic!("expected the store's outage, got {other:?}"),
+    }
+    r.follow(Some("http://leader:1".into()));
+    assert!(matches!(
+        r.register(reg("a", "e3", 0)).await.unwrap_err(),
+        CoreError::NotLeader(Some(_))
+    ));
+}

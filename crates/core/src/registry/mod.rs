@@ -19,11 +19,11 @@
 //! Reads and watches go on from memory. No lease expires: the sweeper does not expire while
 //! the store reports an outage (an expiry could not be written anyway), and when the outage
 //! ends every lease gets a fresh TTL, so clients whose heartbeats could not be counted are not
-//! removed in one sweep. A cluster node that knows no leader while the store is unreachable
-//! (a leader whose election lease lapsed in the outage steps down: without its fence a write
-//! could interleave with a new leader's) *holds*: it answers heartbeats from memory (nothing
-//! can expire anywhere until a leader is elected, and the next leader gives every ephemeral
-//! instance a fresh TTL when it takes over) and refuses writes as the store's outage, a 503
+//! removed in one sweep. A follower while the store is unreachable (a leader whose election
+//! lease lapsed in the outage steps down: without its fence a write could interleave with a
+//! new leader's) *holds*: it answers heartbeats from memory (nothing can expire anywhere while
+//! no leader can write, and the next leader gives every ephemeral instance a fresh TTL when it
+//! takes over) and, once it knows no leader, refuses writes as the store's outage, a 503
 //! naming the store.
 
 mod load;
@@ -244,10 +244,10 @@ pub(crate) struct RegistryCore {
 }
 
 impl RegistryCore {
-    /// Holding through a store outage: no leader known and the store unreachable.
+    /// Holding through a store outage: a follower (with no leader known, or one it cannot
+    /// reach through the store either) while the store is unreachable.
     pub(crate) fn holding(&self) -> bool {
-        matches!(*self.role.borrow(), Role::Follower { leader: None })
-            && self.store.write_outage().is_some()
+        !self.role.borrow().takes_writes() && self.store.write_outage().is_some()
     }
 
     /// Why a write is refused in `role`: a follower names its leader; one holding through a
@@ -427,11 +427,6 @@ impl Registry {
             return Ok(());
         }
         self.writable()
-    }
-
-    /// Why the store cannot take writes now (`None`: it can). For `/readyz`.
-    pub fn store_outage(&self) -> Option<String> {
-        self.core.store.write_outage()
     }
 
     /// Makes this node a follower (`leader`: the leader's address, for refusals): writes are

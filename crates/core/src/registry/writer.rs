@@ -158,7 +158,7 @@ impl Writer {
             Control::Follow => {
                 if let Some(p) = self.promoting.take() {
                     let role = self.core.role.borrow().clone();
-                let _ = p.done.send(Err(self.core.refusal(&role)));
+                    let _ = p.done.send(Err(self.core.refusal(&role)));
                 }
                 if self.feed.is_none() && retry.is_none() {
                     self.open_feed(retry);

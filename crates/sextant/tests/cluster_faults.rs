@@ -112,6 +112,46 @@ struct Beat {
 
 const TTL: u64 = 2;
 
+/// `/metrics` of a cluster node: etcd request latency by operation, the replication lag (0
+/// once caught up) and the head it was measured against — the lag `/v1/cluster` lists for the
+/// member too.
+async fn check_metrics(nodes: &[Server], leader: usize) {
+    for (i, n) in nodes.iter().enumerate() {
+        let api = n.api();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let lag = metric(&api, "sextant_cluster_replication_lag_revisions").await;
+            let head = metric(&api, "sextant_cluster_store_head_revision").await;
+            let view = api.get("/v1/cluster").await.body;
+            let me = view["members"]
+                .as_array()
+                .and_then(|m| m.iter().find(|m| m["node_id"] == view["node_id"]).cloned());
+            let listed = me.map(|m| m["lag"].clone());
+            if lag == 0.0 && head > 0.0 && listed == Some(json!(0)) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {i}: lag {lag}, head {head}, listed {listed:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let text = api.get("/metrics").await.text;
+        let mut ops = vec!["range", "lease", "campaign", "watch"];
+        if i == leader {
+            ops.push("commit");
+        }
+        for op in ops {
+            let line = format!("sextant_etcd_request_seconds_count{{op=\"{op}\"}} ");
+            let count: f64 = text
+                .lines()
+                .find_map(|l| l.strip_prefix(&line)?.trim().parse().ok())
+                .unwrap_or(0.0);
+            assert!(count > 0.0, "node {i}: no etcd {op} timed in\n{text}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_etcd_outage_keeps_reads_watches_and_heartbeats_and_expires_nothing() {
     let mut etcd = Etcd::start();
@@ -151,6 +191,8 @@ async fn an_etcd_outage_keeps_reads_watches_and_heartbeats_and_expires_nothing()
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+
+    check_metrics(&nodes, l).await;
 
     // The clients of the three instances heartbeat every node every 300 ms (a client's server
     // list): a node that takes them renews, one that does not answers 503.

@@ -47,6 +47,9 @@ pub struct Member {
     pub role: String,
     /// The revision it had applied at its last renewal.
     pub revision: Revision,
+    /// The store's head revision it read just before (its lag is `head - revision`).
+    #[serde(default)]
+    pub head: Revision,
     /// When it last renewed (ms since the epoch, its own clock).
     pub updated_ms: u64,
 }
@@ -219,6 +222,7 @@ async fn hold_lease(
     let idx = inner.conn.current.load(Ordering::Relaxed) % inner.conn.raw.len();
     let mut leases = LeaseClient::new(inner.conn.raw[idx].clone());
     let timeout = inner.config.request_timeout;
+    let started = std::time::Instant::now();
     let granted = tokio::time::timeout(
         timeout,
         leases.lease_grant(LeaseGrantRequest {
@@ -226,7 +230,9 @@ async fn hold_lease(
             id: 0,
         }),
     )
-    .await
+    .await;
+    inner.metrics.observe("lease", started);
+    let granted = granted
     .map_err(|_| unreachable("no answer to the lease grant"))?
     .map_err(|s| lost("lease grant", s))?
     .into_inner();
@@ -235,6 +241,12 @@ async fn hold_lease(
     }
     let lease = granted.id;
     *inner.lease.lock() = Some(lease);
+    // etcd answers again: the leases an outage kept from being revoked go now (a leader key
+    // under one would hold off every campaign, this node's included, until it lapsed).
+    let stale = std::mem::take(&mut *inner.stale_leases.lock());
+    for id in stale {
+        revoke(inner, &mut leases, id).await;
+    }
     let (req_tx, req_rx) = mpsc::channel::<LeaseKeepAliveRequest>(4);
     // The first renewal goes with the call: etcd answers the call (its headers) only then.
     req_tx
@@ -263,10 +275,16 @@ async fn hold_lease(
         if inner.closed.load(Ordering::SeqCst) {
             return Ok(());
         }
+        // The head first, then what this node applied: a write between them counts as no lag.
+        let head = inner.read_revision(&inner.keys.revision, 0).await?.0;
         let (role, revision) = status();
+        let lag = head.saturating_sub(revision);
+        inner.metrics.head.set(i64::try_from(head).unwrap_or(i64::MAX));
+        inner.metrics.lag.set(i64::try_from(lag).unwrap_or(i64::MAX));
         let me = Member {
             role,
             revision,
+            head,
             updated_ms: sextant_core::model::now_ms(),
             ..node.clone()
         };
@@ -278,9 +296,10 @@ async fn hold_lease(
                 .await
                 .map_err(|_| unreachable("keep-alive stream closed"))?;
         }
-        let renewed: Option<LeaseKeepAliveResponse> =
-            tokio::time::timeout(timeout, answers.message())
-                .await
+        let started = std::time::Instant::now();
+        let renewed = tokio::time::timeout(timeout, answers.message()).await;
+        inner.metrics.observe("lease", started);
+        let renewed: Option<LeaseKeepAliveResponse> = renewed
                 .map_err(|_| unreachable("no answer to a lease renewal"))?
                 .map_err(|s| lost("lease renewal", s))?;
         match renewed {
@@ -319,7 +338,7 @@ async fn hold_lease(
                 },
             ],
         };
-        let resp = inner.txn(&req).await?;
+        let resp = inner.txn(&req, "campaign").await?;
         match leading {
             None if resp.succeeded => {
                 let created = resp.header.map_or(0, |h| h.revision);
@@ -396,12 +415,29 @@ pub(crate) async fn resign(inner: &Inner) {
     *inner.fence.lock() = None;
     let idx = inner.conn.current.load(Ordering::Relaxed) % inner.conn.raw.len();
     let mut leases = LeaseClient::new(inner.conn.raw[idx].clone());
+    if !revoke(inner, &mut leases, lease).await && !inner.closed.load(Ordering::SeqCst) {
+        inner.stale_leases.lock().push(lease);
+    }
+}
+
+/// Revokes one lease; `false` when etcd did not answer (a lease etcd no longer knows counts as
+/// revoked).
+async fn revoke(inner: &Inner, leases: &mut LeaseClient<tonic::transport::Channel>, id: i64) -> bool {
+    let started = std::time::Instant::now();
     let r = tokio::time::timeout(
         inner.config.request_timeout,
-        leases.lease_revoke(LeaseRevokeRequest { id: lease }),
+        leases.lease_revoke(LeaseRevokeRequest { id }),
     )
     .await;
-    if !matches!(r, Ok(Ok(_))) {
-        tracing::warn!("could not revoke the cluster lease; it lapses by itself");
+    inner.metrics.observe("lease", started);
+    match r {
+        Ok(Ok(_)) => true,
+        Ok(Err(s)) if s.code() == tonic::Code::NotFound || s.message().contains("not found") => {
+            true
+        }
+        _ => {
+            tracing::warn!(lease = id, "could not revoke a cluster lease; revoking it when etcd answers");
+            false
+        }
     }
 }

@@ -64,7 +64,10 @@
 
 pub mod cluster;
 mod feed;
+pub mod metrics;
 pub mod pb;
+
+pub use metrics::EtcdMetrics;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -324,6 +327,10 @@ struct Inner {
     fence: Mutex<Option<i64>>,
     /// This node's cluster lease, while it holds one.
     lease: Mutex<Option<i64>>,
+    /// Leases of this node it could not revoke (etcd was unreachable): revoked once it answers,
+    /// so a leader key left under one does not delay the next election by a lease TTL.
+    stale_leases: Mutex<Vec<i64>>,
+    metrics: EtcdMetrics,
 }
 
 /// The etcd-backed [`Store`]. See the crate docs.
@@ -338,6 +345,14 @@ impl EtcdStore {
     /// request timeout per endpoint): an unreachable etcd fails here, with
     /// [`StoreError::Unavailable`] naming the endpoints, not at the first write.
     pub async fn open(config: EtcdConfig) -> Result<EtcdStore, StoreError> {
+        Self::open_with_metrics(config, EtcdMetrics::default()).await
+    }
+
+    /// [`EtcdStore::open`], counting into `metrics` (registered by the caller).
+    pub async fn open_with_metrics(
+        config: EtcdConfig,
+        metrics: EtcdMetrics,
+    ) -> Result<EtcdStore, StoreError> {
         config
             .validate()
             .map_err(|e| StoreError::Unavailable(format!("etcd store: {e}")))?;
@@ -370,6 +385,8 @@ impl EtcdStore {
             positions: Mutex::new(BTreeMap::new()),
             fence: Mutex::new(None),
             lease: Mutex::new(None),
+            stale_leases: Mutex::new(Vec::new()),
+            metrics,
         });
         runtime.spawn(probe(inner.clone()));
         let store = EtcdStore {
@@ -458,6 +475,7 @@ impl Inner {
 
     /// One range read, with the store's failover and error mapping.
     pub(crate) async fn range(&self, req: RangeRequest) -> Result<RangeResponse, StoreError> {
+        let started = std::time::Instant::now();
         let r = self
             .conn
             .call(|mut c| {
@@ -466,6 +484,7 @@ impl Inner {
             })
             .await
             .map_err(|e| self.map(e, "read"));
+        self.metrics.observe("range", started);
         if let Err(StoreError::Unavailable(m)) = &r {
             self.set_outage(m);
         }
@@ -625,7 +644,7 @@ impl Inner {
         };
         // A missing revision key fails a value comparison: create it (0) once and try again.
         for _ in 0..2 {
-            let resp = self.txn(&req).await?;
+            let resp = self.txn(&req, "commit").await?;
             if resp.succeeded {
                 return Ok(resp.header.map_or(0, |h| h.revision));
             }
@@ -658,7 +677,13 @@ impl Inner {
         )))
     }
 
-    async fn txn(&self, req: &TxnRequest) -> Result<TxnResponse, StoreError> {
+    /// One transaction, timed as `op` (see [`metrics::OpLabels`]).
+    pub(crate) async fn txn(
+        &self,
+        req: &TxnRequest,
+        op: &'static str,
+    ) -> Result<TxnResponse, StoreError> {
+        let started = std::time::Instant::now();
         let r = self
             .conn
             .call(|mut c| {
@@ -666,6 +691,7 @@ impl Inner {
                 async move { c.txn(req).await }
             })
             .await;
+        self.metrics.observe(op, started);
         match r {
             Ok(resp) => {
                 self.clear_outage();
@@ -696,7 +722,7 @@ impl Inner {
             success: vec![put_op(self.keys.revision.clone(), encode_revision(0))],
             failure: Vec::new(),
         };
-        self.txn(&req).await.map(|_| ())
+        self.txn(&req, "commit").await.map(|_| ())
     }
 
     /// [`Inner::scan`], again from the start when etcd compacted its revision meanwhile.
@@ -735,6 +761,7 @@ impl Inner {
                 revision: at,
                 ..Default::default()
             };
+            let started = std::time::Instant::now();
             let r = self
                 .conn
                 .call(|mut c| {
@@ -742,6 +769,7 @@ impl Inner {
                     async move { c.range(req).await }
                 })
                 .await;
+            self.metrics.observe("range", started);
             let page = match r {
                 Ok(p) => p,
                 // A page too large to decode: smaller pages.

@@ -288,6 +288,7 @@ async fn one_leader_per_prefix_and_a_deposed_one_cannot_write() {
         grpc: id.into(),
         role: String::new(),
         revision: 0,
+        head: 0,
         updated_ms: 0,
     };
     let status: Status = Arc::new(|| ("?".to_string(), 0));

@@ -3,7 +3,10 @@
 //! - etcd down (killed) for three instance TTLs under heartbeats: reads, watches and heartbeats
 //!   go on, writes answer 503 with `Retry-After` naming etcd, `/readyz` is 503 (degraded) and
 //!   `/healthz` 200, nothing expires; after etcd's restart a client's retried write succeeds,
-//!   watchers see later writes in order, and no live instance is removed.
+//!   watchers see later writes in order, and no live instance is removed;
+//! - a follower killed (-9) while etcd's history is compacted past it: restarted, it ends in
+//!   the leader's state and revision, and a watcher that resumes on it from an old revision
+//!   gets a snapshot, never a silent gap.
 
 mod common;
 
@@ -338,5 +341,89 @@ async fn an_etcd_outage_keeps_reads_watches_and_heartbeats_and_expires_nothing()
     eprintln!(
         "etcd outage {outage:?}: /readyz degraded on both nodes {degraded:?} after the kill; a write refused in {write_latency:?}; {} heartbeats taken in the outage; writes taken again {writable_after:?} after etcd's restart",
         in_outage.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarted_past_compaction_resyncs_and_its_watchers_get_snapshots() {
+    let etcd = Etcd::start();
+    let mut nodes = vec![
+        start_node(&etcd.endpoint, "/compact/"),
+        start_node(&etcd.endpoint, "/compact/"),
+    ];
+    let refs: Vec<&Server> = nodes.iter().collect();
+    let l = leader_of(&refs, Duration::from_secs(15)).await;
+    let f = 1 - l;
+    let leader = nodes[l].api();
+    // A watcher on the follower sees the first writes; its last revision is its resume point.
+    let mut on_f = Sse::open(&nodes[f].api(), "service=c/s", None).await;
+    assert_eq!(on_f.expect(FRAME).await.event, "snapshot");
+    let mut last = 0;
+    for n in 0..5u16 {
+        let r = leader
+            .register("c", "s", &format!("a{n}"), &json!({"host": "10.3.0.1", "port": n + 1}))
+            .await;
+        let got = changes(&mut on_f, 1).await;
+        assert_eq!(got[0].2, r);
+        last = r;
+    }
+    drop(on_f);
+    nodes[f].kill9();
+
+    // Writes while it is down (new instances, a status change, deletes), then compaction.
+    for n in 0..30u16 {
+        leader
+            .register("c", "s", &format!("b{n}"), &json!({"host": "10.3.0.2", "port": n + 1}))
+            .await;
+    }
+    leader
+        .set_status("c", "s", "a1", &json!({"enabled": false}))
+        .await;
+    leader.deregister("c", "s", "a0").await;
+    leader.deregister("c", "s", "b0").await;
+    let compacted_at = etcd.compact().expect("compact");
+    eprintln!("etcd compacted through its revision {compacted_at}");
+
+    // It comes back (a new process on the same prefix) and catches up.
+    nodes[f] = start_node(&etcd.endpoint, "/compact/");
+    let f_api = nodes[f].api();
+    let head = leader.service("c", "s").await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let s = f_api.service("c", "s").await;
+        if s["revision"] == head["revision"] {
+            assert_eq!(s["instances"], head["instances"], "same state as the leader");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never caught up: {s} vs {head}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        f_api.get("/v1/cluster").await.body["revision"],
+        leader.get("/v1/cluster").await.body["revision"]
+    );
+
+    // A watcher resuming on it from before the compaction gets a snapshot of the whole state
+    // (never the changes after some later point as if nothing were missing)...
+    let mut resumed = Sse::open(&f_api, &format!("service=c/s&since={last}"), None).await;
+    let first = resumed.expect(FRAME).await;
+    assert_eq!(first.event, "snapshot", "{first:?}");
+    assert_eq!(first.data["resync"], true, "{first:?}");
+    let mut want_ids = ids(&head);
+    want_ids.sort();
+    let mut snap_ids = ids(&first.data);
+    snap_ids.sort();
+    assert_eq!(snap_ids, want_ids, "the snapshot: {}", first.raw);
+    // ...and then the leader's next writes, in order.
+    let r1 = leader
+        .register("c", "s", "c0", &json!({"host": "10.3.0.3", "port": 1}))
+        .await;
+    let r2 = leader.deregister("c", "s", "b1").await;
+    assert_eq!(
+        changes(&mut resumed, 2).await,
+        [
+            ("upsert".to_string(), "c0".to_string(), r1),
+            ("delete".to_string(), "b1".to_string(), r2),
+        ]
     );
 }

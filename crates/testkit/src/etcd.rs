@@ -23,9 +23,11 @@ pub struct Etcd {
     client_port: u16,
     peer_port: u16,
     dir: tempfile::TempDir,
-    /// The member's name, and `--initial-cluster` (every member's `name=peer URL`).
+    /// The member's name, `--initial-cluster` (every member's `name=peer URL`) and
+    /// `--initial-cluster-token` (the same for every member of one cluster, unique per cluster).
     name: String,
     initial_cluster: String,
+    token: String,
 }
 
 /// The etcd binary to use: `$SEXTANT_TEST_ETCD`, else `etcd` on the PATH.
@@ -63,6 +65,7 @@ impl Etcd {
     pub fn try_start() -> Result<Etcd, String> {
         let mut etcd = Etcd::member(&find_binary()?, "test")?;
         etcd.initial_cluster = format!("test=http://127.0.0.1:{}", etcd.peer_port);
+        etcd.token = format!("sextant-test-{}", etcd.peer_port);
         etcd.launch()?;
         Ok(etcd)
     }
@@ -81,6 +84,7 @@ impl Etcd {
             dir,
             name: name.to_string(),
             initial_cluster: String::new(),
+            token: String::new(),
         })
     }
 
@@ -130,7 +134,7 @@ impl Etcd {
             .args(["--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &self.initial_cluster])
             // Several clusters may run at once on one machine: never join another's.
-            .args(["--initial-cluster-token", &format!("sextant-test-{}", self.peer_port)])
+            .args(["--initial-cluster-token", &self.token])
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2);
@@ -272,8 +276,10 @@ impl EtcdCluster {
             .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
             .collect::<Vec<_>>()
             .join(",");
+        let token = format!("sextant-test-{}", members.first().map_or(0, |m| m.peer_port));
         for m in &mut members {
             m.initial_cluster = initial.clone();
+            m.token = token.clone();
             m.spawn()?;
         }
         for m in &mut members {

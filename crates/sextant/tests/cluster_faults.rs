@@ -8,7 +8,12 @@
 //!   the leader's state and revision, and a watcher that resumes on it from an old revision
 //!   gets a snapshot, never a silent gap;
 //! - a 3-member etcd whose raft leader is killed under a write load: writes resume after the
-//!   election and every acknowledged write is on every node.
+//!   election and every acknowledged write is on every node;
+//! - a randomized history (fixed seed, printed; `SEXTANT_HISTORY_SEED` replays another):
+//!   clients register, deregister and change status on the leader while watchers on random
+//!   nodes follow, and followers are killed and restarted; every watcher's sequence is gapless
+//!   against the leader's (resuming on another node with its last revision), and every node
+//!   and watcher ends in the state of the last acknowledged writes.
 
 mod common;
 
@@ -540,5 +545,375 @@ async fn killing_the_etcd_leader_under_load_loses_no_acknowledged_write() {
     eprintln!(
         "etcd leader (member {raft_leader} of 3) killed under load: {before} writes acknowledged before, {} in all; first write acknowledged {first_after:?} after the kill; {refused} answers 503 meanwhile (retried)",
         acked.len()
+    );
+}
+
+/// A watch that tolerates its node dying: frames until the stream ends or fails.
+struct Tolerant {
+    stream: std::pin::Pin<
+        Box<dyn futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>,
+    >,
+    parser: sextant_client::sse::SseParser,
+    ready: std::collections::VecDeque<sextant_client::sse::Frame>,
+}
+
+impl Tolerant {
+    async fn open(api: &Api, since: Option<u64>) -> Option<Tolerant> {
+        let query = match since {
+            Some(s) => format!("service=h/s&since={s}"),
+            None => "service=h/s".to_string(),
+        };
+        let req = api.client.get(api.url(&format!("/v1/watch?{query}")));
+        let resp = tokio::time::timeout(Duration::from_secs(5), req.send())
+            .await
+            .ok()?
+            .ok()?;
+        (resp.status() == 200).then(|| Tolerant {
+            stream: Box::pin(resp.bytes_stream()),
+            parser: sextant_client::sse::SseParser::new(),
+            ready: Default::default(),
+        })
+    }
+
+    /// The next frame; `None` when the stream ended, failed or stayed silent for `within`.
+    async fn next(&mut self, within: Duration) -> Option<sextant_client::sse::Frame> {
+        use futures::StreamExt as _;
+        loop {
+            if let Some(f) = self.ready.pop_front() {
+                return Some(f);
+            }
+            let chunk = tokio::time::timeout(within, self.stream.next()).await.ok()??.ok()?;
+            let mut frames = Vec::new();
+            self.parser.push(&chunk, &mut frames);
+            self.ready.extend(frames);
+        }
+    }
+}
+
+/// What one watcher saw, in order.
+#[derive(Debug, Clone)]
+enum Seen {
+    /// A snapshot complete through this revision (`resume_revision`).
+    Snapshot(u64),
+    Event(u64),
+    /// A watch opened on a node (its HTTP address) from this revision (0: none); only shown
+    /// in failure messages.
+    #[allow(dead_code)]
+    Open(String, u64),
+}
+
+/// id -> (port, enabled)
+type State = std::collections::BTreeMap<String, (u64, bool)>;
+
+fn instance_state(i: &Value) -> (String, (u64, bool)) {
+    (
+        i["id"].as_str().unwrap_or("?").to_string(),
+        (
+            i["port"].as_u64().unwrap_or(0),
+            i["status"]["enabled"].as_bool().unwrap_or(true),
+        ),
+    )
+}
+
+/// Applies one watch frame to `state`; what it was, if a change or a snapshot.
+fn apply_frame(state: &mut State, f: &sextant_client::sse::Frame) -> Option<Seen> {
+    let data: Value = serde_json::from_str(&f.data).unwrap_or(Value::Null);
+    match f.event.as_str() {
+        "snapshot" => {
+            state.clear();
+            for i in data["instances"].as_array().into_iter().flatten() {
+                let (id, s) = instance_state(i);
+                state.insert(id, s);
+            }
+            Some(Seen::Snapshot(data["resume_revision"].as_u64().unwrap_or(0)))
+        }
+        "upsert" => {
+            let (id, s) = instance_state(&data["instance"]);
+            state.insert(id, s);
+            Some(Seen::Event(data["revision"].as_u64().unwrap_or(0)))
+        }
+        "status" => {
+            let id = data["id"].as_str().unwrap_or("?");
+            if let Some(s) = state.get_mut(id) {
+                s.1 = data["status"]["enabled"].as_bool().unwrap_or(true);
+            }
+            Some(Seen::Event(data["revision"].as_u64().unwrap_or(0)))
+        }
+        "delete" => {
+            state.remove(data["id"].as_str().unwrap_or("?"));
+            Some(Seen::Event(data["revision"].as_u64().unwrap_or(0)))
+        }
+        _ => None,
+    }
+}
+
+/// Checks one watcher's sequence against the reference (every change revision, from a watch
+/// on the leader that never broke): revisions strictly increase, and between two changes the
+/// watcher saw, every change it did not see is covered by a snapshot — no gap, no duplicate.
+fn gapless(name: &str, seen: &[Seen], reference: &[u64], last_revision: u64) -> Result<(), String> {
+    let mut last = 0u64;
+    for (i, s) in seen.iter().enumerate() {
+        let around = || format!("{:?}", &seen[i.saturating_sub(6)..(i + 3).min(seen.len())]);
+        match *s {
+            Seen::Open(..) => {}
+            Seen::Snapshot(p) => last = last.max(p),
+            Seen::Event(r) => {
+                if r <= last {
+                    return Err(format!(
+                        "{name}: event {r} after {last} (duplicate or out of order): {}",
+                        around()
+                    ));
+                }
+                if let Some(missed) = reference.iter().find(|&&x| x > last && x < r) {
+                    return Err(format!(
+                        "{name}: gap: {missed} missing between {last} and {r}: {}",
+                        around()
+                    ));
+                }
+                if !reference.contains(&r) {
+                    return Err(format!("{name}: event {r} that the leader never sent"));
+                }
+                last = r;
+            }
+        }
+    }
+    if let Some(missed) = reference.iter().find(|&&x| x > last && x <= last_revision) {
+        return Err(format!("{name}: ended at {last}, never saw {missed}"));
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_randomized_history_with_follower_restarts_is_gapless_and_ends_as_acknowledged() {
+    use sextant_model::XorShift;
+    let seed: u64 = std::env::var("SEXTANT_HISTORY_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20261201);
+    eprintln!("randomized history: seed {seed} (set SEXTANT_HISTORY_SEED to replay another)");
+    let etcd = Etcd::start();
+    let start = |etcd: &Etcd| start_node(&etcd.endpoint, "/history/");
+    let mut nodes: Vec<Server> = (0..3).map(|_| start(&etcd)).collect();
+    let refs: Vec<&Server> = nodes.iter().collect();
+    let l = leader_of(&refs, Duration::from_secs(15)).await;
+    let leader = nodes[l].api();
+    let live: Arc<Mutex<Vec<Option<Api>>>> =
+        Arc::new(Mutex::new(nodes.iter().map(|n| Some(n.api())).collect()));
+    let stop = Arc::new(AtomicBool::new(false));
+
+    // The last revision, once the writers stopped (until then: none).
+    let final_revision = Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
+    // The reference: a watch on the leader (never killed), which must never break.
+    let reference = {
+        let api = leader.clone();
+        let final_revision = final_revision.clone();
+        tokio::spawn(async move {
+            let mut w = Tolerant::open(&api, None).await.expect("watch on the leader");
+            let (mut state, mut seen) = (State::new(), Vec::new());
+            let mut at = 0;
+            let deadline = Instant::now() + Duration::from_secs(55);
+            while at < final_revision.load(Ordering::SeqCst) {
+                assert!(Instant::now() < deadline, "the reference watch never caught up");
+                // Quiet (`None`) is fine: the writers may pause.
+                if let Some(f) = w.next(Duration::from_millis(200)).await {
+                    seen.extend(apply_frame(&mut state, &f));
+                    at = f.revision_id().unwrap_or(at);
+                }
+            }
+            seen
+        })
+    };
+
+    // Writers: three clients, each owning four instance ids, doing random registrations (a new
+    // port each time), deregistrations and status changes on the leader; each keeps the state
+    // its acknowledged writes leave.
+    let mut writers = Vec::new();
+    for c in 0..3u64 {
+        let (api, stop) = (leader.clone(), stop.clone());
+        let mut rng = XorShift::new(seed.wrapping_mul(c + 1).wrapping_add(c));
+        writers.push(tokio::spawn(async move {
+            let mut model = State::new();
+            let mut ops = 0u32;
+            while !stop.load(Ordering::SeqCst) {
+                let id = format!("c{c}-{}", rng.below(4));
+                let path = instance_path("h", "s", &id);
+                let cur = model.get(&id).copied();
+                match rng.below(10) {
+                    0..=4 => {
+                        let port = 1 + rng.below(60000);
+                        let r = api
+                            .put(&path, &json!({"host": "10.5.0.1", "port": port}))
+                            .await;
+                        assert_eq!(r.status, 200, "{}", r.text);
+                        model.insert(id, (port, cur.is_none_or(|c| c.1)));
+                    }
+                    5..=6 => {
+                        let r = api.delete(&path).await;
+                        match r.status {
+                            200 => assert!(model.remove(&id).is_some(), "deleted {id}, absent"),
+                            404 => assert!(cur.is_none(), "{id} present, 404"),
+                            s => panic!("{s}: {}", r.text),
+                        }
+                    }
+                    _ => {
+                        let enabled = rng.below(2) == 0;
+                        let r = api
+                            .patch(&format!("{path}/status"), &json!({"enabled": enabled}))
+                            .await;
+                        match r.status {
+                            200 => {
+                                let c = model.get_mut(&id).expect("status of an absent one");
+                                c.1 = enabled;
+                            }
+                            404 => assert!(cur.is_none(), "{id} present, 404"),
+                            s => panic!("{s}: {}", r.text),
+                        }
+                    }
+                }
+                ops += 1;
+                tokio::time::sleep(Duration::from_millis(rng.below(40))).await;
+            }
+            (model, ops)
+        }));
+    }
+
+    // Watchers: three, each on a random live node, resuming on another random one with the
+    // last delivery's revision when its node dies, and every 0.3-1.5 s anyway.
+    let mut watchers = Vec::new();
+    for w in 0..3u64 {
+        let (live, final_revision) = (live.clone(), final_revision.clone());
+        let mut rng = XorShift::new(seed ^ (0xabcd + w));
+        watchers.push(tokio::spawn(async move {
+            let (mut state, mut seen) = (State::new(), Vec::new());
+            let mut since: Option<u64> = None;
+            let mut resumes = 0u32;
+            let deadline = Instant::now() + Duration::from_secs(55);
+            loop {
+                if since.is_some_and(|s| s >= final_revision.load(Ordering::SeqCst)) {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "watcher {w} never caught up");
+                let api = {
+                    let nodes = live.lock().unwrap();
+                    let up: Vec<&Api> = nodes.iter().flatten().collect();
+                    up[rng.below(up.len() as u64) as usize].clone()
+                };
+                let Some(mut watch) = Tolerant::open(&api, since).await else {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                };
+                resumes += 1;
+                seen.push(Seen::Open(api.base.clone(), since.unwrap_or(0)));
+                // Read until the stream breaks, it is caught up at the end, or it is time to
+                // move to another node anyway (as a client behind a balancer may).
+                let hop_at = Instant::now() + Duration::from_millis(300 + rng.below(1200));
+                // A delivery counts once whole (its last frame carries the SSE id, the resume
+                // point): a stream cut in the middle of one is resumed from the one before,
+                // which sends it again, so its part seen here is dropped, as a client does.
+                let mut delivery = Vec::new();
+                while let Some(f) = watch.next(Duration::from_millis(300)).await {
+                    if f.event == "close" {
+                        break;
+                    }
+                    let boundary = f.revision_id();
+                    delivery.push(f);
+                    let Some(id) = boundary else { continue };
+                    for f in delivery.drain(..) {
+                        seen.extend(apply_frame(&mut state, &f));
+                    }
+                    since = Some(id);
+                    if id >= final_revision.load(Ordering::SeqCst) || Instant::now() >= hop_at {
+                        break;
+                    }
+                }
+                // A quiet stream is fine while writes go on; read it again.
+                if since.is_some_and(|s| s >= final_revision.load(Ordering::SeqCst)) {
+                    break;
+                }
+            }
+            (state, seen, resumes)
+        }));
+    }
+
+    // Chaos: kill -9 a random follower and start a new one, for 20 s.
+    let mut rng = XorShift::new(seed);
+    let chaos_until = Instant::now() + Duration::from_secs(20);
+    let mut restarts = 0;
+    while Instant::now() < chaos_until {
+        tokio::time::sleep(Duration::from_millis(1500 + rng.below(2000))).await;
+        let i = {
+            let followers: Vec<usize> = (0..nodes.len()).filter(|&i| i != l).collect();
+            followers[rng.below(followers.len() as u64) as usize]
+        };
+        live.lock().unwrap()[i] = None;
+        nodes[i].kill9();
+        tokio::time::sleep(Duration::from_millis(300 + rng.below(1000))).await;
+        nodes[i] = tokio::task::block_in_place(|| start(&etcd));
+        live.lock().unwrap()[i] = Some(nodes[i].api());
+        restarts += 1;
+    }
+    stop.store(true, Ordering::SeqCst);
+    let mut want = State::new();
+    let mut ops = 0;
+    for w in writers {
+        let (model, n) = w.await.expect("writer");
+        want.extend(model);
+        ops += n;
+    }
+    let last = leader.get("/v1/cluster").await.body["revision"]
+        .as_u64()
+        .expect("revision");
+    final_revision.store(last, Ordering::SeqCst);
+    let reference = reference.await.expect("reference watch");
+    assert!(
+        matches!(reference.first(), Some(Seen::Snapshot(_)))
+            && reference.iter().skip(1).all(|s| matches!(s, Seen::Event(_))),
+        "the leader's own watch must never resync"
+    );
+    let ref_revs: Vec<u64> = reference
+        .iter()
+        .filter_map(|s| match s {
+            Seen::Event(r) => Some(*r),
+            _ => None,
+        })
+        .collect();
+    gapless("reference", &reference, &ref_revs, last).expect("the reference itself");
+
+    // Every node ends in the acknowledged state, at the leader's revision.
+    for n in &nodes {
+        let api = n.api();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let s = api.service("h", "s").await;
+            let got: State = s["instances"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(instance_state)
+                .collect();
+            if got == want && s["revision"].as_u64().is_some() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: {got:?} instead of the acknowledged {want:?}",
+                n.http
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let rev = api.get("/v1/cluster").await.body["revision"].as_u64();
+        assert_eq!(rev, Some(last), "{} at another revision", n.http);
+    }
+    let mut resumes = 0;
+    for (i, w) in watchers.into_iter().enumerate() {
+        let (state, seen, r) = w.await.expect("watcher");
+        resumes += r;
+        gapless(&format!("watcher {i}"), &seen, &ref_revs, last).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(state, want, "watcher {i}'s view");
+    }
+    eprintln!(
+        "randomized history (seed {seed}): {ops} acknowledged writes, {} changes up to revision {last}, {restarts} follower restarts, {resumes} watch connections, final {} instances",
+        ref_revs.len(),
+        want.len()
     );
 }

@@ -1029,7 +1029,11 @@ async fn an_outage_expires_nothing_and_ends_with_fresh_leases() {
     // The store returns: a fresh TTL from then, not an expiry at the next sweep...
     store.set(None);
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(r.get(&svc("a"), false).instances.len(), 1, "expired at once");
+    assert_eq!(
+        r.get(&svc("a"), false).instances.len(),
+        1,
+        "expired at once"
+    );
     // ...and without heartbeats it lapses one TTL later.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(r.get(&svc("a"), false).instances.len(), 0);

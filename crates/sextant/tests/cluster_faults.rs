@@ -106,7 +106,10 @@ async fn put_retrying(nodes: &[&Server], path: &str, body: &Value, within: Durat
                 s => panic!("PUT {path}: unexpected {s}: {}", r.text),
             }
         }
-        assert!(Instant::now() < deadline, "PUT {path} not taken within {within:?}");
+        assert!(
+            Instant::now() < deadline,
+            "PUT {path} not taken within {within:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -242,10 +245,19 @@ async fn an_etcd_outage_keeps_reads_watches_and_heartbeats_and_expires_nothing()
         loop {
             let r = api.get("/readyz").await;
             if r.status == 503 {
-                assert!(r.text.contains("degraded") && r.text.contains("etcd"), "{}", r.text);
+                assert!(
+                    r.text.contains("degraded") && r.text.contains("etcd"),
+                    "{}",
+                    r.text
+                );
                 break;
             }
-            assert!(Instant::now() < deadline, "/readyz stayed {}: {}", r.status, r.text);
+            assert!(
+                Instant::now() < deadline,
+                "/readyz stayed {}: {}",
+                r.status,
+                r.text
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         assert_eq!(api.get("/healthz").await.status, 200);
@@ -333,7 +345,11 @@ async fn an_etcd_outage_keeps_reads_watches_and_heartbeats_and_expires_nothing()
         .iter()
         .filter(|b| b.at > held_from && b.at < restarted)
         .collect();
-    assert!(in_outage.len() >= 8, "{} heartbeats in the outage", in_outage.len());
+    assert!(
+        in_outage.len() >= 8,
+        "{} heartbeats in the outage",
+        in_outage.len()
+    );
     for b in &in_outage {
         assert_eq!(
             (b.status, b.renewed),
@@ -343,8 +359,12 @@ async fn an_etcd_outage_keeps_reads_watches_and_heartbeats_and_expires_nothing()
     }
     // Before the outage the leader took them and the follower refused them (it is the leader's
     // to renew leases), so both kinds of node are covered.
-    assert!(beats.iter().any(|b| b.at < down && b.node == l && b.status == 200));
-    assert!(beats.iter().any(|b| b.at < down && b.node == f && b.status == 503));
+    assert!(beats
+        .iter()
+        .any(|b| b.at < down && b.node == l && b.status == 200));
+    assert!(beats
+        .iter()
+        .any(|b| b.at < down && b.node == f && b.status == 503));
     eprintln!(
         "etcd outage {outage:?}: /readyz degraded on both nodes {degraded:?} after the kill; a write refused in {write_latency:?}; {} heartbeats taken in the outage; writes taken again {writable_after:?} after etcd's restart",
         in_outage.len()
@@ -354,7 +374,7 @@ async fn an_etcd_outage_keeps_reads_watches_and_heartbeats_and_expires_nothing()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_restarted_past_compaction_resyncs_and_its_watchers_get_snapshots() {
     let etcd = Etcd::start();
-    let mut nodes = vec![
+    let mut nodes = [
         start_node(&etcd.endpoint, "/compact/"),
         start_node(&etcd.endpoint, "/compact/"),
     ];
@@ -368,7 +388,12 @@ async fn a_node_restarted_past_compaction_resyncs_and_its_watchers_get_snapshots
     let mut last = 0;
     for n in 0..5u16 {
         let r = leader
-            .register("c", "s", &format!("a{n}"), &json!({"host": "10.3.0.1", "port": n + 1}))
+            .register(
+                "c",
+                "s",
+                &format!("a{n}"),
+                &json!({"host": "10.3.0.1", "port": n + 1}),
+            )
             .await;
         let got = changes(&mut on_f, 1).await;
         assert_eq!(got[0].2, r);
@@ -380,7 +405,12 @@ async fn a_node_restarted_past_compaction_resyncs_and_its_watchers_get_snapshots
     // Writes while it is down (new instances, a status change, deletes), then compaction.
     for n in 0..30u16 {
         leader
-            .register("c", "s", &format!("b{n}"), &json!({"host": "10.3.0.2", "port": n + 1}))
+            .register(
+                "c",
+                "s",
+                &format!("b{n}"),
+                &json!({"host": "10.3.0.2", "port": n + 1}),
+            )
             .await;
     }
     leader
@@ -399,7 +429,10 @@ async fn a_node_restarted_past_compaction_resyncs_and_its_watchers_get_snapshots
     loop {
         let s = f_api.service("c", "s").await;
         if s["revision"] == head["revision"] {
-            assert_eq!(s["instances"], head["instances"], "same state as the leader");
+            assert_eq!(
+                s["instances"], head["instances"],
+                "same state as the leader"
+            );
             break;
         }
         assert!(Instant::now() < deadline, "never caught up: {s} vs {head}");
@@ -483,20 +516,26 @@ async fn killing_the_etcd_leader_under_load_loses_no_acknowledged_write() {
         }));
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let raft_leader = etcd
-        .leader(Duration::from_secs(5))
-        .expect("an etcd leader");
+    let raft_leader = etcd.leader(Duration::from_secs(5)).expect("an etcd leader");
     let before = acked.lock().unwrap().len();
     etcd.members[raft_leader].kill();
     let killed = Instant::now();
     // Writes resume: 50 more acknowledged after the kill, bounded.
     let deadline = killed + Duration::from_secs(30);
     loop {
-        let after = acked.lock().unwrap().iter().filter(|a| a.2 > killed).count();
+        let after = acked
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|a| a.2 > killed)
+            .count();
         if after >= 50 {
             break;
         }
-        assert!(Instant::now() < deadline, "writes did not resume: {after} after the kill");
+        assert!(
+            Instant::now() < deadline,
+            "writes did not resume: {after} after the kill"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     stop.store(true, Ordering::SeqCst);
@@ -521,10 +560,7 @@ async fn killing_the_etcd_leader_under_load_loses_no_acknowledged_write() {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             let s = n.api().service("r", "s").await;
-            let missing: Vec<&&str> = by_id
-                .keys()
-                .filter(|id| find(&s, id).is_none())
-                .collect();
+            let missing: Vec<&&str> = by_id.keys().filter(|id| find(&s, id).is_none()).collect();
             if missing.is_empty() {
                 for (id, r) in &by_id {
                     let i = find(&s, id).expect("present");
@@ -550,9 +586,7 @@ async fn killing_the_etcd_leader_under_load_loses_no_acknowledged_write() {
 
 /// A watch that tolerates its node dying: frames until the stream ends or fails.
 struct Tolerant {
-    stream: std::pin::Pin<
-        Box<dyn futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>,
-    >,
+    stream: std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
     parser: sextant_client::sse::SseParser,
     ready: std::collections::VecDeque<sextant_client::sse::Frame>,
 }
@@ -582,7 +616,10 @@ impl Tolerant {
             if let Some(f) = self.ready.pop_front() {
                 return Some(f);
             }
-            let chunk = tokio::time::timeout(within, self.stream.next()).await.ok()??.ok()?;
+            let chunk = tokio::time::timeout(within, self.stream.next())
+                .await
+                .ok()??
+                .ok()?;
             let mut frames = Vec::new();
             self.parser.push(&chunk, &mut frames);
             self.ready.extend(frames);
@@ -625,7 +662,9 @@ fn apply_frame(state: &mut State, f: &sextant_client::sse::Frame) -> Option<Seen
                 let (id, s) = instance_state(i);
                 state.insert(id, s);
             }
-            Some(Seen::Snapshot(data["resume_revision"].as_u64().unwrap_or(0)))
+            Some(Seen::Snapshot(
+                data["resume_revision"].as_u64().unwrap_or(0),
+            ))
         }
         "upsert" => {
             let (id, s) = instance_state(&data["instance"]);
@@ -708,12 +747,17 @@ async fn a_randomized_history_with_follower_restarts_is_gapless_and_ends_as_ackn
         let api = leader.clone();
         let final_revision = final_revision.clone();
         tokio::spawn(async move {
-            let mut w = Tolerant::open(&api, None).await.expect("watch on the leader");
+            let mut w = Tolerant::open(&api, None)
+                .await
+                .expect("watch on the leader");
             let (mut state, mut seen) = (State::new(), Vec::new());
             let mut at = 0;
             let deadline = Instant::now() + Duration::from_secs(55);
             while at < final_revision.load(Ordering::SeqCst) {
-                assert!(Instant::now() < deadline, "the reference watch never caught up");
+                assert!(
+                    Instant::now() < deadline,
+                    "the reference watch never caught up"
+                );
                 // Quiet (`None`) is fine: the writers may pause.
                 if let Some(f) = w.next(Duration::from_millis(200)).await {
                     seen.extend(apply_frame(&mut state, &f));
@@ -867,7 +911,10 @@ async fn a_randomized_history_with_follower_restarts_is_gapless_and_ends_as_ackn
     let reference = reference.await.expect("reference watch");
     assert!(
         matches!(reference.first(), Some(Seen::Snapshot(_)))
-            && reference.iter().skip(1).all(|s| matches!(s, Seen::Event(_))),
+            && reference
+                .iter()
+                .skip(1)
+                .all(|s| matches!(s, Seen::Event(_))),
         "the leader's own watch must never resync"
     );
     let ref_revs: Vec<u64> = reference

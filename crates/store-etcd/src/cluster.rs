@@ -233,9 +233,9 @@ async fn hold_lease(
     .await;
     inner.metrics.observe("lease", started);
     let granted = granted
-    .map_err(|_| unreachable("no answer to the lease grant"))?
-    .map_err(|s| lost("lease grant", s))?
-    .into_inner();
+        .map_err(|_| unreachable("no answer to the lease grant"))?
+        .map_err(|s| lost("lease grant", s))?
+        .into_inner();
     if !granted.error.is_empty() {
         return Err(Lost::Other(format!("lease grant: {}", granted.error)));
     }
@@ -279,8 +279,14 @@ async fn hold_lease(
         let head = inner.read_revision(&inner.keys.revision, 0).await?.0;
         let (role, revision) = status();
         let lag = head.saturating_sub(revision);
-        inner.metrics.head.set(i64::try_from(head).unwrap_or(i64::MAX));
-        inner.metrics.lag.set(i64::try_from(lag).unwrap_or(i64::MAX));
+        inner
+            .metrics
+            .head
+            .set(i64::try_from(head).unwrap_or(i64::MAX));
+        inner
+            .metrics
+            .lag
+            .set(i64::try_from(lag).unwrap_or(i64::MAX));
         let me = Member {
             role,
             revision,
@@ -300,8 +306,8 @@ async fn hold_lease(
         let renewed = tokio::time::timeout(timeout, answers.message()).await;
         inner.metrics.observe("lease", started);
         let renewed: Option<LeaseKeepAliveResponse> = renewed
-                .map_err(|_| unreachable("no answer to a lease renewal"))?
-                .map_err(|s| lost("lease renewal", s))?;
+            .map_err(|_| unreachable("no answer to a lease renewal"))?
+            .map_err(|s| lost("lease renewal", s))?;
         match renewed {
             Some(r) if r.ttl > 0 => {}
             // The stream ended: the member went away (or restarted).
@@ -422,7 +428,11 @@ pub(crate) async fn resign(inner: &Inner) {
 
 /// Revokes one lease; `false` when etcd did not answer (a lease etcd no longer knows counts as
 /// revoked).
-async fn revoke(inner: &Inner, leases: &mut LeaseClient<tonic::transport::Channel>, id: i64) -> bool {
+async fn revoke(
+    inner: &Inner,
+    leases: &mut LeaseClient<tonic::transport::Channel>,
+    id: i64,
+) -> bool {
     let started = std::time::Instant::now();
     let r = tokio::time::timeout(
         inner.config.request_timeout,
@@ -436,7 +446,10 @@ async fn revoke(inner: &Inner, leases: &mut LeaseClient<tonic::transport::Channe
             true
         }
         _ => {
-            tracing::warn!(lease = id, "could not revoke a cluster lease; revoking it when etcd answers");
+            tracing::warn!(
+                lease = id,
+                "could not revoke a cluster lease; revoking it when etcd answers"
+            );
             false
         }
     }

@@ -446,7 +446,10 @@ impl Inner {
     pub(crate) fn set_outage(&self, why: &str) {
         let mut o = self.outage.lock();
         if o.is_none() {
-            tracing::warn!(reason = why, "etcd unreachable: writes refused until it answers again");
+            tracing::warn!(
+                reason = why,
+                "etcd unreachable: writes refused until it answers again"
+            );
         }
         *o = Some(why.to_string());
     }

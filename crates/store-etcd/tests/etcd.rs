@@ -184,8 +184,14 @@ async fn a_hung_etcd_fails_commits_promptly_once_the_outage_is_known() {
     let ten = started.elapsed();
     eprintln!("hung etcd: first commit failed after {first:?}; whether it landed: {ask:?}; 10 more commits: {ten:?}");
     assert!(first < timeout + Duration::from_secs(2), "{first:?}");
-    assert!(ask < Duration::from_millis(100), "asked etcd again: {ask:?}");
-    assert!(ten < Duration::from_millis(100), "commits in an outage waited: {ten:?}");
+    assert!(
+        ask < Duration::from_millis(100),
+        "asked etcd again: {ask:?}"
+    );
+    assert!(
+        ten < Duration::from_millis(100),
+        "commits in an outage waited: {ten:?}"
+    );
     assert!(store.write_outage().is_some());
     etcd.resume();
     let back = Instant::now();

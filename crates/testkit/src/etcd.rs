@@ -221,8 +221,7 @@ impl Etcd {
             .and_then(|r| r.parse().ok())
             .ok_or_else(|| format!("no revision in {range}"))?;
         let body = format!(r#"{{"revision":"{revision}","physical":true}}"#);
-        post(self.client_port, "/v3/kv/compaction", &body)
-            .ok_or("etcd refused the compaction")?;
+        post(self.client_port, "/v3/kv/compaction", &body).ok_or("etcd refused the compaction")?;
         Ok(revision)
     }
 
@@ -276,7 +275,10 @@ impl EtcdCluster {
             .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
             .collect::<Vec<_>>()
             .join(",");
-        let token = format!("sextant-test-{}", members.first().map_or(0, |m| m.peer_port));
+        let token = format!(
+            "sextant-test-{}",
+            members.first().map_or(0, |m| m.peer_port)
+        );
         for m in &mut members {
             m.initial_cluster = initial.clone();
             m.token = token.clone();

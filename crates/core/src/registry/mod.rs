@@ -903,7 +903,10 @@ async fn background(registry: Registry, _close: CloseOnDrop) {
         }
         if std::mem::take(&mut outage_seen) {
             let n = core.leases.refresh(Instant::now());
-            tracing::info!(leases = n, "the store takes writes again: every lease gets a fresh TTL");
+            tracing::info!(
+                leases = n,
+                "the store takes writes again: every lease gets a fresh TTL"
+            );
         }
         // Expiries are the leader's to decide: a follower's leases are renewed by nobody.
         if !core.role.borrow().takes_writes() {

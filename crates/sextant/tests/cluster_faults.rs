@@ -174,7 +174,6 @@ async fn an_etcd_outage_keeps_reads_watches_and_heartbeats_and_expires_nothing()
     ];
     let refs: Vec<&Server> = nodes.iter().collect();
     let l = leader_of(&refs, Duration::from_secs(15)).await;
-    let f = 1 - l;
     let leader = nodes[l].api();
     let eph: Vec<String> = (0..3).map(|i| format!("e{i}")).collect();
     for (i, id) in eph.iter().enumerate() {
@@ -357,14 +356,11 @@ async fn an_etcd_outage_keeps_reads_watches_and_heartbeats_and_expires_nothing()
             "a heartbeat in the outage was not taken: {b:?}"
         );
     }
-    // Before the outage the leader took them and the follower refused them (it is the leader's
-    // to renew leases), so both kinds of node are covered.
+    // Before the outage the leader took them (what a follower answers then is not this test's
+    // business: followers may forward heartbeats to the leader).
     assert!(beats
         .iter()
         .any(|b| b.at < down && b.node == l && b.status == 200));
-    assert!(beats
-        .iter()
-        .any(|b| b.at < down && b.node == f && b.status == 503));
     eprintln!(
         "etcd outage {outage:?}: /readyz degraded on both nodes {degraded:?} after the kill; a write refused in {write_latency:?}; {} heartbeats taken in the outage; writes taken again {writable_after:?} after etcd's restart",
         in_outage.len()

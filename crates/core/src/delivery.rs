@@ -74,6 +74,9 @@ pub struct SubscriptionClosed {
     pub reason: String,
 }
 
+/// Longest wait of a follower's subscription for the node to reach its resume point.
+pub(crate) const RESUME_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 struct Cursor {
     entry: Arc<ServiceEntry>,
     /// Every event of this service at or below this revision has been delivered.
@@ -129,8 +132,13 @@ impl Subscription {
         self.cursors.iter().map(|c| &c.entry.key)
     }
 
-    /// Waits for and returns the next delivery. The first call returns at once.
+    /// Waits for and returns the next delivery. The first call returns at once (on a follower
+    /// asked to resume from a revision it has not applied yet, once it has, or after
+    /// `RESUME_WAIT`).
     pub async fn next(&mut self) -> Result<Delivery, SubscriptionClosed> {
+        if let Some(Some(since)) = self.start {
+            self.catch_up_to(since).await;
+        }
         loop {
             if let Some(reason) = self.closing.borrow().clone() {
                 return Err(SubscriptionClosed { reason });
@@ -142,6 +150,25 @@ impl Subscription {
                 _ = self.wake.notified() => {}
                 _ = self.closing.changed() => {}
             }
+        }
+    }
+
+    /// A client that moves from a node ahead of this one (a follower applies the leader's
+    /// batches a little later than another may) resumes from a revision this node has not
+    /// reached: answering at once could only be a snapshot of an older state, taking the
+    /// client back in time and repeating events. So a follower first waits, bounded, to apply
+    /// up to it; a cursor still ahead after that comes from another history and gets a
+    /// snapshot.
+    async fn catch_up_to(&mut self, since: Revision) {
+        if self.shared.role.borrow().takes_writes()
+            || since <= self.shared.published.load(Ordering::Acquire)
+        {
+            return;
+        }
+        let mut rx = self.shared.published_tx.subscribe();
+        tokio::select! {
+            _ = tokio::time::timeout(RESUME_WAIT, rx.wait_for(|r| *r >= since)) => {}
+            _ = self.closing.changed() => {}
         }
     }
 

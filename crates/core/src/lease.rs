@@ -65,6 +65,16 @@ impl LeaseTable {
             .collect()
     }
 
+    /// Every deadline one TTL from `now` (a fresh grace after a store outage). Returns how many.
+    pub fn refresh(&self, now: Instant) -> usize {
+        let mut n = 0;
+        for mut l in self.leases.iter_mut() {
+            l.deadline = now + l.ttl;
+            n += 1;
+        }
+        n
+    }
+
     pub fn clear(&self) {
         self.leases.clear();
     }

@@ -970,3 +970,184 @@ mod acl {
         r.shutdown("test").await;
     }
 }
+
+/// A shared store that can be told to be unreachable: commits then fail and `write_outage`
+/// says why (as the etcd store in an outage does).
+#[derive(Default)]
+struct OutageStore {
+    inner: MemStore,
+    outage: parking_lot::Mutex<Option<String>>,
+}
+
+impl OutageStore {
+    fn set(&self, outage: Option<&str>) {
+        *self.outage.lock() = outage.map(String::from);
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for OutageStore {
+    async fn commit(&self, batch: store::Batch) -> Result<(), StoreError> {
+        if let Some(m) = self.outage.lock().clone() {
+            return Err(StoreError::Unavailable(m));
+        }
+        self.inner.commit(batch).await
+    }
+
+    fn load(&self, visit: &mut store::Visit<'_>) -> Result<Revision, StoreError> {
+        self.inner.load(visit)
+    }
+
+    async fn close(&self) -> Result<(), StoreError> {
+        self.inner.close().await
+    }
+
+    fn write_outage(&self) -> Option<String> {
+        self.outage.lock().clone()
+    }
+
+    fn watch_from(&self, revision: Revision) -> Option<store::Feed> {
+        self.inner.watch_from(revision)
+    }
+}
+
+/// A store outage expires nothing however long it lasts, and every lease gets a fresh TTL when
+/// it ends (not a mass expiry of the leases that lapsed meanwhile); a follower in the outage
+/// holds: it renews heartbeats from memory and refuses writes naming the store's outage.
+#[tokio::test(start_paused = true)]
+async fn an_outage_expires_nothing_and_ends_with_fresh_leases() {
+    let store = Arc::new(OutageStore::default());
+    let r = open_with(store.clone(), paused()).await;
+    r.register(reg("a", "eph", 2)).await.unwrap();
+    store.set(Some("etcd is unreachable at http://x:2379"));
+    // Five TTLs without a heartbeat: nothing expires.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(r.get(&svc("a"), false).instances.len(), 1);
+    assert_eq!(r.metrics().lease_expiries.get(), 0);
+    let err = r.register(reg("a", "new", 0)).await.unwrap_err();
+    assert!(err.to_string().contains("etcd is unreachable"), "{err}");
+    // The store returns: a fresh TTL from then, not an expiry at the next sweep...
+    store.set(None);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        r.get(&svc("a"), false).instances.len(),
+        1,
+        "expired at once"
+    );
+    // ...and without heartbeats it lapses one TTL later.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(r.get(&svc("a"), false).instances.len(), 0);
+    assert_eq!(r.metrics().lease_expiries.get(), 1);
+
+    // A follower in an outage holds.
+    r.register(reg("a", "e2", 2)).await.unwrap();
+    r.follow(None);
+    let hb = [(svc("a"), "e2".to_string()), (svc("a"), "nope".to_string())];
+    assert_eq!(
+        r.heartbeat(&hb),
+        vec![HeartbeatResult::Unknown, HeartbeatResult::Unknown],
+        "a follower renews nothing while the store is up"
+    );
+    assert!(r.renews_leases().is_err());
+    store.set(Some("etcd is unreachable at http://x:2379"));
+    assert!(r.renews_leases().is_ok());
+    assert_eq!(
+        r.heartbeat(&hb),
+        vec![HeartbeatResult::Renewed, HeartbeatResult::Unknown]
+    );
+    match r.register(reg("a", "e3", 0)).await.unwrap_err() {
+        CoreError::Store(StoreError::Unavailable(m)) => {
+            assert!(m.contains("etcd is unreachable"), "{m}")
+        }
+        other => panic!("expected the store's outage, got {other:?}"),
+    }
+    r.follow(Some("http://leader:1".into()));
+    assert!(matches!(
+        r.register(reg("a", "e3", 0)).await.unwrap_err(),
+        CoreError::NotLeader(Some(_))
+    ));
+}
+
+/// A shared store whose feed to one registry is held back until `open` (a follower lagging
+/// behind another node).
+struct GatedFeed {
+    inner: Arc<MemStore>,
+    gate: Arc<tokio::sync::Semaphore>,
+}
+
+#[async_trait::async_trait]
+impl Store for GatedFeed {
+    async fn commit(&self, batch: store::Batch) -> Result<(), StoreError> {
+        self.inner.commit(batch).await
+    }
+
+    fn load(&self, visit: &mut store::Visit<'_>) -> Result<Revision, StoreError> {
+        self.inner.load(visit)
+    }
+
+    async fn close(&self) -> Result<(), StoreError> {
+        self.inner.close().await
+    }
+
+    fn watch_from(&self, revision: Revision) -> Option<store::Feed> {
+        let mut from = self.inner.watch_from(revision)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        let gate = self.gate.clone();
+        tokio::spawn(async move {
+            let _open = gate.acquire().await;
+            while let Some(c) = from.recv().await {
+                if tx.send(c).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Some(rx)
+    }
+}
+
+/// A watcher that moves to a follower which has not applied its resume point yet (another node
+/// was ahead) gets exactly the changes after it once the follower catches up — not a snapshot
+/// of the follower's older state, which would take it back in time and repeat changes.
+#[tokio::test]
+async fn a_resume_ahead_of_a_follower_waits_for_it_instead_of_going_back() {
+    let mem = Arc::new(MemStore::new());
+    let leader = open_with(mem.clone(), CoreConfig::default()).await;
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let lagging = Arc::new(GatedFeed {
+        inner: mem.clone(),
+        gate: gate.clone(),
+    });
+    let follower = open_with(lagging, CoreConfig::default()).await;
+    follower.follow(Some("http://leader:1".into()));
+    leader.lead(0, 0).await.unwrap();
+    let mut seen = 0;
+    for i in 0..3 {
+        seen = leader
+            .register(reg("a", &format!("i{i}"), 0))
+            .await
+            .unwrap();
+    }
+    assert_eq!(follower.revision(), 0, "held back");
+    // The watcher saw `seen` elsewhere and resumes here.
+    let mut sub = follower.subscribe(vec![svc("a")], Some(seen));
+    let next = tokio::spawn(async move {
+        let d = sub.next().await.unwrap();
+        (d.snapshots.len(), kinds(&d), d.revision)
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    gate.add_permits(1);
+    let r = leader.register(reg("a", "after", 0)).await.unwrap();
+    let (snapshots, events, at) = tokio::time::timeout(Duration::from_secs(5), next)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(snapshots, 0, "a snapshot of an older state");
+    // The follower may deliver its catch-up with the next change or alone (nothing after
+    // `seen`: then the change comes next); either way nothing at or before `seen`.
+    assert!(events.iter().all(|(_, rev)| *rev > seen), "{events:?}");
+    assert!(at >= seen);
+    assert!(
+        events.is_empty() || events == vec![("upsert", r)],
+        "{events:?}"
+    );
+}

@@ -54,6 +54,7 @@ pub(crate) async fn join(
         grpc: grpc.to_string(),
         role: String::new(),
         revision: 0,
+        head: 0,
         updated_ms: 0,
     };
     let r = registry.clone();
@@ -109,7 +110,8 @@ pub(crate) struct MemberView {
     role: String,
     /// Revision applied at its last renewal.
     revision: Revision,
-    /// How far that is behind the store's head.
+    /// How far that was behind the store's head, which it read just before (the same number
+    /// as its `sextant_cluster_replication_lag_revisions`).
     lag: Revision,
     /// Milliseconds since its last renewal (by this node's clock).
     last_seen_ms: u64,
@@ -138,14 +140,18 @@ pub(crate) async fn view(
         });
     };
     let now = sextant_core::model::now_ms();
-    let (head, members, error) = match (c.store.head().await, c.store.members().await) {
-        (Ok(h), Ok(m)) => (Some(h), m, outage),
-        (Err(e), _) | (_, Err(e)) => (None, Vec::new(), Some(e.to_string())),
+    // In an outage the answer is this node's own view, at once (not after etcd's timeouts).
+    let (head, members, error) = match outage {
+        Some(o) => (None, Vec::new(), Some(o)),
+        None => match (c.store.head().await, c.store.members().await) {
+            (Ok(h), Ok(m)) => (Some(h), m, None),
+            (Err(e), _) | (_, Err(e)) => (None, Vec::new(), Some(e.to_string())),
+        },
     };
     let members: Vec<MemberView> = members
         .into_iter()
         .map(|m| MemberView {
-            lag: head.map_or(0, |h| h.saturating_sub(m.revision)),
+            lag: m.head.saturating_sub(m.revision),
             last_seen_ms: now.saturating_sub(m.updated_ms),
             node_id: m.node_id,
             http: m.http,

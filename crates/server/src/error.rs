@@ -100,7 +100,12 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
         let mut resp = (self.status, axum::Json(body)).into_response();
-        if let Some(v) = self.retry_after.and_then(|w| {
+        // A 503 always says when to come back; a refusal by a limit says exactly when.
+        let wait = self.retry_after.or_else(|| {
+            (self.status == StatusCode::SERVICE_UNAVAILABLE)
+                .then_some(sextant_core::RETRY_AFTER_BUSY)
+        });
+        if let Some(v) = wait.and_then(|w| {
             axum::http::HeaderValue::from_str(&sextant_core::retry_after_header(w)).ok()
         }) {
             resp.headers_mut()

@@ -405,7 +405,7 @@ impl RegistryApi for GrpcApi {
                 })
                 .collect::<Result<Vec<_>, Status>>()?;
             // A follower's leases are nobody's: the leader decides expiries.
-            self.node.registry.writable().map_err(grpc_status)?;
+            self.node.registry.renews_leases().map_err(grpc_status)?;
             let results = self.node.registry.heartbeat(&keys);
             let mut renewed = 0;
             let mut unknown = Vec::new();

@@ -27,7 +27,7 @@ use sextant_dns::{DnsConfig, DnsMetrics, DnsServer};
 use sextant_eureka::{Eureka, EurekaMetrics};
 use sextant_health::{HealthMetrics, Scanner, ScannerConfig};
 use sextant_nacos::{NacosConfig, NacosMetrics, NacosServer};
-use sextant_store_etcd::{EtcdConfig, EtcdStore};
+use sextant_store_etcd::{EtcdConfig, EtcdMetrics, EtcdStore};
 use sextant_store_redb::{RedbStore, StoreMetrics};
 use sextant_xds::{XdsMetrics, XdsServer};
 use tokio::net::TcpListener;
@@ -454,8 +454,8 @@ impl Server {
     }
 }
 
-/// Opens the store `config` names (registering the embedded store's metrics when given a
-/// metrics registry); for etcd, also the etcd store itself, which cluster mode needs.
+/// Opens the store `config` names (registering the embedded or etcd store's metrics when given
+/// a metrics registry); for etcd, also the etcd store itself, which cluster mode needs.
 async fn open_store(
     config: &ServerConfig,
     prometheus: Option<&mut prometheus_client::registry::Registry>,
@@ -473,12 +473,19 @@ async fn open_store(
         // An etcd that does not answer fails the start (naming the endpoints): a
         // supervisor's restart policy retries, and a typo does not look like a slow etcd.
         StoreKind::Etcd => {
+            let metrics = match prometheus {
+                Some(p) => EtcdMetrics::register(p),
+                None => EtcdMetrics::default(),
+            };
             let s = Arc::new(
-                EtcdStore::open(EtcdConfig {
-                    endpoints: config.etcd_endpoints(),
-                    prefix: config.etcd_prefix.clone(),
-                    ..EtcdConfig::default()
-                })
+                EtcdStore::open_with_metrics(
+                    EtcdConfig {
+                        endpoints: config.etcd_endpoints(),
+                        prefix: config.etcd_prefix.clone(),
+                        ..EtcdConfig::default()
+                    },
+                    metrics,
+                )
                 .await?,
             );
             (s.clone(), Some(s))

@@ -11,7 +11,11 @@
 //!   (etcd deletes the key) or was replaced cannot write any more, whatever it believes.
 //!
 //! A node that loses its lease (etcd unreachable longer than the TTL, or the renewal refused)
-//! stops leading at once, before etcd lets another node win. A leader that is killed is
+//! stops leading at once, before etcd lets another node win. When it lost it because etcd did
+//! not answer, the store is in an outage (see the crate docs): the registry then holds (serves
+//! reads, watches and heartbeats from memory, expires nothing, refuses writes naming etcd)
+//! until etcd answers and an election — this node's campaign goes on meanwhile — names a
+//! leader, which gives every ephemeral instance a fresh TTL as it takes over. A leader that is killed is
 //! replaced one TTL after its last renewal; one that shuts down cleanly revokes its lease, so
 //! another node takes over within a renewal interval.
 
@@ -43,6 +47,9 @@ pub struct Member {
     pub role: String,
     /// The revision it had applied at its last renewal.
     pub revision: Revision,
+    /// The store's head revision it read just before (its lag is `head - revision`).
+    #[serde(default)]
+    pub head: Revision,
     /// When it last renewed (ms since the epoch, its own clock).
     pub updated_ms: u64,
 }
@@ -141,15 +148,63 @@ async fn campaign(
         }
         match hold_lease(&inner, &node, ttl, tick, &status, &tx).await {
             Ok(()) => return,
-            Err(e) => {
+            Err(Lost::Unreachable(e)) => {
+                // Before the role changes, so the registry holds from its first moment as a
+                // follower without a leader (see the module docs).
+                if inner.outage.lock().is_none() {
+                    inner.set_outage(&format!(
+                        "etcd is unreachable at {} ({e})",
+                        inner.config.endpoints.join(",")
+                    ));
+                }
+                // Another endpoint for the next lease (the probe picks one that answers).
+                inner.conn.current.fetch_add(1, Ordering::Relaxed);
+                if !matches!(*tx.borrow(), Election::Follower { leader: None }) {
+                    tracing::warn!(error = %e, "cluster lease lost: etcd does not answer; holding until it does");
+                }
+            }
+            Err(Lost::Other(e)) => {
                 tracing::warn!(error = %e, "cluster lease lost; following until a new one is held");
             }
         }
         *inner.fence.lock() = None;
-        tx.send_replace(Election::Follower { leader: None });
+        tx.send_if_modified(|e| {
+            let changed = *e != (Election::Follower { leader: None });
+            *e = Election::Follower { leader: None };
+            changed
+        });
         // Best effort: its records go now rather than when the lease lapses.
         resign(&inner).await;
         tokio::time::sleep(tick).await;
+    }
+}
+
+/// Why a lease was lost.
+enum Lost {
+    /// etcd did not answer (the store is in an outage).
+    Unreachable(String),
+    /// etcd answered: the lease expired, the leader key was taken, a call was refused.
+    Other(String),
+}
+
+impl From<StoreError> for Lost {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(m) => Lost::Unreachable(m),
+            e => Lost::Other(e.to_string()),
+        }
+    }
+}
+
+/// A call's failure: no answer (or a transport error) is unreachability, anything else not.
+fn lost(what: &str, s: tonic::Status) -> Lost {
+    use tonic::Code;
+    let m = format!("{what}: {}", s.message());
+    match s.code() {
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
+            Lost::Unreachable(m)
+        }
+        _ => Lost::Other(m),
     }
 }
 
@@ -162,10 +217,12 @@ async fn hold_lease(
     tick: Duration,
     status: &Status,
     tx: &watch::Sender<Election>,
-) -> Result<(), String> {
+) -> Result<(), Lost> {
+    let unreachable = |m: &str| Lost::Unreachable(m.to_string());
     let idx = inner.conn.current.load(Ordering::Relaxed) % inner.conn.raw.len();
     let mut leases = LeaseClient::new(inner.conn.raw[idx].clone());
     let timeout = inner.config.request_timeout;
+    let started = std::time::Instant::now();
     let granted = tokio::time::timeout(
         timeout,
         leases.lease_grant(LeaseGrantRequest {
@@ -173,21 +230,29 @@ async fn hold_lease(
             id: 0,
         }),
     )
-    .await
-    .map_err(|_| "no answer to the lease grant".to_string())?
-    .map_err(|s| format!("lease grant: {}", s.message()))?
-    .into_inner();
+    .await;
+    inner.metrics.observe("lease", started);
+    let granted = granted
+        .map_err(|_| unreachable("no answer to the lease grant"))?
+        .map_err(|s| lost("lease grant", s))?
+        .into_inner();
     if !granted.error.is_empty() {
-        return Err(format!("lease grant: {}", granted.error));
+        return Err(Lost::Other(format!("lease grant: {}", granted.error)));
     }
     let lease = granted.id;
     *inner.lease.lock() = Some(lease);
+    // etcd answers again: the leases an outage kept from being revoked go now (a leader key
+    // under one would hold off every campaign, this node's included, until it lapsed).
+    let stale = std::mem::take(&mut *inner.stale_leases.lock());
+    for id in stale {
+        revoke(inner, &mut leases, id).await;
+    }
     let (req_tx, req_rx) = mpsc::channel::<LeaseKeepAliveRequest>(4);
     // The first renewal goes with the call: etcd answers the call (its headers) only then.
     req_tx
         .send(LeaseKeepAliveRequest { id: lease })
         .await
-        .map_err(|_| "keep-alive stream closed".to_string())?;
+        .map_err(|_| unreachable("keep-alive stream closed"))?;
     let mut first = true;
     let requests =
         futures::stream::unfold(
@@ -196,8 +261,8 @@ async fn hold_lease(
         );
     let mut answers = tokio::time::timeout(timeout, leases.lease_keep_alive(requests))
         .await
-        .map_err(|_| "no answer to the lease keep-alive".to_string())?
-        .map_err(|s| format!("lease keep-alive: {}", s.message()))?
+        .map_err(|_| unreachable("no answer to the lease keep-alive"))?
+        .map_err(|s| lost("lease keep-alive", s))?
         .into_inner();
     let member_key = [
         inner.keys.cluster.as_slice(),
@@ -210,10 +275,22 @@ async fn hold_lease(
         if inner.closed.load(Ordering::SeqCst) {
             return Ok(());
         }
+        // The head first, then what this node applied: a write between them counts as no lag.
+        let head = inner.read_revision(&inner.keys.revision, 0).await?.0;
         let (role, revision) = status();
+        let lag = head.saturating_sub(revision);
+        inner
+            .metrics
+            .head
+            .set(i64::try_from(head).unwrap_or(i64::MAX));
+        inner
+            .metrics
+            .lag
+            .set(i64::try_from(lag).unwrap_or(i64::MAX));
         let me = Member {
             role,
             revision,
+            head,
             updated_ms: sextant_core::model::now_ms(),
             ..node.clone()
         };
@@ -223,16 +300,23 @@ async fn hold_lease(
             req_tx
                 .send(LeaseKeepAliveRequest { id: lease })
                 .await
-                .map_err(|_| "keep-alive stream closed".to_string())?;
+                .map_err(|_| unreachable("keep-alive stream closed"))?;
         }
-        let renewed: Option<LeaseKeepAliveResponse> =
-            tokio::time::timeout(timeout, answers.message())
-                .await
-                .map_err(|_| "no answer to a lease renewal".to_string())?
-                .map_err(|s| format!("lease renewal: {}", s.message()))?;
+        let started = std::time::Instant::now();
+        let renewed = tokio::time::timeout(timeout, answers.message()).await;
+        inner.metrics.observe("lease", started);
+        let renewed: Option<LeaseKeepAliveResponse> = renewed
+            .map_err(|_| unreachable("no answer to a lease renewal"))?
+            .map_err(|s| lost("lease renewal", s))?;
         match renewed {
             Some(r) if r.ttl > 0 => {}
-            _ => return Err("etcd refused to renew the lease (it expired)".into()),
+            // The stream ended: the member went away (or restarted).
+            None => return Err(unreachable("the lease keep-alive stream ended")),
+            _ => {
+                return Err(Lost::Other(
+                    "etcd refused to renew the lease (it expired)".into(),
+                ))
+            }
         }
         let mut ops = vec![put(member_key.clone(), me_json.clone(), lease)];
         let mut compares = Vec::new();
@@ -260,21 +344,14 @@ async fn hold_lease(
                 },
             ],
         };
-        let resp = inner.txn(&req).await.map_err(|e| e.to_string())?;
+        let resp = inner.txn(&req, "campaign").await?;
         match leading {
             None if resp.succeeded => {
                 let created = resp.header.map_or(0, |h| h.revision);
                 *inner.fence.lock() = Some(created);
                 leading = Some(created);
-                let (head, at) = inner
-                    .read_revision(&inner.keys.revision, 0)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let floor = inner
-                    .read_revision(&inner.keys.attempted, at)
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .0;
+                let (head, at) = inner.read_revision(&inner.keys.revision, 0).await?;
+                let floor = inner.read_revision(&inner.keys.attempted, at).await?.0;
                 tracing::info!(node = %node.node_id, head, floor, "elected leader");
                 tx.send_replace(Election::Leader { head, floor });
             }
@@ -300,12 +377,12 @@ async fn hold_lease(
             }
             Some(created) => {
                 // Still ours? (An operator may have deleted it; etcd may have expired it.)
-                let still = create_revision_at(inner, 0)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let still = create_revision_at(inner, 0).await?;
                 if still != created {
                     *inner.fence.lock() = None;
-                    return Err("the leader key is no longer this node's".into());
+                    return Err(Lost::Other(
+                        "the leader key is no longer this node's".into(),
+                    ));
                 }
             }
         }
@@ -344,12 +421,36 @@ pub(crate) async fn resign(inner: &Inner) {
     *inner.fence.lock() = None;
     let idx = inner.conn.current.load(Ordering::Relaxed) % inner.conn.raw.len();
     let mut leases = LeaseClient::new(inner.conn.raw[idx].clone());
+    if !revoke(inner, &mut leases, lease).await && !inner.closed.load(Ordering::SeqCst) {
+        inner.stale_leases.lock().push(lease);
+    }
+}
+
+/// Revokes one lease; `false` when etcd did not answer (a lease etcd no longer knows counts as
+/// revoked).
+async fn revoke(
+    inner: &Inner,
+    leases: &mut LeaseClient<tonic::transport::Channel>,
+    id: i64,
+) -> bool {
+    let started = std::time::Instant::now();
     let r = tokio::time::timeout(
         inner.config.request_timeout,
-        leases.lease_revoke(LeaseRevokeRequest { id: lease }),
+        leases.lease_revoke(LeaseRevokeRequest { id }),
     )
     .await;
-    if !matches!(r, Ok(Ok(_))) {
-        tracing::warn!("could not revoke the cluster lease; it lapses by itself");
+    inner.metrics.observe("lease", started);
+    match r {
+        Ok(Ok(_)) => true,
+        Ok(Err(s)) if s.code() == tonic::Code::NotFound || s.message().contains("not found") => {
+            true
+        }
+        _ => {
+            tracing::warn!(
+                lease = id,
+                "could not revoke a cluster lease; revoking it when etcd answers"
+            );
+            false
+        }
     }
 }

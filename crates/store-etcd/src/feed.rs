@@ -110,7 +110,9 @@ async fn watch(
     let requests = futures::stream::iter([create]).chain(futures::stream::pending());
     let mut client =
         WatchClient::new(inner.conn.raw[idx].clone()).max_decoding_message_size(MAX_DECODE_BYTES);
+    let started = std::time::Instant::now();
     let opened = tokio::time::timeout(inner.config.request_timeout, client.watch(requests)).await;
+    inner.metrics.observe("watch", started);
     let mut stream = match opened {
         Ok(Ok(s)) => s.into_inner(),
         Ok(Err(s)) => {

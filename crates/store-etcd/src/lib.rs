@@ -38,9 +38,15 @@
 //! most).
 //!
 //! **Failures.** Every call is bounded by [`EtcdConfig::request_timeout`]; an endpoint that does
-//! not answer is left for the next one. When no endpoint answers, the error is
-//! [`StoreError::Unavailable`] naming etcd and the endpoints, and [`Store::write_outage`]
-//! reports it (for `/readyz`) until a commit gets through again. All I/O runs on the store's
+//! not answer is left for the next one. When no endpoint answers (a read, a commit, or the
+//! cluster lease's renewal), the error is [`StoreError::Unavailable`] naming etcd and the
+//! endpoints, and the store is *in an outage*: [`Store::write_outage`] reports it (for
+//! `/readyz` and the registry's lease sweeper), and commits and [`Store::committed_revision`]
+//! fail at once with that error instead of waiting for timeouts again, so a write in an outage
+//! gets its 503 promptly. A probe (every [`PROBE_INTERVAL`], a read of the revision key on
+//! each endpoint, bounded by [`PROBE_TIMEOUT`]) ends the outage as soon as etcd answers (and
+//! makes the endpoint that answered the one tried first); a successful transaction ends it
+//! too. All I/O runs on the store's
 //! own small runtime (thread `sextant-etcd`), so the store works from any runtime, and
 //! [`Store::load`] (blocking) from any thread.
 //!
@@ -58,7 +64,10 @@
 
 pub mod cluster;
 mod feed;
+pub mod metrics;
 pub mod pb;
+
+pub use metrics::EtcdMetrics;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -293,6 +302,12 @@ struct Keys {
     leader: Vec<u8>,
 }
 
+/// How often an outage's probe asks etcd whether it is back.
+pub const PROBE_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Longest wait for one endpoint's answer to the probe.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Sextant revisions whose etcd revision a store remembers, for feeds (the latest ones).
 const POSITIONS: usize = 4096;
 
@@ -312,6 +327,10 @@ struct Inner {
     fence: Mutex<Option<i64>>,
     /// This node's cluster lease, while it holds one.
     lease: Mutex<Option<i64>>,
+    /// Leases of this node it could not revoke (etcd was unreachable): revoked once it answers,
+    /// so a leader key left under one does not delay the next election by a lease TTL.
+    stale_leases: Mutex<Vec<i64>>,
+    metrics: EtcdMetrics,
 }
 
 /// The etcd-backed [`Store`]. See the crate docs.
@@ -326,6 +345,14 @@ impl EtcdStore {
     /// request timeout per endpoint): an unreachable etcd fails here, with
     /// [`StoreError::Unavailable`] naming the endpoints, not at the first write.
     pub async fn open(config: EtcdConfig) -> Result<EtcdStore, StoreError> {
+        Self::open_with_metrics(config, EtcdMetrics::default()).await
+    }
+
+    /// [`EtcdStore::open`], counting into `metrics` (registered by the caller).
+    pub async fn open_with_metrics(
+        config: EtcdConfig,
+        metrics: EtcdMetrics,
+    ) -> Result<EtcdStore, StoreError> {
         config
             .validate()
             .map_err(|e| StoreError::Unavailable(format!("etcd store: {e}")))?;
@@ -358,7 +385,10 @@ impl EtcdStore {
             positions: Mutex::new(BTreeMap::new()),
             fence: Mutex::new(None),
             lease: Mutex::new(None),
+            stale_leases: Mutex::new(Vec::new()),
+            metrics,
         });
+        runtime.spawn(probe(inner.clone()));
         let store = EtcdStore {
             inner: inner.clone(),
             runtime: Some(runtime),
@@ -412,6 +442,33 @@ impl Inner {
         }
     }
 
+    /// Enters (or stays in) an outage: see the crate docs.
+    pub(crate) fn set_outage(&self, why: &str) {
+        let mut o = self.outage.lock();
+        if o.is_none() {
+            tracing::warn!(
+                reason = why,
+                "etcd unreachable: writes refused until it answers again"
+            );
+        }
+        *o = Some(why.to_string());
+    }
+
+    /// Ends an outage (etcd answered).
+    fn clear_outage(&self) {
+        if self.outage.lock().take().is_some() {
+            tracing::info!("etcd answers again: writes taken");
+        }
+    }
+
+    /// The error of a commit tried during an outage, without asking etcd again.
+    fn in_outage(&self) -> Option<StoreError> {
+        self.outage
+            .lock()
+            .as_ref()
+            .map(|m| StoreError::Unavailable(m.clone()))
+    }
+
     fn unavailable(&self, detail: &str) -> StoreError {
         StoreError::Unavailable(format!(
             "etcd is unreachable at {} ({detail})",
@@ -421,13 +478,20 @@ impl Inner {
 
     /// One range read, with the store's failover and error mapping.
     pub(crate) async fn range(&self, req: RangeRequest) -> Result<RangeResponse, StoreError> {
-        self.conn
+        let started = std::time::Instant::now();
+        let r = self
+            .conn
             .call(|mut c| {
                 let req = req.clone();
                 async move { c.range(req).await }
             })
             .await
-            .map_err(|e| self.map(e, "read"))
+            .map_err(|e| self.map(e, "read"));
+        self.metrics.observe("range", started);
+        if let Err(StoreError::Unavailable(m)) = &r {
+            self.set_outage(m);
+        }
+        r
     }
 
     fn map(&self, e: CallError, what: &str) -> StoreError {
@@ -583,7 +647,7 @@ impl Inner {
         };
         // A missing revision key fails a value comparison: create it (0) once and try again.
         for _ in 0..2 {
-            let resp = self.txn(&req).await?;
+            let resp = self.txn(&req, "commit").await?;
             if resp.succeeded {
                 return Ok(resp.header.map_or(0, |h| h.revision));
             }
@@ -616,7 +680,13 @@ impl Inner {
         )))
     }
 
-    async fn txn(&self, req: &TxnRequest) -> Result<TxnResponse, StoreError> {
+    /// One transaction, timed as `op` (see [`metrics::OpLabels`]).
+    pub(crate) async fn txn(
+        &self,
+        req: &TxnRequest,
+        op: &'static str,
+    ) -> Result<TxnResponse, StoreError> {
+        let started = std::time::Instant::now();
         let r = self
             .conn
             .call(|mut c| {
@@ -624,17 +694,18 @@ impl Inner {
                 async move { c.txn(req).await }
             })
             .await;
+        self.metrics.observe(op, started);
         match r {
             Ok(resp) => {
-                *self.outage.lock() = None;
+                self.clear_outage();
                 Ok(resp)
             }
             Err(e) => {
                 let err = self.map(e, "transaction");
                 if let StoreError::Unavailable(m) = &err {
-                    *self.outage.lock() = Some(m.clone());
+                    self.set_outage(m);
                 } else {
-                    *self.outage.lock() = None;
+                    self.clear_outage();
                 }
                 Err(err)
             }
@@ -654,7 +725,7 @@ impl Inner {
             success: vec![put_op(self.keys.revision.clone(), encode_revision(0))],
             failure: Vec::new(),
         };
-        self.txn(&req).await.map(|_| ())
+        self.txn(&req, "commit").await.map(|_| ())
     }
 
     /// [`Inner::scan`], again from the start when etcd compacted its revision meanwhile.
@@ -693,6 +764,7 @@ impl Inner {
                 revision: at,
                 ..Default::default()
             };
+            let started = std::time::Instant::now();
             let r = self
                 .conn
                 .call(|mut c| {
@@ -700,6 +772,7 @@ impl Inner {
                     async move { c.range(req).await }
                 })
                 .await;
+            self.metrics.observe("range", started);
             let page = match r {
                 Ok(p) => p,
                 // A page too large to decode: smaller pages.
@@ -745,6 +818,37 @@ impl Inner {
     }
 }
 
+/// While the store is in an outage, asks each endpoint (a read of the revision key) every
+/// [`PROBE_INTERVAL`] until one answers, then ends the outage. Runs until the store closes.
+async fn probe(inner: Arc<Inner>) {
+    let n = inner.conn.channels.len();
+    let timeout = PROBE_TIMEOUT.min(inner.config.request_timeout);
+    loop {
+        tokio::time::sleep(PROBE_INTERVAL).await;
+        if inner.closed.load(Ordering::SeqCst) {
+            return;
+        }
+        if inner.outage.lock().is_none() {
+            continue;
+        }
+        let first = inner.conn.current.load(Ordering::Relaxed);
+        for i in 0..n {
+            let idx = (first + i) % n;
+            let mut c = inner.conn.channels[idx].clone();
+            let req = RangeRequest {
+                key: inner.keys.revision.clone(),
+                ..Default::default()
+            };
+            // A linearizable read: answered only by a member with a quorum behind it.
+            if let Ok(Ok(_)) = tokio::time::timeout(timeout, c.range(req)).await {
+                inner.conn.current.store(idx, Ordering::Relaxed);
+                inner.clear_outage();
+                break;
+            }
+        }
+    }
+}
+
 /// Why a scan stopped.
 enum ScanError {
     /// etcd no longer has the revision the scan reads at.
@@ -773,6 +877,11 @@ impl Store for EtcdStore {
     async fn commit(&self, batch: Batch) -> Result<(), StoreError> {
         if self.inner.closed.load(Ordering::SeqCst) {
             return Err(StoreError::Unavailable("the etcd store is closed".into()));
+        }
+        // In an outage: the 503 now, not after the endpoints' timeouts again (the probe
+        // notices etcd's return within its interval).
+        if let Some(e) = self.inner.in_outage() {
+            return Err(e);
         }
         let inner = self.inner.clone();
         self.run(async move { inner.commit(batch).await }).await
@@ -816,6 +925,11 @@ impl Store for EtcdStore {
     }
 
     async fn committed_revision(&self) -> Option<Result<Revision, StoreError>> {
+        // The commit that just failed put the store in an outage: asking etcd now would only
+        // wait for the timeouts again (the writer asks again before its next commit).
+        if let Some(e) = self.inner.in_outage() {
+            return Some(Err(e));
+        }
         let inner = self.inner.clone();
         Some(
             self.run(async move {

@@ -1,6 +1,7 @@
 //! The etcd store against a real etcd (a throwaway member from `sextant_testkit::Etcd`; the
 //! test fails, never skips, when etcd is not installed): the store conformance suite, an
-//! unreachable etcd, an etcd that goes away and comes back, and commit latencies.
+//! unreachable etcd, an etcd that goes away and comes back, a hung etcd (SIGSTOP) whose
+//! outage answers the next commits at once, and commit latencies.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -148,6 +149,66 @@ async fn an_etcd_outage_fails_commits_and_reports_until_it_returns() {
     assert_eq!(rev, (3, vec!["a".to_string(), "c".to_string()]));
 }
 
+/// A hung etcd (SIGSTOP: connections stay open, nothing answers): the commit that finds it out
+/// waits for the request timeout, and asking whether it landed does not wait again; commits
+/// during the outage fail at once; after SIGCONT the probe ends the outage within its interval
+/// and a commit goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_etcd_fails_commits_promptly_once_the_outage_is_known() {
+    let etcd = Etcd::start();
+    let store = EtcdStore::open(config(&etcd.endpoint, "/hung/"))
+        .await
+        .expect("open");
+    let batch = |revision: u64, key: &str| Batch {
+        revision,
+        mutations: vec![put(key, b"v")],
+        ..Default::default()
+    };
+    store.commit(batch(1, "a")).await.expect("commit");
+    etcd.pause();
+    let timeout = config(&etcd.endpoint, "/").request_timeout;
+    let started = Instant::now();
+    let err = store.commit(batch(2, "b")).await.expect_err("etcd is hung");
+    let first = started.elapsed();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    // The writer asks next whether that commit landed: no second wait.
+    let started = Instant::now();
+    let asked = store.committed_revision().await.expect("etcd has a feed");
+    assert!(asked.is_err(), "{asked:?}");
+    let ask = started.elapsed();
+    let started = Instant::now();
+    for r in 2..12 {
+        let e = store.commit(batch(r, "c")).await.expect_err("still hung");
+        assert!(e.to_string().contains("etcd"), "{e}");
+    }
+    let ten = started.elapsed();
+    eprintln!("hung etcd: first commit failed after {first:?}; whether it landed: {ask:?}; 10 more commits: {ten:?}");
+    assert!(first < timeout + Duration::from_secs(2), "{first:?}");
+    assert!(
+        ask < Duration::from_millis(100),
+        "asked etcd again: {ask:?}"
+    );
+    assert!(
+        ten < Duration::from_millis(100),
+        "commits in an outage waited: {ten:?}"
+    );
+    assert!(store.write_outage().is_some());
+    etcd.resume();
+    let back = Instant::now();
+    let deadline = back + Duration::from_secs(15);
+    loop {
+        match store.commit(batch(12, "d")).await {
+            Ok(()) => break,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "etcd is back, commits fail: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    eprintln!("commits taken again {:?} after SIGCONT", back.elapsed());
+    assert_eq!(store.write_outage(), None);
+}
+
 /// Commit latency to a local etcd for a 1-op and a 128-op batch (printed; run with
 /// `--nocapture` to see them). Asserts only that they are bounded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -233,6 +294,7 @@ async fn one_leader_per_prefix_and_a_deposed_one_cannot_write() {
         grpc: id.into(),
         role: String::new(),
         revision: 0,
+        head: 0,
         updated_ms: 0,
     };
     let status: Status = Arc::new(|| ("?".to_string(), 0));

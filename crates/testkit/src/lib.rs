@@ -4,7 +4,7 @@
 //! start-up line that names the addresses, and free loopback ports. [`spawn_serve`] also
 //! drains stderr for the whole life of the process (so it never blocks on a full pipe) and
 //! waits, bounded, for that line. [`Etcd`] starts a throwaway etcd member for the etcd store's
-//! tests. [`TestCa`] makes a throwaway CA and certificates for TLS. Nothing here is linked into the server, the SDK or the binary.
+//! tests, [`EtcdCluster`] a cluster of several. [`TestCa`] makes a throwaway CA and certificates for TLS. Nothing here is linked into the server, the SDK or the binary.
 #![forbid(unsafe_code)]
 
 use std::ffi::{OsStr, OsString};
@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 mod etcd;
 mod tls;
 mod tmpfs;
-pub use etcd::{etcd_binary, etcd_version, Etcd};
+pub use etcd::{etcd_binary, etcd_version, Etcd, EtcdCluster};
 pub use tls::{CertFiles, TestCa};
 pub use tmpfs::Tmpfs;
 

@@ -14,6 +14,17 @@
 //! blocking queries and adapters see every change at the leader's revisions. Who leads is
 //! decided outside the core (an election in the store's adapter) and told to the registry
 //! through [`Registry::follow`] and [`Registry::lead`].
+//!
+//! **Store outages** (the store cannot take writes: etcd down, or this node cut off from it).
+//! Reads and watches go on from memory. No lease expires: the sweeper does not expire while
+//! the store reports an outage (an expiry could not be written anyway), and when the outage
+//! ends every lease gets a fresh TTL, so clients whose heartbeats could not be counted are not
+//! removed in one sweep. A follower while the store is unreachable (a leader whose election
+//! lease lapsed in the outage steps down: without its fence a write could interleave with a
+//! new leader's) *holds*: it answers heartbeats from memory (nothing can expire anywhere while
+//! no leader can write, and the next leader gives every ephemeral instance a fresh TTL when it
+//! takes over) and, once it knows no leader, refuses writes as the store's outage, a 503
+//! naming the store.
 
 mod load;
 pub(crate) mod table;
@@ -122,7 +133,7 @@ impl Role {
         }
     }
 
-    fn refusal(&self) -> CoreError {
+    pub(crate) fn refusal(&self) -> CoreError {
         match self {
             Role::Follower { leader } => CoreError::NotLeader(leader.clone()),
             _ => CoreError::NotLeader(None),
@@ -215,6 +226,8 @@ pub(crate) struct RegistryCore {
     /// queries over the whole catalog); sent after each batch's services are woken.
     pub published_tx: watch::Sender<Revision>,
     pub leases: LeaseTable,
+    /// The store, asked (cheaply) whether it takes writes: see "Store outages" above.
+    pub store: Arc<dyn Store>,
     pub metrics: CoreMetrics,
     /// `Some(reason)` once shutdown began.
     pub closing: watch::Sender<Option<String>>,
@@ -229,6 +242,27 @@ pub(crate) struct RegistryCore {
     pub acl_changed: watch::Sender<Revision>,
     pub audit: Mutex<AuditLog>,
     pub admission: crate::admission::Admission,
+}
+
+impl RegistryCore {
+    /// Holding through a store outage: a follower (with no leader known, or one it cannot
+    /// reach through the store either) while the store is unreachable.
+    pub(crate) fn holding(&self) -> bool {
+        !self.role.borrow().takes_writes() && self.store.write_outage().is_some()
+    }
+
+    /// Why a write is refused in `role`: a follower names its leader; one holding through a
+    /// store outage names the store (503 with its reason, like a leader's failed commit).
+    pub(crate) fn refusal(&self, role: &Role) -> CoreError {
+        if matches!(role, Role::Follower { leader: None }) {
+            if let Some(why) = self.store.write_outage() {
+                return CoreError::Store(StoreError::Unavailable(format!(
+                    "no cluster leader while the store is unreachable; {why}"
+                )));
+            }
+        }
+        role.refusal()
+    }
 }
 
 /// Handle to the registry. Cheap to clone; all clones share one registry. A handle made by
@@ -303,6 +337,7 @@ impl Registry {
             published: AtomicU64::new(revision),
             published_tx: watch::Sender::new(revision),
             leases,
+            store: store.clone(),
             metrics,
             closing: watch::Sender::new(None),
             next_subscriber: AtomicU64::new(1),
@@ -380,12 +415,21 @@ impl Registry {
     /// `Ok` when this node takes writes; on a follower, the error naming the leader. For
     /// calls that change state without a write (heartbeats renew leases the leader keeps).
     pub fn writable(&self) -> Result<(), CoreError> {
-        let role = self.core.role.borrow();
+        let role = self.core.role.borrow().clone();
         if role.takes_writes() {
             Ok(())
         } else {
-            Err(role.refusal())
+            Err(self.core.refusal(&role))
         }
+    }
+
+    /// `Ok` when this node renews leases on heartbeats: it takes writes, or it holds through a
+    /// store outage (see the module docs); otherwise [`Registry::writable`]'s error.
+    pub fn renews_leases(&self) -> Result<(), CoreError> {
+        if self.core.holding() {
+            return Ok(());
+        }
+        self.writable()
     }
 
     /// Makes this node a follower (`leader`: the leader's address, for refusals): writes are
@@ -521,6 +565,9 @@ impl Registry {
     /// registers again, which the follower refuses naming the leader.
     pub fn heartbeat(&self, items: &[(ServiceKey, String)]) -> Vec<HeartbeatResult> {
         if !self.core.role.borrow().takes_writes() {
+            if self.core.holding() {
+                return self.heartbeat_from_memory(items);
+            }
             return vec![HeartbeatResult::Unknown; items.len()];
         }
         let now = Instant::now();
@@ -542,6 +589,32 @@ impl Registry {
                     HeartbeatResult::Persistent
                 } else {
                     HeartbeatResult::Unknown
+                }
+            })
+            .collect()
+    }
+
+    /// Heartbeats while holding through a store outage: an instance this node has is renewed
+    /// (its lease here too, if it has one); the next leader grants every one a fresh TTL.
+    fn heartbeat_from_memory(&self, items: &[(ServiceKey, String)]) -> Vec<HeartbeatResult> {
+        let now = Instant::now();
+        items
+            .iter()
+            .map(|(service, id)| {
+                let inst = self.instance(service, id);
+                match inst {
+                    Some(i) if i.is_ephemeral() => {
+                        self.core.leases.renew(
+                            &LeaseKey {
+                                service: service.clone(),
+                                id: id.as_str().into(),
+                            },
+                            now,
+                        );
+                        HeartbeatResult::Renewed
+                    }
+                    Some(_) => HeartbeatResult::Persistent,
+                    None => HeartbeatResult::Unknown,
                 }
             })
             .collect()
@@ -850,6 +923,8 @@ async fn background(registry: Registry, _close: CloseOnDrop) {
     let mut tick = tokio::time::interval(core.config.lease_check_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ticks = 0u64;
+    // An outage was seen since the last sweep that could write: leases get a fresh TTL first.
+    let mut outage_seen = false;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -870,6 +945,22 @@ async fn background(registry: Registry, _close: CloseOnDrop) {
                 tracing::debug!(removed, "vacant services swept out of memory");
             }
         }
+        // No expiry while the store cannot take writes (see the module docs); a fresh TTL
+        // for every lease once it can, instead of expiring every lease that lapsed meanwhile.
+        if let Some(why) = core.store.write_outage() {
+            if !outage_seen {
+                tracing::warn!(reason = %why, "the store takes no writes: lease expiry suspended");
+            }
+            outage_seen = true;
+            continue;
+        }
+        if std::mem::take(&mut outage_seen) {
+            let n = core.leases.refresh(Instant::now());
+            tracing::info!(
+                leases = n,
+                "the store takes writes again: every lease gets a fresh TTL"
+            );
+        }
         // Expiries are the leader's to decide: a follower's leases are renewed by nobody.
         if !core.role.borrow().takes_writes() {
             continue;
@@ -885,6 +976,8 @@ async fn background(registry: Registry, _close: CloseOnDrop) {
                 .collect();
             if let Err(e) = registry.apply(ops).await {
                 tracing::warn!(error = %e, "could not remove expired instances; will retry");
+                // A brief outage may end before the next tick looks: count it all the same.
+                outage_seen |= matches!(e, CoreError::Store(StoreError::Unavailable(_)));
                 break;
             }
         }

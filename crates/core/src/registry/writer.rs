@@ -157,7 +157,8 @@ impl Writer {
         match c {
             Control::Follow => {
                 if let Some(p) = self.promoting.take() {
-                    let _ = p.done.send(Err(self.core.role.borrow().refusal()));
+                    let role = self.core.role.borrow().clone();
+                    let _ = p.done.send(Err(self.core.refusal(&role)));
                 }
                 if self.feed.is_none() && retry.is_none() {
                     self.open_feed(retry);
@@ -589,7 +590,7 @@ impl Writer {
         let role = self.core.role.borrow().clone();
         if !role.takes_writes() || self.promoting.is_some() {
             for req in requests {
-                let _ = req.reply.send(Err(role.refusal()));
+                let _ = req.reply.send(Err(self.core.refusal(&role)));
             }
             return;
         }

@@ -445,8 +445,9 @@ async fn heartbeats(
             Ok((key, i.id.clone()))
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
-    // A follower's leases are nobody's: the leader decides expiries.
-    s.registry().writable()?;
+    // A follower's leases are nobody's: the leader decides expiries (but one holding through
+    // a store outage answers from memory: see core's registry docs).
+    s.registry().renews_leases()?;
     let results = s.registry().heartbeat(&keys);
     let mut renewed = 0;
     let mut persistent = 0;
@@ -716,14 +717,17 @@ async fn cluster_view(
     ))
 }
 
-/// Not ready while shutting down, or while the store refuses writes (a full disk): reads would
-/// still work, but a node that cannot take registrations should not be sent them. Ready again
-/// once the store takes writes (its own probe notices without waiting for a client's write).
+/// Not ready while shutting down, or degraded while the store refuses writes (a full disk, etcd
+/// unreachable): reads, watches and heartbeats still work, but a node that cannot take
+/// registrations should not be sent them. Ready again once the store takes writes (its own
+/// probe notices without waiting for a client's write).
 async fn readyz(State(s): State<AppState>) -> Response {
     if s.registry().is_closing() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
     } else if let Some(why) = s.node.store.write_outage() {
-        let body = format!("not ready: the store refuses writes: {why}\n");
+        let body = format!(
+            "degraded: the store refuses writes ({why}); reads, watches and heartbeats are served from memory\n"
+        );
         (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
     } else {
         "ready\n".into_response()

@@ -10,6 +10,7 @@
 pub mod acl;
 mod codec;
 mod delivery;
+pub mod forward;
 mod lease;
 pub mod metrics;
 mod registry;
@@ -20,6 +21,7 @@ use std::time::Duration;
 
 pub use acl::{with_actor, Acl, Actor, AuthError, NewToken, Principal};
 pub use delivery::{Delivery, ServiceSnapshot, SharedEvent, Subscription, SubscriptionClosed};
+pub use forward::Forwarder;
 pub use metrics::CoreMetrics;
 pub use registry::{
     HeartbeatResult, NamespaceSummary, Op, Registry, Role, ServiceSummary, ServiceView,
@@ -109,6 +111,10 @@ pub enum CoreError {
     Conflict(String),
     #[error("internal error: {0}")]
     Internal(String),
+    /// A write forwarded to the cluster's leader that the leader refused: its kind and message
+    /// as the leader said them, so a follower answers exactly what the leader would have.
+    #[error("{message}")]
+    Remote { kind: ErrorKind, message: String },
 }
 
 fn not_leader_message(leader: &Option<String>) -> String {
@@ -132,6 +138,7 @@ impl CoreError {
             CoreError::NotLeader(_) => ErrorKind::Unavailable,
             CoreError::Conflict(_) => ErrorKind::Conflict,
             CoreError::Internal(_) => ErrorKind::Internal,
+            CoreError::Remote { kind, .. } => *kind,
         }
     }
 }
@@ -250,6 +257,11 @@ impl ErrorKind {
             ErrorKind::PermissionDenied => "permission_denied",
             ErrorKind::Conflict => "conflict",
         }
+    }
+
+    /// The kind whose [`ErrorKind::label`] is `label` (how a forwarded error travels).
+    pub fn from_label(label: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.label() == label)
     }
 
     /// The kind an HTTP status stands for (for errors made outside the core, e.g. a rejected

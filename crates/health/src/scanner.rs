@@ -479,6 +479,11 @@ impl Sched {
             return;
         }
         let flips = std::mem::take(&mut self.pending_flips);
+        // Every node probes; only the leader's flips are written (a follower's would be
+        // forwarded to the leader and race its own verdicts).
+        if self.registry.writable().is_err() {
+            return;
+        }
         let mut down: HashMap<ServiceKey, usize> = HashMap::new();
         for (key, h) in &flips {
             if *h == Health::Unhealthy {

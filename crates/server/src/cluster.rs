@@ -1,6 +1,7 @@
 //! Cluster mode (`store = etcd`): joins this node to the cluster on its etcd prefix, turns the
 //! election's outcome into the registry's role (leader: takes writes once caught up; follower:
-//! applies the store's feed and refuses writes naming the leader), and answers `/v1/cluster`.
+//! applies the store's feed and forwards writes and renewals to the leader — `peer.rs` — or,
+//! when it cannot, refuses them naming the leader), and answers `/v1/cluster`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,10 +13,16 @@ use sextant_core::{Registry, Role};
 use sextant_store_etcd::cluster::{Election, Member, Status};
 use sextant_store_etcd::EtcdStore;
 
+use crate::peer::PeerForwarder;
+
 /// What `/v1/cluster` and the election task need of a cluster node.
 pub(crate) struct Cluster {
     pub store: Arc<EtcdStore>,
     pub node_id: String,
+    /// The cluster's shared secret (peer calls carry it).
+    pub secret: String,
+    /// How this node forwards while it follows; `None`: it refuses writes instead.
+    pub forwarder: Option<Arc<PeerForwarder>>,
 }
 
 /// This node's id: as configured, or `{host}-{http port}-{grpc port}` (the host is the HTTP
@@ -60,9 +67,16 @@ pub(crate) async fn join(
     let status: Status = Arc::new(move || (r.role().name().to_string(), r.revision()));
     let mut election = cluster.store.join(node, lease, status);
     let reg = registry.clone();
+    let forwarder = cluster.forwarder.clone();
     tokio::spawn(async move {
         loop {
             let outcome = election.borrow_and_update().clone();
+            if let Some(f) = &forwarder {
+                match &outcome {
+                    Election::Follower { leader } => f.set_leader(leader.as_ref()),
+                    _ => f.set_leader(None),
+                }
+            }
             // Acts on the outcome, then waits; a newer outcome interrupts it (a catch-up that
             // has not finished when this node loses again is given up).
             let act = async {

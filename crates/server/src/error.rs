@@ -49,6 +49,8 @@ impl From<CoreError> for ApiError {
             e @ CoreError::NotLeader(_) => e.to_string(),
             CoreError::Conflict(m) => m,
             CoreError::Internal(m) => m,
+            // Already the leader's words for it (a write forwarded from this follower).
+            CoreError::Remote { message, .. } => message,
         };
         // The wire code of the native APIs: clients match on it, so shutting down stays
         // `unavailable` as before.

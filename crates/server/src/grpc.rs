@@ -400,8 +400,8 @@ impl RegistryApi for GrpcApi {
                     Ok((k, i.id.clone()))
                 })
                 .collect::<Result<Vec<_>, Status>>()?;
-            // A follower's leases are nobody's: the leader decides expiries.
-            self.node.registry.writable().map_err(grpc_status)?;
+            // A follower that cannot forward renewals refuses (the leader decides expiries).
+            self.node.registry.renews().map_err(grpc_status)?;
             let results = self.node.registry.heartbeat(&keys);
             let mut renewed = 0;
             let mut unknown = Vec::new();

@@ -1,10 +1,15 @@
 //! Cluster mode: one etcd (`sextant_testkit::Etcd`) and three real `sextant serve` nodes on
 //! one prefix. Exactly one node leads; writes on it reach both followers' APIs and watches at
-//! the same revisions (the lag is measured and printed); followers refuse writes and
-//! heartbeats with a 503 naming the leader (SSE and gRPC watches both checked); `/v1/cluster` lists the members. Killing the
-//! leader with SIGKILL elects another node, writes go on above the old revisions, nothing
-//! acknowledged is lost, and a watcher that moves from one node to another with its last
-//! revision gets exactly the events after it.
+//! the same revisions (the lag is measured and printed; SSE and gRPC watches both checked);
+//! `/v1/cluster` lists the members. Killing the leader with SIGKILL elects another node, writes
+//! go on above the old revisions, nothing acknowledged is lost, and a watcher that moves from
+//! one node to another with its last revision gets exactly the events after it.
+//!
+//! Forwarding: a follower takes writes (native HTTP, the SDK) and heartbeats for the leader —
+//! acknowledged, read-your-writes on the follower, visible everywhere; errors keep their status
+//! (400, 404, 403 with auth on) and the leader's audit names the token and the follower; an
+//! ephemeral instance renewed only through a follower outlives several TTLs; kill -9 of the
+//! follower an SDK uses: it fails over and its instance is never removed.
 
 mod common;
 
@@ -12,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{json, Value};
+use sextant_client::{Client, Registration, ServiceName};
 use sextant_proto::v1 as pb;
 use sextant_proto::v1::watch_event::Kind;
 use sextant_testkit::Etcd;
@@ -20,7 +26,11 @@ const LEASE_SECONDS: &str = "2";
 const FRAME: Duration = Duration::from_secs(10);
 
 fn start_node(etcd: &Etcd) -> Server {
-    Server::start_with_args(&[
+    start_node_with(etcd, &[])
+}
+
+fn start_node_with(etcd: &Etcd, extra: &[&str]) -> Server {
+    let mut args = vec![
         "--store",
         "etcd",
         "--etcd-endpoints",
@@ -31,7 +41,23 @@ fn start_node(etcd: &Etcd) -> Server {
         LEASE_SECONDS,
         "--no-nacos",
         "--no-dns",
-    ])
+        "--no-consul",
+    ];
+    args.extend_from_slice(extra);
+    Server::start_with_args(&args)
+}
+
+/// Polls `check` every 100 ms until it holds; panics with `what` after `within`.
+async fn eventually<F, Fut>(what: &str, within: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while !check().await {
+        assert!(Instant::now() < deadline, "not within {within:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 async fn cluster_view(api: &Api) -> Value {
@@ -105,19 +131,17 @@ async fn writes_on_the_leader_reach_every_follower_at_the_same_revisions() {
     let leader = nodes[l].api();
     let followers: Vec<Api> = (0..3).filter(|&i| i != l).map(|i| nodes[i].api()).collect();
 
-    // Followers refuse writes and heartbeats, naming the leader.
-    let addr = format!("http://{}", nodes[l].http);
-    let refused = followers[0]
-        .put(&instance_path("c", "s", "x"), &body(1))
-        .await;
-    refused.assert_error(503, &["follower", &addr]);
+    // Followers take writes and heartbeats for the leader (see the forwarding tests).
+    let r = followers[0].register("c", "other", "x", &body(1)).await;
     let hb = followers[1]
         .post(
             "/v1/heartbeats",
-            &json!([{"namespace": "c", "service": "s", "id": "x"}]),
+            &json!([{"namespace": "c", "service": "other", "id": "x"}]),
         )
-        .await;
-    hb.assert_error(503, &["follower", &addr]);
+        .await
+        .ok();
+    assert_eq!(hb["persistent"], 1, "{hb}");
+    assert!(r > 0);
 
     // A watcher on every node, then writes on the leader.
     let mut watches = Vec::new();
@@ -349,5 +373,321 @@ async fn a_killed_leader_is_replaced_and_a_moving_watcher_sees_no_gap() {
             let i = find(&s, id).unwrap_or_else(|| panic!("{id} acknowledged, missing: {s}"));
             assert_eq!(i["spec_revision"].as_u64(), Some(*r), "{id}");
         }
+    }
+}
+
+/// The index of a node other than `l`.
+fn other_than(l: usize, skip: usize) -> usize {
+    (0..3).filter(|&i| i != l).nth(skip).unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_takes_writes_and_heartbeats_for_the_leader() {
+    let etcd = Etcd::start();
+    let nodes = [start_node(&etcd), start_node(&etcd), start_node(&etcd)];
+    let refs: Vec<&Server> = nodes.iter().collect();
+    let l = leader_of(&refs, Duration::from_secs(15)).await;
+    let leader = nodes[l].api();
+    let f = nodes[other_than(l, 0)].api();
+
+    // A registration through a follower's native HTTP: acknowledged, and readable on that
+    // follower at once (read your writes), then on every node.
+    for n in 0..5u16 {
+        let id = format!("f{n}");
+        let r = f.register("fw", "s", &id, &body(2000 + n)).await;
+        let here = f.service("fw", "s").await;
+        let i = find(&here, &id).unwrap_or_else(|| {
+            panic!("{id} not readable on the follower right after its ack: {here}")
+        });
+        assert_eq!(i["spec_revision"].as_u64(), Some(r));
+        assert!(here["revision"].as_u64().unwrap() >= r);
+    }
+    let want = f.service("fw", "s").await;
+    for n in &nodes {
+        let api = n.api();
+        let want = want.clone();
+        eventually(
+            "the follower's writes on every node",
+            Duration::from_secs(10),
+            || {
+                let api = api.clone();
+                let want = want.clone();
+                async move { api.service("fw", "s").await["instances"] == want["instances"] }
+            },
+        )
+        .await;
+    }
+    // Status and deregistration through the follower too.
+    f.set_status("fw", "s", "f1", &json!({"enabled": false}))
+        .await;
+    assert_eq!(
+        find(&f.service("fw", "s").await, "f1").unwrap()["status"]["enabled"],
+        false
+    );
+    f.deregister("fw", "s", "f2").await;
+    assert!(find(&f.service("fw", "s").await, "f2").is_none());
+
+    // Errors keep their class and message: bad input refused on the follower (400), an
+    // instance only the leader finds missing (404, decided by the leader's writer).
+    let bad = f
+        .put(
+            &instance_path("fw", "s", "bad"),
+            &json!({"host": "10.0.0.1", "port": 0}),
+        )
+        .await;
+    bad.assert_error(400, &["port"]);
+    let missing = f
+        .patch(
+            &format!("{}/status", instance_path("fw", "s", "nobody")),
+            &json!({"enabled": true}),
+        )
+        .await;
+    let on_leader = leader
+        .patch(
+            &format!("{}/status", instance_path("fw", "s", "nobody")),
+            &json!({"enabled": true}),
+        )
+        .await;
+    assert_eq!(
+        missing.status, on_leader.status,
+        "{} vs {}",
+        missing.text, on_leader.text
+    );
+    assert_eq!(missing.body["error"], on_leader.body["error"]);
+    missing.assert_error(404, &["nobody"]);
+
+    // An ephemeral instance (TTL 2 s) registered and heartbeated only through a follower stays
+    // alive for several TTLs: the follower sends the renewals to the leader, which keeps
+    // the leases. Then, heartbeats stopped, the leader expires it within TTL + sweep.
+    let eph = json!({"host": "10.9.0.1", "port": 7, "ttl_seconds": 2});
+    f.register("fw", "eph", "e1", &eph).await;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(7) {
+        let hb = f
+            .post(
+                "/v1/heartbeats",
+                &json!([{"namespace": "fw", "service": "eph", "id": "e1"}]),
+            )
+            .await
+            .ok();
+        assert_eq!(hb["renewed"], 1, "{hb}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for n in &nodes {
+        let s = n.api().service("fw", "eph").await;
+        assert!(
+            find(&s, "e1").is_some(),
+            "expired although renewed through a follower: {s}"
+        );
+    }
+    let renewals = metric(&f, "sextant_forwarded_renewals_total").await;
+    let ops = metric(&f, "sextant_forwarded_ops_total").await;
+    let received = metric(&leader, "sextant_forward_received_ops_total").await;
+    eprintln!(
+        "follower forwarded {ops} ops and {renewals} renewals; the leader received {received} ops"
+    );
+    assert!(
+        renewals >= 1.0 && ops >= 9.0 && received >= ops,
+        "{ops} {renewals} {received}"
+    );
+    let stopped = Instant::now();
+    eventually(
+        "the lapsed instance removed",
+        Duration::from_secs(8),
+        || {
+            let f = f.clone();
+            async move { find(&f.service("fw", "eph").await, "e1").is_none() }
+        },
+    )
+    .await;
+    eprintln!(
+        "heartbeats stopped -> removed on the follower after {:?} (TTL 2 s)",
+        stopped.elapsed()
+    );
+    // A heartbeat for it now says unknown (the client registers again).
+    let hb = f
+        .post(
+            "/v1/heartbeats",
+            &json!([{"namespace": "fw", "service": "eph", "id": "e1"}]),
+        )
+        .await
+        .ok();
+    assert_eq!(hb["unknown"].as_array().map(Vec::len), Some(1), "{hb}");
+}
+
+fn sdk(servers: &[&Server]) -> Client {
+    Client::builder()
+        .servers(servers.iter().map(|s| format!("http://{}", s.grpc)))
+        .call_timeout(Duration::from_secs(3))
+        .connect_timeout(Duration::from_secs(1))
+        .backoff(Duration::from_millis(50), Duration::from_millis(300))
+        .heartbeat_interval(Duration::from_millis(500))
+        .build()
+        .expect("build the SDK client")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sdk_on_a_follower_survives_that_followers_death() {
+    let etcd = Etcd::start();
+    let mut nodes = [start_node(&etcd), start_node(&etcd), start_node(&etcd)];
+    let refs: Vec<&Server> = nodes.iter().collect();
+    let l = leader_of(&refs, Duration::from_secs(15)).await;
+    let (fa, fb) = (other_than(l, 0), other_than(l, 1));
+    let leader = nodes[l].api();
+
+    // Pointed only at a follower: registers (forwarded) and keeps the instance alive.
+    let only_follower = sdk(&[&nodes[fa]]);
+    let web = ServiceName::new("sdk", "web").unwrap();
+    only_follower
+        .register(
+            Registration::new(web.clone(), "10.2.0.1", 80)
+                .id("solo")
+                .ttl(Duration::from_secs(2)),
+        )
+        .await
+        .expect("register through a follower");
+    // With the whole server list, the follower first: the one it uses.
+    let listed = sdk(&[&nodes[fa], &nodes[fb], &nodes[l]]);
+    listed
+        .register(
+            Registration::new(web.clone(), "10.2.0.2", 80)
+                .id("moving")
+                .ttl(Duration::from_secs(3)),
+        )
+        .await
+        .expect("register through the first follower");
+    assert!(
+        find(&nodes[fa].api().service("sdk", "web").await, "moving").is_some(),
+        "read your writes"
+    );
+
+    // Watch the service on the leader: no delete may come.
+    let mut watch = Sse::open(&leader, "service=sdk/web", None).await;
+    assert_eq!(watch.expect(FRAME).await.event, "snapshot");
+    tokio::time::sleep(Duration::from_secs(6)).await; // 3 TTLs of "solo"
+    let s = leader.service("sdk", "web").await;
+    assert!(
+        find(&s, "solo").is_some(),
+        "the SDK on a follower kept nothing alive: {s}"
+    );
+
+    // kill -9 the follower both clients use: "moving" fails over (another node takes its
+    // heartbeats) and stays; "solo" has nowhere to go and lapses.
+    let killed = Instant::now();
+    nodes[fa].kill9();
+    tokio::time::sleep(Duration::from_secs(9)).await; // 3 TTLs of "moving"
+    let s = leader.service("sdk", "web").await;
+    assert!(
+        find(&s, "moving").is_some(),
+        "the failed-over client's instance was removed: {s}"
+    );
+    assert!(
+        find(&s, "solo").is_none(),
+        "an instance whose only server died outlived its TTL: {s}"
+    );
+    // The only delete the leader's watcher saw is "solo"'s.
+    let mut deletes = Vec::new();
+    loop {
+        match watch.next(Duration::from_millis(300)).await {
+            Next::Frame(f) if f.event == "delete" => {
+                deletes.push(f.data["id"].as_str().unwrap_or("?").to_string())
+            }
+            Next::Frame(_) => {}
+            _ => break,
+        }
+    }
+    assert_eq!(
+        deletes,
+        ["solo"],
+        "deletes seen after kill -9 at {:?}",
+        killed.elapsed()
+    );
+    let st = listed.stats();
+    eprintln!("SDK after its follower's kill -9: {st:?}");
+    drop(only_follower);
+    let _ = listed.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_auth_a_follower_checks_tokens_and_the_leader_audits_the_caller() {
+    let etcd = Etcd::start();
+    let args = ["--auth", "on"];
+    let nodes = [
+        start_node_with(&etcd, &args),
+        start_node_with(&etcd, &args),
+        start_node_with(&etcd, &args),
+    ];
+    let refs: Vec<&Server> = nodes.iter().collect();
+    let l = leader_of(&refs, Duration::from_secs(15)).await;
+    let fi = other_than(l, 0);
+    let anon = nodes[fi].api();
+
+    // Bootstrap through a follower (an ACL write, forwarded), and use the token there at once.
+    let r = anon.post("/v1/acl/bootstrap", &json!({})).await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let admin_secret = r.body["secret"].as_str().unwrap().to_string();
+    let admin = bearer(&nodes[fi], &admin_secret);
+    admin
+        .put(
+            "/v1/acl/policies/prod-w",
+            &json!({"rules": [{"namespace": "prod", "rights": ["read", "write"]}]}),
+        )
+        .await
+        .ok();
+    let t = admin
+        .post(
+            "/v1/acl/tokens",
+            &json!({"policies": ["prod-w"], "description": "app"}),
+        )
+        .await;
+    assert_eq!(t.status, 201, "{}", t.text);
+    let (app_id, app_secret) = (
+        t.body["id"].as_str().unwrap().to_string(),
+        t.body["secret"].as_str().unwrap().to_string(),
+    );
+    let app = bearer(&nodes[fi], &app_secret);
+    app.register("prod", "web", "a1", &body(1)).await;
+    app.put(&instance_path("staging", "web", "a1"), &body(1))
+        .await
+        .assert_error(403, &["staging"]);
+    anon.put(&instance_path("prod", "web", "a2"), &body(1))
+        .await
+        .assert_error(401, &[]);
+
+    // The leader's audit log names the token and the follower it came through.
+    let on_leader = bearer(&nodes[l], &admin_secret);
+    let audit = on_leader.get("/v1/audit?namespace=prod").await.ok();
+    let entry = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| {
+            e["change"]
+                .as_str()
+                .is_some_and(|c| c.contains("register prod/web/a1"))
+        })
+        .cloned()
+        .unwrap_or_else(|| panic!("no audit entry for a1: {audit}"));
+    assert_eq!(entry["token_id"], app_id.as_str(), "{entry}");
+    assert_eq!(entry["protocol"], "http", "{entry}");
+    assert!(
+        entry["source"].as_str().unwrap().contains(" via "),
+        "{entry}"
+    );
+}
+
+fn bearer(server: &Server, secret: &str) -> Api {
+    let mut h = reqwest::header::HeaderMap::new();
+    h.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {secret}").parse().unwrap(),
+    );
+    Api {
+        base: server.base(),
+        client: reqwest::Client::builder()
+            .no_proxy()
+            .default_headers(h)
+            .build()
+            .unwrap(),
     }
 }

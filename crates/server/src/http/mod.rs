@@ -445,8 +445,8 @@ async fn heartbeats(
             Ok((key, i.id.clone()))
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
-    // A follower's leases are nobody's: the leader decides expiries.
-    s.registry().writable()?;
+    // A follower that cannot forward renewals refuses (the leader decides expiries).
+    s.registry().renews()?;
     let results = s.registry().heartbeat(&keys);
     let mut renewed = 0;
     let mut persistent = 0;

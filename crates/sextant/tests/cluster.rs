@@ -617,13 +617,31 @@ async fn with_auth_a_follower_checks_tokens_and_the_leader_audits_the_caller() {
         start_node_with(&etcd, &args),
         start_node_with(&etcd, &args),
     ];
-    let refs: Vec<&Server> = nodes.iter().collect();
-    let l = leader_of(&refs, Duration::from_secs(15)).await;
+    // `/v1/cluster` needs a token now: the leader is the node whose log says it leads.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let l = loop {
+        let leading: Vec<usize> = (0..3)
+            .filter(|&i| nodes[i].log().contains("this node leads the cluster"))
+            .collect();
+        if let [l] = leading.as_slice() {
+            break *l;
+        }
+        assert!(Instant::now() < deadline, "no single leader: {leading:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let fi = other_than(l, 0);
     let anon = nodes[fi].api();
 
-    // Bootstrap through a follower (an ACL write, forwarded), and use the token there at once.
-    let r = anon.post("/v1/acl/bootstrap", &json!({})).await;
+    // Bootstrap through a follower (an ACL write, forwarded; 503 until it knows the leader),
+    // and use the token there at once.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let r = loop {
+        let r = anon.post("/v1/acl/bootstrap", &json!({})).await;
+        if r.status != 503 || Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert_eq!(r.status, 201, "{}", r.text);
     let admin_secret = r.body["secret"].as_str().unwrap().to_string();
     let admin = bearer(&nodes[fi], &admin_secret);

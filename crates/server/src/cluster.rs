@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::Serialize;
 use sextant_core::model::Revision;
 use sextant_core::{Registry, Role};
+use sextant_health::Shard;
 use sextant_store_etcd::cluster::{Election, Member, Status};
 use sextant_store_etcd::EtcdStore;
 
@@ -113,6 +114,46 @@ pub(crate) async fn join(
             "no leader known yet; serving reads, refusing writes until one is elected"
         );
     }
+}
+
+/// The health scanner's shard: this node and the live members, re-read every `period` until
+/// the registry closes. A member that dies leaves the list when its lease lapses, so its
+/// services are probed elsewhere within about the lease + `period` + the scanner's reconcile.
+pub(crate) fn shard(
+    cluster: &Cluster,
+    registry: &Registry,
+    period: Duration,
+) -> tokio::sync::watch::Receiver<Shard> {
+    let me = cluster.node_id.clone();
+    let (tx, rx) = tokio::sync::watch::channel(Shard::new(me.clone(), Vec::new()));
+    let store = cluster.store.clone();
+    let reg = registry.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period.max(Duration::from_millis(100)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = reg.closed() => return,
+            }
+            match store.members().await {
+                Ok(members) => {
+                    let next = Shard::new(me.clone(), members.into_iter().map(|m| m.node_id));
+                    tx.send_if_modified(|cur| {
+                        if *cur == next {
+                            return false;
+                        }
+                        tracing::info!(members = ?next.members(), "health checks spread over the members");
+                        *cur = next;
+                        true
+                    });
+                }
+                // The last known members keep their services meanwhile.
+                Err(e) => tracing::debug!(error = %e, "cannot read the cluster's members"),
+            }
+        }
+    });
+    rx
 }
 
 #[derive(Serialize)]

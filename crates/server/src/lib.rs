@@ -165,14 +165,6 @@ impl Server {
             ..CoreConfig::default()
         };
         let registry = Registry::open(store.clone(), core_config, core_metrics).await?;
-        let scanner = config.health_scanner.then(|| {
-            let cfg = ScannerConfig {
-                concurrency: config.health_concurrency,
-                mass_failure_fraction: config.health_mass_failure_fraction,
-                ..ScannerConfig::default()
-            };
-            Scanner::start(registry.clone(), cfg, health_metrics)
-        });
 
         let (http_listener, http_addr) = bind(config.http_addr).await?;
         let (grpc_listener, grpc_addr) = bind(config.grpc_addr).await?;
@@ -268,6 +260,21 @@ impl Server {
             }
             None => None,
         };
+        // In a cluster whose followers forward, each node probes the services it owns (the
+        // shard follows the member list); otherwise every node probes every service and only
+        // the leader's flips are written.
+        let shard = cluster.as_ref().filter(|c| c.forwarder.is_some()).map(|c| {
+            let period = Duration::from_secs(config.cluster_lease_seconds) / 3;
+            cluster::shard(c, &registry, period)
+        });
+        let scanner = config.health_scanner.then(|| {
+            let cfg = ScannerConfig {
+                concurrency: config.health_concurrency,
+                mass_failure_fraction: config.health_mass_failure_fraction,
+                ..ScannerConfig::default()
+            };
+            Scanner::start_sharded(registry.clone(), cfg, health_metrics, shard)
+        });
         let node = Arc::new(Node {
             registry: registry.clone(),
             scanner,

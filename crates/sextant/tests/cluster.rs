@@ -709,3 +709,175 @@ fn bearer(server: &Server, secret: &str) -> Api {
             .unwrap(),
     }
 }
+
+/// A TCP listener that counts the connections (probes) it accepts; aborting its task closes
+/// it, so its target is dead.
+struct Probed {
+    port: u16,
+    hits: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn probed() -> Probed {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let h = hits.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            if let Ok((s, _)) = l.accept().await {
+                h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                drop(s);
+            }
+        }
+    });
+    Probed { port, hits, task }
+}
+
+fn hits(targets: &[Probed]) -> Vec<u64> {
+    targets
+        .iter()
+        .map(|t| t.hits.load(std::sync::atomic::Ordering::SeqCst))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_are_spread_over_the_live_nodes() {
+    const N: usize = 12;
+    const INTERVAL_MS: u64 = 300;
+    let etcd = Etcd::start();
+    let mut nodes = [start_node(&etcd), start_node(&etcd), start_node(&etcd)];
+    let refs: Vec<&Server> = nodes.iter().collect();
+    let l = leader_of(&refs, Duration::from_secs(15)).await;
+    let leader = nodes[l].api();
+    let mut ids = Vec::new();
+    for n in &nodes {
+        ids.push(
+            cluster_view(&n.api()).await["node_id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    let mut targets = Vec::new();
+    let check = json!({"check": {"kind": "tcp", "interval_ms": INTERVAL_MS, "timeout_ms": 200, "rise": 1, "fall": 1}});
+    for i in 0..N {
+        let t = probed().await;
+        let svc = format!("s{i}");
+        leader
+            .register(
+                "hc",
+                &svc,
+                "i",
+                &json!({"host": "127.0.0.1", "port": t.port}),
+            )
+            .await;
+        leader.put(&service_path("hc", &svc), &check).await.ok();
+        targets.push(t);
+    }
+    let owner = |live: &[String], i: usize| {
+        let key = sextant_model::ServiceKey::new("hc", &format!("s{i}")).unwrap();
+        sextant_health::Shard::new(live[0].clone(), live.to_vec())
+            .owner(&key)
+            .to_string()
+    };
+    // Each node probes exactly the services rendezvous hashing gives it.
+    let want: Vec<f64> = ids
+        .iter()
+        .map(|id| (0..N).filter(|&i| owner(&ids, i) == *id).count() as f64)
+        .collect();
+    let apis: Vec<Api> = nodes.iter().map(Server::api).collect();
+    eventually(
+        "each node probes its share",
+        Duration::from_secs(15),
+        || {
+            let apis = apis.clone();
+            let want = want.clone();
+            async move {
+                let mut got = Vec::new();
+                for a in &apis {
+                    got.push(metric(a, "sextant_health_targets").await);
+                }
+                got == want
+            }
+        },
+    )
+    .await;
+    eprintln!("health targets per node: {want:?}");
+    // One prober per service: about one probe per interval each, not three.
+    let before = hits(&targets);
+    let window = Duration::from_secs(3);
+    tokio::time::sleep(window).await;
+    let one = window.as_millis() as u64 / INTERVAL_MS;
+    for (i, (a, b)) in before.iter().zip(hits(&targets)).enumerate() {
+        let d = b - a;
+        assert!(
+            d >= 1 && d <= one * 3 / 2 + 2,
+            "s{i}: {d} probes in {window:?} (one prober: ~{one})"
+        );
+    }
+    for i in 0..N {
+        let s = leader.service("hc", &format!("s{i}")).await;
+        assert_eq!(s["instances"][0]["status"]["health"], "healthy", "{s}");
+    }
+
+    // kill -9 a follower that probes something: its services move to the survivors within an
+    // interval plus the membership timeout (the lease) plus the member poll and reconcile.
+    let victim = (0..3)
+        .filter(|&i| i != l)
+        .max_by(|&a, &b| want[a].total_cmp(&want[b]))
+        .unwrap();
+    let moved: Vec<usize> = (0..N).filter(|&i| owner(&ids, i) == ids[victim]).collect();
+    let killed = Instant::now();
+    nodes[victim].kill9();
+    let survivors: Vec<usize> = (0..3).filter(|&i| i != victim).collect();
+    let live: Vec<String> = survivors.iter().map(|&i| ids[i].clone()).collect();
+    let want_after: Vec<f64> = live
+        .iter()
+        .map(|id| (0..N).filter(|&i| owner(&live, i) == *id).count() as f64)
+        .collect();
+    let bound =
+        Duration::from_millis(INTERVAL_MS) + Duration::from_secs(2) + Duration::from_secs(4);
+    let survivor_apis: Vec<Api> = survivors.iter().map(|&i| apis[i].clone()).collect();
+    eventually("the dead node's services taken over", bound, || {
+        let apis = survivor_apis.clone();
+        let want = want_after.clone();
+        async move {
+            let mut got = Vec::new();
+            for a in &apis {
+                got.push(metric(a, "sextant_health_targets").await);
+            }
+            got == want
+        }
+    })
+    .await;
+    let taken = killed.elapsed();
+    let before = hits(&targets);
+    tokio::time::sleep(Duration::from_millis(INTERVAL_MS * 4)).await;
+    for (i, (a, b)) in before.iter().zip(hits(&targets)).enumerate() {
+        assert!(b > *a, "s{i} unprobed after the kill");
+    }
+    eprintln!("kill -9 of a node probing {} services: taken over after {taken:?} (lease {LEASE_SECONDS} s)", moved.len());
+
+    // A dead target of a moved service is still marked unhealthy, through a follower's flip
+    // if a follower took it.
+    let dead = moved.first().copied().unwrap_or(0);
+    targets[dead].task.abort();
+    let svc = format!("s{dead}");
+    let api = leader.clone();
+    eventually(
+        "the dead target marked unhealthy",
+        Duration::from_secs(10),
+        || {
+            let api = api.clone();
+            let svc = svc.clone();
+            async move {
+                api.service("hc", &svc).await["instances"][0]["status"]["health"] == "unhealthy"
+            }
+        },
+    )
+    .await;
+    for t in &targets {
+        t.task.abort();
+    }
+}

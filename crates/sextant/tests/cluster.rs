@@ -692,6 +692,25 @@ async fn with_auth_a_follower_checks_tokens_and_the_leader_audits_the_caller() {
         entry["source"].as_str().unwrap().contains(" via "),
         "{entry}"
     );
+
+    // The leader's peer service takes nothing from outside the cluster: no or a wrong
+    // cluster secret is refused before the body is read.
+    use sextant_proto::cluster_v1::{peer_client::PeerClient, PeerMessage};
+    let mut peer = PeerClient::connect(format!("http://{}", nodes[l].grpc))
+        .await
+        .expect("connect to the leader's gRPC");
+    let msg = || PeerMessage {
+        node: "intruder".into(),
+        body: Vec::new(),
+    };
+    let e = peer.forward(msg()).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    let mut wrong = tonic::Request::new(msg());
+    wrong
+        .metadata_mut()
+        .insert("x-sextant-cluster-secret", "guess".parse().unwrap());
+    let e = peer.renew(wrong).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
 }
 
 fn bearer(server: &Server, secret: &str) -> Api {

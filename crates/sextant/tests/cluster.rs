@@ -9,7 +9,12 @@
 //! acknowledged, read-your-writes on the follower, visible everywhere; errors keep their status
 //! (400, 404, 403 with auth on) and the leader's audit names the token and the follower; an
 //! ephemeral instance renewed only through a follower outlives several TTLs; kill -9 of the
-//! follower an SDK uses: it fails over and its instance is never removed.
+//! follower an SDK uses: it fails over and its instance is never removed; with TLS, only a
+//! node with a CA for the leader's certificate forwards; the leader's peer service refuses
+//! calls without the cluster secret.
+//!
+//! Health checks: each node probes exactly its rendezvous share of the services, and a killed
+//! node's share moves to the survivors (a dead target still gets marked unhealthy).
 
 mod common;
 
@@ -618,17 +623,8 @@ async fn with_auth_a_follower_checks_tokens_and_the_leader_audits_the_caller() {
         start_node_with(&etcd, &args),
     ];
     // `/v1/cluster` needs a token now: the leader is the node whose log says it leads.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let l = loop {
-        let leading: Vec<usize> = (0..3)
-            .filter(|&i| nodes[i].log().contains("this node leads the cluster"))
-            .collect();
-        if let [l] = leading.as_slice() {
-            break *l;
-        }
-        assert!(Instant::now() < deadline, "no single leader: {leading:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let refs: Vec<&Server> = nodes.iter().collect();
+    let l = leader_by_log(&refs, Duration::from_secs(15)).await;
     let fi = other_than(l, 0);
     let anon = nodes[fi].api();
 
@@ -899,4 +895,74 @@ async fn health_checks_are_spread_over_the_live_nodes() {
     for t in &targets {
         t.task.abort();
     }
+}
+
+/// The leader by its log (when `/v1/cluster` is not at hand: auth or TLS).
+async fn leader_by_log(nodes: &[&Server], within: Duration) -> usize {
+    let deadline = Instant::now() + within;
+    loop {
+        let leading: Vec<usize> = (0..nodes.len())
+            .filter(|&i| nodes[i].log().contains("this node leads the cluster"))
+            .collect();
+        if let [l] = leading.as_slice() {
+            return *l;
+        }
+        assert!(Instant::now() < deadline, "no single leader: {leading:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// With TLS on, a follower verifies the leader with `--cluster-peer-ca` and forwards; a node
+/// with TLS and no CA to verify the leader with does not forward: it refuses writes (503
+/// naming the leader) and says so in its log at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_tls_a_follower_forwards_only_with_a_peer_ca() {
+    let ca = sextant_testkit::TestCa::new("cluster test CA");
+    let files = ca.server("server", "sextant-test");
+    let etcd = Etcd::start();
+    let tls = ca.serve_args(&files, false);
+    let with_ca = {
+        let mut a = tls.clone();
+        a.push("--cluster-peer-ca".into());
+        a.push(ca.ca_file().display().to_string());
+        a
+    };
+    let a = start_node_with(&etcd, &strs(&with_ca));
+    let b = start_node_with(&etcd, &strs(&with_ca));
+    let l = leader_by_log(&[&a, &b], Duration::from_secs(15)).await;
+    let (leader, follower) = if l == 0 { (&a, &b) } else { (&b, &a) };
+    let c = start_node_with(&etcd, &strs(&tls));
+    assert!(c.log().contains("do not forward"), "{}", c.log());
+
+    let pem = std::fs::read(ca.ca_file()).unwrap();
+    let https = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(&pem).unwrap()])
+        .no_proxy()
+        .build()
+        .unwrap();
+    let api = |s: &Server| Api {
+        base: format!("https://{}", s.http),
+        client: https.clone(),
+    };
+    // Through the follower that trusts the leader's certificate: forwarded (503 until it
+    // knows the leader).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let r = loop {
+        let r = api(follower)
+            .put(&instance_path("tls", "s", "a"), &body(1))
+            .await;
+        if r.status != 503 || Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert!(find(&api(leader).service("tls", "s").await, "a").is_some());
+    // Through the node without a peer CA: refused, naming the leader.
+    let r = api(&c).put(&instance_path("tls", "s", "b"), &body(2)).await;
+    r.assert_error(503, &["leader"]);
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
 }

@@ -422,6 +422,28 @@ async fn a_follower_takes_writes_and_heartbeats_for_the_leader() {
         )
         .await;
     }
+    // What forwarding costs: sequential registrations answered by the follower (forward +
+    // wait until applied here) against the same on the leader.
+    let timed = |samples: &mut Vec<Duration>, t: Instant| samples.push(t.elapsed());
+    let (mut via_follower, mut direct) = (Vec::new(), Vec::new());
+    for n in 0..20u16 {
+        let t = Instant::now();
+        f.register("fw", "lat", &format!("f{n}"), &body(n + 1))
+            .await;
+        timed(&mut via_follower, t);
+        let t = Instant::now();
+        leader
+            .register("fw", "lat", &format!("l{n}"), &body(n + 1))
+            .await;
+        timed(&mut direct, t);
+    }
+    via_follower.sort();
+    direct.sort();
+    eprintln!(
+        "registration latency, 20 sequential: through a follower p50 {:?} max {:?}; on the leader p50 {:?} max {:?}",
+        via_follower[10], via_follower[19], direct[10], direct[19]
+    );
+
     // Status and deregistration through the follower too.
     f.set_status("fw", "s", "f1", &json!({"enabled": false}))
         .await;
@@ -492,7 +514,7 @@ async fn a_follower_takes_writes_and_heartbeats_for_the_leader() {
         "follower forwarded {ops} ops and {renewals} renewals; the leader received {received} ops"
     );
     assert!(
-        renewals >= 1.0 && ops >= 9.0 && received >= ops,
+        renewals >= 1.0 && ops >= 29.0 && received >= ops,
         "{ops} {renewals} {received}"
     );
     let stopped = Instant::now();

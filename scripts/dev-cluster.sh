@@ -73,7 +73,7 @@ done
 echo
 "$SEXTANT_BIN" --server "http://127.0.0.1:$((BASE_PORT + 10))" cluster
 echo
-echo "Writes go to the leader (followers answer 503 naming it); reads and watches work on any node."
+echo "Any node takes writes, heartbeats, reads and watches (followers forward writes to the leader)."
 echo "Try: $SEXTANT_BIN --server http://127.0.0.1:$((BASE_PORT + 10)) cluster"
 echo "Ctrl-C stops the cluster."
 wait "${pids[0]}"

@@ -1,4 +1,4 @@
-//! Compiles the sextant.v1 protos and Nacos 2.x's gRPC envelope with a vendored protoc, so a fresh machine needs no system
+//! Compiles the sextant.v1 protos, the cluster's internal peer service and Nacos 2.x's gRPC envelope with a vendored protoc, so a fresh machine needs no system
 //! protoc.
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure().compile_protos(
         &[
             "../../proto/sextant/v1/registry.proto",
+            "../../proto/sextant/cluster/v1/peer.proto",
             "../../proto/nacos/nacos_grpc_service.proto",
         ],
         &["../../proto"],

@@ -28,7 +28,7 @@ pub enum AuthError {
 }
 
 /// An ACL change, applied by the writer like any other write.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum AclOp {
     /// The first admin token and the `global-admin` policy; refused once done.
     Bootstrap(Token),
@@ -194,17 +194,19 @@ impl Principal {
         Actor {
             token_id: self.token_id().map(Into::into),
             source: source.into(),
-            protocol,
+            protocol: protocol.into(),
         }
     }
 }
 
-/// Who makes a write, for the audit log.
-#[derive(Debug, Clone)]
+/// Who makes a write, for the audit log. (Serde: a follower forwards it with the write, so
+/// the leader's audit entry names the original caller.)
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Actor {
     pub token_id: Option<String>,
     pub source: String,
-    pub protocol: &'static str,
+    /// A static name for local callers; an owned one when it came from a follower.
+    pub protocol: std::borrow::Cow<'static, str>,
 }
 
 tokio::task_local! {

@@ -108,10 +108,13 @@ impl Admission {
         &self.limits
     }
 
-    fn refused(&self, reason: &'static str, protocol: &'static str) {
+    fn refused(&self, reason: &'static str, protocol: &str) {
         self.metrics
             .refusals
-            .get_or_create(&RefusalLabels { reason, protocol })
+            .get_or_create(&RefusalLabels {
+                reason,
+                protocol: protocol.to_string(),
+            })
             .inc();
     }
 
@@ -120,7 +123,7 @@ impl Admission {
     pub fn check_rates(&self, actor: &Actor) -> Result<(), CoreError> {
         if let (Some(l), Some(ip)) = (&self.per_source, source_ip(&actor.source)) {
             if let Err(not_until) = l.check_key(&ip) {
-                self.refused("rate_per_source", actor.protocol);
+                self.refused("rate_per_source", &actor.protocol);
                 return Err(CoreError::RateLimited {
                     what: format!(
                         "requests from {ip} (limit {} per second)",
@@ -132,7 +135,7 @@ impl Admission {
         }
         if let (Some(l), Some(token)) = (&self.per_token, &actor.token_id) {
             if let Err(not_until) = l.check_key(token) {
-                self.refused("rate_per_token", actor.protocol);
+                self.refused("rate_per_token", &actor.protocol);
                 return Err(CoreError::RateLimited {
                     what: format!(
                         "requests with token {token} (limit {} per second)",
@@ -146,7 +149,7 @@ impl Admission {
     }
 
     /// A place among the requests in flight, or a 503 when there is none.
-    pub fn request(&self, protocol: &'static str) -> Result<RequestPermit, CoreError> {
+    pub fn request(&self, protocol: &str) -> Result<RequestPermit, CoreError> {
         if self.limits.max_requests == 0 {
             return Ok(RequestPermit { _permit: None });
         }
@@ -192,7 +195,7 @@ impl Admission {
     }
 
     /// Whether a client write must be shed, given how many writes wait for the writer.
-    pub fn shed(&self, queued: usize, protocol: &'static str) -> Result<(), CoreError> {
+    pub fn shed(&self, queued: usize, protocol: &str) -> Result<(), CoreError> {
         let max = self.limits.shed_write_queue;
         if max != 0 && queued >= max {
             self.refused("shed_write", protocol);
@@ -235,7 +238,7 @@ mod tests {
         Actor {
             token_id: token.map(Into::into),
             source: source.into(),
-            protocol: "test",
+            protocol: "test".into(),
         }
     }
 

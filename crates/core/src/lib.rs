@@ -11,6 +11,7 @@ pub mod acl;
 pub mod admission;
 mod codec;
 mod delivery;
+pub mod forward;
 mod lease;
 pub mod metrics;
 mod registry;
@@ -22,6 +23,7 @@ use std::time::Duration;
 pub use acl::{with_actor, Acl, Actor, AuthError, NewToken, Principal};
 pub use admission::{ConnectionPermit, Limits, RETRY_AFTER_BUSY};
 pub use delivery::{Delivery, ServiceSnapshot, SharedEvent, Subscription, SubscriptionClosed};
+pub use forward::Forwarder;
 pub use metrics::CoreMetrics;
 pub use registry::{
     HeartbeatResult, NamespaceSummary, Op, Registry, Role, ServiceSummary, ServiceView,
@@ -121,6 +123,10 @@ pub enum CoreError {
     /// deep); the message says which.
     #[error("overloaded: {0}")]
     Overloaded(String),
+    /// A write forwarded to the cluster's leader that the leader refused: its kind and message
+    /// as the leader said them, so a follower answers exactly what the leader would have.
+    #[error("{message}")]
+    Remote { kind: ErrorKind, message: String },
 }
 
 fn not_leader_message(leader: &Option<String>) -> String {
@@ -146,6 +152,7 @@ impl CoreError {
             CoreError::Internal(_) => ErrorKind::Internal,
             CoreError::RateLimited { .. } => ErrorKind::RateLimited,
             CoreError::Overloaded(_) => ErrorKind::Unavailable,
+            CoreError::Remote { kind, .. } => *kind,
         }
     }
 
@@ -160,6 +167,11 @@ impl CoreError {
             CoreError::Overloaded(_) | CoreError::Store(_) | CoreError::NotLeader(_) => {
                 Some(RETRY_AFTER_BUSY)
             }
+            // The leader's refusal of a forwarded write: it said only its kind.
+            CoreError::Remote {
+                kind: ErrorKind::Unavailable | ErrorKind::RateLimited,
+                ..
+            } => Some(RETRY_AFTER_BUSY),
             _ => None,
         }
     }
@@ -291,6 +303,11 @@ impl ErrorKind {
             ErrorKind::Conflict => "conflict",
             ErrorKind::RateLimited => "rate_limited",
         }
+    }
+
+    /// The kind whose [`ErrorKind::label`] is `label` (how a forwarded error travels).
+    pub fn from_label(label: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.label() == label)
     }
 
     /// The kind an HTTP status stands for (for errors made outside the core, e.g. a rejected

@@ -23,6 +23,15 @@ pub struct CoreMetrics {
     /// Time from a change being published to its delivery to one subscriber.
     pub push_seconds: Histogram,
     pub resyncs: Counter,
+    /// Cluster mode, on a follower: operations and lease renewals sent to the leader, the
+    /// forwarding calls' latency, and calls that failed (no leader, unreachable, refused).
+    pub forwarded_ops: Counter,
+    pub forwarded_renewals: Counter,
+    pub forward_seconds: Histogram,
+    pub forward_failures: Counter,
+    /// On the leader: operations and renewals followers forwarded.
+    pub forward_received_ops: Counter,
+    pub forward_received_renewals: Counter,
     /// Requests, connections and writes refused by admission (see `admission`).
     pub refusals: Family<RefusalLabels, Counter>,
     pub requests_in_flight: Gauge,
@@ -36,7 +45,7 @@ pub struct RefusalLabels {
     /// `rate_per_source`, `rate_per_token`, `max_requests`, `max_connections`, `shed_write`.
     pub reason: &'static str,
     /// The protocol of the request, or the listener of the connection.
-    pub protocol: &'static str,
+    pub protocol: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
@@ -63,6 +72,12 @@ impl Default for CoreMetrics {
             requests_in_flight: Gauge::default(),
             connections_open: Gauge::default(),
             write_queue: Gauge::default(),
+            forwarded_ops: Counter::default(),
+            forwarded_renewals: Counter::default(),
+            forward_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            forward_failures: Counter::default(),
+            forward_received_ops: Counter::default(),
+            forward_received_renewals: Counter::default(),
         }
     }
 }
@@ -149,6 +164,36 @@ impl CoreMetrics {
             "write_queue",
             "Writes waiting for the writer, against shed_write_queue",
             m.write_queue.clone(),
+        );
+        r.register(
+            "forwarded_ops",
+            "Writes a follower sent to the cluster's leader",
+            m.forwarded_ops.clone(),
+        );
+        r.register(
+            "forwarded_renewals",
+            "Lease renewals a follower sent to the cluster's leader",
+            m.forwarded_renewals.clone(),
+        );
+        r.register(
+            "forward_seconds",
+            "Latency of a follower's forwarding call to the leader (until the leader's answer)",
+            m.forward_seconds.clone(),
+        );
+        r.register(
+            "forward_failures",
+            "Forwarding calls that failed: no leader known, unreachable, or refused",
+            m.forward_failures.clone(),
+        );
+        r.register(
+            "forward_received_ops",
+            "Writes this node applied for followers (as the leader)",
+            m.forward_received_ops.clone(),
+        );
+        r.register(
+            "forward_received_renewals",
+            "Lease renewals this node applied for followers (as the leader)",
+            m.forward_received_renewals.clone(),
         );
         m
     }

@@ -1151,3 +1151,100 @@ async fn a_resume_ahead_of_a_follower_waits_for_it_instead_of_going_back() {
         "{events:?}"
     );
 }
+
+/// A forwarder that hands a follower's calls straight to the leader's registry (in place of
+/// the server's gRPC transport), going through the wire encoding both ways.
+struct InProcess(Registry);
+
+#[async_trait::async_trait]
+impl crate::Forwarder for InProcess {
+    async fn forward(
+        &self,
+        request: crate::forward::ForwardRequest,
+    ) -> Result<Vec<Result<Revision, CoreError>>, CoreError> {
+        use crate::forward::{decode, encode, ForwardReply, ForwardRequest, WireError};
+        let request: ForwardRequest = decode(&encode(&request)).unwrap();
+        let reply: ForwardReply = match self.0.apply_forwarded(request.ops, request.actor).await {
+            Ok(r) => Ok(r
+                .into_iter()
+                .map(|r| r.map_err(|e| WireError::new(e.kind(), e.to_string())))
+                .collect()),
+            Err(e) => Err(WireError::new(e.kind(), e.to_string())),
+        };
+        let reply: ForwardReply = decode(&encode(&reply)).unwrap();
+        Ok(reply
+            .map_err(WireError::into_core)?
+            .into_iter()
+            .map(|r| r.map_err(WireError::into_core))
+            .collect())
+    }
+
+    async fn renew(&self, keys: Vec<(ServiceKey, Arc<str>)>) -> Result<(), CoreError> {
+        self.0.renew_forwarded(keys).map(|_| ())
+    }
+}
+
+/// A follower with a forwarder: its writes are applied by the leader (errors keep their
+/// kind), it reads its own writes at once, and its heartbeats keep the leader's leases alive
+/// (in memory: no revision moves).
+#[tokio::test]
+async fn a_follower_forwards_writes_and_renewals_to_the_leader() {
+    let store = Arc::new(MemStore::new());
+    let config = CoreConfig {
+        lease_check_interval: Duration::from_millis(50),
+        ..CoreConfig::default()
+    };
+    let leader = open_with(store.clone(), config.clone()).await;
+    let follower = open_with(store.clone(), config).await;
+    follower.follow(Some("http://leader:1".into()));
+    leader.lead(0, 0).await.unwrap();
+    follower.forward_with(Arc::new(InProcess(leader.clone())));
+    assert!(follower.writable().is_err(), "its own writer still refuses");
+    assert!(follower.renews_leases().is_ok());
+
+    let r = follower.register(reg("a", "x", 1)).await.unwrap();
+    assert!(
+        follower.instance(&svc("a"), "x").is_some(),
+        "read your writes"
+    );
+    assert_eq!(follower.revision(), r);
+    assert!(leader.instance(&svc("a"), "x").is_some());
+    let err = follower
+        .update_status(
+            svc("a"),
+            "nobody".into(),
+            StatusPatch {
+                enabled: Some(false),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), crate::ErrorKind::NotFound, "{err}");
+
+    // TTL 1 s, renewed only through the follower for 3 s: alive, and no revision moved.
+    for _ in 0..12 {
+        assert_eq!(
+            follower.heartbeat(&[(svc("a"), "x".into()), (svc("a"), "none".into())]),
+            vec![HeartbeatResult::Renewed, HeartbeatResult::Unknown]
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(
+        leader.instance(&svc("a"), "x").is_some(),
+        "expired while renewed"
+    );
+    assert_eq!(leader.revision(), r);
+    // Renewals stop: the leader expires it, and the follower learns it through the feed.
+    for _ in 0..60 {
+        if follower.instance(&svc("a"), "x").is_none() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(leader.instance(&svc("a"), "x").is_none());
+    assert_eq!(
+        follower.heartbeat(&[(svc("a"), "x".into())]),
+        vec![HeartbeatResult::Unknown]
+    );
+}

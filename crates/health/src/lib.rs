@@ -9,12 +9,18 @@
 //! service). It holds no registry state of its own beyond probe counters: it reads services from
 //! the [`Registry`] and writes only the `health` status, through the same write path as any
 //! other change.
+//!
+//! In a cluster every node runs a scanner, and each probes only the services it owns
+//! (`shard`: rendezvous hashing over the live members); a follower's flips reach the leader
+//! through the registry's forwarding.
 #![forbid(unsafe_code)]
 
 mod metrics;
 mod probe;
 mod scanner;
+mod shard;
 
 pub use metrics::{HealthMetrics, OutcomeLabels, ProbeLabels};
 pub use probe::{probe, Failure, Verdict};
 pub use scanner::{Scanner, ScannerConfig, SuspectOutcome};
+pub use shard::Shard;

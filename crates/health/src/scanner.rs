@@ -6,7 +6,8 @@
 //! Results come back over a channel; the scheduler applies rise/fall, decides status flips, holds
 //! back flips that would turn most of a service unhealthy at once, writes the rest through the
 //! registry, and schedules the next probe. Every second it reconciles its targets with the
-//! registry, re-reading only services whose revision moved.
+//! registry, re-reading only services whose revision moved — in a cluster, only the services
+//! this node's shard owns (`shard`).
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
@@ -15,11 +16,12 @@ use std::time::Duration;
 
 use sextant_core::model::{Health, HealthCheck, Revision, ServiceKey, StatusPatch, XorShift};
 use sextant_core::{Op, Registry};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::time::Instant;
 
 use crate::metrics::{HealthMetrics, OutcomeLabels, ProbeLabels};
 use crate::probe::{probe, Failure, Verdict};
+use crate::shard::Shard;
 
 /// Tunables of the scanner.
 #[derive(Debug, Clone)]
@@ -97,8 +99,22 @@ pub struct Scanner {
 
 impl Scanner {
     pub fn start(registry: Registry, config: ScannerConfig, metrics: HealthMetrics) -> Scanner {
+        Self::start_sharded(registry, config, metrics, None)
+    }
+
+    /// A scanner of one cluster node: it probes only the services `shard` says this node owns
+    /// (re-read at each reconcile, so a membership change moves services within
+    /// `reconcile_interval`), and writes its flips whatever the node's role (a follower
+    /// forwards them). `None`: every service, flips written only while this node leads.
+    pub fn start_sharded(
+        registry: Registry,
+        config: ScannerConfig,
+        metrics: HealthMetrics,
+        shard: Option<watch::Receiver<Shard>>,
+    ) -> Scanner {
         let (tx, rx) = mpsc::channel(1024);
-        let sched = Sched::new(registry, config, metrics);
+        let mut sched = Sched::new(registry, config, metrics);
+        sched.shard = shard;
         tokio::spawn(sched.run(rx));
         Scanner { commands: tx }
     }
@@ -172,6 +188,8 @@ struct Sched {
     rng: XorShift,
     lag_max: Duration,
     lag_window: Instant,
+    /// Cluster mode: which services this node probes.
+    shard: Option<watch::Receiver<Shard>>,
 }
 
 impl Sched {
@@ -199,6 +217,7 @@ impl Sched {
             rng: XorShift::from_clock(),
             lag_max: Duration::ZERO,
             lag_window: Instant::now(),
+            shard: None,
         }
     }
 
@@ -266,7 +285,12 @@ impl Sched {
     }
 
     fn reconcile(&mut self, now: Instant) {
-        let checked = self.registry.checked_services();
+        let mut checked = self.registry.checked_services();
+        // Another node's services are as good as unchecked here: their targets go below.
+        if let Some(rx) = self.shard.as_mut() {
+            let shard = rx.borrow_and_update().clone();
+            checked.retain(|(service, _, _)| shard.owns(service));
+        }
         let mut seen = HashSet::with_capacity(checked.len());
         for (service, revision, check) in checked {
             seen.insert(service.clone());
@@ -479,6 +503,11 @@ impl Sched {
             return;
         }
         let flips = std::mem::take(&mut self.pending_flips);
+        // Unsharded, every node probes every service: only the leader's flips are written (a
+        // follower's would race them). Sharded, each service has one prober, whatever its role.
+        if self.shard.is_none() && self.registry.writable().is_err() {
+            return;
+        }
         let mut down: HashMap<ServiceKey, usize> = HashMap::new();
         for (key, h) in &flips {
             if *h == Health::Unhealthy {

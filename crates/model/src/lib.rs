@@ -214,7 +214,7 @@ impl InstanceStatus {
 }
 
 /// A partial status update; absent fields are left as they are.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusPatch {
     pub health: Option<Health>,
     pub enabled: Option<bool>,
@@ -272,8 +272,9 @@ impl Instance {
     }
 }
 
-/// A request to create or replace an instance.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A request to create or replace an instance. (Serde: a follower forwards it to the
+/// cluster's leader.)
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Registration {
     pub service: ServiceKey,
     pub spec: InstanceSpec,

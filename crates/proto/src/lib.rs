@@ -1,6 +1,7 @@
 //! Generated types and service stubs of Sextant's native gRPC API, `sextant.v1`, and of the
 //! Nacos 2.x envelope the Nacos adapter speaks. The sources of truth are
-//! `proto/sextant/v1/registry.proto` and `proto/nacos/nacos_grpc_service.proto`. Besides the
+//! `proto/sextant/v1/registry.proto`, `proto/sextant/cluster/v1/peer.proto` (between the
+//! nodes of a cluster) and `proto/nacos/nacos_grpc_service.proto`. Besides the
 //! generated code it owns the one builder of a Nacos envelope ([`nacos::Payload::envelope`]),
 //! and, with the `model` feature, [`convert`], which maps `sextant.v1` to and from
 //! `sextant-model` for the server and the client SDK alike.
@@ -10,6 +11,13 @@ pub mod convert;
 #[allow(clippy::all, missing_docs, non_camel_case_types)]
 pub mod v1 {
     tonic::include_proto!("sextant.v1");
+}
+
+/// The cluster's internal peer service (`proto/sextant/cluster/v1/peer.proto`): a follower
+/// forwards writes and renewals to the leader.
+#[allow(clippy::all, missing_docs, non_camel_case_types)]
+pub mod cluster_v1 {
+    tonic::include_proto!("sextant.cluster.v1");
 }
 
 /// Nacos 2.x's `Payload` envelope and its `Request` / `BiRequestStream` services (the proto has

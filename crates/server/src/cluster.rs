@@ -1,6 +1,7 @@
 //! Cluster mode (`store = etcd`): joins this node to the cluster on its etcd prefix, turns the
 //! election's outcome into the registry's role (leader: takes writes once caught up; follower:
-//! applies the store's feed and refuses writes naming the leader), and answers `/v1/cluster`.
+//! applies the store's feed and forwards writes and renewals to the leader — `peer.rs` — or,
+//! when it cannot, refuses them naming the leader), and answers `/v1/cluster`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,13 +10,20 @@ use std::time::Duration;
 use serde::Serialize;
 use sextant_core::model::Revision;
 use sextant_core::{Registry, Role};
+use sextant_health::Shard;
 use sextant_store_etcd::cluster::{Election, Member, Status};
 use sextant_store_etcd::EtcdStore;
+
+use crate::peer::PeerForwarder;
 
 /// What `/v1/cluster` and the election task need of a cluster node.
 pub(crate) struct Cluster {
     pub store: Arc<EtcdStore>,
     pub node_id: String,
+    /// The cluster's shared secret (peer calls carry it).
+    pub secret: String,
+    /// How this node forwards while it follows; `None`: it refuses writes instead.
+    pub forwarder: Option<Arc<PeerForwarder>>,
 }
 
 /// This node's id: as configured, or `{host}-{http port}-{grpc port}` (the host is the HTTP
@@ -61,9 +69,16 @@ pub(crate) async fn join(
     let status: Status = Arc::new(move || (r.role().name().to_string(), r.revision()));
     let mut election = cluster.store.join(node, lease, status);
     let reg = registry.clone();
+    let forwarder = cluster.forwarder.clone();
     tokio::spawn(async move {
         loop {
             let outcome = election.borrow_and_update().clone();
+            if let Some(f) = &forwarder {
+                match &outcome {
+                    Election::Follower { leader } => f.set_leader(leader.as_ref()),
+                    _ => f.set_leader(None),
+                }
+            }
             // Acts on the outcome, then waits; a newer outcome interrupts it (a catch-up that
             // has not finished when this node loses again is given up).
             let act = async {
@@ -100,6 +115,46 @@ pub(crate) async fn join(
             "no leader known yet; serving reads, refusing writes until one is elected"
         );
     }
+}
+
+/// The health scanner's shard: this node and the live members, re-read every `period` until
+/// the registry closes. A member that dies leaves the list when its lease lapses, so its
+/// services are probed elsewhere within about the lease + `period` + the scanner's reconcile.
+pub(crate) fn shard(
+    cluster: &Cluster,
+    registry: &Registry,
+    period: Duration,
+) -> tokio::sync::watch::Receiver<Shard> {
+    let me = cluster.node_id.clone();
+    let (tx, rx) = tokio::sync::watch::channel(Shard::new(me.clone(), Vec::new()));
+    let store = cluster.store.clone();
+    let reg = registry.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period.max(Duration::from_millis(100)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = reg.closed() => return,
+            }
+            match store.members().await {
+                Ok(members) => {
+                    let next = Shard::new(me.clone(), members.into_iter().map(|m| m.node_id));
+                    tx.send_if_modified(|cur| {
+                        if *cur == next {
+                            return false;
+                        }
+                        tracing::info!(members = ?next.members(), "health checks spread over the members");
+                        *cur = next;
+                        true
+                    });
+                }
+                // The last known members keep their services meanwhile.
+                Err(e) => tracing::debug!(error = %e, "cannot read the cluster's members"),
+            }
+        }
+    });
+    rx
 }
 
 #[derive(Serialize)]

@@ -86,6 +86,12 @@ pub struct ServerConfig {
     /// leader that dies is replaced about this long after its last renewal. 2 to 60.
     #[arg(long, env = "SEXTANT_CLUSTER_LEASE_SECONDS", default_value_t = 3)]
     pub cluster_lease_seconds: u64,
+    /// PEM CA certificates a follower trusts for the leader's gRPC certificate when it
+    /// forwards writes and heartbeats to it (`store = etcd` with TLS on); unset: tls_client_ca.
+    /// With TLS on and neither set, followers do not forward: they refuse writes with a 503
+    /// naming the leader.
+    #[arg(long, env = "SEXTANT_CLUSTER_PEER_CA")]
+    pub cluster_peer_ca: Option<PathBuf>,
     /// Events kept per service for watchers that resume.
     #[arg(long, env = "SEXTANT_EVENT_LOG_PER_SERVICE", default_value_t = 1024)]
     pub event_log_per_service: usize,

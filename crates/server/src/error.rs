@@ -55,6 +55,8 @@ impl From<CoreError> for ApiError {
             CoreError::Conflict(m) => m,
             CoreError::Internal(m) => m,
             e @ (CoreError::RateLimited { .. } | CoreError::Overloaded(_)) => e.to_string(),
+            // Already the leader's words for it (a write forwarded from this follower).
+            CoreError::Remote { message, .. } => message,
         };
         // The wire code of the native APIs: clients match on it, so shutting down stays
         // `unavailable` as before.

@@ -404,7 +404,8 @@ impl RegistryApi for GrpcApi {
                     Ok((k, i.id.clone()))
                 })
                 .collect::<Result<Vec<_>, Status>>()?;
-            // A follower's leases are nobody's: the leader decides expiries.
+            // A follower that can neither forward renewals nor hold through a store outage
+            // refuses (the leader decides expiries).
             self.node.registry.renews_leases().map_err(grpc_status)?;
             let results = self.node.registry.heartbeat(&keys);
             let mut renewed = 0;

@@ -9,6 +9,7 @@ mod error;
 mod grpc;
 mod http;
 mod metrics;
+mod peer;
 mod stream;
 pub mod tls;
 mod views;
@@ -171,14 +172,6 @@ impl Server {
             ..CoreConfig::default()
         };
         let registry = Registry::open(store.clone(), core_config, core_metrics).await?;
-        let scanner = config.health_scanner.then(|| {
-            let cfg = ScannerConfig {
-                concurrency: config.health_concurrency,
-                mass_failure_fraction: config.health_mass_failure_fraction,
-                ..ScannerConfig::default()
-            };
-            Scanner::start(registry.clone(), cfg, health_metrics)
-        });
 
         let (http_listener, http_addr) = bind(config.http_addr).await?;
         let (grpc_listener, grpc_addr) = bind(config.grpc_addr).await?;
@@ -254,9 +247,19 @@ impl Server {
         // the wait bounded) before it serves.
         let cluster = match etcd {
             Some(store) => {
+                let node_id = cluster::node_id(&config.node_id, http_addr, grpc_addr);
+                let secret = store
+                    .cluster_secret(sextant_core::forward::new_cluster_secret()?)
+                    .await?;
+                let forwarder = peer_forwarder(&config, &node_id, &secret)?;
+                if let Some(f) = &forwarder {
+                    registry.forward_with(f.clone());
+                }
                 let c = cluster::Cluster {
                     store,
-                    node_id: cluster::node_id(&config.node_id, http_addr, grpc_addr),
+                    node_id,
+                    secret,
+                    forwarder,
                 };
                 let lease = Duration::from_secs(config.cluster_lease_seconds);
                 cluster::join(&c, &registry, http_addr, grpc_addr, lease, lease * 2).await;
@@ -264,6 +267,21 @@ impl Server {
             }
             None => None,
         };
+        // In a cluster whose followers forward, each node probes the services it owns (the
+        // shard follows the member list); otherwise every node probes every service and only
+        // the leader's flips are written.
+        let shard = cluster.as_ref().filter(|c| c.forwarder.is_some()).map(|c| {
+            let period = Duration::from_secs(config.cluster_lease_seconds) / 3;
+            cluster::shard(c, &registry, period)
+        });
+        let scanner = config.health_scanner.then(|| {
+            let cfg = ScannerConfig {
+                concurrency: config.health_concurrency,
+                mass_failure_fraction: config.health_mass_failure_fraction,
+                ..ScannerConfig::default()
+            };
+            Scanner::start_sharded(registry.clone(), cfg, health_metrics, shard)
+        });
         let node = Arc::new(Node {
             registry: registry.clone(),
             scanner,
@@ -300,10 +318,17 @@ impl Server {
             .xds
             .as_ref()
             .map(|x| x.service(node.config.max_body_bytes));
+        let peer_service = node
+            .cluster
+            .as_ref()
+            .map(|c| peer::service(node.registry.clone(), c.secret.clone()));
         let tls = node.tls.clone();
         let mut routes = tonic::service::Routes::new(grpc::service(node));
         if let Some(x) = xds_service {
             routes = routes.add_service(x);
+        }
+        if let Some(p) = peer_service {
+            routes = routes.add_service(p);
         }
         let grpc = tokio::spawn(tls::serve_grpc(
             routes,
@@ -491,6 +516,44 @@ async fn open_store(
             (s.clone(), Some(s))
         }
     })
+}
+
+/// How this node forwards to the leader while it follows. With TLS on it must verify the
+/// leader's certificate: with `cluster_peer_ca` (else `tls_client_ca`), presenting its own
+/// certificate when clients must (mTLS); with neither, it does not forward (`None`, logged):
+/// followers answer writes and heartbeats with a 503 naming the leader.
+fn peer_forwarder(
+    config: &ServerConfig,
+    node_id: &str,
+    secret: &str,
+) -> Result<Option<Arc<peer::PeerForwarder>>, ServerError> {
+    let read = |what: &'static str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|error| TlsError::Read {
+            what,
+            path: path.to_path_buf(),
+            error,
+        })
+    };
+    let tls = match config.tls_files() {
+        None => None,
+        Some(files) => {
+            let Some(ca) = config.cluster_peer_ca.as_ref().or(files.client_ca.as_ref()) else {
+                tracing::warn!("TLS is on and neither cluster_peer_ca nor tls_client_ca is set: followers cannot verify the leader, so they do not forward writes and heartbeats (they answer 503 naming the leader)");
+                return Ok(None);
+            };
+            let identity = match &files.client_ca {
+                Some(_) => Some((read("certificate", &files.cert)?, read("key", &files.key)?)),
+                None => None,
+            };
+            Some(peer::PeerTls {
+                ca: read("cluster peer CA", ca)?,
+                identity,
+            })
+        }
+    };
+    let f = peer::PeerForwarder::new(node_id.to_string(), secret, tls)
+        .map_err(|e| ServerError::Tls(TlsError::Setup(e)))?;
+    Ok(Some(Arc::new(f)))
 }
 
 /// Why a snapshot could not be restored.

@@ -4,6 +4,8 @@
 //! - its member record `{prefix}cluster/members/{node_id}` (JSON [`Member`]: addresses, role,
 //!   applied revision), rewritten at each renewal, so `/v1/cluster` can list the live nodes
 //!   and their lag;
+//! - (not under the lease) `{prefix}cluster/secret`, created once by the first node: the secret
+//!   nodes present when a follower forwards to the leader;
 //! - if it won the election, `{prefix}cluster/leader` (the leader's [`Member`]). A node
 //!   campaigns with one transaction, `if create_revision(leader) == 0 then put(leader, me,
 //!   lease)`; the winner's key has a create revision nobody else's can have, and from then on
@@ -119,6 +121,55 @@ impl EtcdStore {
                 m.role = if leads { "leader" } else { "follower" }.to_string();
             }
             Ok(members)
+        })
+        .await
+    }
+
+    /// The cluster's shared secret, which nodes present to each other when a follower
+    /// forwards to the leader: the one under `{prefix}cluster/secret`, created with
+    /// `candidate` by the first node that asks (one create-if-absent transaction, so nodes
+    /// starting together agree). Whoever can read the prefix owns the registry anyway.
+    pub async fn cluster_secret(&self, candidate: String) -> Result<String, StoreError> {
+        let inner = self.inner.clone();
+        self.run(async move {
+            let key = [inner.keys.cluster.as_slice(), b"secret"].concat();
+            let read = RequestOp {
+                request: Some(request_op::Request::RequestRange(RangeRequest {
+                    key: key.clone(),
+                    ..Default::default()
+                })),
+            };
+            let req = TxnRequest {
+                compare: vec![Compare {
+                    result: compare::CompareResult::Equal as i32,
+                    target: compare::CompareTarget::Create as i32,
+                    key: key.clone(),
+                    range_end: Vec::new(),
+                    target_union: Some(compare::TargetUnion::CreateRevision(0)),
+                }],
+                success: vec![put(key, candidate.clone().into_bytes(), 0)],
+                failure: vec![read],
+            };
+            let resp = inner.txn(&req).await?;
+            if resp.succeeded {
+                return Ok(candidate);
+            }
+            let value = resp
+                .responses
+                .first()
+                .and_then(|r| match &r.response {
+                    Some(response_op::Response::ResponseRange(rr)) => rr.kvs.first(),
+                    _ => None,
+                })
+                .map(|kv| kv.value.clone())
+                .unwrap_or_default();
+            String::from_utf8(value)
+                .ok()
+                .filter(|s| !s.is_empty())
+                .ok_or_else(|| StoreError::Corrupt {
+                    key: "cluster/secret".into(),
+                    reason: "not a non-empty UTF-8 secret".into(),
+                })
         })
         .await
     }

@@ -1,7 +1,8 @@
 //! The etcd store against a real etcd (a throwaway member from `sextant_testkit::Etcd`; the
 //! test fails, never skips, when etcd is not installed): the store conformance suite, an
 //! unreachable etcd, an etcd that goes away and comes back, a hung etcd (SIGSTOP) whose
-//! outage answers the next commits at once, and commit latencies.
+//! outage answers the next commits at once, commit latencies, and the cluster secret created
+//! once per prefix.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -479,4 +480,29 @@ async fn an_unfinished_split_batch_is_not_delivered_with_the_next() {
         .expect("no error");
     assert_eq!(got.revision, r0 + 2);
     assert_eq!(got.mutations, vec![put("mine", b"1")]);
+}
+
+/// The cluster secret is created once per prefix: nodes starting together (two stores here)
+/// agree on the first one stored, and another prefix has its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_secret_is_created_once_per_prefix() {
+    let etcd = Etcd::start();
+    let a = EtcdStore::open(config(&etcd.endpoint, "/secret-a/"))
+        .await
+        .unwrap();
+    let b = EtcdStore::open(config(&etcd.endpoint, "/secret-a/"))
+        .await
+        .unwrap();
+    let (x, y) = tokio::join!(
+        a.cluster_secret("one".into()),
+        b.cluster_secret("two".into())
+    );
+    let (x, y) = (x.unwrap(), y.unwrap());
+    assert_eq!(x, y, "two nodes, two secrets");
+    assert!(x == "one" || x == "two");
+    assert_eq!(a.cluster_secret("three".into()).await.unwrap(), x);
+    let other = EtcdStore::open(config(&etcd.endpoint, "/secret-b/"))
+        .await
+        .unwrap();
+    assert_eq!(other.cluster_secret("four".into()).await.unwrap(), "four");
 }

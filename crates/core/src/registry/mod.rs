@@ -25,13 +25,19 @@
 //! no leader can write, and the next leader gives every ephemeral instance a fresh TTL when it
 //! takes over) and, once it knows no leader, refuses writes as the store's outage, a 503
 //! naming the store.
+//! **Forwarding** (once [`Registry::forward_with`] installed a [`Forwarder`]): a follower
+//! sends the writes it gets to the leader instead of refusing them — [`Registry::apply`] is
+//! the one place every adapter's writes pass, so none of them has to know — and answers only
+//! once it has applied the leader's revision itself (read your writes on the node that
+//! acknowledged). Heartbeats stay synchronous and local: the follower answers from its own
+//! state and sends the renewed keys to the leader in one call every `RENEWAL_FLUSH`.
 
 mod load;
 pub(crate) mod table;
 mod writer;
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,6 +50,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::acl::{Acl, AclOp, AclState, Actor, AuditLog};
+use crate::forward::{ForwardRequest, Forwarder};
 use crate::lease::{LeaseKey, LeaseTable};
 use crate::metrics::CoreMetrics;
 use crate::store::{Store, StoreError};
@@ -158,7 +165,7 @@ pub(crate) enum Control {
 // Registrations dominate and are moved once into the writer's queue; boxing them would add an
 // allocation per write for no gain.
 #[allow(clippy::large_enum_variant)]
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum Op {
     Register(Registration),
     Deregister {
@@ -241,6 +248,11 @@ pub(crate) struct RegistryCore {
     /// The revision of the last ACL change.
     pub acl_changed: watch::Sender<Revision>,
     pub audit: Mutex<AuditLog>,
+    /// Cluster mode: how a follower reaches the leader; `None` refuses writes on a follower.
+    forwarder: RwLock<Option<Arc<dyn Forwarder>>>,
+    /// Leases a follower renewed for its clients and has yet to send to the leader.
+    renewals: Mutex<HashSet<LeaseKey>>,
+    flusher: AtomicBool,
     pub admission: crate::admission::Admission,
 }
 
@@ -264,6 +276,18 @@ impl RegistryCore {
         role.refusal()
     }
 }
+
+/// How often a follower sends the renewals it answered to the leader: far below any lease
+/// (TTLs are whole seconds), so a lease on the leader is at most this much behind.
+const RENEWAL_FLUSH: Duration = Duration::from_millis(200);
+/// Renewals a follower keeps while the leader cannot be reached (beyond them new ones are
+/// dropped: a new leader gives every ephemeral instance a fresh lease anyway).
+const MAX_QUEUED_RENEWALS: usize = 1_000_000;
+/// Most renewals in one call to the leader.
+const RENEWALS_PER_CALL: usize = 20_000;
+/// How long a follower waits, after the leader acknowledged a forwarded write, until it has
+/// applied that revision itself (normally milliseconds: one feed event).
+const READ_YOUR_WRITES_WAIT: Duration = Duration::from_secs(5);
 
 /// Handle to the registry. Cheap to clone; all clones share one registry. A handle made by
 /// [`Registry::acting`] records who its writes are for in the audit log.
@@ -351,6 +375,9 @@ impl Registry {
                 entries: loaded.audit,
             }),
             admission,
+            forwarder: RwLock::new(None),
+            renewals: Mutex::new(HashSet::new()),
+            flusher: AtomicBool::new(false),
         });
         let writer = Writer {
             core: core.clone(),
@@ -412,8 +439,9 @@ impl Registry {
         self.core.role.subscribe()
     }
 
-    /// `Ok` when this node takes writes; on a follower, the error naming the leader. For
-    /// calls that change state without a write (heartbeats renew leases the leader keeps).
+    /// `Ok` when this node's own writer takes writes (it leads); on a follower, the error
+    /// naming the leader — even when it forwards: for state only the leader keeps (Consul's
+    /// TTL checks).
     pub fn writable(&self) -> Result<(), CoreError> {
         let role = self.core.role.borrow().clone();
         if role.takes_writes() {
@@ -423,13 +451,31 @@ impl Registry {
         }
     }
 
-    /// `Ok` when this node renews leases on heartbeats: it takes writes, or it holds through a
-    /// store outage (see the module docs); otherwise [`Registry::writable`]'s error.
+    /// `Ok` when heartbeats sent here renew leases: this node leads, or it is a follower that
+    /// forwards renewals to the leader, or it holds through a store outage (see the module
+    /// docs); otherwise [`Registry::writable`]'s error.
     pub fn renews_leases(&self) -> Result<(), CoreError> {
-        if self.core.holding() {
+        if self.core.forwarder.read().is_some() || self.core.holding() {
             return Ok(());
         }
         self.writable()
+    }
+
+    /// Installs how this node, while it follows, reaches the leader: from now on a follower
+    /// forwards writes and renewals instead of refusing them.
+    pub fn forward_with(&self, forwarder: Arc<dyn Forwarder>) {
+        *self.core.forwarder.write() = Some(forwarder);
+        if !self.core.flusher.swap(true, Ordering::AcqRel) {
+            tokio::spawn(flush_renewals(self.clone()));
+        }
+    }
+
+    /// The forwarder, when this node follows and has one.
+    fn forwarding(&self) -> Option<Arc<dyn Forwarder>> {
+        if self.core.role.borrow().takes_writes() {
+            return None;
+        }
+        self.core.forwarder.read().clone()
     }
 
     /// Makes this node a follower (`leader`: the leader's address, for refusals): writes are
@@ -454,7 +500,9 @@ impl Registry {
         rx.await.map_err(|_| CoreError::ShuttingDown)?
     }
 
-    /// Applies `ops` in order; each gets its own result. Returns once they are durable.
+    /// Applies `ops` in order; each gets its own result. Returns once they are durable. On a
+    /// follower that forwards, the leader applies them, and this returns once this node has
+    /// applied them too (bounded by `READ_YOUR_WRITES_WAIT`).
     ///
     /// A write made for a client (one with an actor) is shed with a 503 when the writer's
     /// queue is deep (`Limits::shed_write_queue`); the node's own writes are never shed.
@@ -469,8 +517,72 @@ impl Registry {
         if let Some(a) = &actor {
             self.core
                 .admission
-                .shed(self.write_queue_depth(), a.protocol)?;
+                .shed(self.write_queue_depth(), &a.protocol)?;
         }
+        if let Some(f) = self.forwarding() {
+            return self.forward(f, ops, actor).await;
+        }
+        self.submit(ops, actor).await
+    }
+
+    /// Applies writes a follower forwarded (the leader's side of [`Registry::apply`]), audited
+    /// as made by `actor`. Never forwarded again: a node that no longer leads refuses them
+    /// (`NotLeader`), and the follower answers its client with that 503.
+    pub async fn apply_forwarded(
+        &self,
+        ops: Vec<Op>,
+        actor: Option<Actor>,
+    ) -> Result<Vec<OpResult>, CoreError> {
+        for op in &ops {
+            op.validate()?;
+        }
+        if self.core.closing.borrow().is_some() {
+            return Err(CoreError::ShuttingDown);
+        }
+        // Made for a client on the follower: shed like one made here.
+        if let Some(a) = &actor {
+            self.core
+                .admission
+                .shed(self.write_queue_depth(), &a.protocol)?;
+        }
+        self.core
+            .metrics
+            .forward_received_ops
+            .inc_by(ops.len() as u64);
+        self.submit(ops, actor.map(Arc::new)).await
+    }
+
+    /// Renews leases that a follower's clients renewed there (the leader's side of
+    /// [`Registry::heartbeat`] on a follower): in memory, like every heartbeat. Refused on a
+    /// node that does not lead, so the follower keeps the keys for the next flush. Returns how
+    /// many leases existed.
+    pub fn renew_forwarded(&self, keys: Vec<(ServiceKey, Arc<str>)>) -> Result<usize, CoreError> {
+        self.writable()?;
+        let now = Instant::now();
+        let renewed = keys
+            .into_iter()
+            .filter(|(service, id)| {
+                self.core.leases.renew(
+                    &LeaseKey {
+                        service: service.clone(),
+                        id: id.clone(),
+                    },
+                    now,
+                )
+            })
+            .count();
+        self.core
+            .metrics
+            .forward_received_renewals
+            .inc_by(renewed as u64);
+        Ok(renewed)
+    }
+
+    async fn submit(
+        &self,
+        ops: Vec<Op>,
+        actor: Option<Arc<Actor>>,
+    ) -> Result<Vec<OpResult>, CoreError> {
         let (reply, rx) = oneshot::channel();
         self.core
             .writes
@@ -497,7 +609,7 @@ impl Registry {
     ) -> Result<F::Output, CoreError> {
         let admission = &self.core.admission;
         admission.check_rates(&actor)?;
-        let _in_flight = admission.request(actor.protocol)?;
+        let _in_flight = admission.request(&actor.protocol)?;
         Ok(crate::acl::with_actor(actor, f).await)
     }
 
@@ -516,6 +628,46 @@ impl Registry {
     /// The limits this node runs with.
     pub fn limits(&self) -> &crate::Limits {
         self.core.admission.limits()
+    /// A follower's write: the leader applies it; this node answers once it has applied the
+    /// leader's revision itself, so a read here right after sees the write.
+    async fn forward(
+        &self,
+        forwarder: Arc<dyn Forwarder>,
+        ops: Vec<Op>,
+        actor: Option<Arc<Actor>>,
+    ) -> Result<Vec<OpResult>, CoreError> {
+        let m = &self.core.metrics;
+        let n = ops.len() as u64;
+        let started = std::time::Instant::now();
+        let request = ForwardRequest {
+            ops,
+            actor: actor.map(|a| (*a).clone()),
+        };
+        let results = match forwarder.forward(request).await {
+            Ok(r) => r,
+            Err(e) => {
+                m.forward_failures.inc();
+                return Err(e);
+            }
+        };
+        m.forward_seconds.observe(started.elapsed().as_secs_f64());
+        m.forwarded_ops.inc_by(n);
+        let newest = results.iter().filter_map(|r| r.as_ref().ok()).max();
+        if let Some(&r) = newest {
+            if self.revision() < r {
+                let applied = self.wait_for_revision(r - 1, READ_YOUR_WRITES_WAIT).await;
+                if applied < r {
+                    // Durable and acknowledged by the leader all the same; only a read here
+                    // right after may not see it yet.
+                    tracing::warn!(
+                        revision = r,
+                        applied,
+                        "a forwarded write is not applied here yet; answering anyway"
+                    );
+                }
+            }
+        }
+        Ok(results)
     }
 
     async fn apply_one(&self, op: Op) -> Result<Revision, CoreError> {
@@ -560,11 +712,15 @@ impl Registry {
         self.apply_one(Op::DefaultCheck { service, check }).await
     }
 
-    /// Renews leases. In memory only: a heartbeat costs no disk write. On a follower nothing
-    /// is renewed (the leader keeps the leases) and every instance is `Unknown`, so a client
-    /// registers again, which the follower refuses naming the leader.
+    /// Renews leases. In memory only: a heartbeat costs no disk write. On a follower that
+    /// forwards, see `heartbeat_here`; on one that does not, nothing is renewed (the leader
+    /// keeps the leases) and every instance is `Unknown`, so a client registers again, which
+    /// the follower refuses naming the leader.
     pub fn heartbeat(&self, items: &[(ServiceKey, String)]) -> Vec<HeartbeatResult> {
         if !self.core.role.borrow().takes_writes() {
+            if self.core.forwarder.read().is_some() {
+                return self.heartbeat_here(items);
+            }
             if self.core.holding() {
                 return self.heartbeat_from_memory(items);
             }
@@ -618,6 +774,46 @@ impl Registry {
                 }
             })
             .collect()
+    }
+
+    /// A follower's heartbeat: answered from its own copy of the registry (ephemeral →
+    /// `Renewed`, persistent → `Persistent`, absent → `Unknown`) and the renewed keys queued
+    /// for the leader (sent within `RENEWAL_FLUSH`). The answer can be wrong for one window:
+    /// an instance the leader just expired (or deleted) reads as `Renewed` here until its
+    /// delete arrives through the feed — milliseconds — and the client's next heartbeat gets
+    /// `Unknown` and registers again, as it would on the leader.
+    fn heartbeat_here(&self, items: &[(ServiceKey, String)]) -> Vec<HeartbeatResult> {
+        let mut queue = Vec::new();
+        let results = items
+            .iter()
+            .map(|(service, id)| {
+                let found = self
+                    .core
+                    .services
+                    .get(service)
+                    .and_then(|e| e.state().instances.get(id.as_str()).map(|i| i.ttl_seconds));
+                match found {
+                    Some(ttl) if ttl > 0 => {
+                        queue.push(LeaseKey {
+                            service: service.clone(),
+                            id: id.as_str().into(),
+                        });
+                        HeartbeatResult::Renewed
+                    }
+                    Some(_) => HeartbeatResult::Persistent,
+                    None => HeartbeatResult::Unknown,
+                }
+            })
+            .collect();
+        if !queue.is_empty() {
+            let mut q = self.core.renewals.lock();
+            for k in queue {
+                if q.len() < MAX_QUEUED_RENEWALS {
+                    q.insert(k);
+                }
+            }
+        }
+        results
     }
 
     /// The current state of a service; an unknown service is empty, at a revision no index
@@ -912,6 +1108,57 @@ impl Drop for CloseOnDrop {
             *c = Some("the registry's runtime stopped".into());
             true
         });
+    }
+}
+
+/// A follower's renewals, sent to the leader every `RENEWAL_FLUSH` in one call (deduplicated:
+/// a client that renewed twice meanwhile is one key). Keys the leader could not take wait for
+/// the next flush; a node that leads drops them (its leases are its own).
+async fn flush_renewals(registry: Registry) {
+    let core = registry.core.clone();
+    let mut closing = core.closing.subscribe();
+    let mut tick = tokio::time::interval(RENEWAL_FLUSH);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = closing.wait_for(|c| c.is_some()) => return,
+        }
+        let Some(forwarder) = registry.forwarding() else {
+            core.renewals.lock().clear();
+            continue;
+        };
+        let keys: Vec<LeaseKey> = std::mem::take(&mut *core.renewals.lock())
+            .into_iter()
+            .collect();
+        if keys.is_empty() {
+            continue;
+        }
+        // In calls of a bounded size (a million instances would be one huge message).
+        let mut sent = 0;
+        for chunk in keys.chunks(RENEWALS_PER_CALL) {
+            let wire = chunk
+                .iter()
+                .map(|k| (k.service.clone(), k.id.clone()))
+                .collect();
+            match forwarder.renew(wire).await {
+                Ok(()) => {
+                    core.metrics.forwarded_renewals.inc_by(chunk.len() as u64);
+                    sent += chunk.len();
+                }
+                Err(e) => {
+                    core.metrics.forward_failures.inc();
+                    tracing::debug!(error = %e, keys = chunk.len(), "renewals not taken by the leader; kept for the next flush");
+                    let mut q = core.renewals.lock();
+                    for k in &keys[sent..] {
+                        if q.len() < MAX_QUEUED_RENEWALS {
+                            q.insert(k.clone());
+                        }
+                    }
+                    break;
+                }
+            }
+        }
     }
 }
 

@@ -1159,7 +1159,7 @@ fn audit_entry(op: &Op, revision: Revision, time_ms: u64, actor: Option<&Actor>)
         time_ms,
         token_id: actor.and_then(|a| a.token_id.clone()),
         source: actor.map_or_else(|| "internal".into(), |a| a.source.clone()),
-        protocol: actor.map_or("internal", |a| a.protocol).into(),
+        protocol: actor.map_or_else(|| "internal".to_string(), |a| a.protocol.to_string()),
         namespace: namespace.map(|s| s.namespace.to_string()),
         change,
     }

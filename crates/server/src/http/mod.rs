@@ -445,8 +445,8 @@ async fn heartbeats(
             Ok((key, i.id.clone()))
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
-    // A follower's leases are nobody's: the leader decides expiries (but one holding through
-    // a store outage answers from memory: see core's registry docs).
+    // A follower that can neither forward renewals nor hold through a store outage refuses
+    // (the leader decides expiries; see core's registry docs).
     s.registry().renews_leases()?;
     let results = s.registry().heartbeat(&keys);
     let mut renewed = 0;

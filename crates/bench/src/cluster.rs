@@ -572,14 +572,14 @@ struct Round {
 /// Writes `weight`s to instance `w0` of `svc` at `rate` on whichever of `nodes` (HTTP base
 /// URLs, the leader first) leads, retrying a change until acknowledged or stopped, and asking
 /// the nodes who leads after a failure (503 from a follower, or the node gone); (revision,
-/// weight, ack) of each.
+/// weight, attempts) of each.
 async fn leader_writer(
     http: reqwest::Client,
     nodes: Vec<String>,
     svc: String,
     rate: f64,
     mut stop: watch::Receiver<bool>,
-) -> Vec<(u64, u32, Instant)> {
+) -> Vec<(u64, u32, u32)> {
     let mut acked = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -590,6 +590,7 @@ async fn leader_writer(
             _ = stop.changed() => return acked,
         }
         let weight = 1 + k % 1000;
+        let mut attempts = 1u32;
         loop {
             if *stop.borrow() {
                 return acked;
@@ -609,9 +610,10 @@ async fn leader_writer(
                 Err(_) => None,
             };
             if let Some(rev) = rev {
-                acked.push((rev, weight, Instant::now()));
+                acked.push((rev, weight, attempts));
                 break;
             }
+            attempts += 1;
             // Not the leader (503), or gone: ask the live nodes who leads now.
             tokio::time::sleep(Duration::from_millis(10)).await;
             for n in &nodes {
@@ -859,6 +861,19 @@ async fn failover_round(c: &mut Cluster, a: &ClusterArgs, round: usize) -> anyho
 
     let revs: Vec<u64> = acked.iter().map(|x| x.0).collect();
     let (as_events, by_snapshot, missing) = account(&revs, &seen);
+    // What surrounds a missing change, to tell why.
+    let events: std::collections::HashSet<u64> = seen.events.iter().map(|e| e.0).collect();
+    let whole_max = seen.whole.iter().map(|w| w.0).max().unwrap_or(0);
+    let lacking: Vec<String> = acked
+        .iter()
+        .filter(|(r, _, _)| !events.contains(r) && *r > whole_max)
+        .take(3)
+        .map(|(r, w, n)| {
+            let before = seen.events.iter().map(|e| e.0).filter(|e| e < r).max();
+            let after = seen.events.iter().map(|e| e.0).filter(|e| e > r).min();
+            format!("rev {r} (weight {w}, {n} attempts; events around it {before:?} / {after:?}; snapshots/reads at {:?})", seen.whole.iter().map(|w| w.0).collect::<Vec<_>>())
+        })
+        .collect();
     let final_weight = cached
         .as_ref()
         .and_then(|s| s.instance("w0").map(|i| i.status.weight));
@@ -885,12 +900,13 @@ async fn failover_round(c: &mut Cluster, a: &ClusterArgs, round: usize) -> anyho
         .unwrap_or(0);
     let st = client.stats();
     let note = format!(
-        "round {round}: killed leader node {l}; node {nl} leads after; elected {}, watch {}, renewed {}, first update {} after the kill; {} changes acknowledged (revisions up to {last}): {as_events} seen as events, {by_snapshot} via snapshot/read, {missing} missing; final weight of w0 in the client {final_weight:?} (last acknowledged {last_weight:?}); the client's own instances: {own_present}/{} in its cache, {} instances on the new leader (want {}), deletes of them seen {}{}; SDK: {} failovers (before the kill {failovers_before}), {} streams opened ({} resumed with since), {} snapshots, {} re-registrations, {} heartbeats failed; {}",
+        "round {round}: killed leader node {l}; node {nl} leads after; elected {}, watch {}, renewed {}, first update {} after the kill; {} changes acknowledged (revisions up to {last}): {as_events} seen as events, {by_snapshot} via snapshot/read, {missing} missing{}; final weight of w0 in the client {final_weight:?} (last acknowledged {last_weight:?}); the client's own instances: {own_present}/{} in its cache, {} instances on the new leader (want {}), deletes of them seen {}{}; SDK: {} failovers (before the kill {failovers_before}), {} streams opened ({} resumed with since), {} snapshots, {} re-registrations, {} heartbeats failed; {}",
         fmt_opt(elected),
         fmt_opt(watch_at),
         fmt_opt(renewed),
         fmt_opt(first_update),
         acked.len(),
+        if lacking.is_empty() { String::new() } else { format!(" ({})", lacking.join("; ")) },
         a.failover_instances,
         on_leader_n,
         a.failover_instances + 1,
@@ -964,6 +980,7 @@ async fn phase_join(
     let m = ProcsMeter::start(&c.procs(Some(l)));
     let out = scale::load_services(&c.nodes[l].grpc, &run, &sa).await?;
     let cpu = m.stop();
+    let load_ended = Instant::now();
     notes.extend(out.notes("join load"));
     notes.push(format!("load: {}", cpu.describe()));
     rows.push(out.row(
@@ -1003,11 +1020,28 @@ async fn phase_join(
         ));
     }
     notes.push(format!("etcd after the load: {}", rss(Some(c.etcd.pid))));
+    // etcd may still be busy with the load (its own snapshots): join a settled cluster.
+    let l = c.leader(LEADER_WAIT).await?;
+    notes.push(format!(
+        "node {l} leads when the new node starts; {:.1} s after the load ended",
+        load_ended.elapsed().as_secs_f64()
+    ));
 
     // 3. A new node joins.
     let m = ProcsMeter::start(&c.procs(Some(l)));
     let spawned = Instant::now();
-    let (j, until_serving) = c.add_node().await?;
+    let (j, until_serving) = match c.add_node().await {
+        Ok(x) => x,
+        Err(e) => {
+            // What was measured up to here is still worth printing.
+            notes.push(format!(
+                "join FAILED {:.1} s after spawn: {e:#}",
+                spawned.elapsed().as_secs_f64()
+            ));
+            print_table("cluster join (failed)", &rows, &notes);
+            return Err(e);
+        }
+    };
     let mut ready_at = None;
     let caught_up = loop {
         let t = &c.nodes[j];

@@ -761,7 +761,8 @@ async fn failover_round(c: &mut Cluster, a: &ClusterArgs, round: usize) -> anyho
     let (stop_tx, stop_rx) = watch::channel(false);
     let own: std::collections::HashSet<String> =
         (0..a.failover_instances).map(|i| format!("c{i}")).collect();
-    let mut stop_seen = stop_rx.clone();
+    // The collector outlives the writer: it stops only once the client has the last change.
+    let (seen_tx, mut stop_seen) = watch::channel(false);
     let collector = tokio::spawn(async move {
         let mut seen = SdkSeen::default();
         loop {
@@ -856,6 +857,9 @@ async fn failover_round(c: &mut Cluster, a: &ClusterArgs, round: usize) -> anyho
     {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    // Updates published with the cache's last change reach the collector a moment later.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let _ = seen_tx.send(true);
     let seen = collector.await.context("the collector task")?;
     let cached = client.cached(&svc);
 
@@ -1112,7 +1116,12 @@ async fn phase_join(
         )
         .await?;
         let m = ProcsMeter::start(&[("single node".to_string(), s.pid.unwrap_or(0))]);
-        let out = scale::load_services(&s.grpc, &run, &sa).await?;
+        // The services the cluster holds in full (a load cut short holds fewer than asked).
+        let same = ScaleArgs {
+            services: (loaded / a.join_instances).max(1),
+            ..sa.clone()
+        };
+        let out = scale::load_services(&s.grpc, &run, &same).await?;
         let scpu = m.stop();
         let srss = s
             .pid

@@ -99,6 +99,7 @@ impl CompareArgs {
             services: self.services,
             modes,
             deadline: self.register_deadline,
+            ttl: 0,
         }
     }
 

@@ -5,7 +5,9 @@
 //! many endpoints: probes/s, cycle lag), `xds` (ADS streams subscribed to one service's EDS:
 //! push latency, delivery, memory and CPU per push), `compare` (register and push side by side against
 //! ZooKeeper and etcd, which it starts itself), `consul` (blocking-query wakeups of many Consul
-//! watchers, DNS queries/s side by side with dnsmasq) — and their measurement:
+//! watchers, DNS queries/s side by side with dnsmasq), `cluster` (etcd and several nodes it
+//! starts itself: registrations via the leader vs raw etcd, cross-node push, SDK failover after
+//! kill -9, a node joining) — and their measurement:
 //! latency percentiles, and the CPU seconds the server and this tool each used, read from
 //! `/proc`, because both usually share one small machine.
 //!
@@ -20,6 +22,7 @@
 //! hand, raise the limit in its shell (`ulimit -n 65536`) first.
 #![forbid(unsafe_code)]
 
+mod cluster;
 mod compare;
 mod connections;
 mod consul;
@@ -147,6 +150,10 @@ enum Scenario {
     /// The `nacos` phases on Sextant's Nacos adapter and on rnacos, one after the other, each
     /// started by the tool on fresh data, with ratios Sextant/rnacos.
     NacosCompare(Box<nacos_compare::NacosCompareArgs>),
+    /// A cluster on etcd (needs --spawn: the sextant binary): 1 etcd and --nodes nodes started
+    /// here; registrations/s via the leader vs raw etcd puts with a lease, push leader ->
+    /// follower vs same node, SDK failover after kill -9, a node joining a large registry.
+    Cluster(Box<cluster::ClusterArgs>),
     /// Consul's API: W blocking-query watchers woken by K changes at R/s (latency from the
     /// write's ack, delivery of every change), then DNS queries/s from C UDP clients,
     /// side by side with dnsmasq (--dnsmasq PATH) when it is installed.
@@ -202,6 +209,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Scenario::Nacos(n) => Some(n.work.watchers),
         Scenario::NacosCompare(n) => Some(n.work.watchers),
         Scenario::Consul(c) => Some(c.watchers),
+        Scenario::Cluster(c) => Some(c.watchers),
         _ => None,
     };
     if let (Some(watchers), Some(limit)) = (watchers, fds) {
@@ -228,6 +236,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let r = nacos_compare::run_compare(a, cli.spawn.as_deref(), &launch).await;
             println!("load average at the end: {}", load_average());
             return r;
+        }
+        Scenario::Cluster(a) => {
+            let bin = cli.spawn.clone().ok_or_else(|| {
+                anyhow::anyhow!("cluster starts its nodes itself: give --spawn PATH to sextant")
+            })?;
+            let launch = cluster::Launch {
+                bin,
+                data_parent: cli.data_parent.clone(),
+                keep_data: cli.keep_data,
+                server_args: cli.server_args.clone(),
+                startup_timeout: cli.startup_timeout,
+            };
+            return cluster::run(a, launch).await;
         }
         _ => {}
     }
@@ -263,7 +284,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Scenario::Xds(_) => "xds",
             Scenario::Compare(_) => "compare",
             Scenario::Consul(_) => "consul",
-            Scenario::Nacos(_) | Scenario::NacosCompare(_) => unreachable!("handled above"),
+            Scenario::Nacos(_) | Scenario::NacosCompare(_) | Scenario::Cluster(_) => {
+                unreachable!("handled above")
+            }
         },
         target.http,
         target.grpc,
@@ -284,7 +307,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Scenario::Xds(a) => xds::run(&target, a).await,
         Scenario::Compare(a) => compare::run(&target, a).await,
         Scenario::Consul(a) => consul::run(&target, a).await,
-        Scenario::Nacos(_) | Scenario::NacosCompare(_) => unreachable!("handled above"),
+        Scenario::Nacos(_) | Scenario::NacosCompare(_) | Scenario::Cluster(_) => {
+            unreachable!("handled above")
+        }
     };
     println!("load average at the end: {}", load_average());
     let log = target.log();

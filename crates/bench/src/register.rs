@@ -30,6 +30,10 @@ pub struct RegisterArgs {
     /// Longest a phase may run; it stops issuing requests after that.
     #[arg(long, default_value = "300s", value_parser = humantime::parse_duration)]
     pub deadline: Duration,
+    /// TTL of the registered instances in seconds: ephemeral instances with a lease, not
+    /// renewed during the run (0: persistent).
+    #[arg(long, default_value_t = 0)]
+    pub ttl: u32,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,7 +69,11 @@ pub(crate) async fn measure(
     let mut rows = Vec::new();
     let mut notes = Vec::new();
     for &mode in &a.modes {
-        let params = format!("C={} N={} services={}", a.clients, a.instances, a.services);
+        let mut params = format!("C={} N={} services={}", a.clients, a.instances, a.services);
+        if a.ttl > 0 {
+            params.push_str(&format!(" ttl={}s", a.ttl));
+        }
+        let ttl = a.ttl;
         let meter = CpuMeter::start(t.pid);
         let (name, params, out) = match mode {
             Mode::Http => {
@@ -81,7 +89,11 @@ pub(crate) async fn measure(
                 let out = load::drive(a.clients, a.instances, a.deadline, move |w, i| {
                     let svc = format!("reg-http-{run}-{:04}", i % services);
                     let path = format!("/v1/namespaces/{NAMESPACE}/services/{svc}/instances/i{i}");
-                    let body = serde_json::to_vec(&load::http_body(i)).map(bytes::Bytes::from);
+                    let mut body = load::http_body(i);
+                    if ttl > 0 {
+                        body["ttl_seconds"] = ttl.into();
+                    }
+                    let body = serde_json::to_vec(&body).map(bytes::Bytes::from);
                     let h1 = h1.clone();
                     async move {
                         let (status, answer) =
@@ -104,7 +116,8 @@ pub(crate) async fn measure(
                 let out = load::drive(a.clients, a.instances, a.deadline, move |w, i| {
                     let mut c = clients[w].clone();
                     let svc = format!("reg-grpc-{run}-{:04}", i % services);
-                    let req = load::grpc_request(&svc, format!("i{i}"), i);
+                    let mut req = load::grpc_request(&svc, format!("i{i}"), i);
+                    req.ttl_seconds = ttl;
                     async move {
                         c.register(req).await?;
                         Ok(1)
@@ -123,7 +136,9 @@ pub(crate) async fn measure(
                     let instances: Vec<_> = (n * batch..((n + 1) * batch).min(total))
                         .map(|i| {
                             let svc = format!("reg-batch-{run}-{:04}", i % services);
-                            load::grpc_request(&svc, format!("i{i}"), i)
+                            let mut req = load::grpc_request(&svc, format!("i{i}"), i);
+                            req.ttl_seconds = ttl;
+                            req
                         })
                         .collect();
                     load::batch_register(c, instances)

@@ -59,6 +59,33 @@ async fn count_instances(
     Ok(n as u64)
 }
 
+/// Registers `a.services` × `a.instances` persistent instances (services named after `run`)
+/// with BatchRegister calls of `a.batch`, `a.concurrency` in flight, bounded by `a.deadline`:
+/// the load of `scale`, and of a cluster a node then joins (`cluster`).
+pub(crate) async fn load_services(
+    grpc: &str,
+    run: &str,
+    a: &ScaleArgs,
+) -> anyhow::Result<load::Outcome> {
+    let total = a.services * a.instances;
+    let clients = Arc::new(load::grpc_clients(grpc, a.concurrency).await?);
+    let (per, batch) = (a.instances, a.batch);
+    let run = run.to_string();
+    let requests = total.div_ceil(batch);
+    Ok(
+        load::drive(a.concurrency, requests, a.deadline, move |w, n| {
+            let c = clients[w].clone();
+            let instances: Vec<_> = (n * batch..((n + 1) * batch).min(total))
+                .map(|g| {
+                    load::grpc_request(&service_name(&run, g / per), format!("i{}", g % per), g)
+                })
+                .collect();
+            load::batch_register(c, instances)
+        })
+        .await,
+    )
+}
+
 pub async fn run(t: &mut Target, a: &ScaleArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         a.services > 0 && a.instances > 0 && a.batch > 0 && a.concurrency > 0,
@@ -71,18 +98,7 @@ pub async fn run(t: &mut Target, a: &ScaleArgs) -> anyhow::Result<()> {
 
     // 1. Load.
     let meter = CpuMeter::start(t.pid);
-    let clients = Arc::new(load::grpc_clients(&t.grpc, a.concurrency).await?);
-    let (per, batch) = (a.instances, a.batch);
-    let run2 = run.clone();
-    let requests = total.div_ceil(batch);
-    let out = load::drive(a.concurrency, requests, a.deadline, move |w, n| {
-        let c = clients[w].clone();
-        let instances: Vec<_> = (n * batch..((n + 1) * batch).min(total))
-            .map(|g| load::grpc_request(&service_name(&run2, g / per), format!("i{}", g % per), g))
-            .collect();
-        load::batch_register(c, instances)
-    })
-    .await;
+    let out = load_services(&t.grpc, &run, a).await?;
     let load_cpu = meter.stop();
     notes.extend(out.notes("scale load"));
     let loaded = out.ops;
@@ -100,7 +116,7 @@ pub async fn run(t: &mut Target, a: &ScaleArgs) -> anyhow::Result<()> {
         cpu: Some(load_cpu),
     });
     // Services every batch of which was issued (and, without errors, committed).
-    let full_services = ((out.requests * batch).min(total) / per).max(1);
+    let full_services = ((out.requests * a.batch).min(total) / a.instances).max(1);
 
     // 2. Memory and disk.
     if let Some(pid) = t.pid {

@@ -140,6 +140,65 @@ impl CpuMeter {
     }
 }
 
+/// CPU of several named processes (e.g. etcd and each node of a cluster) and of this tool over
+/// one phase: what [`CpuMeter`] does for one server, for a cluster whose processes share the
+/// machine's cores.
+pub struct ProcsMeter {
+    procs: Vec<(String, u32, Option<f64>)>,
+    own: f64,
+    started: Instant,
+}
+
+/// CPU seconds of each named process over a phase (`None`: it was gone at the end), this
+/// tool's, and the phase's wall time.
+pub struct ProcsCpu {
+    pub procs: Vec<(String, Option<f64>)>,
+    pub bench: f64,
+    pub wall: Duration,
+}
+
+impl ProcsMeter {
+    pub fn start(procs: &[(String, u32)]) -> Self {
+        Self {
+            procs: procs
+                .iter()
+                .map(|(name, pid)| (name.clone(), *pid, cpu_seconds(&pid.to_string()).ok()))
+                .collect(),
+            own: cpu_seconds("self").unwrap_or(0.0),
+            started: Instant::now(),
+        }
+    }
+
+    pub fn stop(&self) -> ProcsCpu {
+        ProcsCpu {
+            procs: self
+                .procs
+                .iter()
+                .map(|(name, pid, c0)| {
+                    let used = c0.and_then(|c0| cpu_seconds(&pid.to_string()).ok().map(|c| c - c0));
+                    (name.clone(), used)
+                })
+                .collect(),
+            bench: cpu_seconds("self").unwrap_or(0.0) - self.own,
+            wall: self.started.elapsed(),
+        }
+    }
+}
+
+impl ProcsCpu {
+    /// One line: each process's CPU seconds and share of one core over the phase.
+    pub fn describe(&self) -> String {
+        let wall = self.wall.as_secs_f64().max(1e-9);
+        let one = |name: &str, c: Option<f64>| match c {
+            Some(c) => format!("{name} {c:.2} s ({:.0}%)", 100.0 * c / wall),
+            None => format!("{name} ? (exited)"),
+        };
+        let mut parts: Vec<String> = self.procs.iter().map(|(n, c)| one(n, *c)).collect();
+        parts.push(one("bench", Some(self.bench)));
+        format!("CPU over {wall:.2} s (% of one core): {}", parts.join(", "))
+    }
+}
+
 /// One line of a result table.
 #[derive(Clone)]
 pub struct Row {

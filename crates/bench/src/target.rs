@@ -273,6 +273,19 @@ impl Target {
         Ok((t0.elapsed(), status.to_string()))
     }
 
+    /// Kills the spawned server with SIGKILL, as a crash would (no shutdown, no lease
+    /// revoked); `start` brings it back on the same data dir (on new ports).
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        let s = self
+            .spawned
+            .as_mut()
+            .context("the server was not spawned by this tool")?;
+        let mut child = s.child.take().context("the server is not running")?;
+        child.kill().await.context("cannot kill the server")?;
+        self.pid = None;
+        Ok(())
+    }
+
     /// Stops a spawned server at the end of a run (SIGTERM, then kill after 30 s).
     pub async fn finish(mut self) {
         if self.spawned.as_ref().is_some_and(|s| s.child.is_some()) {

@@ -75,13 +75,26 @@ pub async fn run(t: &Target, a: &PushArgs) -> anyhow::Result<()> {
 
 /// The push scenario against Sextant: SSE subscribers, PATCH status writes.
 pub(crate) async fn measure(t: &Target, a: &PushArgs, prefix: &str) -> anyhow::Result<PushResult> {
+    measure_across(t, t, a, prefix).await
+}
+
+/// The push scenario with the writes (and the watched service's registration) on `leader` and
+/// the subscribers on `watched`: the same node, or two nodes of a cluster (write on the leader,
+/// watch on a follower). The CPU columns are `watched`'s.
+pub(crate) async fn measure_across(
+    leader: &Target,
+    watched: &Target,
+    a: &PushArgs,
+    prefix: &str,
+) -> anyhow::Result<PushResult> {
+    let t = watched;
     a.validate()?;
     let service = format!("push-{}", load::run_id());
     let mut notes = Vec::new();
 
     // 1. The watched service.
-    let meter = CpuMeter::start(t.pid);
-    let grpc = Arc::new(load::grpc_clients(&t.grpc, 2).await?);
+    let meter = CpuMeter::start(leader.pid);
+    let grpc = Arc::new(load::grpc_clients(&leader.grpc, 2).await?);
     let (svc, total) = (service.clone(), a.instances);
     let batch = 500u64;
     let out = load::drive(2, total.div_ceil(batch), a.deadline, move |w, n| {
@@ -129,7 +142,7 @@ pub(crate) async fn measure(t: &Target, a: &PushArgs, prefix: &str) -> anyhow::R
         let weight = if (j + round) % 2 == 0 { 50 } else { 150 };
         let url = format!(
             "{}/v1/namespaces/{NAMESPACE}/services/{service}/instances/i{j}/status",
-            t.http
+            leader.http
         );
         let req = writer
             .patch(url)

@@ -150,7 +150,7 @@ impl EtcdStore {
                 success: vec![put(key, candidate.clone().into_bytes(), 0)],
                 failure: vec![read],
             };
-            let resp = inner.txn(&req).await?;
+            let resp = inner.txn(&req, "campaign").await?;
             if resp.succeeded {
                 return Ok(candidate);
             }

@@ -13,7 +13,8 @@ use prometheus_client::registry::Registry;
 pub struct OpLabels {
     /// `commit` (a fenced transaction of a batch), `range` (reads: loads, the revision, the
     /// leader key, members), `watch` (opening the change feed's watch), `lease` (grant,
-    /// renewal, revoke), `campaign` (the member record and the election's transaction).
+    /// renewal, revoke), `campaign` (the member record, the election's transaction and the
+    /// cluster secret's creation).
     pub op: &'static str,
 }
 

@@ -628,6 +628,8 @@ impl Registry {
     /// The limits this node runs with.
     pub fn limits(&self) -> &crate::Limits {
         self.core.admission.limits()
+    }
+
     /// A follower's write: the leader applies it; this node answers once it has applied the
     /// leader's revision itself, so a read here right after sees the write.
     async fn forward(

@@ -649,6 +649,12 @@ impl Registry {
             Ok(r) => r,
             Err(e) => {
                 m.forward_failures.inc();
+                // No leader to forward to because the store is unreachable: say so (the
+                // store's outage, naming it), as a follower that does not forward would.
+                if let CoreError::NotLeader(None) = e {
+                    let role = self.core.role.borrow().clone();
+                    return Err(self.core.refusal(&role));
+                }
                 return Err(e);
             }
         };

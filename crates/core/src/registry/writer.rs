@@ -595,9 +595,15 @@ impl Writer {
             return;
         }
         if self.uncertain && !self.settle().await {
-            let e = StoreError::Unavailable(
-                "the outcome of an earlier write is not known yet; retry".into(),
-            );
+            // Name the store's outage when it knows one (an operator's first question).
+            let why = self
+                .store
+                .write_outage()
+                .map(|w| format!(" ({w})"))
+                .unwrap_or_default();
+            let e = StoreError::Unavailable(format!(
+                "the outcome of an earlier write is not known yet; retry{why}"
+            ));
             for req in requests {
                 let _ = req.reply.send(Err(CoreError::Store(copy_of(&e))));
             }

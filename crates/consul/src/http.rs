@@ -140,7 +140,12 @@ fn token_of(headers: &HeaderMap, query: Option<&str>) -> Option<String> {
 /// its writes are audited with the token's id and the caller's address.
 async fn gate(State(c): State<Consul>, mut req: Request, next: Next) -> Response {
     let token = token_of(req.headers(), req.uri().query());
-    match c.registry.acl().authenticate(token.as_deref()) {
+    let tls = req.extensions().get::<sextant_core::TlsPeer>().cloned();
+    match c
+        .registry
+        .acl()
+        .authenticate_peer(token.as_deref(), tls.as_ref())
+    {
         Err(e) => answer(&c, "auth", Err(e.into())),
         Ok(p) => {
             let peer = req

@@ -49,6 +49,20 @@ impl AclOp {
                 if t.policies.len() > 64 {
                     return Err(InvalidField::new("policies", "more than 64").into());
                 }
+                if t.tls_identities.len() > 64 {
+                    return Err(InvalidField::new("tls_identities", "more than 64").into());
+                }
+                if let Some(n) = t
+                    .tls_identities
+                    .iter()
+                    .find(|n| n.is_empty() || n.len() > 1024)
+                {
+                    return Err(InvalidField::new(
+                        "tls_identities",
+                        format!("{n:?}: a certificate name is 1 to 1024 bytes"),
+                    )
+                    .into());
+                }
             }
             AclOp::RevokeToken(_) | AclOp::DeletePolicy(_) => {}
         }
@@ -81,6 +95,8 @@ pub(crate) struct AclState {
     pub bootstrapped: bool,
     /// Secret hash → the token's identity with its policies' rules resolved.
     identities: HashMap<SecretHash, Arc<Identity>>,
+    /// Client-certificate name → the identity of the token it is bound to.
+    by_tls: HashMap<String, Arc<Identity>>,
 }
 
 impl AclState {
@@ -103,6 +119,16 @@ impl AclState {
                 (t.secret_hash, Arc::new(id))
             })
             .collect();
+        self.by_tls = self
+            .tokens
+            .values()
+            .flat_map(|t| {
+                let id = self.identities.get(&t.secret_hash).cloned();
+                t.tls_identities
+                    .iter()
+                    .filter_map(move |n| Some((n.clone(), id.clone()?)))
+            })
+            .collect();
     }
 
     /// Applies one change to this working copy, or says why it cannot be applied.
@@ -122,6 +148,17 @@ impl AclState {
                 self.tokens.insert(t.id.clone(), t.clone());
             }
             AclOp::CreateToken(t) => {
+                // One certificate name authenticates as one token.
+                if let Some(n) = t
+                    .tls_identities
+                    .iter()
+                    .find(|n| self.by_tls.contains_key(*n))
+                {
+                    return Err(CoreError::Conflict(format!(
+                        "the client certificate name {n:?} is already bound to another token; \
+                         revoke that one first"
+                    )));
+                }
                 if let Some(p) = t.policies.iter().find(|p| !self.policies.contains_key(*p)) {
                     return Err(
                         InvalidField::new("policies", format!("no policy named {p:?}")).into(),
@@ -199,6 +236,12 @@ impl Principal {
     }
 }
 
+/// The verified client-certificate name of a request's connection (mTLS: the subject CN, else
+/// the first SAN). The server's acceptor puts it on every request of such a connection; the
+/// adapters hand it to [`Acl::authenticate_peer`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsPeer(pub String);
+
 /// Who makes a write, for the audit log. (Serde: a follower forwards it with the write, so
 /// the leader's audit entry names the original caller.)
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -273,7 +316,37 @@ impl Acl<'_> {
     /// Finds the caller by the secret it presented. With auth on, no secret or an unknown one
     /// is a 401; with auth off every request passes.
     pub fn authenticate(&self, secret: Option<&str>) -> Result<Principal, AuthError> {
+        self.authenticate_peer(secret, None)
+    }
+
+    /// [`Acl::authenticate`] for a request that may have come over mTLS: without a secret, the
+    /// verified client certificate's name (`tls`) authenticates as the token it is bound to
+    /// (`tls_identities`). A secret, when given, always decides.
+    pub fn authenticate_peer(
+        &self,
+        secret: Option<&str>,
+        tls: Option<&TlsPeer>,
+    ) -> Result<Principal, AuthError> {
         let enforced = self.enforced();
+        if secret.is_none_or(str::is_empty) {
+            if let Some(TlsPeer(name)) = tls {
+                match self.state().by_tls.get(name).cloned() {
+                    Some(identity) => {
+                        return Ok(Principal {
+                            identity: Some(identity),
+                            enforced,
+                        })
+                    }
+                    None if enforced => {
+                        return Err(AuthError::Unauthenticated(format!(
+                            "no token given, and the client certificate {name:?} is bound to no \
+                             token"
+                        )))
+                    }
+                    None => {}
+                }
+            }
+        }
         let identity = match secret.filter(|s| !s.is_empty()) {
             Some(s) => {
                 let found = self.state().identities.get(&hash_secret(s)).cloned();
@@ -292,14 +365,15 @@ impl Acl<'_> {
         Ok(Principal { identity, enforced })
     }
 
-    /// [`Acl::authenticate`] and [`Principal::authorize`] in one call.
+    /// [`Acl::authenticate_peer`] and [`Principal::authorize`] in one call.
     pub fn check(
         &self,
         secret: Option<&str>,
+        tls: Option<&TlsPeer>,
         right: Right,
         resource: &Resource<'_>,
     ) -> Result<Principal, AuthError> {
-        let p = self.authenticate(secret)?;
+        let p = self.authenticate_peer(secret, tls)?;
         p.authorize(right, resource)?;
         Ok(p)
     }
@@ -354,7 +428,11 @@ impl Acl<'_> {
             .unwrap_or(Err(CoreError::ShuttingDown))
     }
 
-    fn token(description: &str, policies: Vec<String>) -> Result<NewToken, CoreError> {
+    fn token(
+        description: &str,
+        policies: Vec<String>,
+        tls_identities: Vec<String>,
+    ) -> Result<NewToken, CoreError> {
         let (secret, secret_hash) = new_secret()?;
         Ok(NewToken {
             token: Token {
@@ -363,6 +441,7 @@ impl Acl<'_> {
                 description: description.into(),
                 policies,
                 created_ms: sextant_model::now_ms(),
+                tls_identities,
             },
             secret,
         })
@@ -373,6 +452,7 @@ impl Acl<'_> {
         let t = Self::token(
             "bootstrap admin token",
             vec![sextant_model::acl::ADMIN_POLICY.into()],
+            Vec::new(),
         )?;
         self.write(AclOp::Bootstrap(t.token.clone())).await?;
         Ok(t)
@@ -382,8 +462,9 @@ impl Acl<'_> {
         &self,
         description: &str,
         policies: Vec<String>,
+        tls_identities: Vec<String>,
     ) -> Result<NewToken, CoreError> {
-        let t = Self::token(description, policies)?;
+        let t = Self::token(description, policies, tls_identities)?;
         self.write(AclOp::CreateToken(t.token.clone())).await?;
         Ok(t)
     }

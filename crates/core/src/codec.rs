@@ -195,6 +195,23 @@ pub(crate) fn decode_v1<T: serde::de::DeserializeOwned>(
     }
 }
 
+/// Tokens: version 2 + postcard (v2 added the bound client-certificate names); version 1
+/// records still decode, with none.
+pub(crate) fn encode_token(t: &sextant_model::acl::Token) -> Vec<u8> {
+    encode(FORMAT_V2, t)
+}
+
+pub(crate) fn decode_token(
+    key: &str,
+    bytes: &[u8],
+) -> Result<sextant_model::acl::Token, StoreError> {
+    match split(key, bytes)? {
+        (FORMAT_V1, rest) => Ok(body::<sextant_model::acl::TokenV1>(key, rest)?.into()),
+        (FORMAT_V2, rest) => body(key, rest),
+        (v, _) => Err(unknown(key, v)),
+    }
+}
+
 /// A decoded key.
 pub(crate) enum Key<'a> {
     Spec(ServiceKey, &'a str),
@@ -424,5 +441,34 @@ mod tests {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod token_tests {
+    use super::*;
+    use sextant_model::acl::{Token, TokenV1};
+
+    /// Tokens stored before they could be bound to client certificates still load, with
+    /// none bound; new ones keep their names.
+    #[test]
+    fn version_1_tokens_still_decode() {
+        let old = TokenV1 {
+            id: "t1".into(),
+            secret_hash: [7; 32],
+            description: "old".into(),
+            policies: vec!["p".into()],
+            created_ms: 5,
+        };
+        let t = decode_token("acl/token/t1", &encode_v1(&old)).unwrap();
+        assert_eq!((t.id.as_str(), t.tls_identities.len()), ("t1", 0));
+        let new = Token {
+            tls_identities: vec!["orders".into()],
+            ..t
+        };
+        assert_eq!(
+            decode_token("acl/token/t1", &encode_token(&new)).unwrap(),
+            new
+        );
     }
 }

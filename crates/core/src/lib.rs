@@ -20,7 +20,7 @@ pub mod store;
 
 use std::time::Duration;
 
-pub use acl::{with_actor, Acl, Actor, AuthError, NewToken, Principal};
+pub use acl::{with_actor, Acl, Actor, AuthError, NewToken, Principal, TlsPeer};
 pub use admission::{ConnectionPermit, Limits, RETRY_AFTER_BUSY};
 pub use delivery::{Delivery, ServiceSnapshot, SharedEvent, Subscription, SubscriptionClosed};
 pub use forward::Forwarder;

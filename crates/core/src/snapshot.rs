@@ -176,9 +176,7 @@ fn check_record(key: &str, value: &[u8]) -> Result<(), SnapshotError> {
         codec::Key::Spec(..) => codec::decode_spec(key, value).map(drop).map_err(bad),
         codec::Key::Status(..) => codec::decode_status(key, value).map(drop).map_err(bad),
         codec::Key::Service(..) => codec::decode_service(key, value).map(drop).map_err(bad),
-        codec::Key::Token => codec::decode_v1::<sextant_model::acl::Token>(key, value)
-            .map(drop)
-            .map_err(bad),
+        codec::Key::Token => codec::decode_token(key, value).map(drop).map_err(bad),
         codec::Key::Policy => codec::decode_v1::<sextant_model::acl::Policy>(key, value)
             .map(drop)
             .map_err(bad),

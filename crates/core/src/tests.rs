@@ -884,7 +884,7 @@ mod acl {
         let again = acl.bootstrap().await.unwrap_err();
         assert_eq!(again.kind(), ErrorKind::Conflict, "{again}");
         let who = acl
-            .check(Some(&admin.secret), Right::Admin, &Resource::Global)
+            .check(Some(&admin.secret), None, Right::Admin, &Resource::Global)
             .unwrap();
         assert_eq!(who.token_id(), Some(admin.token.id.as_str()));
 
@@ -901,26 +901,57 @@ mod acl {
         .await
         .unwrap();
         let bad = acl
-            .create_token("x", vec!["nope".into()])
+            .create_token("x", vec!["nope".into()], vec![])
             .await
             .unwrap_err();
         assert_eq!(bad.kind(), ErrorKind::Invalid);
         let app = acl
-            .create_token("app", vec!["prod-rw".into()])
+            .create_token("app", vec!["prod-rw".into()], vec![])
             .await
             .unwrap();
         let s = Some(app.secret.as_str());
         assert!(acl
-            .check(s, Right::Read, &Resource::Namespace("prod"))
+            .check(s, None, Right::Read, &Resource::Namespace("prod"))
             .is_ok());
         let denied = acl
-            .check(s, Right::Read, &Resource::Namespace("dev"))
+            .check(s, None, Right::Read, &Resource::Namespace("dev"))
             .unwrap_err();
         assert!(matches!(denied, AuthError::Denied(_)), "{denied}");
         assert!(denied.to_string().contains("read"), "{denied}");
         assert!(denied.to_string().contains("dev"), "{denied}");
         let in_use = acl.delete_policy("prod-rw").await.unwrap_err();
         assert_eq!(in_use.kind(), ErrorKind::Conflict);
+
+        // A client certificate's name bound to a token authenticates as it without the
+        // secret; an unbound name does not, a secret still decides, a name binds once.
+        let cert = acl
+            .create_token(
+                "orders",
+                vec!["prod-rw".into()],
+                vec!["orders-client".into()],
+            )
+            .await
+            .unwrap();
+        let peer = crate::TlsPeer("orders-client".into());
+        let by_cert = acl.authenticate_peer(None, Some(&peer)).unwrap();
+        assert_eq!(by_cert.token_id(), Some(cert.token.id.as_str()));
+        assert!(by_cert
+            .authorize(Right::Write, &Resource::Namespace("prod"))
+            .is_ok());
+        let stranger = crate::TlsPeer("stranger".into());
+        let e = acl.authenticate_peer(None, Some(&stranger)).unwrap_err();
+        assert!(e.to_string().contains("stranger"), "{e}");
+        let by_secret = acl.authenticate_peer(s, Some(&peer)).unwrap();
+        assert_eq!(by_secret.token_id(), Some(app.token.id.as_str()));
+        let twice = acl
+            .create_token(
+                "again",
+                vec!["prod-rw".into()],
+                vec!["orders-client".into()],
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(twice.kind(), ErrorKind::Conflict);
 
         // Writes made for a token are audited with its id; the oldest entries go past the
         // retention.
@@ -957,7 +988,7 @@ mod acl {
         let acl = r.acl();
         assert!(acl.bootstrapped());
         assert!(acl
-            .check(Some(&admin.secret), Right::Admin, &Resource::Global)
+            .check(Some(&admin.secret), None, Right::Admin, &Resource::Global)
             .is_ok());
         assert!(acl.authenticate(s).is_err());
         assert_eq!(

@@ -257,6 +257,33 @@ pub struct Token {
     pub description: String,
     pub policies: Vec<String>,
     pub created_ms: u64,
+    /// Client-certificate names (mTLS: the subject CN, else the first SAN) that authenticate
+    /// as this token without its secret.
+    #[serde(default)]
+    pub tls_identities: Vec<String>,
+}
+
+/// A token as stored before it could be bound to client certificates (record version 1).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenV1 {
+    pub id: String,
+    pub secret_hash: SecretHash,
+    pub description: String,
+    pub policies: Vec<String>,
+    pub created_ms: u64,
+}
+
+impl From<TokenV1> for Token {
+    fn from(t: TokenV1) -> Self {
+        Token {
+            id: t.id,
+            secret_hash: t.secret_hash,
+            description: t.description,
+            policies: t.policies,
+            created_ms: t.created_ms,
+            tls_identities: Vec::new(),
+        }
+    }
 }
 
 /// Who a request is: the token and the rules of its policies (resolved when checked).

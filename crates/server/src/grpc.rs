@@ -225,7 +225,7 @@ impl GrpcApi {
         self.node
             .registry
             .acl()
-            .authenticate(bearer(req.metadata()))
+            .authenticate_peer(bearer(req.metadata()), req.extensions().get())
             .map_err(auth_status)
     }
 

@@ -782,6 +782,7 @@ where
                 remote_addr: Some(info.remote),
             });
             if let Some(peer) = info.peer {
+                ext.insert(sextant_core::TlsPeer(peer.name.clone()));
                 ext.insert(peer);
             }
         }

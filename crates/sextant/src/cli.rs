@@ -186,6 +186,10 @@ pub enum TokenCommand {
         policies: Vec<String>,
         #[arg(long, default_value = "")]
         description: String,
+        /// A client-certificate name (mTLS: subject CN, else first SAN) that authenticates as
+        /// this token without its secret; repeatable.
+        #[arg(long = "tls-identity", value_name = "NAME")]
+        tls_identities: Vec<String>,
     },
     List,
     /// Revoke a token by id: its requests are refused and its watches end at once.

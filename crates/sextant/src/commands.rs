@@ -651,8 +651,13 @@ async fn acl(c: &Http, cmd: AclCommand) -> anyhow::Result<()> {
         AclCommand::Token(TokenCommand::Create {
             policies,
             description,
+            tls_identities,
         }) => {
-            let body = json!({ "policies": policies, "description": description });
+            let body = json!({
+                "policies": policies,
+                "description": description,
+                "tls_identities": tls_identities,
+            });
             let v = c
                 .send(c.http.post(c.url("/v1/acl/tokens")).json(&body))
                 .await?;

@@ -533,3 +533,76 @@ async fn the_client_ca_reloads_too() {
     }
     assert!(works(&after));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_bound_to_a_token_is_a_credential() {
+    let ca = TestCa::new("sextant test CA");
+    let server_files = ca.server("server", "sextant-test");
+    let mut args = ca.serve_args(&server_files, true);
+    args.extend(["--auth".into(), "on".into()]);
+    let s = start(&args);
+    let cafile = ca.ca_file();
+    let orders = ca.client("orders", "orders-client", vec![]);
+    let stranger = ca.client("stranger", "stranger", vec![]);
+    let base = format!("https://{}", s.http);
+    let with = |c: &CertFiles, extra: &[&str]| {
+        let (cert, key) = (c.cert.display().to_string(), c.key.display().to_string());
+        let ca = cafile.display().to_string();
+        let mut a = vec!["--cacert", &ca, "--cert", &cert, "--key", &key];
+        a.extend_from_slice(extra);
+        let (_, out, err) = curl(&a.iter().map(|s| &**s).collect::<Vec<_>>());
+        (out, err)
+    };
+    let status = |c: &CertFiles, extra: &[&str]| {
+        let mut a = vec!["-o", "/dev/null", "-w", "%{http_code}"];
+        a.extend_from_slice(extra);
+        with(c, &a).0
+    };
+
+    // The first admin token (bootstrap is public), a policy, and a token bound to the
+    // orders-client certificate.
+    let boot_url = format!("{base}/v1/acl/bootstrap");
+    let (boot, _) = with(&orders, &["-X", "POST", &boot_url]);
+    let boot: Value = serde_json::from_str(&boot).unwrap_or_else(|e| panic!("{e}: {boot}"));
+    let bearer = format!("authorization: Bearer {}", boot["secret"].as_str().unwrap());
+    let json_ct = "content-type: application/json";
+    let policy = json!({"rules": [{"namespace": "prod", "rights": ["read", "write"]}]});
+    let url = format!("{base}/v1/acl/policies/prod-rw");
+    let body = policy.to_string();
+    let put = ["-X", "PUT", "-H", &bearer, "-H", json_ct, "-d", &body, &url];
+    assert_eq!(status(&orders, &put), "200");
+    let token = json!({"policies": ["prod-rw"], "tls_identities": ["orders-client"]});
+    let url = format!("{base}/v1/acl/tokens");
+    let body = token.to_string();
+    let post = [
+        "-X", "POST", "-H", &bearer, "-H", json_ct, "-d", &body, &url,
+    ];
+    assert_eq!(status(&orders, &post), "201");
+
+    // No bearer token: the certificate is the credential, with that token's rights.
+    let reg = json!({"host": "10.0.0.5", "port": 80}).to_string();
+    let inst = format!("{base}/v1/namespaces/prod/services/web/instances/a");
+    let put = ["-X", "PUT", "-H", json_ct, "-d", &reg, &inst];
+    assert_eq!(status(&orders, &put), "200");
+    let dev = format!("{base}/v1/namespaces/dev/services/web");
+    assert_eq!(status(&orders, &[&dev]), "403");
+    // A certificate bound to no token is no credential.
+    let (out, _) = with(&stranger, &[&inst]);
+    assert!(
+        out.contains("unauthenticated") && out.contains("stranger"),
+        "{out}"
+    );
+
+    // The same over gRPC: the SDK with the certificate and no token.
+    let web = ServiceName::new("prod", "web").unwrap();
+    let client = sdk(s.grpc, cafile, Some(&orders));
+    client
+        .register(Registration::new(web.clone(), "10.0.0.6", 80))
+        .await
+        .expect("register over gRPC with the bound certificate");
+    let other = sdk(s.grpc, cafile, Some(&stranger));
+    assert!(other
+        .register(Registration::new(web, "10.0.0.7", 80))
+        .await
+        .is_err());
+}

@@ -76,7 +76,8 @@ impl XdsServer {
             .map(str::trim);
         let right = sextant_core::model::acl::Right::Read;
         let all = sextant_core::model::acl::Resource::Global;
-        match self.hub.registry.acl().check(secret, right, &all) {
+        let tls = request.extensions().get::<sextant_core::TlsPeer>();
+        match self.hub.registry.acl().check(secret, tls, right, &all) {
             Ok(who) => {
                 let source = request.remote_addr().map(|a| a.to_string());
                 let actor = who.actor(source.unwrap_or_default(), "xds");

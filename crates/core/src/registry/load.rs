@@ -84,7 +84,7 @@ pub(super) fn load(store: &dyn Store) -> Result<Loaded, StoreError> {
                 st.revision = st.revision.max(rec.revision);
             }
             codec::Key::Token => {
-                let t: Token = codec::decode_v1(key, value)?;
+                let t: Token = codec::decode_token(key, value)?;
                 acl.tokens.insert(t.id.clone(), t);
             }
             codec::Key::Policy => {

@@ -929,7 +929,10 @@ impl Registry {
         // Tokens (hashed), policies and the audit tail go with the registry: a restored node
         // answers the same credentials.
         for t in acl.tokens.values() {
-            records.insert(crate::codec::token_key(&t.id), crate::codec::encode_v1(t));
+            records.insert(
+                crate::codec::token_key(&t.id),
+                crate::codec::encode_token(t),
+            );
         }
         for p in acl.policies.values() {
             records.insert(

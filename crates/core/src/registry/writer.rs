@@ -314,7 +314,7 @@ impl Writer {
                     let a = acl.get_or_insert_with(|| (**self.core.acl.read()).clone());
                     match v {
                         Some(v) => {
-                            let t: sextant_model::acl::Token = codec::decode_v1(&m.key, v)?;
+                            let t: sextant_model::acl::Token = codec::decode_token(&m.key, v)?;
                             a.tokens.insert(t.id.clone(), t);
                         }
                         None => {
@@ -782,7 +782,7 @@ impl Writer {
             AclOp::Bootstrap(t) | AclOp::CreateToken(t) => {
                 p.mutations.push(Mutation {
                     key: codec::token_key(&t.id),
-                    value: Some(codec::encode_v1(t)),
+                    value: Some(codec::encode_token(t)),
                 });
                 if matches!(op, AclOp::Bootstrap(_)) {
                     let admin = sextant_model::acl::Policy::global_admin();

@@ -79,6 +79,7 @@ impl Api {
         kind: &str,
         body: &[u8],
         token: Option<&str>,
+        tls: Option<&sextant_core::TlsPeer>,
     ) -> Payload {
         let adapter = &self.conns.adapter;
         let metrics = &adapter.metrics;
@@ -107,7 +108,7 @@ impl Api {
             }
         };
         let request_id = req.request_id.clone().unwrap_or_default();
-        let who = match self.authorize(kind, &req, token) {
+        let who = match self.authorize(kind, &req, token, tls) {
             Ok(w) => w,
             Err(e) => {
                 metrics.request("grpc", label, e.kind().label());
@@ -161,12 +162,13 @@ impl Api {
         kind: &str,
         req: &wire::NamingRequest,
         token: Option<&str>,
+        tls: Option<&sextant_core::TlsPeer>,
     ) -> Result<sextant_core::Principal, NacosError> {
         let acl = self.conns.adapter.registry.acl();
         if matches!(kind, "ServerCheckRequest" | "HealthCheckRequest") {
             return Ok(sextant_core::Principal::anonymous());
         }
-        let who = acl.authenticate(token)?;
+        let who = acl.authenticate_peer(token, tls)?;
         let ns = mapping::namespace(req.namespace.as_deref());
         let right = match kind {
             "InstanceRequest" | "PersistentInstanceRequest" | "BatchInstanceRequest" => {
@@ -193,6 +195,7 @@ impl RequestApi for Api {
         let addr = request
             .remote_addr()
             .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let tls = request.extensions().get::<sextant_core::TlsPeer>().cloned();
         let p = request.into_inner();
         let token = p
             .metadata
@@ -200,7 +203,8 @@ impl RequestApi for Api {
             .and_then(|m| m.headers.get("accessToken"))
             .map(String::as_str);
         Ok(tonic::Response::new(
-            self.handle(addr, p.kind(), p.body_bytes(), token).await,
+            self.handle(addr, p.kind(), p.body_bytes(), token, tls.as_ref())
+                .await,
         ))
     }
 }

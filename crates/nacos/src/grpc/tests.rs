@@ -135,7 +135,7 @@ fn run(strategy: impl Strategy<Value = (String, Vec<u8>)>) {
     });
     runner
         .run(&strategy, |(kind, body)| {
-            let answer = rt.block_on(api.handle(addr, &kind, &body, None));
+            let answer = rt.block_on(api.handle(addr, &kind, &body, None, None));
             assert_answer(&kind, &answer);
             Ok(())
         })
@@ -199,7 +199,7 @@ fn unknown_request_types_do_not_become_metric_labels() {
     });
     let addr = SocketAddr::from(([127, 0, 0, 1], 40001));
     for body in [&b"{not json"[..], b"{}"] {
-        let answer = rt.block_on(api.handle(addr, "Made-Up-Type-12345", body, None));
+        let answer = rt.block_on(api.handle(addr, "Made-Up-Type-12345", body, None, None));
         assert_eq!(answer.kind(), "ErrorResponse");
     }
     let mut text = String::new();
@@ -228,6 +228,7 @@ async fn an_empty_batch_of_an_unknown_type_is_refused() {
             addr,
             "BatchInstanceRequest",
             &serde_json::to_vec(&body).unwrap(),
+            None,
             None,
         )
         .await;

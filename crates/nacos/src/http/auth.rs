@@ -147,7 +147,10 @@ pub(crate) async fn gate(
                 .and_then(|v| v.strip_prefix("Bearer "))
         });
     let token = param(&p, "accessToken").or(header_token);
-    let who = match registry.acl().authenticate(token) {
+    let who = match registry
+        .acl()
+        .authenticate_peer(token, parts.extensions.get::<sextant_core::TlsPeer>())
+    {
         Ok(w) => w,
         Err(e) => return refuse(&e),
     };

@@ -70,6 +70,9 @@ struct TokenBody {
     #[serde(default)]
     description: String,
     policies: Vec<String>,
+    /// Client-certificate names (mTLS) that authenticate as this token without its secret.
+    #[serde(default)]
+    tls_identities: Vec<String>,
 }
 
 async fn create_token(
@@ -86,7 +89,7 @@ async fn create_token(
     let t = s
         .registry()
         .acl()
-        .create_token(&body.description, body.policies)
+        .create_token(&body.description, body.policies, body.tls_identities)
         .await?;
     Ok((StatusCode::CREATED, Json(new_token_json(&t))))
 }

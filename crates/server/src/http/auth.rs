@@ -78,11 +78,12 @@ pub(crate) fn auth_error(e: AuthError) -> ApiError {
 pub(crate) fn authenticate(
     registry: &Registry,
     headers: &HeaderMap,
+    tls: Option<&sextant_core::TlsPeer>,
 ) -> Result<Principal, ApiError> {
     let cred = credential(headers)?;
     let p = registry
         .acl()
-        .authenticate(cred.as_ref().map(|c| c.0.as_str()))
+        .authenticate_peer(cred.as_ref().map(|c| c.0.as_str()), tls)
         .map_err(auth_error)?;
     // Basic auth names the token too: a mismatch is a bad credential, not a different token.
     if let (Some((_, Some(user))), Some(id)) = (&cred, p.token_id()) {
@@ -112,7 +113,11 @@ pub(crate) async fn gate(State(registry): State<Registry>, req: Request, next: N
     let principal = if public {
         Principal::anonymous()
     } else {
-        match authenticate(&registry, req.headers()) {
+        match authenticate(
+            &registry,
+            req.headers(),
+            req.extensions().get::<sextant_core::TlsPeer>(),
+        ) {
             Ok(p) => p,
             Err(e) => {
                 let mut resp = e.into_response();

@@ -102,6 +102,7 @@ pub(crate) async fn serve(
             let ext = req.extensions_mut();
             ext.insert(ConnectInfo(peer));
             if let Some(id) = &info.peer {
+                ext.insert(sextant_core::TlsPeer(id.name.clone()));
                 ext.insert(id.clone());
             }
             ext.insert(info.clone());

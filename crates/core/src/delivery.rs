@@ -74,8 +74,11 @@ pub struct SubscriptionClosed {
     pub reason: String,
 }
 
-/// Longest wait of a follower's subscription for the node to reach its resume point.
-pub(crate) const RESUME_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// Longest wait of a follower's subscription for the node to reach its resume point. Long
+/// enough for a node that just restarted to catch up under load (2 s was seen to be too short
+/// on a loaded 2-core machine: the watcher then got a snapshot of an older state, a step back
+/// in time); a cursor still ahead after it comes from another history.
+pub(crate) const RESUME_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 struct Cursor {
     entry: Arc<ServiceEntry>,
@@ -159,8 +162,12 @@ impl Subscription {
     /// client back in time and repeating events. So a follower first waits, bounded, to apply
     /// up to it; a cursor still ahead after that comes from another history and gets a
     /// snapshot.
+    ///
+    /// The leader waits too: a follower can apply a batch from the store's feed a moment
+    /// before the leader that committed it has published it. Only a single node (nobody can
+    /// be ahead of it) answers at once.
     async fn catch_up_to(&mut self, since: Revision) {
-        if self.shared.role.borrow().takes_writes()
+        if matches!(*self.shared.role.borrow(), crate::Role::Single)
             || since <= self.shared.published.load(Ordering::Acquire)
         {
             return;

@@ -8,27 +8,13 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION};
 use reqwest::Method;
 use serde_json::{json, Value};
 use sextant_proto::v1 as pb;
 use tonic::Code;
 
-/// An API client that sends `secret` as a bearer token.
 fn api_with(server: &Server, secret: &str) -> Api {
-    let mut h = HeaderMap::new();
-    h.insert(
-        AUTHORIZATION,
-        HeaderValue::from_str(&format!("Bearer {secret}")).unwrap(),
-    );
-    Api {
-        base: server.base(),
-        client: reqwest::Client::builder()
-            .no_proxy()
-            .default_headers(h)
-            .build()
-            .unwrap(),
-    }
+    server.api().with_bearer(secret)
 }
 
 async fn bootstrap(api: &Api) -> (String, String) {

@@ -732,19 +732,7 @@ async fn with_auth_a_follower_checks_tokens_and_the_leader_audits_the_caller() {
 }
 
 fn bearer(server: &Server, secret: &str) -> Api {
-    let mut h = reqwest::header::HeaderMap::new();
-    h.insert(
-        reqwest::header::AUTHORIZATION,
-        format!("Bearer {secret}").parse().unwrap(),
-    );
-    Api {
-        base: server.base(),
-        client: reqwest::Client::builder()
-            .no_proxy()
-            .default_headers(h)
-            .build()
-            .unwrap(),
-    }
+    server.api().with_bearer(secret)
 }
 
 /// A TCP listener that counts the connections (probes) it accepts; aborting its task closes

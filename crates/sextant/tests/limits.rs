@@ -12,24 +12,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION};
+use reqwest::header::HeaderMap;
 use serde_json::{json, Value};
 use sextant_proto::v1 as pb;
 
 fn api_with(server: &Server, secret: &str) -> Api {
-    let mut h = HeaderMap::new();
-    h.insert(
-        AUTHORIZATION,
-        HeaderValue::from_str(&format!("Bearer {secret}")).unwrap(),
-    );
-    Api {
-        base: server.base(),
-        client: reqwest::Client::builder()
-            .no_proxy()
-            .default_headers(h)
-            .build()
-            .unwrap(),
-    }
+    server.api().with_bearer(secret)
 }
 
 /// A token with read and write on namespace `lim`: (id, secret).

@@ -712,7 +712,7 @@ async fn phase_failover(c: &mut Cluster, a: &ClusterArgs) -> anyhow::Result<()> 
         "all rounds: {acked} acknowledged changes; the client saw {ev} as events, {snap} only through a snapshot or read of the service at a later revision, {miss} missing"
     ));
     notes.push(format!(
-        "the SDK's server list is every node's gRPC address, the leader first (a follower refuses writes and heartbeats with 503, on which the SDK moves on), so the node it uses and kill -9s is the leader; the leader's etcd lease ({} s, renewed every third) must lapse before another node can lead; latency columns are over the K rounds (p99 of {} rounds is their maximum)",
+        "the SDK's server list is every node's gRPC address, the leader first, so the node it uses and kill -9s is the leader; it fails over to a follower, which takes its heartbeats at once (forwarding them to the leader once one is elected), while writes wait for the leader's etcd lease ({} s, renewed every third) to lapse and another node to lead; latency columns are over the K rounds (p99 of {} rounds is their maximum)",
         a.lease_seconds, a.rounds
     ));
     print_table(

@@ -63,11 +63,14 @@ impl Etcd {
 
     /// [`Etcd::start`], returning why it could not start instead of panicking.
     pub fn try_start() -> Result<Etcd, String> {
-        let mut etcd = Etcd::member(&find_binary()?, "test")?;
-        etcd.initial_cluster = format!("test=http://127.0.0.1:{}", etcd.peer_port);
-        etcd.token = format!("sextant-test-{}", etcd.peer_port);
-        etcd.launch()?;
-        Ok(etcd)
+        let bin = find_binary()?;
+        retry_taken_ports(|| {
+            let mut etcd = Etcd::member(&bin, "test")?;
+            etcd.initial_cluster = format!("test=http://127.0.0.1:{}", etcd.peer_port);
+            etcd.token = format!("sextant-test-{}", etcd.peer_port);
+            etcd.launch()?;
+            Ok(etcd)
+        })
     }
 
     /// A member not started yet: its ports and data dir.
@@ -267,8 +270,12 @@ impl EtcdCluster {
 
     pub fn try_start(n: usize) -> Result<EtcdCluster, String> {
         let bin = find_binary()?;
+        retry_taken_ports(|| Self::try_start_once(&bin, n))
+    }
+
+    fn try_start_once(bin: &Path, n: usize) -> Result<EtcdCluster, String> {
         let mut members = (0..n)
-            .map(|i| Etcd::member(&bin, &format!("m{i}")))
+            .map(|i| Etcd::member(bin, &format!("m{i}")))
             .collect::<Result<Vec<_>, _>>()?;
         let initial = members
             .iter()
@@ -366,4 +373,17 @@ fn healthy(port: u16) -> bool {
     let mut body = String::new();
     let _ = s.read_to_string(&mut body);
     body.contains("\"health\":\"true\"")
+}
+
+/// Runs `start` again (up to 5 times, with fresh ports) when etcd could not bind a port: a free
+/// port is found by binding and closing it, and a test running in parallel may take it before
+/// etcd does ("address already in use").
+fn retry_taken_ports<T>(mut start: impl FnMut() -> Result<T, String>) -> Result<T, String> {
+    let mut tries = 0;
+    loop {
+        match start() {
+            Err(e) if e.contains("address already in use") && tries < 4 => tries += 1,
+            r => return r,
+        }
+    }
 }

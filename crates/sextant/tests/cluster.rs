@@ -69,36 +69,6 @@ async fn cluster_view(api: &Api) -> Value {
     api.get("/v1/cluster").await.ok()
 }
 
-/// Waits (bounded) until exactly one of `nodes` says it leads and the others name it; returns
-/// its index.
-async fn leader_of(nodes: &[&Server], within: Duration) -> usize {
-    let deadline = Instant::now() + within;
-    loop {
-        let mut views = Vec::new();
-        for n in nodes {
-            views.push(cluster_view(&n.api()).await);
-        }
-        let leaders: Vec<usize> = (0..nodes.len())
-            .filter(|&i| views[i]["role"] == "leader")
-            .collect();
-        if let [l] = leaders.as_slice() {
-            let addr = format!("http://{}", nodes[*l].http);
-            let named = views
-                .iter()
-                .enumerate()
-                .all(|(i, v)| i == *l || v["leader"].as_str().is_some_and(|s| s.contains(&addr)));
-            if named {
-                return *l;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no single leader within {within:?}: {views:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// The change events of the next `n` change frames: (kind, instance id, revision); the last
 /// delivery boundary (SSE id) seen is returned too.
 async fn changes(sse: &mut Sse, n: usize) -> (Vec<(String, String, u64)>, u64) {

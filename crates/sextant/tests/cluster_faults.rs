@@ -44,35 +44,6 @@ fn start_node(endpoints: &str, prefix: &str) -> Server {
     ])
 }
 
-/// Waits (bounded) until exactly one of `nodes` leads and the others name it; its index.
-async fn leader_of(nodes: &[&Server], within: Duration) -> usize {
-    let deadline = Instant::now() + within;
-    loop {
-        let mut views = Vec::new();
-        for n in nodes {
-            views.push(n.api().get("/v1/cluster").await.body);
-        }
-        let leaders: Vec<usize> = (0..nodes.len())
-            .filter(|&i| views[i]["role"] == "leader")
-            .collect();
-        if let [l] = leaders.as_slice() {
-            let addr = format!("http://{}", nodes[*l].http);
-            let named = views
-                .iter()
-                .enumerate()
-                .all(|(i, v)| i == *l || v["leader"].as_str().is_some_and(|s| s.contains(&addr)));
-            if named {
-                return *l;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no single leader within {within:?}: {views:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// The next `n` change events of a watch: (kind, instance id, revision). Snapshots and
 /// bookmarks are skipped.
 async fn changes(sse: &mut Sse, n: usize) -> Vec<(String, String, u64)> {

@@ -271,6 +271,27 @@ fn request() -> impl Strategy<Value = (Method, String, Option<HeaderValue>, Vec<
     )
 }
 
+/// A drawn request as the server would receive it from `peer`; a method/URI pair no client
+/// could send is rejected (another case is drawn instead of counting this one as passed).
+fn build_request(
+    method: &Method,
+    uri: &str,
+    ct: Option<HeaderValue>,
+    body: Vec<u8>,
+    peer: SocketAddr,
+) -> Result<Request<Body>, TestCaseError> {
+    let mut req = Request::builder()
+        .method(method.clone())
+        .uri(uri)
+        .body(Body::from(body))
+        .map_err(|_| TestCaseError::reject("not a valid request"))?;
+    if let Some(ct) = ct {
+        req.headers_mut().insert(header::CONTENT_TYPE, ct);
+    }
+    req.extensions_mut().insert(ConnectInfo(peer));
+    Ok(req)
+}
+
 /// The router of a node on an in-memory store, without a health scanner, whose blocking reads
 /// return at once.
 fn test_router(rt: &tokio::runtime::Runtime) -> Router {
@@ -337,21 +358,10 @@ fn with_auth_on_nothing_reaches_the_registry_without_a_valid_token() {
         .run(
             &(request(), credential),
             |((method, uri, ct, body), cred)| {
-                let mut req = match Request::builder()
-                    .method(method.clone())
-                    .uri(&uri)
-                    .body(Body::from(body))
-                {
-                    Ok(r) => r,
-                    Err(_) => return Err(TestCaseError::reject("not a valid request")),
-                };
-                if let Some(ct) = ct {
-                    req.headers_mut().insert(header::CONTENT_TYPE, ct);
-                }
+                let mut req = build_request(&method, &uri, ct, body, peer)?;
                 if let Some(v) = cred.and_then(|c| HeaderValue::from_str(&c).ok()) {
                     req.headers_mut().insert(header::AUTHORIZATION, v);
                 }
-                req.extensions_mut().insert(ConnectInfo(peer));
                 let path = req.uri().path().to_string();
                 let resp = rt
                     .block_on(app.clone().call(req))
@@ -393,20 +403,7 @@ fn arbitrary_requests_get_no_5xx() {
     let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(300));
     runner
         .run(&request(), |(method, uri, ct, body)| {
-            let mut req = match Request::builder()
-                .method(method.clone())
-                .uri(&uri)
-                .body(Body::from(body))
-            {
-                Ok(r) => r,
-                // Not a request a client could send: draw another case instead of counting
-                // this one as passed.
-                Err(_) => return Err(TestCaseError::reject("not a valid request")),
-            };
-            if let Some(ct) = ct {
-                req.headers_mut().insert(header::CONTENT_TYPE, ct);
-            }
-            req.extensions_mut().insert(ConnectInfo(peer));
+            let req = build_request(&method, &uri, ct, body, peer)?;
             let resp = rt
                 .block_on(app.clone().call(req))
                 .unwrap_or_else(|e| match e {});

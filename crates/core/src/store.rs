@@ -103,6 +103,22 @@ pub enum FeedError {
 /// The batches committed after a revision, in revision order; ends after an error.
 pub type Feed = tokio::sync::mpsc::Receiver<Result<Change, FeedError>>;
 
+/// Where the registry's keys cluster, for a store whose range reads cost the whole rest of the
+/// range (etcd 3.4 walks its index from the page's start to the range's end for every page, so
+/// paging through one big range is quadratic). Every key under [`DIRECTORY_INDEX`] (a service's
+/// record, `s/{ns}/{svc}`) names one directory of keys ([`directory_of`]: `i/{ns}/{svc}/`, the
+/// service's instances); a store may read the keyspace as ranges split at those directories, in
+/// parallel, and still visit every key in order. Only a hint: keys outside every directory lie
+/// in some range too.
+pub const DIRECTORY_INDEX: &str = "s/";
+
+/// The directory a key under [`DIRECTORY_INDEX`] names (`None` for any other key).
+pub fn directory_of(index_key: &str) -> Option<String> {
+    let rest = index_key.strip_prefix(DIRECTORY_INDEX)?;
+    let (ns, svc) = rest.split_once('/')?;
+    (!ns.is_empty() && !svc.is_empty() && !svc.contains('/')).then(|| format!("i/{ns}/{svc}/"))
+}
+
 /// The visitor [`Store::load`] calls for each key and value, in key order.
 pub type Visit<'a> = dyn FnMut(&str, &[u8]) -> Result<(), StoreError> + 'a;
 
@@ -317,6 +333,23 @@ mod tests {
     #[tokio::test]
     async fn mem_store_conforms() {
         conformance::run(|| MemHarness(Arc::new(MemStore::new()))).await;
+    }
+
+    /// The load hint must name exactly the prefix of the service's instance keys.
+    #[test]
+    fn a_service_record_names_its_instances_directory() {
+        let svc = crate::model::ServiceKey::new("prod", "orders").unwrap();
+        let dir = directory_of(&crate::codec::service_key(&svc)).unwrap();
+        assert!(crate::codec::spec_key(&svc, "10.0.0.1:80").starts_with(&dir));
+        assert!(crate::codec::status_key(&svc, "a").starts_with(&dir));
+        assert_eq!(dir, "i/prod/orders/");
+        assert!(!crate::codec::spec_key(
+            &crate::model::ServiceKey::new("prod", "orders-2").unwrap(),
+            "a"
+        )
+        .starts_with(&dir));
+        assert_eq!(directory_of("i/prod/orders/x/spec"), None);
+        assert_eq!(directory_of("s/prod"), None);
     }
 
     #[tokio::test]

@@ -26,13 +26,13 @@ pub(crate) struct Cluster {
     pub forwarder: Option<Arc<PeerForwarder>>,
 }
 
-/// This node's id: as configured, or `{host}-{http port}-{grpc port}` (the host is the HTTP
-/// address's IP, or the machine's name when it listens on every address).
-pub(crate) fn node_id(configured: &str, http: SocketAddr, grpc: SocketAddr) -> String {
+/// The host other nodes reach this node at: as configured (`advertise_host`), or the HTTP
+/// address's IP, or the machine's name when it listens on every address.
+pub(crate) fn advertised_host(configured: &str, http: SocketAddr) -> String {
     if !configured.is_empty() {
         return configured.to_string();
     }
-    let host = if http.ip().is_unspecified() {
+    if http.ip().is_unspecified() {
         std::fs::read_to_string("/proc/sys/kernel/hostname")
             .ok()
             .map(|h| h.trim().to_string())
@@ -40,8 +40,28 @@ pub(crate) fn node_id(configured: &str, http: SocketAddr, grpc: SocketAddr) -> S
             .unwrap_or_else(|| "localhost".into())
     } else {
         http.ip().to_string()
-    };
+    }
+}
+
+/// This node's id: as configured, or `{advertised host}-{http port}-{grpc port}`.
+pub(crate) fn node_id(configured: &str, host: &str, http: SocketAddr, grpc: SocketAddr) -> String {
+    if !configured.is_empty() {
+        return configured.to_string();
+    }
     format!("{host}-{}-{}", http.port(), grpc.port())
+}
+
+/// The addresses a member record names: `http://{host}:{port}` and `{host}:{port}` (IPv6
+/// literals in brackets).
+pub(crate) fn member_addresses(host: &str, http: SocketAddr, grpc: SocketAddr) -> (String, String) {
+    let host = match host.parse::<std::net::Ipv6Addr>() {
+        Ok(_) => format!("[{host}]"),
+        Err(_) => host.to_string(),
+    };
+    (
+        format!("http://{host}:{}", http.port()),
+        format!("{host}:{}", grpc.port()),
+    )
 }
 
 /// Joins the cluster and keeps the registry's role in step with the election, until the
@@ -50,16 +70,15 @@ pub(crate) fn node_id(configured: &str, http: SocketAddr, grpc: SocketAddr) -> S
 pub(crate) async fn join(
     cluster: &Cluster,
     registry: &Registry,
-    http: SocketAddr,
-    grpc: SocketAddr,
+    (http, grpc): (String, String),
     lease: Duration,
     wait: Duration,
 ) {
     registry.follow(None);
     let node = Member {
         node_id: cluster.node_id.clone(),
-        http: format!("http://{http}"),
-        grpc: grpc.to_string(),
+        http,
+        grpc,
         role: String::new(),
         revision: 0,
         head: 0,
@@ -238,9 +257,27 @@ mod tests {
     fn node_ids_come_from_the_addresses_unless_set() {
         let h: SocketAddr = "127.0.0.1:8470".parse().unwrap();
         let g: SocketAddr = "127.0.0.1:8471".parse().unwrap();
-        assert_eq!(node_id("", h, g), "127.0.0.1-8470-8471");
-        assert_eq!(node_id("n1", h, g), "n1");
+        let host = advertised_host("", h);
+        assert_eq!(node_id("", &host, h, g), "127.0.0.1-8470-8471");
+        assert_eq!(node_id("n1", &host, h, g), "n1");
         let any: SocketAddr = "0.0.0.0:8470".parse().unwrap();
-        assert!(node_id("", any, g).ends_with("-8470-8471"));
+        let host = advertised_host("", any);
+        assert!(!host.is_empty() && host != "0.0.0.0");
+        assert!(node_id("", &host, any, g).ends_with("-8470-8471"));
+        assert_eq!(advertised_host("sextant-1.prod", any), "sextant-1.prod");
+    }
+
+    #[test]
+    fn member_addresses_use_the_advertised_host() {
+        let h: SocketAddr = "0.0.0.0:8470".parse().unwrap();
+        let g: SocketAddr = "0.0.0.0:8471".parse().unwrap();
+        assert_eq!(
+            member_addresses("10.1.2.3", h, g),
+            ("http://10.1.2.3:8470".into(), "10.1.2.3:8471".into())
+        );
+        assert_eq!(
+            member_addresses("::1", h, g),
+            ("http://[::1]:8470".into(), "[::1]:8471".into())
+        );
     }
 }

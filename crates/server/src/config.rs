@@ -82,6 +82,13 @@ pub struct ServerConfig {
     /// host and the HTTP and gRPC ports. Letters, digits and `.` `_` `-` `:`, at most 128.
     #[arg(long, env = "SEXTANT_NODE_ID", default_value = "")]
     pub node_id: String,
+    /// The host other nodes and clients reach this node at (`store = etcd`): its member
+    /// record (`/v1/cluster`, where followers forward) names `http://{host}:{http port}` and
+    /// `{host}:{grpc port}`. Empty: the IP the HTTP API listens on, or the machine's name
+    /// when it listens on every address. Set it when nodes run on several hosts behind
+    /// addresses they do not bind (NAT, containers).
+    #[arg(long, env = "SEXTANT_ADVERTISE_HOST", default_value = "")]
+    pub advertise_host: String,
     /// The etcd lease of a node's membership and leadership, in seconds (`store = etcd`): a
     /// leader that dies is replaced about this long after its last renewal. 2 to 60.
     #[arg(long, env = "SEXTANT_CLUSTER_LEASE_SECONDS", default_value_t = 3)]
@@ -496,6 +503,24 @@ impl ServerConfig {
                     message: "at most 128 of A-Z a-z 0-9 . _ - :".into(),
                 });
             }
+            let host_ok = |h: &str| {
+                h.len() <= 253
+                    && !h.is_empty()
+                    && (h.parse::<std::net::IpAddr>().is_ok()
+                        || h.split('.').all(|l| {
+                            !l.is_empty()
+                                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                        }))
+            };
+            if !self.advertise_host.is_empty() && !host_ok(&self.advertise_host) {
+                return Err(ConfigError::Invalid {
+                    field: "advertise_host",
+                    message: format!(
+                        "{:?} is not a host name or IP address (no scheme, port or path)",
+                        self.advertise_host
+                    ),
+                });
+            }
             if !(2..=60).contains(&self.cluster_lease_seconds) {
                 return Err(ConfigError::Invalid {
                     field: "cluster_lease_seconds",
@@ -883,6 +908,25 @@ mod tests {
                 Err(ConfigError::Invalid { field: f, .. }) => assert_eq!(f, field),
                 other => panic!("{node_id:?} {lease}: {other:?}"),
             }
+        }
+        for bad in ["http://h", "h:80", "a b", "h/x", "-."] {
+            let c = ServerConfig {
+                store: StoreKind::Etcd,
+                advertise_host: bad.into(),
+                ..ServerConfig::default()
+            };
+            match c.validate() {
+                Err(ConfigError::Invalid { field, .. }) => assert_eq!(field, "advertise_host"),
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
+        for good in ["10.0.0.7", "::1", "sextant-1.prod.example"] {
+            let c = ServerConfig {
+                store: StoreKind::Etcd,
+                advertise_host: good.into(),
+                ..ServerConfig::default()
+            };
+            assert!(c.validate().is_ok(), "{good}");
         }
         // Not checked unless the etcd store is chosen.
         let c = ServerConfig {

@@ -80,6 +80,12 @@ pub enum ServerError {
     },
     #[error("cannot open the store: {0}")]
     Store(#[from] StoreError),
+    #[error("node id {node_id:?} is held by a live member at {http}: give every node its own --node-id (a member that is gone frees it within {lease} s)")]
+    NodeIdInUse {
+        node_id: String,
+        http: String,
+        lease: u64,
+    },
     #[error("cannot load the registry: {0}")]
     Core(#[from] CoreError),
     #[error(transparent)]
@@ -247,7 +253,20 @@ impl Server {
         // the wait bounded) before it serves.
         let cluster = match etcd {
             Some(store) => {
-                let node_id = cluster::node_id(&config.node_id, http_addr, grpc_addr);
+                let host = cluster::advertised_host(&config.advertise_host, http_addr);
+                let node_id = cluster::node_id(&config.node_id, &host, http_addr, grpc_addr);
+                let addresses = cluster::member_addresses(&host, http_addr, grpc_addr);
+                // One node per id: another live node's record under it is refused (this
+                // node's own previous life, at the same addresses, is taken over).
+                if let Some(m) = store.member(&node_id).await? {
+                    if m.http != addresses.0 {
+                        return Err(ServerError::NodeIdInUse {
+                            node_id,
+                            http: m.http,
+                            lease: config.cluster_lease_seconds,
+                        });
+                    }
+                }
                 let secret = store
                     .cluster_secret(sextant_core::forward::new_cluster_secret()?)
                     .await?;
@@ -262,7 +281,7 @@ impl Server {
                     forwarder,
                 };
                 let lease = Duration::from_secs(config.cluster_lease_seconds);
-                cluster::join(&c, &registry, http_addr, grpc_addr, lease, lease * 2).await;
+                cluster::join(&c, &registry, addresses, lease, lease * 2).await;
                 Some(c)
             }
             None => None,

@@ -1,14 +1,15 @@
 //! Cluster membership and leader election on etcd, for the nodes that share one prefix.
 //!
-//! Each node holds one etcd lease (TTL `lease_ttl`), renewed every third of it, and under it:
+//! Each node holds one etcd lease (TTL `lease_ttl`), renewed every third of it by a loop of its
+//! own (never queued behind a write), and under it:
 //! - its member record `{prefix}cluster/members/{node_id}` (JSON [`Member`]: addresses, role,
-//!   applied revision), rewritten at each renewal, so `/v1/cluster` can list the live nodes
-//!   and their lag;
+//!   applied revision), rewritten when its role or revisions change and at least every
+//!   [`MEMBER_REFRESH`], so `/v1/cluster` can list the live nodes and their lag;
 //! - (not under the lease) `{prefix}cluster/secret`, created once by the first node: the secret
 //!   nodes present when a follower forwards to the leader;
 //! - if it won the election, `{prefix}cluster/leader` (the leader's [`Member`]). A node
-//!   campaigns with one transaction, `if create_revision(leader) == 0 then put(leader, me,
-//!   lease)`; the winner's key has a create revision nobody else's can have, and from then on
+//!   campaigns, when a read finds no leader, with one transaction, `if create_revision(leader)
+//!   == 0 then put(leader, me, lease)`; the winner's key has a create revision nobody else's can have, and from then on
 //!   every commit of the store also compares it (the *fence*): a leader whose lease lapsed
 //!   (etcd deletes the key) or was replaced cannot write any more, whatever it believes.
 //!
@@ -121,6 +122,32 @@ impl EtcdStore {
                 m.role = if leads { "leader" } else { "follower" }.to_string();
             }
             Ok(members)
+        })
+        .await
+    }
+
+    /// The live member record under `node_id`, if any (a node holding that id now, or this
+    /// node's previous life whose lease has not lapsed yet). Node ids must be unique: two
+    /// nodes under one id would overwrite each other's record and one would be invisible.
+    pub async fn member(&self, node_id: &str) -> Result<Option<Member>, StoreError> {
+        let inner = self.inner.clone();
+        let key = [
+            inner.keys.cluster.as_slice(),
+            b"members/",
+            node_id.as_bytes(),
+        ]
+        .concat();
+        self.run(async move {
+            let resp = inner
+                .range(RangeRequest {
+                    key,
+                    ..Default::default()
+                })
+                .await?;
+            Ok(resp
+                .kvs
+                .first()
+                .and_then(|kv| serde_json::from_slice::<Member>(&kv.value).ok()))
         })
         .await
     }
@@ -259,8 +286,12 @@ fn lost(what: &str, s: tonic::Status) -> Lost {
     }
 }
 
-/// One lease's life: renew it, keep the member record, campaign or check the leadership.
-/// Returns `Ok` when the store closed, an error when the lease is lost.
+/// One lease's life: renew it, and meanwhile keep the member record and campaign or check the
+/// leadership. Returns `Ok` when the store closed, an error when the lease is lost.
+///
+/// Renewal runs on its own ([`renew`]), not after the record's write: under a bulk load etcd's
+/// commits can take seconds (fsyncs of 1.5-2 s were seen), and a renewal queued behind them let
+/// every node's lease lapse at once, which stopped all writes for an election.
 async fn hold_lease(
     inner: &Inner,
     node: &Member,
@@ -304,17 +335,83 @@ async fn hold_lease(
         .send(LeaseKeepAliveRequest { id: lease })
         .await
         .map_err(|_| unreachable("keep-alive stream closed"))?;
-    let mut first = true;
     let requests =
         futures::stream::unfold(
             req_rx,
             |mut rx| async move { rx.recv().await.map(|r| (r, rx)) },
         );
-    let mut answers = tokio::time::timeout(timeout, leases.lease_keep_alive(requests))
+    let answers = tokio::time::timeout(timeout, leases.lease_keep_alive(requests))
         .await
         .map_err(|_| unreachable("no answer to the lease keep-alive"))?
         .map_err(|s| lost("lease keep-alive", s))?
         .into_inner();
+    tokio::select! {
+        r = renew(inner, lease, tick, req_tx, answers) => r,
+        r = keep_records(inner, node, lease, tick, status, tx) => r,
+    }
+}
+
+/// Renews the lease every `tick` (the first renewal was sent with the call) until the store
+/// closes or a renewal fails.
+async fn renew(
+    inner: &Inner,
+    lease: i64,
+    tick: Duration,
+    req_tx: mpsc::Sender<LeaseKeepAliveRequest>,
+    mut answers: tonic::Streaming<LeaseKeepAliveResponse>,
+) -> Result<(), Lost> {
+    let timeout = inner.config.request_timeout;
+    let mut first = true;
+    loop {
+        if inner.closed.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        if !std::mem::take(&mut first) {
+            req_tx
+                .send(LeaseKeepAliveRequest { id: lease })
+                .await
+                .map_err(|_| Lost::Unreachable("keep-alive stream closed".into()))?;
+        }
+        let started = std::time::Instant::now();
+        let renewed = tokio::time::timeout(timeout, answers.message()).await;
+        inner.metrics.observe("lease", started);
+        let renewed: Option<LeaseKeepAliveResponse> = renewed
+            .map_err(|_| Lost::Unreachable("no answer to a lease renewal".into()))?
+            .map_err(|s| lost("lease renewal", s))?;
+        match renewed {
+            Some(r) if r.ttl > 0 => {}
+            // The stream ended: the member went away (or restarted).
+            None => {
+                return Err(Lost::Unreachable(
+                    "the lease keep-alive stream ended".into(),
+                ))
+            }
+            _ => {
+                return Err(Lost::Other(
+                    "etcd refused to renew the lease (it expired)".into(),
+                ))
+            }
+        }
+        tokio::time::sleep(tick).await;
+    }
+}
+
+/// How often a member record is rewritten when nothing in it changed (its `updated_ms` is the
+/// "last seen" of `/v1/cluster`).
+const MEMBER_REFRESH: Duration = Duration::from_secs(5);
+
+/// Every `tick`: campaign while no node leads (or check that this node still does), and
+/// rewrite the member record when its role or revisions changed, or [`MEMBER_REFRESH`]
+/// passed. A follower that sees a leader only reads, so an idle cluster writes one record
+/// per node every few seconds and nothing else.
+async fn keep_records(
+    inner: &Inner,
+    node: &Member,
+    lease: i64,
+    tick: Duration,
+    status: &Status,
+    tx: &watch::Sender<Election>,
+) -> Result<(), Lost> {
     let member_key = [
         inner.keys.cluster.as_slice(),
         b"members/",
@@ -322,6 +419,7 @@ async fn hold_lease(
     ]
     .concat();
     let mut leading: Option<i64> = None;
+    let mut written: Option<((String, Revision, Revision), std::time::Instant)> = None;
     loop {
         if inner.closed.load(Ordering::SeqCst) {
             return Ok(());
@@ -339,91 +437,76 @@ async fn hold_lease(
             .lag
             .set(i64::try_from(lag).unwrap_or(i64::MAX));
         let me = Member {
-            role,
+            role: role.clone(),
             revision,
             head,
             updated_ms: sextant_core::model::now_ms(),
             ..node.clone()
         };
         let me_json = serde_json::to_vec(&me).unwrap_or_default();
-        // Renew first: a lease that lapsed must not be used for anything else.
-        if !std::mem::take(&mut first) {
-            req_tx
-                .send(LeaseKeepAliveRequest { id: lease })
-                .await
-                .map_err(|_| unreachable("keep-alive stream closed"))?;
-        }
-        let started = std::time::Instant::now();
-        let renewed = tokio::time::timeout(timeout, answers.message()).await;
-        inner.metrics.observe("lease", started);
-        let renewed: Option<LeaseKeepAliveResponse> = renewed
-            .map_err(|_| unreachable("no answer to a lease renewal"))?
-            .map_err(|s| lost("lease renewal", s))?;
-        match renewed {
-            Some(r) if r.ttl > 0 => {}
-            // The stream ended: the member went away (or restarted).
-            None => return Err(unreachable("the lease keep-alive stream ended")),
-            _ => {
-                return Err(Lost::Other(
-                    "etcd refused to renew the lease (it expired)".into(),
-                ))
-            }
-        }
-        let mut ops = vec![put(member_key.clone(), me_json.clone(), lease)];
-        let mut compares = Vec::new();
-        if leading.is_none() {
-            // Campaign: the leader key only if nobody holds it.
-            compares.push(Compare {
-                result: compare::CompareResult::Equal as i32,
-                target: compare::CompareTarget::Create as i32,
-                key: inner.keys.leader.clone(),
-                range_end: Vec::new(),
-                target_union: Some(compare::TargetUnion::CreateRevision(0)),
-            });
-            ops.push(put(inner.keys.leader.clone(), me_json.clone(), lease));
-        }
-        let req = TxnRequest {
-            compare: compares,
-            success: ops,
-            failure: vec![
-                put(member_key.clone(), me_json, lease),
-                RequestOp {
-                    request: Some(request_op::Request::RequestRange(RangeRequest {
-                        key: inner.keys.leader.clone(),
-                        ..Default::default()
-                    })),
-                },
-            ],
-        };
-        let resp = inner.txn(&req, "campaign").await?;
+        let mut record_written = false;
         match leading {
-            None if resp.succeeded => {
-                let created = resp.header.map_or(0, |h| h.revision);
-                *inner.fence.lock() = Some(created);
-                leading = Some(created);
-                let (head, at) = inner.read_revision(&inner.keys.revision, 0).await?;
-                let floor = inner.read_revision(&inner.keys.attempted, at).await?.0;
-                tracing::info!(node = %node.node_id, head, floor, "elected leader");
-                tx.send_replace(Election::Leader { head, floor });
-            }
             None => {
-                let leader = resp
-                    .responses
-                    .get(1)
-                    .and_then(|r| match &r.response {
-                        Some(response_op::Response::ResponseRange(rr)) => rr.kvs.first(),
-                        _ => None,
-                    })
-                    .and_then(|kv| serde_json::from_slice::<Member>(&kv.value).ok());
-                let changed = |e: &Election| match (e, &leader) {
-                    (Election::Follower { leader: Some(a) }, Some(b)) => {
-                        a.node_id != b.node_id || a.http != b.http
+                // Campaign (one transaction, which etcd writes through its log) only when no
+                // node leads; otherwise a read says who does.
+                let current = leader_record(inner).await?;
+                let leader = match current {
+                    Some(l) => Some(l),
+                    None => {
+                        let req = TxnRequest {
+                            compare: vec![Compare {
+                                result: compare::CompareResult::Equal as i32,
+                                target: compare::CompareTarget::Create as i32,
+                                key: inner.keys.leader.clone(),
+                                range_end: Vec::new(),
+                                target_union: Some(compare::TargetUnion::CreateRevision(0)),
+                            }],
+                            success: vec![
+                                put(member_key.clone(), me_json.clone(), lease),
+                                put(inner.keys.leader.clone(), me_json.clone(), lease),
+                            ],
+                            failure: vec![RequestOp {
+                                request: Some(request_op::Request::RequestRange(RangeRequest {
+                                    key: inner.keys.leader.clone(),
+                                    ..Default::default()
+                                })),
+                            }],
+                        };
+                        let resp = inner.txn(&req, "campaign").await?;
+                        if resp.succeeded {
+                            record_written = true;
+                            let created = resp.header.map_or(0, |h| h.revision);
+                            *inner.fence.lock() = Some(created);
+                            leading = Some(created);
+                            let (head, at) = inner.read_revision(&inner.keys.revision, 0).await?;
+                            let floor = inner.read_revision(&inner.keys.attempted, at).await?.0;
+                            tracing::info!(node = %node.node_id, head, floor, "elected leader");
+                            tx.send_replace(Election::Leader { head, floor });
+                            None
+                        } else {
+                            resp.responses
+                                .first()
+                                .and_then(|r| match &r.response {
+                                    Some(response_op::Response::ResponseRange(rr)) => {
+                                        rr.kvs.first()
+                                    }
+                                    _ => None,
+                                })
+                                .and_then(|kv| serde_json::from_slice::<Member>(&kv.value).ok())
+                        }
                     }
-                    (Election::Follower { leader: None }, None) => false,
-                    _ => true,
                 };
-                if changed(&tx.borrow()) {
-                    tx.send_replace(Election::Follower { leader });
+                if leading.is_none() {
+                    let changed = |e: &Election| match (e, &leader) {
+                        (Election::Follower { leader: Some(a) }, Some(b)) => {
+                            a.node_id != b.node_id || a.http != b.http
+                        }
+                        (Election::Follower { leader: None }, None) => false,
+                        _ => true,
+                    };
+                    if changed(&tx.borrow()) {
+                        tx.send_replace(Election::Follower { leader });
+                    }
                 }
             }
             Some(created) => {
@@ -437,8 +520,40 @@ async fn hold_lease(
                 }
             }
         }
+        let now = std::time::Instant::now();
+        let state = (role, revision, head);
+        let stale = match &written {
+            Some((s, at)) => *s != state || now.duration_since(*at) >= MEMBER_REFRESH,
+            None => true,
+        };
+        if stale && !record_written {
+            let req = TxnRequest {
+                compare: Vec::new(),
+                success: vec![put(member_key.clone(), me_json, lease)],
+                failure: Vec::new(),
+            };
+            inner.txn(&req, "campaign").await?;
+            record_written = true;
+        }
+        if record_written {
+            written = Some((state, now));
+        }
         tokio::time::sleep(tick).await;
     }
+}
+
+/// The leader's record, if a node leads.
+async fn leader_record(inner: &Inner) -> Result<Option<Member>, StoreError> {
+    let resp = inner
+        .range(RangeRequest {
+            key: inner.keys.leader.clone(),
+            ..Default::default()
+        })
+        .await?;
+    Ok(resp
+        .kvs
+        .first()
+        .and_then(|kv| serde_json::from_slice::<Member>(&kv.value).ok()))
 }
 
 /// The leader key's create revision (0: none), at etcd revision `at` (0: now).

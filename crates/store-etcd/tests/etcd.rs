@@ -506,3 +506,83 @@ async fn the_cluster_secret_is_created_once_per_prefix() {
         .unwrap();
     assert_eq!(other.cluster_secret("four".into()).await.unwrap(), "four");
 }
+
+/// A load reads the keyspace as ranges split at the services' directories (etcd 3.4 walks the
+/// rest of a range for every page): every key still comes back once, in key order — services
+/// whose directories sort unlike their records (`a` and `a-b`), instances without a service
+/// record, keys outside every directory, a directory far larger than a page, deleted keys gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_split_at_directories_visits_every_key_once_in_order() {
+    let etcd = Etcd::start();
+    let cfg = EtcdConfig {
+        page_keys: 7,
+        ..config(&etcd.endpoint, "/split/")
+    };
+    let store = EtcdStore::open(cfg.clone()).await.unwrap();
+    let mut expected = std::collections::BTreeMap::new();
+    let mut keys: Vec<String> = vec![
+        "acl/token/t1".into(),
+        "audit/00000000000000000001".into(),
+        "s/ns/a".into(),
+        "s/ns/a-b".into(),
+        "s/ns/big".into(),
+        "s/other/x".into(),
+        "i/ns/a/1/spec".into(),
+        "i/ns/a/1/status".into(),
+        "i/ns/a-b/1/spec".into(),
+        // No service record: between two directories, and after the last one.
+        "i/ns/aa/1/spec".into(),
+        "i/zz/orphan/1/spec".into(),
+        "i/other/x/9/spec".into(),
+    ];
+    for i in 0..3000 {
+        keys.push(format!("i/ns/big/{i:05}/spec"));
+        keys.push(format!("i/ns/big/{i:05}/status"));
+    }
+    let mut revision = 0;
+    for chunk in keys.chunks(100) {
+        revision += 1;
+        let mutations = chunk
+            .iter()
+            .map(|k| put(k, format!("v-{k}").as_bytes()))
+            .collect();
+        store
+            .commit(Batch {
+                revision,
+                mutations,
+                journal: Vec::new(),
+            })
+            .await
+            .unwrap();
+        for k in chunk {
+            expected.insert(k.clone(), format!("v-{k}").into_bytes());
+        }
+    }
+    revision += 1;
+    store
+        .commit(Batch {
+            revision,
+            mutations: vec![Mutation {
+                key: "i/ns/big/00007/spec".into(),
+                value: None,
+            }],
+            journal: Vec::new(),
+        })
+        .await
+        .unwrap();
+    expected.remove("i/ns/big/00007/spec");
+    store.close().await.unwrap();
+
+    let store = EtcdStore::open(cfg).await.unwrap();
+    let mut seen = Vec::new();
+    let loaded = store
+        .load(&mut |k, v| {
+            seen.push((k.to_string(), v.to_vec()));
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(loaded, revision);
+    let want: Vec<(String, Vec<u8>)> = expected.into_iter().collect();
+    assert_eq!(seen.len(), want.len());
+    assert!(seen == want, "keys out of order, missing or repeated");
+}

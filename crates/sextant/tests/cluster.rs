@@ -948,3 +948,63 @@ async fn with_tls_a_follower_forwards_only_with_a_peer_ca() {
 fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
+
+/// Node ids are unique: a node whose `--node-id` a live member at other addresses holds exits
+/// with an error naming the id and the holder; once the holder stopped (its lease revoked),
+/// the id is free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_id_held_by_a_live_member_is_refused() {
+    let etcd = Etcd::start();
+    let first = start_node_with(&etcd, &["--node-id", "dup"]);
+    let view = cluster_view(&first.api()).await;
+    assert_eq!(view["node_id"], "dup");
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = sextant_testkit::loopback_args(dir.path(), 0);
+    for a in [
+        "--store",
+        "etcd",
+        "--etcd-endpoints",
+        &etcd.endpoint,
+        "--etcd-prefix",
+        "/cluster-test/",
+        "--cluster-lease-seconds",
+        LEASE_SECONDS,
+        "--no-nacos",
+        "--no-dns",
+        "--no-consul",
+        "--node-id",
+        "dup",
+    ] {
+        args.push(a.into());
+    }
+    let mut child =
+        sextant_testkit::serve_command(std::ffi::OsStr::new(env!("CARGO_BIN_EXE_sextant")), &args)
+            .spawn()
+            .expect("run sextant serve");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("a second node under the id \"dup\" started and kept serving");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("node id \"dup\" is held by a live member at")
+            && stderr.contains(&format!("http://{}", first.http)),
+        "{stderr}"
+    );
+
+    first.terminate();
+    let mut first = first;
+    first.wait_exit(Duration::from_secs(10)).expect("stopped");
+    let second = start_node_with(&etcd, &["--node-id", "dup"]);
+    assert_eq!(cluster_view(&second.api()).await["node_id"], "dup");
+}

@@ -41,6 +41,10 @@ pub enum StoreError {
     Corrupt { key: String, reason: String },
     #[error("store is unavailable: {0}")]
     Unavailable(String),
+    /// A load lost the snapshot it was reading (etcd compacted its revision mid-scan) after
+    /// visiting some keys: the caller must start again with a fresh visitor.
+    #[error("the store's load must start again: {0}")]
+    Restart(String),
     /// A batch whose revision is below the last committed one; nothing was written.
     #[error("batch revision {revision} is below the store's last committed revision {last}")]
     Fenced { revision: Revision, last: Revision },
@@ -133,7 +137,9 @@ pub trait Store: Send + Sync + 'static {
     async fn commit(&self, batch: Batch) -> Result<(), StoreError>;
 
     /// Visits every key in order and returns the revision of the last durable batch (0 when
-    /// empty). Blocking: called once at start-up, off the async threads.
+    /// empty). Blocking: called once at start-up, off the async threads. A store that visits
+    /// while it still reads may answer [`StoreError::Restart`]: what was visited is void, and
+    /// a new load with a fresh visitor is the way on.
     fn load(&self, visit: &mut Visit<'_>) -> Result<Revision, StoreError>;
 
     /// Flushes and releases the store. Later commits fail.

@@ -444,7 +444,22 @@ async fn keep_records(
             ..node.clone()
         };
         let me_json = serde_json::to_vec(&me).unwrap_or_default();
-        let mut record_written = false;
+        // The record before the outcome: whoever learns this node's role can list it.
+        let now = std::time::Instant::now();
+        let state = (role, revision, head);
+        let stale = match &written {
+            Some((s, at)) => *s != state || now.duration_since(*at) >= MEMBER_REFRESH,
+            None => true,
+        };
+        if stale {
+            let req = TxnRequest {
+                compare: Vec::new(),
+                success: vec![put(member_key.clone(), me_json.clone(), lease)],
+                failure: Vec::new(),
+            };
+            inner.txn(&req, "campaign").await?;
+            written = Some((state, now));
+        }
         match leading {
             None => {
                 // Campaign (one transaction, which etcd writes through its log) only when no
@@ -461,10 +476,7 @@ async fn keep_records(
                                 range_end: Vec::new(),
                                 target_union: Some(compare::TargetUnion::CreateRevision(0)),
                             }],
-                            success: vec![
-                                put(member_key.clone(), me_json.clone(), lease),
-                                put(inner.keys.leader.clone(), me_json.clone(), lease),
-                            ],
+                            success: vec![put(inner.keys.leader.clone(), me_json.clone(), lease)],
                             failure: vec![RequestOp {
                                 request: Some(request_op::Request::RequestRange(RangeRequest {
                                     key: inner.keys.leader.clone(),
@@ -474,7 +486,6 @@ async fn keep_records(
                         };
                         let resp = inner.txn(&req, "campaign").await?;
                         if resp.succeeded {
-                            record_written = true;
                             let created = resp.header.map_or(0, |h| h.revision);
                             *inner.fence.lock() = Some(created);
                             leading = Some(created);
@@ -519,24 +530,6 @@ async fn keep_records(
                     ));
                 }
             }
-        }
-        let now = std::time::Instant::now();
-        let state = (role, revision, head);
-        let stale = match &written {
-            Some((s, at)) => *s != state || now.duration_since(*at) >= MEMBER_REFRESH,
-            None => true,
-        };
-        if stale && !record_written {
-            let req = TxnRequest {
-                compare: Vec::new(),
-                success: vec![put(member_key.clone(), me_json, lease)],
-                failure: Vec::new(),
-            };
-            inner.txn(&req, "campaign").await?;
-            record_written = true;
-        }
-        if record_written {
-            written = Some((state, now));
         }
         tokio::time::sleep(tick).await;
     }

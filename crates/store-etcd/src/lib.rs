@@ -50,7 +50,7 @@
 //! each endpoint, bounded by [`PROBE_TIMEOUT`]) ends the outage as soon as etcd answers (and
 //! makes the endpoint that answered the one tried first); a successful transaction ends it
 //! too. All I/O runs on the store's
-//! own small runtime (thread `sextant-etcd`), so the store works from any runtime, and
+//! own small runtime (threads `sextant-etcd`), so the store works from any runtime, and
 //! [`Store::load`] (blocking) from any thread.
 //!
 //! **Change feed** ([`Store::watch_from`], module `feed`): one etcd Watch on the registry's
@@ -360,7 +360,8 @@ impl EtcdStore {
             .validate()
             .map_err(|e| StoreError::Unavailable(format!("etcd store: {e}")))?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
+            // Two: a load decodes a million keys' responses here while leases and commits go on.
+            .worker_threads(2)
             .thread_name("sextant-etcd")
             .enable_all()
             .build()
@@ -731,37 +732,20 @@ impl Inner {
         self.txn(&req, "commit").await.map(|_| ())
     }
 
-    /// [`Inner::scan`], again from the start when etcd compacted its revision meanwhile.
-    async fn load(&self) -> Result<(Revision, Vec<(String, Vec<u8>)>), StoreError> {
-        let mut tries = 0;
-        loop {
-            tries += 1;
-            match self.scan().await {
-                Err(ScanError::Compacted(m)) if tries < 3 => {
-                    tracing::warn!(error = %m, "etcd compacted the revision of a load; loading again");
-                }
-                Err(ScanError::Compacted(m)) => {
-                    return Err(StoreError::Io(format!(
-                        "etcd compacted the revision of every load ({tries} tries): {m}"
-                    )))
-                }
-                Err(ScanError::Store(e)) => return Err(e),
-                Ok(r) => return Ok(r),
-            }
-        }
-    }
-
-    /// A consistent scan: the revision keys, then every key at the etcd revision of that read,
-    /// as ranges split at the registry's directories ([`sextant_core::store::DIRECTORY_INDEX`]),
-    /// [`LOAD_PARALLEL`] of them at a time, joined in key order.
+    /// A consistent scan, handed to the loading thread range by range as it goes: the
+    /// revision keys, then every key at the etcd revision of that read, as ranges split at the
+    /// registry's directories ([`sextant_core::store::DIRECTORY_INDEX`]), [`LOAD_PARALLEL`]
+    /// of them at a time, sent in key order. Returns the revision to load at.
     ///
     /// Why split: etcd 3.4 walks its index over the whole rest of a range for every page it
     /// serves (that walk is the response's `count`), so paging once through a million keys
     /// costs etcd half a million index steps per page. Ranges bounded at the directories cost
     /// it only their own keys, and a page sized to its range ([`Inner::read_range`]) keeps
-    /// the walk linear within one large directory too.
-    async fn scan(&self) -> Result<(Revision, Vec<(String, Vec<u8>)>), ScanError> {
-        use futures::{StreamExt, TryStreamExt};
+    /// the walk linear within one large directory too. Small directories are read several to
+    /// a range, as many as held about [`EtcdConfig::page_keys`] × 8 keys in the last range
+    /// read: a request per service would cost etcd more than the keys.
+    async fn scan(&self, out: &std::sync::mpsc::Sender<Scanned>) -> Result<Revision, ScanError> {
+        use futures::StreamExt;
         let (revision, at) = self.read_revision(&self.keys.revision, 0).await?;
         let (attempted, _) = self.read_revision(&self.keys.attempted, at).await?;
         let end = prefix_end(&self.keys.data);
@@ -772,7 +756,7 @@ impl Inner {
         .concat();
         let index_end = prefix_end(&index);
         let mut edges: Vec<Vec<u8>> = self
-            .read_range(index.clone(), index_end.clone(), at, true)
+            .read_range(index, index_end, at, true, 0)
             .await?
             .iter()
             .filter_map(|kv| {
@@ -786,44 +770,50 @@ impl Inner {
         edges.push(end);
         edges.sort_unstable();
         edges.dedup();
-        let ranges: Vec<(Vec<u8>, Vec<u8>)> = edges
-            .windows(2)
-            .map(|w| (w[0].clone(), w[1].clone()))
-            .collect();
+        let target = self.config.page_keys.max(1).saturating_mul(8);
+        let mut group = 1usize;
+        let mut next = 0usize;
+        let mut inflight = futures::stream::FuturesOrdered::new();
+        let (mut ranges, mut keys) = (0usize, 0usize);
         let started = std::time::Instant::now();
-        let parts: Vec<Vec<pb::mvccpb::KeyValue>> = futures::stream::iter(ranges)
-            .map(|(lo, hi)| self.read_range(lo, hi, at, false))
-            .buffered(LOAD_PARALLEL)
-            .try_collect()
-            .await?;
-        let keys: usize = parts.iter().map(Vec::len).sum();
+        loop {
+            while inflight.len() < LOAD_PARALLEL && next + 1 < edges.len() {
+                let hi = (next + group).min(edges.len() - 1);
+                let (lo_key, hi_key) = (edges[next].clone(), edges[hi].clone());
+                let dirs = hi - next;
+                inflight.push_back(async move {
+                    (
+                        dirs,
+                        self.read_range(lo_key, hi_key, at, false, target).await,
+                    )
+                });
+                next = hi;
+            }
+            let Some((dirs, page)) = inflight.next().await else {
+                break;
+            };
+            let page = page?;
+            // Aim the next ranges at `target` keys, by what these directories held.
+            let per_dir = (page.len() / dirs).max(1);
+            group = (usize::try_from(target).unwrap_or(usize::MAX) / per_dir).clamp(1, 4096);
+            ranges += 1;
+            keys += page.len();
+            if out.send(Scanned::Keys(page)).is_err() {
+                return Err(StoreError::Io("the load's reader went away".into()).into());
+            }
+        }
         tracing::debug!(
-            ranges = edges.len() - 1,
+            ranges,
             keys,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "etcd store read"
         );
-        let mut out = Vec::with_capacity(keys);
-        for kv in parts.into_iter().flatten() {
-            let key = kv
-                .key
-                .strip_prefix(self.keys.data.as_slice())
-                .ok_or_else(|| StoreError::Corrupt {
-                    key: String::from_utf8_lossy(&kv.key).into_owned(),
-                    reason: "outside the store's prefix".into(),
-                })?;
-            let key = String::from_utf8(key.to_vec()).map_err(|_| StoreError::Corrupt {
-                key: String::from_utf8_lossy(&kv.key).into_owned(),
-                reason: "the key is not UTF-8".into(),
-            })?;
-            out.push((key, kv.value));
-        }
         self.remember(revision.max(attempted), at);
-        Ok((revision.max(attempted), out))
+        Ok(revision.max(attempted))
     }
 
     /// Every key in `[lo, hi)` at etcd revision `at`, in pages. The first page asks for
-    /// [`EtcdConfig::page_keys`]; its `count` tells how many keys the range holds, and later
+    /// `first_limit` keys (at least [`EtcdConfig::page_keys`]); its `count` tells how many keys the range holds, and later
     /// pages ask for an eighth of that (never fewer than before) (at most [`MAX_PAGE_KEYS`]), so a range costs etcd's
     /// index walk about eight times its size rather than its size squared over the page.
     /// Reads are serializable (answered by the member asked, without a quorum round): a read
@@ -836,10 +826,11 @@ impl Inner {
         hi: Vec<u8>,
         at: i64,
         keys_only: bool,
+        first_limit: i64,
     ) -> Result<Vec<pb::mvccpb::KeyValue>, ScanError> {
         let mut from = lo;
         let mut out = Vec::new();
-        let mut limit = self.config.page_keys.max(1);
+        let mut limit = first_limit.max(self.config.page_keys.max(1));
         let mut ceiling = MAX_PAGE_KEYS.max(limit);
         let mut serializable = true;
         loop {
@@ -942,6 +933,14 @@ async fn probe(inner: Arc<Inner>) {
     }
 }
 
+/// What a scan hands the loading thread.
+enum Scanned {
+    /// The next keys, in key order.
+    Keys(Vec<pb::mvccpb::KeyValue>),
+    /// The scan ended: the revision to load at, or why not.
+    Done(Result<Revision, ScanError>),
+}
+
 /// Why a scan stopped.
 enum ScanError {
     /// etcd no longer has the revision the scan reads at.
@@ -985,20 +984,59 @@ impl Store for EtcdStore {
             .runtime
             .as_ref()
             .ok_or_else(|| StoreError::Unavailable("the etcd store is closed".into()))?;
-        let inner = self.inner.clone();
-        // Blocking by contract: wait on a plain channel, so this works on any thread (the
-        // caller's runtime, if any, is not the one doing the I/O).
-        let (tx, rx) = std::sync::mpsc::channel();
-        rt.spawn(async move {
-            let _ = tx.send(inner.load().await);
-        });
-        let (revision, kvs) = rx
-            .recv()
-            .map_err(|_| StoreError::Io("the etcd store's runtime stopped during load".into()))??;
-        for (k, v) in &kvs {
-            visit(k, v)?;
+        let prefix = self.inner.keys.data.len();
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let inner = self.inner.clone();
+            // Blocking by contract: wait on a plain channel, so this works on any thread (the
+            // caller's runtime, if any, is not the one doing the I/O). The keys are visited
+            // while the next ranges are read.
+            let (tx, rx) = std::sync::mpsc::channel();
+            rt.spawn(async move {
+                let done = inner.scan(&tx).await;
+                let _ = tx.send(Scanned::Done(done));
+            });
+            let mut visited = false;
+            let outcome = loop {
+                match rx.recv() {
+                    Ok(Scanned::Keys(kvs)) => {
+                        for kv in &kvs {
+                            let key = kv.key.get(prefix..).ok_or_else(|| StoreError::Corrupt {
+                                key: String::from_utf8_lossy(&kv.key).into_owned(),
+                                reason: "outside the store's prefix".into(),
+                            })?;
+                            let key =
+                                std::str::from_utf8(key).map_err(|_| StoreError::Corrupt {
+                                    key: String::from_utf8_lossy(&kv.key).into_owned(),
+                                    reason: "the key is not UTF-8".into(),
+                                })?;
+                            visited = true;
+                            visit(key, &kv.value)?;
+                        }
+                    }
+                    Ok(Scanned::Done(r)) => break r,
+                    Err(_) => {
+                        break Err(ScanError::Store(StoreError::Io(
+                            "the etcd store's runtime stopped during load".into(),
+                        )))
+                    }
+                }
+            };
+            match outcome {
+                Ok(revision) => return Ok(revision),
+                Err(ScanError::Store(e)) => return Err(e),
+                // Nothing visited yet: this store can start again by itself.
+                Err(ScanError::Compacted(m)) if !visited && tries < 3 => {
+                    tracing::warn!(error = %m, "etcd compacted the revision of a load; loading again");
+                }
+                Err(ScanError::Compacted(m)) => {
+                    return Err(StoreError::Restart(format!(
+                        "etcd compacted the revision the load read at: {m}"
+                    )))
+                }
+            }
         }
-        Ok(revision)
     }
 
     async fn close(&self) -> Result<(), StoreError> {

@@ -21,9 +21,25 @@ pub(super) struct Loaded {
     pub audit: VecDeque<AuditEntry>,
 }
 
-/// Reads the store into per-service states, the ACL tables and the audit log. Runs on a
-/// blocking thread.
+/// Loads a store asks to start again ([`StoreError::Restart`]) before the error stands.
+const LOAD_TRIES: u32 = 3;
+
+/// Reads the store into per-service states, the ACL tables and the audit log, from scratch
+/// again when the store says its load must restart. Runs on a blocking thread.
 pub(super) fn load(store: &dyn Store) -> Result<Loaded, StoreError> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match load_once(store) {
+            Err(StoreError::Restart(why)) if tries < LOAD_TRIES => {
+                tracing::warn!(%why, tries, "the store's load must start again; loading again");
+            }
+            r => return r,
+        }
+    }
+}
+
+fn load_once(store: &dyn Store) -> Result<Loaded, StoreError> {
     let mut states: BTreeMap<ServiceKey, ServiceState> = BTreeMap::new();
     let mut acl = AclState::default();
     let mut audit = VecDeque::new();

@@ -1185,6 +1185,7 @@ fn copy_of(e: &StoreError) -> StoreError {
             reason: reason.clone(),
         },
         StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
+        StoreError::Restart(m) => StoreError::Restart(m.clone()),
         StoreError::Fenced { revision, last } => StoreError::Fenced {
             revision: *revision,
             last: *last,

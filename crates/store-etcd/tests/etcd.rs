@@ -586,3 +586,49 @@ async fn a_load_split_at_directories_visits_every_key_once_in_order() {
     assert_eq!(seen.len(), want.len());
     assert!(seen == want, "keys out of order, missing or repeated");
 }
+
+/// A batch split into many parts (its middle parts sent together) reaches another node's feed
+/// as one change with every mutation, and a load sees all of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_many_parts_is_one_change_in_the_feed() {
+    let etcd = Etcd::start();
+    let cfg = config(&etcd.endpoint, "/parts/");
+    let writer = EtcdStore::open(cfg.clone()).await.unwrap();
+    let reader = EtcdStore::open(cfg.clone()).await.unwrap();
+    assert_eq!(reader.load(&mut |_, _| Ok(())).unwrap(), 0);
+    let mut feed = reader.watch_from(0).expect("a feed");
+    // 1,000 keys: 8 parts of at most 127 (the first and last also carry a meta key).
+    let mutations: Vec<Mutation> = (0..1000)
+        .map(|i| put(&format!("k/{i:04}"), format!("{i}").as_bytes()))
+        .collect();
+    writer
+        .commit(Batch {
+            revision: 1,
+            mutations,
+            journal: Vec::new(),
+        })
+        .await
+        .unwrap();
+    let change = tokio::time::timeout(Duration::from_secs(10), feed.recv())
+        .await
+        .expect("the change within 10 s")
+        .expect("the feed is open")
+        .expect("no feed error");
+    assert_eq!(change.revision, 1);
+    let mut keys: Vec<String> = change.mutations.iter().map(|m| m.key.clone()).collect();
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys.len(), 1000, "every mutation, once");
+    let mut n = 0;
+    let fresh = EtcdStore::open(cfg).await.unwrap();
+    assert_eq!(
+        fresh
+            .load(&mut |_, _| {
+                n += 1;
+                Ok(())
+            })
+            .unwrap(),
+        1
+    );
+    assert_eq!(n, 1000);
+}

@@ -60,6 +60,11 @@ pub struct PeerOptions {
     /// Keep the peers' data dirs and logs after the run.
     #[arg(help_heading = "Peers", long)]
     pub keep_peer_data: bool,
+    /// Pin every peer this tool starts to these CPUs (a `taskset` list, e.g. `0`), as a
+    /// deployment gives etcd machines of its own; run the tool under `taskset -c 1` so it and
+    /// the nodes it starts stay on the other CPUs. Unset: no pinning.
+    #[arg(help_heading = "Peers", long)]
+    pub peer_cpus: Option<String>,
     /// Longest wait for a peer to answer after it was started.
     #[arg(help_heading = "Peers", long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub peer_startup_timeout: Duration,
@@ -221,6 +226,18 @@ impl Peer {
         let endpoint = cmd.1.clone();
         let spawned_at = Instant::now();
         let (child, pid) = spawn_logged(&mut cmd.0, log, system.name())?;
+        if let Some(cpus) = &o.peer_cpus {
+            // Every thread it has; threads it starts later inherit the mask.
+            let out = std::process::Command::new("taskset")
+                .args(["-a", "-cp", cpus, &pid.to_string()])
+                .output()
+                .context("run taskset (Debian: util-linux)")?;
+            anyhow::ensure!(
+                out.status.success(),
+                "taskset -a -cp {cpus} {pid}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         let kept = keep_dir(dir, o.keep_peer_data, system.name());
         let mut peer = Peer {
             system,

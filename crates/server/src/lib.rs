@@ -564,6 +564,11 @@ fn peer_forwarder(
                 Some(_) => Some((read("certificate", &files.cert)?, read("key", &files.key)?)),
                 None => None,
             };
+            if let Some((cert, _)) = &identity {
+                if tls::allows_client_auth(cert) == Some(false) {
+                    tracing::warn!(cert = %files.cert.display(), "under mTLS a follower presents this node's certificate to the leader, and it lacks the clientAuth extended key usage: the leader will refuse it, so followers cannot forward writes and heartbeats (they answer 503 naming the leader); issue node certificates for both serverAuth and clientAuth");
+                }
+            }
             Some(peer::PeerTls {
                 ca: read("cluster peer CA", ca)?,
                 identity,

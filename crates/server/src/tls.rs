@@ -96,6 +96,19 @@ pub struct PeerIdentity {
     pub sans: Vec<String>,
 }
 
+/// Whether the first certificate in `pem` may authenticate a TLS client: `Some(false)` when it
+/// carries an extended key usage without `clientAuth` (or `anyExtendedKeyUsage`), `None` when
+/// it does not parse.
+pub fn allows_client_auth(pem: &[u8]) -> Option<bool> {
+    let der = CertificateDer::pem_slice_iter(pem).next()?.ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    match cert.extended_key_usage() {
+        Ok(Some(eku)) => Some(eku.value.client_auth || eku.value.any),
+        Ok(None) => Some(true),
+        Err(_) => None,
+    }
+}
+
 impl PeerIdentity {
     /// The identity in a DER certificate, `None` if it does not parse.
     pub fn from_der(der: &[u8]) -> Option<Self> {

@@ -1008,3 +1008,54 @@ async fn a_node_id_held_by_a_live_member_is_refused() {
     let second = start_node_with(&etcd, &["--node-id", "dup"]);
     assert_eq!(cluster_view(&second.api()).await["node_id"], "dup");
 }
+
+/// Under mTLS (every listener requires a client certificate of the CA) a follower forwards
+/// with its own node certificate, which the leader verifies like any client's: a write sent
+/// to the follower lands on the leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_mtls_a_follower_forwards_with_its_node_certificate() {
+    let ca = sextant_testkit::TestCa::new("cluster mTLS CA");
+    let etcd = Etcd::start();
+    let a_files = ca.node("node-a", "node-a");
+    let b_files = ca.node("node-b", "node-b");
+    let a = start_node_with(&etcd, &strs(&ca.serve_args(&a_files, true)));
+    let b = start_node_with(&etcd, &strs(&ca.serve_args(&b_files, true)));
+    let l = leader_by_log(&[&a, &b], Duration::from_secs(15)).await;
+    let (leader, follower) = if l == 0 { (&a, &b) } else { (&b, &a) };
+
+    let pem = std::fs::read(ca.ca_file()).unwrap();
+    let me = ca.client("tester", "tester", vec!["localhost".into()]);
+    let identity = [
+        std::fs::read(&me.cert).unwrap(),
+        std::fs::read(&me.key).unwrap(),
+    ]
+    .concat();
+    let https = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(&pem).unwrap()])
+        .identity(reqwest::Identity::from_pem(&identity).unwrap())
+        .no_proxy()
+        .build()
+        .unwrap();
+    let api = |s: &Server| Api {
+        base: format!("https://{}", s.http),
+        client: https.clone(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let r = loop {
+        let r = api(follower)
+            .put(&instance_path("mtls", "s", "a"), &body(1))
+            .await;
+        if r.status != 503 || Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert!(find(&api(leader).service("mtls", "s").await, "a").is_some());
+
+    // A node whose certificate is for serving only cannot be a client: it says so at start.
+    let c_files = ca.server("node-c", "node-c");
+    let c = start_node_with(&etcd, &strs(&ca.serve_args(&c_files, true)));
+    assert!(c.log().contains("lacks the clientAuth"), "{}", c.log());
+    assert!(!a.log().contains("lacks the clientAuth"), "{}", a.log());
+}

@@ -63,7 +63,21 @@ impl TestCa {
             file,
             cn,
             vec!["localhost".into(), "127.0.0.1".into()],
-            ExtendedKeyUsagePurpose::ServerAuth,
+            vec![ExtendedKeyUsagePurpose::ServerAuth],
+        )
+    }
+
+    /// A cluster node's certificate `CN=<cn>` for `localhost` and `127.0.0.1`, good for serving
+    /// and for presenting as a client (a follower presents it to the leader under mTLS).
+    pub fn node(&self, file: &str, cn: &str) -> CertFiles {
+        self.issue(
+            file,
+            cn,
+            vec!["localhost".into(), "127.0.0.1".into()],
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
         )
     }
 
@@ -71,7 +85,7 @@ impl TestCa {
     /// anything with `://`), as `<file>.pem`
     /// and `<file>.key`.
     pub fn client(&self, file: &str, cn: &str, sans: Vec<String>) -> CertFiles {
-        self.issue(file, cn, sans, ExtendedKeyUsagePurpose::ClientAuth)
+        self.issue(file, cn, sans, vec![ExtendedKeyUsagePurpose::ClientAuth])
     }
 
     fn issue(
@@ -79,7 +93,7 @@ impl TestCa {
         file: &str,
         cn: &str,
         sans: Vec<String>,
-        usage: ExtendedKeyUsagePurpose,
+        usages: Vec<ExtendedKeyUsagePurpose>,
     ) -> CertFiles {
         let key = KeyPair::generate().expect("a key");
         let (uris, names): (Vec<String>, Vec<String>) =
@@ -90,7 +104,7 @@ impl TestCa {
             params.subject_alt_names.push(rcgen::SanType::URI(uri));
         }
         params.distinguished_name.push(DnType::CommonName, cn);
-        params.extended_key_usages = vec![usage];
+        params.extended_key_usages = usages;
         let cert = params
             .signed_by(&key, &self.issuer)
             .expect("sign with the test CA");

@@ -34,8 +34,9 @@ fn start_node(etcd: &Etcd) -> Server {
     start_node_with(etcd, &[])
 }
 
-fn start_node_with(etcd: &Etcd, extra: &[&str]) -> Server {
-    let mut args = vec![
+/// `serve` flags of a cluster node on `etcd` (the suite's prefix and lease, no extra listeners).
+fn node_args(etcd: &Etcd) -> Vec<&str> {
+    vec![
         "--store",
         "etcd",
         "--etcd-endpoints",
@@ -47,7 +48,11 @@ fn start_node_with(etcd: &Etcd, extra: &[&str]) -> Server {
         "--no-nacos",
         "--no-dns",
         "--no-consul",
-    ];
+    ]
+}
+
+fn start_node_with(etcd: &Etcd, extra: &[&str]) -> Server {
+    let mut args = node_args(etcd);
     args.extend_from_slice(extra);
     Server::start_with_args(&args)
 }
@@ -916,33 +921,52 @@ async fn with_tls_a_follower_forwards_only_with_a_peer_ca() {
     let c = start_node_with(&etcd, &strs(&tls));
     assert!(c.log().contains("do not forward"), "{}", c.log());
 
-    let pem = std::fs::read(ca.ca_file()).unwrap();
-    let https = reqwest::Client::builder()
-        .tls_certs_only([reqwest::Certificate::from_pem(&pem).unwrap()])
-        .no_proxy()
-        .build()
-        .unwrap();
-    let api = |s: &Server| Api {
-        base: format!("https://{}", s.http),
-        client: https.clone(),
-    };
+    let api = https_api(&ca, None);
     // Through the follower that trusts the leader's certificate: forwarded (503 until it
     // knows the leader).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let r = loop {
-        let r = api(follower)
-            .put(&instance_path("tls", "s", "a"), &body(1))
-            .await;
-        if r.status != 503 || Instant::now() > deadline {
-            break r;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let r = put_once_the_leader_is_known(&api(follower), &instance_path("tls", "s", "a")).await;
     assert_eq!(r.status, 200, "{}", r.text);
     assert!(find(&api(leader).service("tls", "s").await, "a").is_some());
     // Through the node without a peer CA: refused, naming the leader.
     let r = api(&c).put(&instance_path("tls", "s", "b"), &body(2)).await;
     r.assert_error(503, &["leader"]);
+}
+
+/// An HTTPS API client of a node, trusting `ca`, presenting `identity` when given (mTLS).
+fn https_api(
+    ca: &sextant_testkit::TestCa,
+    identity: Option<&sextant_testkit::CertFiles>,
+) -> impl Fn(&Server) -> Api {
+    let pem = std::fs::read(ca.ca_file()).unwrap();
+    let mut b = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(&pem).unwrap()])
+        .no_proxy();
+    if let Some(i) = identity {
+        let both = [
+            std::fs::read(&i.cert).unwrap(),
+            std::fs::read(&i.key).unwrap(),
+        ]
+        .concat();
+        b = b.identity(reqwest::Identity::from_pem(&both).unwrap());
+    }
+    let https = b.build().unwrap();
+    move |s: &Server| Api {
+        base: format!("https://{}", s.http),
+        client: https.clone(),
+    }
+}
+
+/// A registration through a follower, again while it answers 503 (it does not know the
+/// leader yet), for at most 10 s.
+async fn put_once_the_leader_is_known(api: &Api, path: &str) -> Resp {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = api.put(path, &body(1)).await;
+        if r.status != 503 || Instant::now() > deadline {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 fn strs(v: &[String]) -> Vec<&str> {
@@ -961,21 +985,7 @@ async fn a_node_id_held_by_a_live_member_is_refused() {
 
     let dir = tempfile::tempdir().unwrap();
     let mut args = sextant_testkit::loopback_args(dir.path(), 0);
-    for a in [
-        "--store",
-        "etcd",
-        "--etcd-endpoints",
-        &etcd.endpoint,
-        "--etcd-prefix",
-        "/cluster-test/",
-        "--cluster-lease-seconds",
-        LEASE_SECONDS,
-        "--no-nacos",
-        "--no-dns",
-        "--no-consul",
-        "--node-id",
-        "dup",
-    ] {
+    for a in node_args(&etcd).into_iter().chain(["--node-id", "dup"]) {
         args.push(a.into());
     }
     let mut child =
@@ -1023,33 +1033,9 @@ async fn under_mtls_a_follower_forwards_with_its_node_certificate() {
     let l = leader_by_log(&[&a, &b], Duration::from_secs(15)).await;
     let (leader, follower) = if l == 0 { (&a, &b) } else { (&b, &a) };
 
-    let pem = std::fs::read(ca.ca_file()).unwrap();
     let me = ca.client("tester", "tester", vec!["localhost".into()]);
-    let identity = [
-        std::fs::read(&me.cert).unwrap(),
-        std::fs::read(&me.key).unwrap(),
-    ]
-    .concat();
-    let https = reqwest::Client::builder()
-        .tls_certs_only([reqwest::Certificate::from_pem(&pem).unwrap()])
-        .identity(reqwest::Identity::from_pem(&identity).unwrap())
-        .no_proxy()
-        .build()
-        .unwrap();
-    let api = |s: &Server| Api {
-        base: format!("https://{}", s.http),
-        client: https.clone(),
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let r = loop {
-        let r = api(follower)
-            .put(&instance_path("mtls", "s", "a"), &body(1))
-            .await;
-        if r.status != 503 || Instant::now() > deadline {
-            break r;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let api = https_api(&ca, Some(&me));
+    let r = put_once_the_leader_is_known(&api(follower), &instance_path("mtls", "s", "a")).await;
     assert_eq!(r.status, 200, "{}", r.text);
     assert!(find(&api(leader).service("mtls", "s").await, "a").is_some());
 

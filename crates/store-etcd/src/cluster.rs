@@ -32,11 +32,10 @@ use sextant_core::StoreError;
 use tokio::sync::{mpsc, watch};
 
 use crate::pb::etcdserverpb::{
-    compare, lease_client::LeaseClient, request_op, response_op, Compare, LeaseGrantRequest,
-    LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseRevokeRequest, PutRequest, RangeRequest,
-    RequestOp, TxnRequest,
+    lease_client::LeaseClient, request_op, response_op, LeaseGrantRequest, LeaseKeepAliveRequest,
+    LeaseKeepAliveResponse, LeaseRevokeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
 };
-use crate::{prefix_end, EtcdStore, Inner};
+use crate::{absent, prefix_end, EtcdStore, Inner};
 
 /// One node as the cluster sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,16 +106,7 @@ impl EtcdStore {
                 .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
                 .collect();
             // A record's role is as of its last renewal; the leader key is the truth now.
-            let req = RangeRequest {
-                key: inner.keys.leader.clone(),
-                ..Default::default()
-            };
-            let leader = inner
-                .range(req)
-                .await?
-                .kvs
-                .first()
-                .and_then(|kv| serde_json::from_slice::<Member>(&kv.value).ok());
+            let leader = read_member(&inner, inner.keys.leader.clone()).await?;
             for m in &mut members {
                 let leads = leader.as_ref().is_some_and(|l| l.node_id == m.node_id);
                 m.role = if leads { "leader" } else { "follower" }.to_string();
@@ -137,19 +127,8 @@ impl EtcdStore {
             node_id.as_bytes(),
         ]
         .concat();
-        self.run(async move {
-            let resp = inner
-                .range(RangeRequest {
-                    key,
-                    ..Default::default()
-                })
-                .await?;
-            Ok(resp
-                .kvs
-                .first()
-                .and_then(|kv| serde_json::from_slice::<Member>(&kv.value).ok()))
-        })
-        .await
+        self.run(async move { read_member(&inner, key).await })
+            .await
     }
 
     /// The cluster's shared secret, which nodes present to each other when a follower
@@ -167,13 +146,7 @@ impl EtcdStore {
                 })),
             };
             let req = TxnRequest {
-                compare: vec![Compare {
-                    result: compare::CompareResult::Equal as i32,
-                    target: compare::CompareTarget::Create as i32,
-                    key: key.clone(),
-                    range_end: Vec::new(),
-                    target_union: Some(compare::TargetUnion::CreateRevision(0)),
-                }],
+                compare: vec![absent(key.clone())],
                 success: vec![put(key, candidate.clone().into_bytes(), 0)],
                 failure: vec![read],
             };
@@ -464,18 +437,12 @@ async fn keep_records(
             None => {
                 // Campaign (one transaction, which etcd writes through its log) only when no
                 // node leads; otherwise a read says who does.
-                let current = leader_record(inner).await?;
+                let current = read_member(inner, inner.keys.leader.clone()).await?;
                 let leader = match current {
                     Some(l) => Some(l),
                     None => {
                         let req = TxnRequest {
-                            compare: vec![Compare {
-                                result: compare::CompareResult::Equal as i32,
-                                target: compare::CompareTarget::Create as i32,
-                                key: inner.keys.leader.clone(),
-                                range_end: Vec::new(),
-                                target_union: Some(compare::TargetUnion::CreateRevision(0)),
-                            }],
+                            compare: vec![absent(inner.keys.leader.clone())],
                             success: vec![put(inner.keys.leader.clone(), me_json.clone(), lease)],
                             failure: vec![RequestOp {
                                 request: Some(request_op::Request::RequestRange(RangeRequest {
@@ -535,11 +502,11 @@ async fn keep_records(
     }
 }
 
-/// The leader's record, if a node leads.
-async fn leader_record(inner: &Inner) -> Result<Option<Member>, StoreError> {
+/// The [`Member`] record under `key` (a member's, or the leader's), if there is one.
+async fn read_member(inner: &Inner, key: Vec<u8>) -> Result<Option<Member>, StoreError> {
     let resp = inner
         .range(RangeRequest {
-            key: inner.keys.leader.clone(),
+            key,
             ..Default::default()
         })
         .await?;

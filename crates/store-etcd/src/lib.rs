@@ -732,13 +732,7 @@ impl Inner {
     /// Writes revision 0 unless the revision key exists.
     async fn create_revision_key(&self) -> Result<(), StoreError> {
         let req = TxnRequest {
-            compare: vec![Compare {
-                result: compare::CompareResult::Equal as i32,
-                target: compare::CompareTarget::Create as i32,
-                key: self.keys.revision.clone(),
-                range_end: Vec::new(),
-                target_union: Some(compare::TargetUnion::CreateRevision(0)),
-            }],
+            compare: vec![absent(self.keys.revision.clone())],
             success: vec![put_op(self.keys.revision.clone(), encode_revision(0))],
             failure: Vec::new(),
         };
@@ -967,6 +961,17 @@ enum ScanError {
 impl From<StoreError> for ScanError {
     fn from(e: StoreError) -> Self {
         ScanError::Store(e)
+    }
+}
+
+/// A transaction's condition that `key` does not exist (its create revision is 0).
+pub(crate) fn absent(key: Vec<u8>) -> Compare {
+    Compare {
+        result: compare::CompareResult::Equal as i32,
+        target: compare::CompareTarget::Create as i32,
+        key,
+        range_end: Vec::new(),
+        target_union: Some(compare::TargetUnion::CreateRevision(0)),
     }
 }
 

@@ -51,15 +51,21 @@ pub(crate) fn node_id(configured: &str, host: &str, http: SocketAddr, grpc: Sock
     format!("{host}-{}-{}", http.port(), grpc.port())
 }
 
-/// The addresses a member record names: `http://{host}:{port}` and `{host}:{port}` (IPv6
-/// literals in brackets).
-pub(crate) fn member_addresses(host: &str, http: SocketAddr, grpc: SocketAddr) -> (String, String) {
+/// The addresses a member record names: `http://{host}:{port}` (`https://` with TLS on) and
+/// `{host}:{port}` (IPv6 literals in brackets).
+pub(crate) fn member_addresses(
+    host: &str,
+    http: SocketAddr,
+    grpc: SocketAddr,
+    tls: bool,
+) -> (String, String) {
+    let scheme = if tls { "https" } else { "http" };
     let host = match host.parse::<std::net::Ipv6Addr>() {
         Ok(_) => format!("[{host}]"),
         Err(_) => host.to_string(),
     };
     (
-        format!("http://{host}:{}", http.port()),
+        format!("{scheme}://{host}:{}", http.port()),
         format!("{host}:{}", grpc.port()),
     )
 }
@@ -272,12 +278,12 @@ mod tests {
         let h: SocketAddr = "0.0.0.0:8470".parse().unwrap();
         let g: SocketAddr = "0.0.0.0:8471".parse().unwrap();
         assert_eq!(
-            member_addresses("10.1.2.3", h, g),
+            member_addresses("10.1.2.3", h, g, false),
             ("http://10.1.2.3:8470".into(), "10.1.2.3:8471".into())
         );
         assert_eq!(
-            member_addresses("::1", h, g),
-            ("http://[::1]:8470".into(), "[::1]:8471".into())
+            member_addresses("::1", h, g, true),
+            ("https://[::1]:8470".into(), "[::1]:8471".into())
         );
     }
 }

@@ -255,7 +255,12 @@ impl Server {
             Some(store) => {
                 let host = cluster::advertised_host(&config.advertise_host, http_addr);
                 let node_id = cluster::node_id(&config.node_id, &host, http_addr, grpc_addr);
-                let addresses = cluster::member_addresses(&host, http_addr, grpc_addr);
+                let addresses = cluster::member_addresses(
+                    &host,
+                    http_addr,
+                    grpc_addr,
+                    config.tls_files().is_some(),
+                );
                 // One node per id: another live node's record under it is refused (this
                 // node's own previous life, at the same addresses, is taken over).
                 if let Some(m) = store.member(&node_id).await? {
@@ -273,6 +278,7 @@ impl Server {
                 let forwarder = peer_forwarder(&config, &node_id, &secret)?;
                 if let Some(f) = &forwarder {
                     registry.forward_with(f.clone());
+                    reload_peer_tls(&config, f.clone(), registry.clone());
                 }
                 let c = cluster::Cluster {
                     store,
@@ -540,12 +546,64 @@ async fn open_store(
 /// How this node forwards to the leader while it follows. With TLS on it must verify the
 /// leader's certificate: with `cluster_peer_ca` (else `tls_client_ca`), presenting its own
 /// certificate when clients must (mTLS); with neither, it does not forward (`None`, logged):
-/// followers answer writes and heartbeats with a 503 naming the leader.
+/// followers answer writes and heartbeats with a 503 naming the leader. The files are read
+/// again when they change ([`reload_peer_tls`]), as the listeners' are.
 fn peer_forwarder(
     config: &ServerConfig,
     node_id: &str,
     secret: &str,
 ) -> Result<Option<Arc<peer::PeerForwarder>>, ServerError> {
+    let tls = match peer_tls_files(config) {
+        PeerTlsFiles::Plain => None,
+        PeerTlsFiles::Unverifiable => {
+            tracing::warn!("TLS is on and neither cluster_peer_ca nor tls_client_ca is set: followers cannot verify the leader, so they do not forward writes and heartbeats (they answer 503 naming the leader)");
+            return Ok(None);
+        }
+        PeerTlsFiles::Files { ca, identity } => {
+            let t = read_peer_tls(&ca, identity.as_ref())?;
+            if let Some((cert, _)) = &t.identity {
+                if tls::allows_client_auth(cert) == Some(false) {
+                    tracing::warn!(cert = %identity.as_ref().map(|i| i.0.display().to_string()).unwrap_or_default(), "under mTLS a follower presents this node's certificate to the leader, and it lacks the clientAuth extended key usage: the leader will refuse it, so followers cannot forward writes and heartbeats (they answer 503 naming the leader); issue node certificates for both serverAuth and clientAuth");
+                }
+            }
+            Some(t)
+        }
+    };
+    let f = peer::PeerForwarder::new(node_id.to_string(), secret, tls)
+        .map_err(|e| ServerError::Tls(TlsError::Setup(e)))?;
+    Ok(Some(Arc::new(f)))
+}
+
+/// Which files a follower's TLS to the leader is made of.
+enum PeerTlsFiles {
+    /// TLS is off.
+    Plain,
+    /// TLS is on, with no CA to verify the leader.
+    Unverifiable,
+    /// The CA to trust, and (mTLS) this node's certificate and key.
+    Files {
+        ca: std::path::PathBuf,
+        identity: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    },
+}
+
+fn peer_tls_files(config: &ServerConfig) -> PeerTlsFiles {
+    let Some(files) = config.tls_files() else {
+        return PeerTlsFiles::Plain;
+    };
+    let Some(ca) = config.cluster_peer_ca.as_ref().or(files.client_ca.as_ref()) else {
+        return PeerTlsFiles::Unverifiable;
+    };
+    PeerTlsFiles::Files {
+        ca: ca.clone(),
+        identity: files.client_ca.as_ref().map(|_| (files.cert, files.key)),
+    }
+}
+
+fn read_peer_tls(
+    ca: &std::path::Path,
+    identity: Option<&(std::path::PathBuf, std::path::PathBuf)>,
+) -> Result<peer::PeerTls, TlsError> {
     let read = |what: &'static str, path: &std::path::Path| {
         std::fs::read(path).map_err(|error| TlsError::Read {
             what,
@@ -553,31 +611,64 @@ fn peer_forwarder(
             error,
         })
     };
-    let tls = match config.tls_files() {
+    let identity = match identity {
+        Some((cert, key)) => Some((read("certificate", cert)?, read("key", key)?)),
         None => None,
-        Some(files) => {
-            let Some(ca) = config.cluster_peer_ca.as_ref().or(files.client_ca.as_ref()) else {
-                tracing::warn!("TLS is on and neither cluster_peer_ca nor tls_client_ca is set: followers cannot verify the leader, so they do not forward writes and heartbeats (they answer 503 naming the leader)");
-                return Ok(None);
-            };
-            let identity = match &files.client_ca {
-                Some(_) => Some((read("certificate", &files.cert)?, read("key", &files.key)?)),
-                None => None,
-            };
-            if let Some((cert, _)) = &identity {
-                if tls::allows_client_auth(cert) == Some(false) {
-                    tracing::warn!(cert = %files.cert.display(), "under mTLS a follower presents this node's certificate to the leader, and it lacks the clientAuth extended key usage: the leader will refuse it, so followers cannot forward writes and heartbeats (they answer 503 naming the leader); issue node certificates for both serverAuth and clientAuth");
+    };
+    Ok(peer::PeerTls {
+        ca: read("cluster peer CA", ca)?,
+        identity,
+    })
+}
+
+/// Reads the follower's TLS files again whenever one changes (modification time or size,
+/// checked every 2 s, as the listeners' files are), so a rotated CA or node certificate is
+/// used for the next connection to the leader; a set that does not load is logged and the
+/// current one kept. Ends when the registry closes.
+fn reload_peer_tls(config: &ServerConfig, forwarder: Arc<peer::PeerForwarder>, registry: Registry) {
+    let PeerTlsFiles::Files { ca, identity } = peer_tls_files(config) else {
+        return;
+    };
+    let stamp = move |ca: &std::path::Path,
+                      id: Option<&(std::path::PathBuf, std::path::PathBuf)>| {
+        let one = |p: &std::path::Path| {
+            std::fs::metadata(p)
+                .ok()
+                .map(|m| (m.modified().ok(), m.len()))
+        };
+        (one(ca), id.map(|(c, k)| (one(c), one(k))))
+    };
+    tokio::spawn(async move {
+        let mut seen = stamp(&ca, identity.as_ref());
+        let closed = registry.closed();
+        tokio::pin!(closed);
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = &mut closed => return,
+                _ = tick.tick() => {}
+            }
+            let now = stamp(&ca, identity.as_ref());
+            if now == seen {
+                continue;
+            }
+            seen = now;
+            match read_peer_tls(&ca, identity.as_ref()) {
+                Ok(t) => match forwarder.set_tls(t) {
+                    Ok(()) => {
+                        tracing::info!(ca = %ca.display(), "peer TLS reloaded: the next connection to the leader uses the new files")
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "peer TLS not reloaded; keeping the current files")
+                    }
+                },
+                Err(e) => {
+                    tracing::error!(error = %e, "peer TLS not reloaded; keeping the current files")
                 }
             }
-            Some(peer::PeerTls {
-                ca: read("cluster peer CA", ca)?,
-                identity,
-            })
         }
-    };
-    let f = peer::PeerForwarder::new(node_id.to_string(), secret, tls)
-        .map_err(|e| ServerError::Tls(TlsError::Setup(e)))?;
-    Ok(Some(Arc::new(f)))
+    });
 }
 
 /// Why a snapshot could not be restored.

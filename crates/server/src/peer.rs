@@ -61,8 +61,17 @@ struct Target {
 pub(crate) struct PeerForwarder {
     node_id: String,
     secret: MetadataValue<Ascii>,
-    tls: Option<ClientTlsConfig>,
+    /// Swapped whole by a reload of the files.
+    tls: Mutex<Option<ClientTlsConfig>>,
     leader: Mutex<Option<Target>>,
+}
+
+fn client_tls(t: PeerTls) -> ClientTlsConfig {
+    let mut c = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(t.ca));
+    if let Some((cert, key)) = t.identity {
+        c = c.identity(Identity::from_pem(cert, key));
+    }
+    c
 }
 
 impl PeerForwarder {
@@ -70,19 +79,27 @@ impl PeerForwarder {
         let secret = secret
             .parse()
             .map_err(|_| "the cluster secret is not valid header text".to_string())?;
-        let tls = tls.map(|t| {
-            let mut c = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(t.ca));
-            if let Some((cert, key)) = t.identity {
-                c = c.identity(Identity::from_pem(cert, key));
-            }
-            c
-        });
         Ok(Self {
             node_id,
             secret,
-            tls,
+            tls: Mutex::new(tls.map(client_tls)),
             leader: Mutex::new(None),
         })
+    }
+
+    /// New TLS files (a rotation): the next call connects to the leader with them. Refused
+    /// when TLS was off (a reload cannot turn it on).
+    pub fn set_tls(&self, tls: PeerTls) -> Result<(), String> {
+        let mut cur = self.tls.lock();
+        if cur.is_none() {
+            return Err("peer TLS was off at start".into());
+        }
+        *cur = Some(client_tls(tls));
+        drop(cur);
+        if let Some(t) = self.leader.lock().as_mut() {
+            t.channel = None;
+        }
+        Ok(())
     }
 
     /// Who leads now (`None`: nobody, or this node).
@@ -115,7 +132,8 @@ impl PeerForwarder {
         let channel = match &t.channel {
             Some(c) => c.clone(),
             None => {
-                let scheme = if self.tls.is_some() { "https" } else { "http" };
+                let tls = self.tls.lock().clone();
+                let scheme = if tls.is_some() { "https" } else { "http" };
                 let unusable = |e: String| {
                     tracing::warn!(leader = %t.grpc, error = %e, "cannot address the leader's gRPC listener");
                     CoreError::NotLeader(Some(t.shown.clone()))
@@ -127,10 +145,8 @@ impl PeerForwarder {
                     .tcp_nodelay(true)
                     .http2_keep_alive_interval(Duration::from_secs(10))
                     .keep_alive_timeout(Duration::from_secs(5));
-                if let Some(tls) = &self.tls {
-                    ep = ep
-                        .tls_config(tls.clone())
-                        .map_err(|e| unusable(e.to_string()))?;
+                if let Some(tls) = tls {
+                    ep = ep.tls_config(tls).map_err(|e| unusable(e.to_string()))?;
                 }
                 let c = ep.connect_lazy();
                 t.channel = Some(c.clone());

@@ -1045,3 +1045,59 @@ async fn under_mtls_a_follower_forwards_with_its_node_certificate() {
     assert!(c.log().contains("lacks the clientAuth"), "{}", c.log());
     assert!(!a.log().contains("lacks the clientAuth"), "{}", a.log());
 }
+
+/// A follower reads its peer TLS files again when they change: started with a CA that does not
+/// sign the leader's certificate it cannot forward (503 naming the leader); once the operator
+/// puts the right CA in the file, forwarding works without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_reloads_its_peer_ca_file() {
+    let ca = sextant_testkit::TestCa::new("cluster CA");
+    let other = sextant_testkit::TestCa::new("some other CA");
+    let files = ca.server("server", "sextant-test");
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let peer_ca = dir.path().join("peer-ca.pem");
+    std::fs::copy(other.ca_file(), &peer_ca).unwrap();
+    let mut args = ca.serve_args(&files, false);
+    args.push("--cluster-peer-ca".into());
+    args.push(peer_ca.display().to_string());
+    let a = start_node_with(&etcd, &strs(&args));
+    let b = start_node_with(&etcd, &strs(&args));
+    let l = leader_by_log(&[&a, &b], Duration::from_secs(15)).await;
+    let follower = if l == 0 { &b } else { &a };
+    let api = https_api(&ca, None);
+    eventually(
+        "the follower knows the leader",
+        Duration::from_secs(10),
+        || async { !api(follower).get("/v1/cluster").await.ok()["leader"].is_null() },
+    )
+    .await;
+    let r = api(follower)
+        .put(&instance_path("rot", "s", "a"), &body(1))
+        .await;
+    r.assert_error(503, &["leader"]);
+
+    // The right CA, as an operator fixes the file: picked up within the 2 s poll.
+    std::fs::copy(ca.ca_file(), &peer_ca).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = api(follower)
+            .put(&instance_path("rot", "s", "a"), &body(1))
+            .await;
+        if r.status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still {} after the CA file was fixed: {}",
+            r.status,
+            r.text
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        follower.log().contains("peer TLS reloaded"),
+        "{}",
+        follower.log()
+    );
+}

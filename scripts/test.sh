@@ -143,6 +143,10 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test"
+# The SDK's tests start the `sextant` binary this build makes (crates/client/tests/common).
+target_dir=${CARGO_TARGET_DIR:-target}
+case "$target_dir" in /*) ;; *) target_dir="$PWD/$target_dir" ;; esac
+export SEXTANT_TEST_BIN="$target_dir/debug/sextant"
 cargo test --workspace --locked
 echo "== the etcd suites again, against etcd 3.5"
 # Selected by test name over the whole workspace, so the build above is reused (a `-p`

@@ -25,10 +25,22 @@ fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// The `sextant` binary, built once per test process (`cargo build -p sextant`).
+/// The `sextant` binary: `SEXTANT_TEST_BIN` when set (`scripts/test.sh` names the one its
+/// workspace build made: `cargo build -p sextant` resolves features anew and, on a fresh
+/// clone, rebuilt the dependencies for about 100 s), else built once per test process
+/// (`cargo build -p sextant`).
 pub fn sextant_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os("SEXTANT_TEST_BIN") {
+            let bin = PathBuf::from(bin);
+            assert!(
+                bin.exists(),
+                "SEXTANT_TEST_BIN names no file: {}",
+                bin.display()
+            );
+            return bin;
+        }
         let ws = workspace();
         let out = Command::new(env!("CARGO"))
             .args(["build", "-p", "sextant"])

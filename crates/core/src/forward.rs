@@ -98,22 +98,12 @@ pub type RenewKeys = Vec<(ServiceKey, Arc<str>)>;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sextant_model::{InstanceSpec, Registration, StatusPatch};
+    use sextant_model::{Registration, StatusPatch};
 
     #[test]
     fn requests_and_replies_survive_the_wire() {
         let service = ServiceKey::new("ns", "svc").unwrap();
-        let spec = InstanceSpec {
-            id: "a".into(),
-            host: "10.0.0.1".into(),
-            port: 80,
-            protocol: "http".into(),
-            version: Default::default(),
-            location: Default::default(),
-            cell: Default::default(),
-            lane: Default::default(),
-            metadata: Default::default(),
-        };
+        let spec = crate::tests::spec("a");
         let req = ForwardRequest {
             ops: vec![
                 Op::Register(Registration {

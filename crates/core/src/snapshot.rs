@@ -280,15 +280,8 @@ mod tests {
             r.register(Registration {
                 service: key.clone(),
                 spec: InstanceSpec {
-                    id: format!("i{i}").into(),
-                    host: "10.0.0.1".into(),
                     port: i,
-                    protocol: "http".into(),
-                    version: Default::default(),
-                    location: Default::default(),
-                    cell: Default::default(),
-                    lane: Default::default(),
-                    metadata: Default::default(),
+                    ..crate::tests::spec(&format!("i{i}"))
                 },
                 status: None,
                 ttl_seconds: ttl,

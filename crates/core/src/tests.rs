@@ -12,7 +12,8 @@ fn svc(name: &str) -> ServiceKey {
     ServiceKey::new("ns", name).unwrap()
 }
 
-fn spec(id: &str) -> InstanceSpec {
+/// A plain instance spec (shared with the other modules' tests).
+pub(crate) fn spec(id: &str) -> InstanceSpec {
     InstanceSpec {
         id: id.into(),
         host: "10.0.0.1".into(),

@@ -781,26 +781,20 @@ async fn health_checks_are_spread_over_the_live_nodes() {
             .owner(&key)
             .to_string()
     };
+    // How many services each of `live` owns.
+    let shares = |live: &[String]| -> Vec<f64> {
+        live.iter()
+            .map(|id| (0..N).filter(|&i| owner(live, i) == *id).count() as f64)
+            .collect()
+    };
     // Each node probes exactly the services rendezvous hashing gives it.
-    let want: Vec<f64> = ids
-        .iter()
-        .map(|id| (0..N).filter(|&i| owner(&ids, i) == *id).count() as f64)
-        .collect();
+    let want = shares(&ids);
     let apis: Vec<Api> = nodes.iter().map(Server::api).collect();
-    eventually(
+    probing(
         "each node probes its share",
         Duration::from_secs(15),
-        || {
-            let apis = apis.clone();
-            let want = want.clone();
-            async move {
-                let mut got = Vec::new();
-                for a in &apis {
-                    got.push(metric(a, "sextant_health_targets").await);
-                }
-                got == want
-            }
-        },
+        &apis,
+        &want,
     )
     .await;
     eprintln!("health targets per node: {want:?}");
@@ -832,26 +826,18 @@ async fn health_checks_are_spread_over_the_live_nodes() {
     nodes[victim].kill9();
     let survivors: Vec<usize> = (0..3).filter(|&i| i != victim).collect();
     let live: Vec<String> = survivors.iter().map(|&i| ids[i].clone()).collect();
-    let want_after: Vec<f64> = live
-        .iter()
-        .map(|id| (0..N).filter(|&i| owner(&live, i) == *id).count() as f64)
-        .collect();
+    let want_after = shares(&live);
     // Interval + membership timeout (the lease), plus slack for the member poll (a third of
     // the lease), the reconcile (1 s) and a loaded machine.
     let bound =
         Duration::from_millis(INTERVAL_MS) + Duration::from_secs(2) + Duration::from_secs(5);
     let survivor_apis: Vec<Api> = survivors.iter().map(|&i| apis[i].clone()).collect();
-    eventually("the dead node's services taken over", bound, || {
-        let apis = survivor_apis.clone();
-        let want = want_after.clone();
-        async move {
-            let mut got = Vec::new();
-            for a in &apis {
-                got.push(metric(a, "sextant_health_targets").await);
-            }
-            got == want
-        }
-    })
+    probing(
+        "the dead node's services taken over",
+        bound,
+        &survivor_apis,
+        &want_after,
+    )
     .await;
     let taken = killed.elapsed();
     let before = hits(&targets);
@@ -885,6 +871,18 @@ async fn health_checks_are_spread_over_the_live_nodes() {
 }
 
 /// The leader by its log (when `/v1/cluster` is not at hand: auth or TLS).
+/// Waits until each node's `sextant_health_targets` is `want`'s, in order.
+async fn probing(what: &str, within: Duration, apis: &[Api], want: &[f64]) {
+    eventually(what, within, || async {
+        let mut got = Vec::new();
+        for a in apis {
+            got.push(metric(a, "sextant_health_targets").await);
+        }
+        got == want
+    })
+    .await;
+}
+
 async fn leader_by_log(nodes: &[&Server], within: Duration) -> usize {
     let deadline = Instant::now() + within;
     loop {

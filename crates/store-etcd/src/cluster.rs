@@ -140,30 +140,10 @@ impl EtcdStore {
         let inner = self.inner.clone();
         self.run(async move {
             let key = [inner.keys.cluster.as_slice(), b"secret"].concat();
-            let read = RequestOp {
-                request: Some(request_op::Request::RequestRange(RangeRequest {
-                    key: key.clone(),
-                    ..Default::default()
-                })),
+            let value = match put_if_absent(&inner, key, candidate.as_bytes(), 0).await? {
+                Ok(_) => return Ok(candidate),
+                Err(held) => held.unwrap_or_default(),
             };
-            let req = TxnRequest {
-                compare: vec![absent(key.clone())],
-                success: vec![put(key, candidate.clone().into_bytes(), 0)],
-                failure: vec![read],
-            };
-            let resp = inner.txn(&req, "campaign").await?;
-            if resp.succeeded {
-                return Ok(candidate);
-            }
-            let value = resp
-                .responses
-                .first()
-                .and_then(|r| match &r.response {
-                    Some(response_op::Response::ResponseRange(rr)) => rr.kvs.first(),
-                    _ => None,
-                })
-                .map(|kv| kv.value.clone())
-                .unwrap_or_default();
             String::from_utf8(value)
                 .ok()
                 .filter(|s| !s.is_empty())
@@ -485,53 +465,30 @@ async fn keep_records(
             None => {
                 // Campaign (one transaction, which etcd writes through its log) only when no
                 // node leads; otherwise a read says who does.
-                let current = read_member(inner, inner.keys.leader.clone()).await?;
-                let leader = match current {
-                    Some(l) => Some(l),
-                    None => {
-                        let req = TxnRequest {
-                            compare: vec![absent(inner.keys.leader.clone())],
-                            success: vec![put(inner.keys.leader.clone(), me_json.clone(), lease)],
-                            failure: vec![RequestOp {
-                                request: Some(request_op::Request::RequestRange(RangeRequest {
-                                    key: inner.keys.leader.clone(),
-                                    ..Default::default()
-                                })),
-                            }],
-                        };
-                        let resp = inner.txn(&req, "campaign").await?;
-                        if resp.succeeded {
-                            let created = resp.header.map_or(0, |h| h.revision);
-                            *inner.fence.lock() = Some(created);
-                            leading = Some(created);
-                            let (head, at) = inner.read_revision(&inner.keys.revision, 0).await?;
-                            let floor = inner.read_revision(&inner.keys.attempted, at).await?.0;
-                            tracing::info!(node = %node.node_id, head, floor, "elected leader");
-                            tx.send_replace(Election::Leader { head, floor });
-                            None
-                        } else {
-                            resp.responses
-                                .first()
-                                .and_then(|r| match &r.response {
-                                    Some(response_op::Response::ResponseRange(rr)) => {
-                                        rr.kvs.first()
-                                    }
-                                    _ => None,
-                                })
-                                .and_then(|kv| serde_json::from_slice::<Member>(&kv.value).ok())
-                        }
-                    }
+                let leader = match read_member(inner, inner.keys.leader.clone()).await? {
+                    Some(l) => Err(Some(l)),
+                    None => campaign_once(inner, &me_json, lease).await?,
                 };
-                if leading.is_none() {
-                    let changed = |e: &Election| match (e, &leader) {
-                        (Election::Follower { leader: Some(a) }, Some(b)) => {
-                            a.node_id != b.node_id || a.http != b.http
+                match leader {
+                    Ok(created) => {
+                        *inner.fence.lock() = Some(created);
+                        leading = Some(created);
+                        let (head, at) = inner.read_revision(&inner.keys.revision, 0).await?;
+                        let floor = inner.read_revision(&inner.keys.attempted, at).await?.0;
+                        tracing::info!(node = %node.node_id, head, floor, "elected leader");
+                        tx.send_replace(Election::Leader { head, floor });
+                    }
+                    Err(leader) => {
+                        let changed = |e: &Election| match (e, &leader) {
+                            (Election::Follower { leader: Some(a) }, Some(b)) => {
+                                a.node_id != b.node_id || a.http != b.http
+                            }
+                            (Election::Follower { leader: None }, None) => false,
+                            _ => true,
+                        };
+                        if changed(&tx.borrow()) {
+                            tx.send_replace(Election::Follower { leader });
                         }
-                        (Election::Follower { leader: None }, None) => false,
-                        _ => true,
-                    };
-                    if changed(&tx.borrow()) {
-                        tx.send_replace(Election::Follower { leader });
                     }
                 }
             }
@@ -556,6 +513,50 @@ async fn keep_records(
             tokio::time::sleep(tick).await;
         }
     }
+}
+
+/// One campaign: `if create_revision(leader) == 0 then put(leader, me, lease)`. `Ok(the leader
+/// key's create revision)` when this node won, `Err(whoever holds the key)` when not.
+async fn campaign_once(
+    inner: &Inner,
+    me_json: &[u8],
+    lease: i64,
+) -> Result<Result<i64, Option<Member>>, StoreError> {
+    let r = put_if_absent(inner, inner.keys.leader.clone(), me_json, lease).await?;
+    Ok(r.map_err(|held| held.and_then(|v| serde_json::from_slice::<Member>(&v).ok())))
+}
+
+/// One transaction: `if create_revision(key) == 0 then put(key, value, lease) else
+/// get(key)`. `Ok(the revision it was created at)`, or `Err(the value it holds)`.
+async fn put_if_absent(
+    inner: &Inner,
+    key: Vec<u8>,
+    value: &[u8],
+    lease: i64,
+) -> Result<Result<i64, Option<Vec<u8>>>, StoreError> {
+    let req = TxnRequest {
+        compare: vec![absent(key.clone())],
+        success: vec![put(key.clone(), value.to_vec(), lease)],
+        failure: vec![RequestOp {
+            request: Some(request_op::Request::RequestRange(RangeRequest {
+                key,
+                ..Default::default()
+            })),
+        }],
+    };
+    let resp = inner.txn(&req, "campaign").await?;
+    if resp.succeeded {
+        return Ok(Ok(resp.header.map_or(0, |h| h.revision)));
+    }
+    Ok(Err(resp
+        .responses
+        .into_iter()
+        .next()
+        .and_then(|r| match r.response {
+            Some(response_op::Response::ResponseRange(rr)) => rr.kvs.into_iter().next(),
+            _ => None,
+        })
+        .map(|kv| kv.value)))
 }
 
 /// The [`Member`] record under `key` (a member's, or the leader's), if there is one.

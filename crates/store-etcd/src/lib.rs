@@ -1009,7 +1009,7 @@ impl Store for EtcdStore {
             .runtime
             .as_ref()
             .ok_or_else(|| StoreError::Unavailable("the etcd store is closed".into()))?;
-        let prefix = self.inner.keys.data.len();
+        let prefix = self.inner.keys.data.as_slice();
         let mut tries = 0;
         loop {
             tries += 1;
@@ -1027,10 +1027,13 @@ impl Store for EtcdStore {
                 match rx.recv() {
                     Ok(Scanned::Keys(kvs)) => {
                         for kv in &kvs {
-                            let key = kv.key.get(prefix..).ok_or_else(|| StoreError::Corrupt {
-                                key: String::from_utf8_lossy(&kv.key).into_owned(),
-                                reason: "outside the store's prefix".into(),
-                            })?;
+                            let key =
+                                kv.key
+                                    .strip_prefix(prefix)
+                                    .ok_or_else(|| StoreError::Corrupt {
+                                        key: String::from_utf8_lossy(&kv.key).into_owned(),
+                                        reason: "outside the store's prefix".into(),
+                                    })?;
                             let key =
                                 std::str::from_utf8(key).map_err(|_| StoreError::Corrupt {
                                     key: String::from_utf8_lossy(&kv.key).into_owned(),
